@@ -1,1 +1,22 @@
+//! fleetcert's use cases.
+//!
+//! Composes the pure crates ([`fleetcert_ca`], [`fleetcert_templates`]) with storage
+//! ([`fleetcert_registry`]) and the file system: CA custody in the data directory,
+//! factory-line provisioning (single and batch), and certificate verification against the
+//! fleet chain. Front ends (the CLI, later the JITP server) stay thin and call in here.
 #![forbid(unsafe_code)]
+
+mod datadir;
+mod error;
+mod fsio;
+pub mod provision;
+mod verify;
+
+pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV};
+pub use error::{ErrorClass, LifecycleError};
+pub use verify::{ChainVerifier, VerifiedDevice};
+
+/// Current time as Unix seconds; one place so every record uses the same clock.
+pub fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}

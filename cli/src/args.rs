@@ -1,0 +1,169 @@
+//! The command-line contract (see PRODUCT.md): names and flags here are what factory
+//! scripts and operators script against.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetcert",
+    version,
+    about = "Fleet provisioning and certificate lifecycle manager for IoT devices",
+    long_about = "fleetcert runs a local CA for a device fleet: it signs a unique certificate \
+                  for every device on the factory line and keeps a registry of things, \
+                  certificates and events (SQLite by default, PostgreSQL with a postgres:// URL).\n\n\
+                  Exit codes: 0 success, 1 operation failed, 2 usage or bad input."
+)]
+pub struct Cli {
+    /// Data directory: CA keys and certificates, the SQLite registry, templates.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCERT_DATA_DIR",
+        default_value = "./fleetcert-data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Registry database: a SQLite file path, or postgres://user:pass@host:port/db.
+    /// Default: <data-dir>/registry.db.
+    #[arg(long, global = true, env = "FLEETCERT_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Output format. `json` prints one JSON document (or one JSON line per device for
+    /// streams) on stdout and nothing else there; messages and progress go to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect and export the fleet CA (root + issuing).
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue device certificates: one thing, or a batch from a CSV file.
+    Provision(ProvisionArgs),
+    /// Things in the registry.
+    #[command(subcommand)]
+    Things(ThingsCommand),
+    /// Certificates in the registry.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run the lifecycle end to end in a temporary data directory and print a summary.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a self-signed root and an issuing CA. Never overwrites an existing CA.
+    /// With FLEETCERT_CA_PASSPHRASE set, the keys are encrypted at rest.
+    Init(CaInitArgs),
+    /// Show the CA certificates.
+    Show,
+    /// Print the root CA certificate (the fleet's trust anchor) as PEM.
+    Export {
+        /// Print the issuing CA certificate followed by the root.
+        #[arg(long)]
+        chain: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CaInitArgs {
+    /// Base common name: the CAs are "<CN> Root CA" and "<CN> Issuing CA".
+    #[arg(long, default_value = "fleetcert")]
+    pub common_name: String,
+    /// CA key algorithm.
+    #[arg(long, default_value = "p256", value_parser = ["p256", "p384", "ed25519", "rsa2048", "rsa3072"])]
+    pub key_algorithm: String,
+    /// Root CA validity in days.
+    #[arg(long, default_value_t = 7300, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub root_days: u32,
+    /// Issuing CA validity in days (at most the root's).
+    #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub issuing_days: u32,
+    /// CRL Distribution Point (http:// URL) written into every device certificate; the
+    /// JITP server serves the CRL at /crl on its admin listener.
+    #[arg(long, env = "FLEETCERT_CRL_URL")]
+    pub crl_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["thing_name", "batch"])))]
+pub struct ProvisionArgs {
+    /// Thing name ([a-zA-Z0-9:_-]{1,128}); becomes the certificate's common name.
+    pub thing_name: Option<String>,
+    /// CSV file with a header row: thing_name (required), csr (optional path, relative to
+    /// the CSV file).
+    #[arg(long, conflicts_with_all = ["thing_name", "csr"])]
+    pub batch: Option<PathBuf>,
+    /// The device's CSR (PEM or DER). Without it, fleetcert generates a P-256 key and
+    /// writes it next to the certificate (mode 0600).
+    #[arg(long)]
+    pub csr: Option<PathBuf>,
+    /// Template recorded on the thing (a file stem in <data-dir>/templates/, or `default`).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+    /// Output directory for <thing>.crt, <thing>.key and chain.pem.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    /// Issue a new certificate even if the thing already has an active one (the old one
+    /// becomes superseded).
+    #[arg(long)]
+    pub reissue: bool,
+    /// Stop at the first failed row (rows that fail validation stop the batch before
+    /// anything is issued).
+    #[arg(long)]
+    pub fail_fast: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ThingsCommand {
+    /// List things, ordered by name.
+    List {
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// One thing with its certificates and recent events.
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// List certificates.
+    List {
+        /// Only this thing's certificates.
+        #[arg(long)]
+        thing: Option<String>,
+        /// Only certificates with this status.
+        #[arg(long, value_parser = ["active", "superseded", "revoked"])]
+        status: Option<String>,
+        /// Only certificates that expire within this duration (e.g. 30d, 12h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expiring_within: Option<std::time::Duration>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Devices in the demo batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub devices: u32,
+    /// Keep the demo data directory (its path is printed) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+}

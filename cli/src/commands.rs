@@ -1,0 +1,568 @@
+//! One function per command. Each validates its input before touching the CA or the
+//! registry, so bad input exits 2 with nothing recorded or written.
+use crate::args::*;
+use crate::output::{Out, rfc3339, timestamp};
+use fleetcert_ca::{CertificateSummary, HierarchyOptions, KeyAlgorithm, ThingName};
+use fleetcert_lifecycle::provision::{
+    self, DeviceReport, DeviceRequest, ProvisionSettings, ProvisionSummary,
+};
+use fleetcert_lifecycle::{CaInitOptions, DataDir, ErrorClass, LifecycleError, PASSPHRASE_ENV};
+use fleetcert_registry::{
+    CertStatus, CertificateFilter, CertificateRecord, EventFilter, Registry, ThingFilter,
+};
+use serde_json::json;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// A failure with its exit code (1: operation failed, 2: bad input).
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl From<LifecycleError> for CliError {
+    fn from(e: LifecycleError) -> Self {
+        let code = match e.class() {
+            ErrorClass::BadInput => 2,
+            ErrorClass::Failed => 1,
+        };
+        CliError {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<fleetcert_registry::RegistryError> for CliError {
+    fn from(e: fleetcert_registry::RegistryError) -> Self {
+        LifecycleError::from(e).into()
+    }
+}
+
+impl From<fleetcert_ca::CaError> for CliError {
+    fn from(e: fleetcert_ca::CaError) -> Self {
+        LifecycleError::from(e).into()
+    }
+}
+
+fn bad_input(message: impl Into<String>) -> CliError {
+    CliError {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn failed(message: impl Into<String>) -> CliError {
+    CliError {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+type CmdResult = Result<ExitCode, CliError>;
+
+pub struct Ctx {
+    data: DataDir,
+    database_url: Option<String>,
+    out: Out,
+}
+
+impl Ctx {
+    /// Opens the registry. With the default SQLite file the data directory must exist
+    /// (unless `create`), so a typo in --data-dir is an error rather than a new registry.
+    async fn registry(&self, create: bool) -> Result<Arc<dyn Registry>, CliError> {
+        let url = match &self.database_url {
+            Some(url) => url.clone(),
+            None => {
+                if create {
+                    self.data.ensure_exists()?;
+                } else {
+                    self.data.require_exists()?;
+                }
+                self.data.default_database_url()
+            }
+        };
+        Ok(fleetcert_registry::open(&url).await?)
+    }
+}
+
+/// The CA passphrase from the environment; an empty value counts as unset.
+fn passphrase() -> Option<String> {
+    std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty())
+}
+
+pub async fn run(cli: Cli) -> CmdResult {
+    let ctx = Ctx {
+        data: DataDir::new(&cli.data_dir),
+        database_url: cli.database_url.clone(),
+        out: Out { format: cli.output },
+    };
+    match cli.command {
+        Command::Ca(CaCommand::Init(args)) => ca_init(&ctx, args).await,
+        Command::Ca(CaCommand::Show) => ca_show(&ctx),
+        Command::Ca(CaCommand::Export { chain }) => ca_export(&ctx, chain),
+        Command::Provision(args) => provision_cmd(&ctx, args).await,
+        Command::Things(ThingsCommand::List { limit }) => things_list(&ctx, limit).await,
+        Command::Things(ThingsCommand::Show { name }) => things_show(&ctx, &name).await,
+        Command::Certs(CertsCommand::List {
+            thing,
+            status,
+            expiring_within,
+            limit,
+        }) => certs_list(&ctx, thing, status, expiring_within, limit).await,
+        Command::Demo(args) => crate::commands::demo(&ctx, args).await,
+    }
+}
+
+fn summary_json(s: &CertificateSummary) -> serde_json::Value {
+    json!({
+        "subject": s.subject,
+        "issuer": s.issuer,
+        "serial": s.serial_hex,
+        "not_before": rfc3339(s.not_before),
+        "not_after": rfc3339(s.not_after),
+        "fingerprint_sha256": s.fingerprint_sha256_hex,
+        "key_algorithm": s.key_algorithm,
+        "is_ca": s.is_ca,
+        "path_len": s.path_len,
+    })
+}
+
+fn summary_text(label: &str, s: &CertificateSummary) -> String {
+    format!(
+        "{label}:\n  subject:     {}\n  issuer:      {}\n  serial:      {}\n  valid:       {} .. {}\n  key:         {}\n  sha256:      {}",
+        s.subject,
+        s.issuer,
+        s.serial_hex,
+        rfc3339(s.not_before),
+        rfc3339(s.not_after),
+        s.key_algorithm,
+        s.fingerprint_sha256_hex
+    )
+}
+
+async fn ca_init(ctx: &Ctx, args: CaInitArgs) -> CmdResult {
+    let key_algorithm: KeyAlgorithm = args.key_algorithm.parse()?;
+    if args.common_name.trim().is_empty() || args.common_name.len() > 64 {
+        return Err(bad_input("--common-name must be 1 to 64 characters"));
+    }
+    if args.issuing_days > args.root_days {
+        return Err(bad_input(format!(
+            "--issuing-days ({}) must not exceed --root-days ({}): the issuing CA cannot outlive its root",
+            args.issuing_days, args.root_days
+        )));
+    }
+    if ctx.data.has_ca() {
+        return Err(LifecycleError::CaExists {
+            dir: ctx.data.ca_dir(),
+        }
+        .into());
+    }
+    // Reach the registry first: a CA whose registry is unreachable is of no use yet.
+    ctx.registry(true).await?;
+    let passphrase = passphrase();
+    let info = ctx.data.init_ca(
+        &CaInitOptions {
+            hierarchy: HierarchyOptions {
+                common_name: args.common_name,
+                key_algorithm,
+                root_days: args.root_days,
+                issuing_days: args.issuing_days,
+            },
+            crl_url: args.crl_url,
+        },
+        passphrase.as_deref(),
+    )?;
+    let (root, issuing) = ctx.data.ca_certificates()?;
+    if ctx.out.is_json() {
+        ctx.out.json(&json!({
+            "ca_dir": ctx.data.ca_dir(),
+            "key_algorithm": info.key_algorithm,
+            "keys_encrypted": info.keys_encrypted,
+            "crl_url": info.crl_url,
+            "root": summary_json(&root),
+            "issuing": summary_json(&issuing),
+        }));
+    } else {
+        ctx.out.line(format!(
+            "Created CA in {} ({} keys, {})",
+            ctx.data.ca_dir().display(),
+            info.key_algorithm,
+            if info.keys_encrypted {
+                "encrypted with FLEETCERT_CA_PASSPHRASE"
+            } else {
+                "NOT encrypted: set FLEETCERT_CA_PASSPHRASE to encrypt them at rest"
+            }
+        ));
+        ctx.out.line(summary_text("root", &root));
+        ctx.out.line(summary_text("issuing", &issuing));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ca_show(ctx: &Ctx) -> CmdResult {
+    let info = ctx.data.ca_info()?;
+    let (root, issuing) = ctx.data.ca_certificates()?;
+    if ctx.out.is_json() {
+        ctx.out.json(&json!({
+            "ca_dir": ctx.data.ca_dir(),
+            "key_algorithm": info.key_algorithm,
+            "keys_encrypted": info.keys_encrypted,
+            "crl_url": info.crl_url,
+            "created_at": timestamp(info.created_at),
+            "root": summary_json(&root),
+            "issuing": summary_json(&issuing),
+        }));
+    } else {
+        ctx.out.line(format!(
+            "CA in {} (created {}, keys {}, CRL URL {})",
+            ctx.data.ca_dir().display(),
+            timestamp(info.created_at),
+            if info.keys_encrypted {
+                "encrypted"
+            } else {
+                "not encrypted"
+            },
+            info.crl_url.as_deref().unwrap_or("none")
+        ));
+        ctx.out.line(summary_text("root", &root));
+        ctx.out.line(summary_text("issuing", &issuing));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ca_export(ctx: &Ctx, chain: bool) -> CmdResult {
+    let pem = if chain {
+        ctx.data.chain_pem()?
+    } else {
+        ctx.data.root_cert_pem()?
+    };
+    if ctx.out.is_json() {
+        ctx.out
+            .json(&json!({ if chain { "chain_pem" } else { "root_pem" }: pem }));
+    } else {
+        print!("{pem}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report_text(report: &DeviceReport) -> String {
+    let at = |line: &Option<u64>| line.map(|l| format!("line {l}: ")).unwrap_or_default();
+    match report {
+        DeviceReport::Issued {
+            line,
+            thing_name,
+            serial,
+            not_after,
+            certificate,
+            private_key,
+            replaced,
+            ..
+        } => {
+            let mut s = format!(
+                "{}issued {thing_name}: serial {serial}, valid until {not_after}, certificate {}",
+                at(line),
+                certificate.display()
+            );
+            if let Some(key) = private_key {
+                s.push_str(&format!(", key {}", key.display()));
+            }
+            if !replaced.is_empty() {
+                s.push_str(&format!(", replaces {}", replaced.join(", ")));
+            }
+            s
+        }
+        DeviceReport::Skipped {
+            line,
+            thing_name,
+            serial,
+            reason,
+        } => format!(
+            "{}skipped {thing_name}: {reason} (serial {serial})",
+            at(line)
+        ),
+        DeviceReport::Redelivered {
+            line,
+            thing_name,
+            serial,
+            certificate,
+            ..
+        } => format!(
+            "{}delivered {thing_name}: serial {serial} (recorded by an interrupted run), certificate {}",
+            at(line),
+            certificate.display()
+        ),
+        DeviceReport::Failed {
+            line,
+            thing_name,
+            error,
+        } => {
+            if thing_name.is_empty() {
+                format!("{}failed: {error}", at(line))
+            } else {
+                format!("{}failed {thing_name}: {error}", at(line))
+            }
+        }
+    }
+}
+
+fn settings_for(ctx: &Ctx, args: &ProvisionArgs) -> Result<ProvisionSettings, CliError> {
+    let mut profile = ctx.data.device_profile()?;
+    profile.validity_days = args.days;
+    let mut settings = ProvisionSettings::new(&args.out, profile);
+    settings.template = args.template.clone();
+    settings.reissue = args.reissue;
+    settings.fail_fast = args.fail_fast;
+    Ok(settings)
+}
+
+async fn provision_cmd(ctx: &Ctx, args: ProvisionArgs) -> CmdResult {
+    // 1. Input first: nothing below runs for a bad name, CSR, CSV or template.
+    if let Some(template) = &args.template {
+        ctx.data.load_template(template)?;
+    }
+    let batch_mode = args.batch.is_some();
+    let requests = match (&args.batch, &args.thing_name) {
+        (Some(path), _) => provision::read_batch_csv(path)?,
+        (None, Some(name)) => {
+            ThingName::parse(name)?;
+            vec![Ok(DeviceRequest {
+                line: None,
+                thing_name: name.clone(),
+                csr_path: args.csr.clone(),
+            })]
+        }
+        (None, None) => unreachable!("clap requires THING_NAME or --batch"),
+    };
+    let prepared = provision::prepare(requests);
+    if !batch_mode {
+        if let Some(Err(report)) = prepared.first() {
+            return Err(bad_input(
+                report_text(report).trim_start_matches("failed ").to_owned(),
+            ));
+        }
+    }
+    // 2. CA and registry.
+    let settings = settings_for(ctx, &args)?;
+    let ca = Arc::new(ctx.data.load_issuing_ca(passphrase().as_deref())?);
+    let registry = ctx.registry(false).await?;
+
+    // 3. Run, reporting as devices complete.
+    let total = prepared.len() as u64;
+    let progress = if batch_mode {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} devices ({per_sec}, eta {eta})",
+            )
+            .expect("valid template"),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let out = ctx.out;
+    let mut single: Option<DeviceReport> = None;
+    let mut on_report = |report: &DeviceReport| {
+        if let Some(bar) = &progress {
+            bar.inc(1);
+            if out.is_json() {
+                out.json(report);
+            } else if !matches!(report, DeviceReport::Issued { .. }) {
+                bar.suspend(|| eprintln!("{}", report_text(report)));
+            }
+        } else {
+            single = Some(report.clone());
+        }
+    };
+    let summary = provision::provision(ca, registry, prepared, &settings, &mut on_report).await;
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    if batch_mode {
+        print_batch_summary(ctx, &summary);
+    } else if let Some(report) = &single {
+        if out.is_json() {
+            out.json(report);
+        } else if report.is_failure() {
+            out.note(report_text(report));
+        } else {
+            out.line(report_text(report));
+        }
+    }
+    Ok(if summary.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_batch_summary(ctx: &Ctx, summary: &ProvisionSummary) {
+    if ctx.out.is_json() {
+        let mut value = serde_json::to_value(summary).expect("summary serialises");
+        value["result"] = json!("summary");
+        ctx.out.json(&value);
+    } else {
+        ctx.out.line(format!(
+            "{} issued, {} skipped, {} delivered again, {} failed in {:.2}s ({:.0} certificates/s) -> {}{}",
+            summary.issued,
+            summary.skipped,
+            summary.redelivered,
+            summary.failed,
+            summary.elapsed_seconds,
+            summary.issued_per_second,
+            summary.out_dir.display(),
+            if summary.stopped_early {
+                " (stopped at the first failure: --fail-fast)"
+            } else {
+                ""
+            }
+        ));
+    }
+}
+
+async fn things_list(ctx: &Ctx, limit: Option<u32>) -> CmdResult {
+    let registry = ctx.registry(false).await?;
+    let things = registry
+        .list_things(&ThingFilter { limit, after: None })
+        .await?;
+    if ctx.out.is_json() {
+        ctx.out.json(&things);
+    } else {
+        ctx.out
+            .line(format!("{:<40} {:<20} CREATED", "NAME", "TEMPLATE"));
+        for t in &things {
+            ctx.out.line(format!(
+                "{:<40} {:<20} {}",
+                t.name,
+                t.template.as_deref().unwrap_or("-"),
+                timestamp(t.created_at)
+            ));
+        }
+        ctx.out.note(format!("{} things", things.len()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cert_json(c: &CertificateRecord) -> serde_json::Value {
+    json!({
+        "serial": c.serial,
+        "thing_name": c.thing_name,
+        "status": c.status,
+        "origin": c.origin,
+        "key_algorithm": c.key_algorithm,
+        "not_before": timestamp(c.not_before),
+        "not_after": timestamp(c.not_after),
+        "fingerprint_sha256": c.fingerprint_sha256,
+        "issuer": c.issuer,
+        "created_at": timestamp(c.created_at),
+        "delivered_at": c.delivered_at.map(timestamp),
+        "revoked_at": c.revoked_at.map(timestamp),
+        "revocation_reason": c.revocation_reason,
+    })
+}
+
+fn cert_row(c: &CertificateRecord) -> String {
+    format!(
+        "{:<32} {:<32} {:<10} {:<9} {}",
+        c.serial,
+        c.thing_name,
+        c.status,
+        c.origin,
+        timestamp(c.not_after)
+    )
+}
+
+const CERT_HEADER: &str = "SERIAL                           THING                            STATUS     ORIGIN    NOT_AFTER";
+
+async fn things_show(ctx: &Ctx, name: &str) -> CmdResult {
+    let registry = ctx.registry(false).await?;
+    let thing = registry
+        .get_thing(name)
+        .await?
+        .ok_or_else(|| failed(format!("no thing named {name:?} in the registry")))?;
+    let certs = registry
+        .list_certificates(&CertificateFilter {
+            thing_name: Some(name.to_owned()),
+            ..Default::default()
+        })
+        .await?;
+    let events = registry
+        .list_events(&EventFilter {
+            thing_name: Some(name.to_owned()),
+            ..Default::default()
+        })
+        .await?;
+    if ctx.out.is_json() {
+        ctx.out.json(&json!({
+            "thing": thing,
+            "certificates": certs.iter().map(cert_json).collect::<Vec<_>>(),
+            "events": events,
+        }));
+    } else {
+        ctx.out.line(format!(
+            "thing {}\n  template: {}\n  created:  {}\n  updated:  {}\ncertificates:",
+            thing.name,
+            thing.template.as_deref().unwrap_or("-"),
+            timestamp(thing.created_at),
+            timestamp(thing.updated_at)
+        ));
+        ctx.out.line(format!("  {CERT_HEADER}"));
+        for c in &certs {
+            ctx.out.line(format!("  {}", cert_row(c)));
+        }
+        ctx.out.line("events:");
+        for e in &events {
+            ctx.out.line(format!(
+                "  {} {:<24} {} {}",
+                timestamp(e.at),
+                e.kind,
+                e.serial.as_deref().unwrap_or("-"),
+                e.detail
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn certs_list(
+    ctx: &Ctx,
+    thing: Option<String>,
+    status: Option<String>,
+    expiring_within: Option<std::time::Duration>,
+    limit: Option<u32>,
+) -> CmdResult {
+    let status: Option<CertStatus> = status.map(|s| s.parse()).transpose()?;
+    let expires_before = expiring_within.map(|d| {
+        fleetcert_lifecycle::unix_now()
+            .saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2))
+    });
+    let registry = ctx.registry(false).await?;
+    let certs = registry
+        .list_certificates(&CertificateFilter {
+            thing_name: thing,
+            status,
+            expires_before,
+            limit,
+        })
+        .await?;
+    if ctx.out.is_json() {
+        ctx.out
+            .json(&certs.iter().map(cert_json).collect::<Vec<_>>());
+    } else {
+        ctx.out.line(CERT_HEADER);
+        for c in &certs {
+            ctx.out.line(cert_row(c));
+        }
+        ctx.out.note(format!("{} certificates", certs.len()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn demo(ctx: &Ctx, args: DemoArgs) -> CmdResult {
+    crate::demo::run(ctx.out, args).await
+}

@@ -1,0 +1,191 @@
+//! `fleetcert demo`: the factory line end to end in a temporary data directory — create a
+//! CA, provision a batch, verify every certificate against the chain with webpki, re-run
+//! the batch to show it is idempotent, and summarise.
+use crate::args::DemoArgs;
+use crate::commands::CliError;
+use crate::output::Out;
+use fleetcert_lifecycle::provision::{self, DeviceReport, ProvisionSettings};
+use fleetcert_lifecycle::{CaInitOptions, ChainVerifier, DataDir};
+use serde_json::json;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn failed(e: impl std::fmt::Display) -> CliError {
+    CliError {
+        code: 1,
+        message: e.to_string(),
+    }
+}
+
+pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
+    let temp = tempfile::Builder::new()
+        .prefix("fleetcert-demo-")
+        .tempdir()
+        .map_err(|e| failed(format!("cannot create a temporary directory: {e}")))?;
+    let base = temp.path().to_path_buf();
+    let data = DataDir::new(base.join("data"));
+    let out_dir = base.join("devices");
+    out.note(format!("demo: working in {}", base.display()));
+
+    // 1. The CA.
+    let started = Instant::now();
+    let ca_info = data.init_ca(
+        &CaInitOptions {
+            crl_url: Some("http://127.0.0.1:9090/crl".into()),
+            ..CaInitOptions::default()
+        },
+        None,
+    )?;
+    let ca = Arc::new(data.load_issuing_ca(None)?);
+    let registry = fleetcert_registry::open(&data.default_database_url()).await?;
+    let ca_seconds = started.elapsed().as_secs_f64();
+    out.note(format!(
+        "demo: created a {} CA in {ca_seconds:.2}s",
+        ca_info.key_algorithm
+    ));
+
+    // 2. A pallet of devices, as a factory station would send it.
+    let batch = base.join("pallet.csv");
+    let mut csv = String::from("thing_name\n");
+    for i in 1..=args.devices {
+        let _ = writeln!(csv, "demo-device-{i:06}");
+    }
+    std::fs::write(&batch, csv)
+        .map_err(|e| failed(format!("cannot write {}: {e}", batch.display())))?;
+    let settings = ProvisionSettings::new(&out_dir, data.device_profile()?);
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(args.devices as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    let mut failures = Vec::new();
+    let mut on_report = |r: &DeviceReport| {
+        bar.inc(1);
+        if r.is_failure() {
+            failures.push(r.clone());
+        }
+    };
+    let requests = provision::prepare(provision::read_batch_csv(&batch)?);
+    let first = provision::provision(
+        ca.clone(),
+        registry.clone(),
+        requests,
+        &settings,
+        &mut on_report,
+    )
+    .await?;
+    bar.finish_and_clear();
+    out.note(format!(
+        "demo: provisioned {} devices in {:.2}s ({:.0}/s)",
+        first.issued, first.elapsed_seconds, first.issued_per_second
+    ));
+
+    // 3. Verify every certificate file against the chain, as a TLS server would.
+    let chain = data.chain_pem()?;
+    let verifier = ChainVerifier::from_chain_pem(&chain)?;
+    let now = rustls_pki_types::UnixTime::now();
+    let (mut verified, mut rejected, mut keys_private) = (0u64, Vec::new(), 0u64);
+    for entry in std::fs::read_dir(&out_dir).map_err(failed)? {
+        let path = entry.map_err(failed)?.path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("crt") => {
+                let pem = std::fs::read(&path).map_err(failed)?;
+                let der = rustls_pki_types::pem::PemObject::from_pem_slice(&pem)
+                    .map(|d: rustls_pki_types::CertificateDer<'_>| d.to_vec())
+                    .map_err(|e| format!("{}: {e}", path.display()));
+                match der.and_then(|der| {
+                    verifier
+                        .verify(&der, now)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                }) {
+                    Ok(_) => verified += 1,
+                    Err(e) => rejected.push(e),
+                }
+            }
+            Some("key") => {
+                let mode = std::fs::metadata(&path)
+                    .map_err(failed)?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 == 0 {
+                    keys_private += 1;
+                } else {
+                    rejected.push(format!("{} has mode {:o}", path.display(), mode & 0o777));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // 4. Re-run the same pallet: nothing new is issued.
+    let requests = provision::prepare(provision::read_batch_csv(&batch)?);
+    let second =
+        provision::provision(ca, registry.clone(), requests, &settings, &mut |_| {}).await?;
+    let counts = registry.counts().await?;
+
+    let ok = failures.is_empty()
+        && rejected.is_empty()
+        && first.issued == args.devices as u64
+        && verified == args.devices as u64
+        && second.issued == 0
+        && second.skipped == args.devices as u64;
+    if out.is_json() {
+        out.json(&json!({
+            "ok": ok,
+            "data_dir": data.root(),
+            "ca": { "key_algorithm": ca_info.key_algorithm, "seconds": ca_seconds },
+            "provision": first,
+            "verified": verified,
+            "private_keys_mode_0600": keys_private,
+            "rejected": rejected,
+            "rerun": second,
+            "registry": counts,
+        }));
+    } else {
+        out.line("fleetcert demo");
+        out.line(format!(
+            "  CA            {} root + issuing, created in {ca_seconds:.2}s",
+            ca_info.key_algorithm
+        ));
+        out.line(format!(
+            "  provision     {} devices in {:.2}s: {:.0} certificates/s (generated P-256 keys, SQLite, files synced)",
+            first.issued, first.elapsed_seconds, first.issued_per_second
+        ));
+        out.line(format!(
+            "  verify        {verified}/{} certificates verify against the chain (webpki, clientAuth); {keys_private} keys are mode 0600",
+            args.devices
+        ));
+        out.line(format!(
+            "  re-run        {} issued, {} skipped (already provisioned)",
+            second.issued, second.skipped
+        ));
+        out.line(format!(
+            "  registry      {} things, certificates {:?}, {} events",
+            counts.things, counts.certificates_by_status, counts.events
+        ));
+        for r in failures
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .chain(rejected.iter().cloned())
+            .take(10)
+        {
+            out.note(format!("  problem: {r}"));
+        }
+        out.line(if ok {
+            "  result        OK"
+        } else {
+            "  result        FAILED"
+        });
+    }
+    if args.keep {
+        let kept = temp.keep();
+        out.note(format!("demo: kept {}", kept.display()));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,312 @@
+//! The data directory and CA key custody.
+//!
+//! ```text
+//! <data-dir>/                 mode 0700
+//!   ca/ca.json                metadata: key algorithm, CRL URL, whether keys are encrypted
+//!   ca/root.crt  ca/root.key  self-signed root (key mode 0600)
+//!   ca/issuing.crt ca/issuing.key   issuing intermediate (key mode 0600)
+//!   registry.db               the SQLite registry (unless --database-url says otherwise)
+//!   templates/<name>.yaml|yml|json  provisioning templates
+//! ```
+use crate::fsio::{PUBLIC_MODE, SECRET_MODE, write_file_atomic};
+use crate::{LifecycleError, unix_now};
+use fleetcert_ca::{
+    CertificateSummary, DeviceProfile, HierarchyOptions, IssuingCa, KeyAlgorithm, PrivateKey,
+    create_hierarchy, describe_certificate,
+};
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+/// Environment variable holding the passphrase that encrypts CA keys at rest.
+pub const PASSPHRASE_ENV: &str = "FLEETCERT_CA_PASSPHRASE";
+
+const CA_META: &str = "ca.json";
+const ROOT_CERT: &str = "root.crt";
+const ROOT_KEY: &str = "root.key";
+const ISSUING_CERT: &str = "issuing.crt";
+const ISSUING_KEY: &str = "issuing.key";
+
+/// Options for `fleetcert ca init`.
+#[derive(Debug, Clone, Default)]
+pub struct CaInitOptions {
+    pub hierarchy: HierarchyOptions,
+    /// CRL Distribution Point written into device certificates.
+    pub crl_url: Option<String>,
+}
+
+/// What the data directory records about its CA (`ca/ca.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CaInfo {
+    pub key_algorithm: String,
+    pub crl_url: Option<String>,
+    pub created_at: i64,
+    pub keys_encrypted: bool,
+}
+
+/// A fleetcert data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    pub fn templates_dir(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+
+    /// The embedded default registry: a SQLite file in the data directory.
+    pub fn default_database_url(&self) -> String {
+        self.root.join("registry.db").to_string_lossy().into_owned()
+    }
+
+    /// Creates the data directory (mode 0700: it holds CA keys) if missing.
+    pub fn ensure_exists(&self) -> Result<(), LifecycleError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|e| LifecycleError::write(&self.root, e))
+    }
+
+    pub fn require_exists(&self) -> Result<(), LifecycleError> {
+        if self.root.is_dir() {
+            Ok(())
+        } else {
+            Err(LifecycleError::NoDataDir {
+                dir: self.root.clone(),
+            })
+        }
+    }
+
+    pub fn has_ca(&self) -> bool {
+        self.ca_dir().join(CA_META).exists()
+    }
+
+    /// Creates the CA hierarchy. Never overwrites: if `ca/` holds anything, this fails
+    /// before generating a key. The files are written into a temporary directory that is
+    /// renamed to `ca/` only when complete, so an interrupted init leaves no half CA.
+    pub fn init_ca(
+        &self,
+        opts: &CaInitOptions,
+        passphrase: Option<&str>,
+    ) -> Result<CaInfo, LifecycleError> {
+        let ca_dir = self.ca_dir();
+        if dir_has_entries(&ca_dir) {
+            return Err(LifecycleError::CaExists { dir: ca_dir });
+        }
+        self.ensure_exists()?;
+        if let Some(url) = &opts.crl_url {
+            validate_crl_url(url)?;
+        }
+        let hierarchy = create_hierarchy(&opts.hierarchy, time::OffsetDateTime::now_utc())?;
+        let staging = self.root.join(format!(".ca-init-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&staging);
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| LifecycleError::write(&staging, e))?;
+        let info = CaInfo {
+            key_algorithm: opts.hierarchy.key_algorithm.to_string(),
+            crl_url: opts.crl_url.clone(),
+            created_at: unix_now(),
+            keys_encrypted: passphrase.is_some(),
+        };
+        let result = (|| {
+            let key_pem = |key: &PrivateKey| -> Result<Vec<u8>, LifecycleError> {
+                Ok(match passphrase {
+                    Some(p) => key.to_encrypted_pem(p)?.into_bytes(),
+                    None => key.to_pem().as_bytes().to_vec(),
+                })
+            };
+            let files: [(&str, Vec<u8>, u32); 5] = [
+                (ROOT_KEY, key_pem(&hierarchy.root_key)?, SECRET_MODE),
+                (ISSUING_KEY, key_pem(&hierarchy.issuing_key)?, SECRET_MODE),
+                (
+                    ROOT_CERT,
+                    hierarchy.root_cert_pem.clone().into_bytes(),
+                    PUBLIC_MODE,
+                ),
+                (
+                    ISSUING_CERT,
+                    hierarchy.issuing_cert_pem.clone().into_bytes(),
+                    PUBLIC_MODE,
+                ),
+                (
+                    CA_META,
+                    serde_json::to_vec_pretty(&info).expect("CaInfo serialises"),
+                    PUBLIC_MODE,
+                ),
+            ];
+            for (name, contents, mode) in files {
+                let path = staging.join(name);
+                write_file_atomic(&path, &contents, mode)
+                    .map_err(|e| LifecycleError::write(&path, e))?;
+            }
+            // An empty ca/ left by hand would make rename fail; it holds nothing to lose.
+            let _ = fs::remove_dir(&ca_dir);
+            fs::rename(&staging, &ca_dir).map_err(|e| {
+                if dir_has_entries(&ca_dir) {
+                    LifecycleError::CaExists {
+                        dir: ca_dir.clone(),
+                    }
+                } else {
+                    LifecycleError::write(&ca_dir, e)
+                }
+            })?;
+            fs::File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| LifecycleError::write(&self.root, e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        result.map(|()| info)
+    }
+
+    /// Reads `ca/ca.json`.
+    pub fn ca_info(&self) -> Result<CaInfo, LifecycleError> {
+        let path = self.ca_dir().join(CA_META);
+        let text = fs::read(&path).map_err(|e| self.missing_ca_or(&path, e))?;
+        serde_json::from_slice(&text).map_err(|e| LifecycleError::DamagedCa {
+            dir: self.ca_dir(),
+            reason: format!("{}: {e}", path.display()),
+        })
+    }
+
+    fn missing_ca_or(&self, path: &Path, e: std::io::Error) -> LifecycleError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            if self.has_ca() {
+                LifecycleError::DamagedCa {
+                    dir: self.ca_dir(),
+                    reason: format!("{} is missing", path.display()),
+                }
+            } else {
+                LifecycleError::NoCa { dir: self.ca_dir() }
+            }
+        } else {
+            LifecycleError::read(path, e)
+        }
+    }
+
+    fn read_ca_file(&self, name: &str) -> Result<String, LifecycleError> {
+        let path = self.ca_dir().join(name);
+        fs::read_to_string(&path).map_err(|e| self.missing_ca_or(&path, e))
+    }
+
+    /// Summaries of the root and issuing certificates (no key is read).
+    pub fn ca_certificates(
+        &self,
+    ) -> Result<(CertificateSummary, CertificateSummary), LifecycleError> {
+        self.ca_info()?;
+        let root = describe_certificate(self.read_ca_file(ROOT_CERT)?.as_bytes())?;
+        let issuing = describe_certificate(self.read_ca_file(ISSUING_CERT)?.as_bytes())?;
+        Ok((root, issuing))
+    }
+
+    /// Root certificate PEM (the fleet's trust anchor).
+    pub fn root_cert_pem(&self) -> Result<String, LifecycleError> {
+        self.ca_info()?;
+        self.read_ca_file(ROOT_CERT)
+    }
+
+    /// Issuing certificate then root, PEM.
+    pub fn chain_pem(&self) -> Result<String, LifecycleError> {
+        self.ca_info()?;
+        let issuing = self.read_ca_file(ISSUING_CERT)?;
+        let root = self.read_ca_file(ROOT_CERT)?;
+        Ok(format!(
+            "{}{}",
+            ensure_newline(issuing),
+            ensure_newline(root)
+        ))
+    }
+
+    /// Loads the issuing CA with its key, decrypting it if needed.
+    pub fn load_issuing_ca(&self, passphrase: Option<&str>) -> Result<IssuingCa, LifecycleError> {
+        self.ca_info()?;
+        let key_pem = zeroize::Zeroizing::new(self.read_ca_file(ISSUING_KEY)?);
+        let key = PrivateKey::from_pem(&key_pem, passphrase)?;
+        let ca = IssuingCa::load(
+            &self.read_ca_file(ISSUING_CERT)?,
+            &key,
+            &self.read_ca_file(ROOT_CERT)?,
+        )?;
+        Ok(ca)
+    }
+
+    /// The device profile this CA issues with, before per-run overrides.
+    pub fn device_profile(&self) -> Result<DeviceProfile, LifecycleError> {
+        let info = self.ca_info()?;
+        Ok(DeviceProfile {
+            crl_url: info.crl_url,
+            key_algorithm: KeyAlgorithm::P256,
+            ..DeviceProfile::default()
+        })
+    }
+
+    /// Reads a template by name from `<data-dir>/templates/`; `default` is built in unless
+    /// a file overrides it.
+    pub fn load_template(&self, name: &str) -> Result<String, LifecycleError> {
+        fleetcert_templates::validate_name(name)?;
+        let dir = self.templates_dir();
+        for ext in ["yaml", "yml", "json"] {
+            let path = dir.join(format!("{name}.{ext}"));
+            match fs::read_to_string(&path) {
+                Ok(text) => {
+                    fleetcert_templates::check_syntax(name, &text)?;
+                    return Ok(text);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(LifecycleError::read(&path, e)),
+            }
+        }
+        if name == fleetcert_templates::DEFAULT_TEMPLATE_NAME {
+            return Ok(fleetcert_templates::DEFAULT_TEMPLATE_YAML.to_owned());
+        }
+        Err(LifecycleError::TemplateNotFound {
+            name: name.to_owned(),
+            dir,
+        })
+    }
+}
+
+fn ensure_newline(mut s: String) -> String {
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+fn dir_has_entries(dir: &Path) -> bool {
+    fs::read_dir(dir)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false)
+}
+
+fn validate_crl_url(url: &str) -> Result<(), LifecycleError> {
+    let ok = (url.starts_with("http://") && url.len() > "http://".len())
+        && url.is_ascii()
+        && !url
+            .chars()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(LifecycleError::BadInput(format!(
+            "invalid CRL URL {url:?}: it must be an http:// URL (RFC 5280 relying parties fetch CRLs over plain HTTP)"
+        )))
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this):
+#   - installs what the service tests need if it is missing (PostgreSQL from Debian,
+#     pkilint from PyPI into a virtualenv under .ci-cache/),
+#   - starts a throwaway PostgreSQL cluster on a loopback port (scripts/with-postgres.sh),
+#   - runs every test, the #[ignore]d service tests included.
+# Plain `cargo test` runs only the hermetic tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.ci-cache/venv
+if [ ! -x "$venv/bin/lint_pkix_cert" ]; then
+    echo "test.sh: installing pkilint into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pkilint
+fi
+export FLEETCERT_PKILINT="$PWD/$venv/bin/lint_pkix_cert"
+
+for tool in openssl psql; do
+    command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
+done
+
+exec scripts/with-postgres.sh cargo test --workspace --locked -- --include-ignored "$@"
