@@ -1,4 +1,3 @@
-
 /// Everything that can go wrong in the CA. Messages name the problem in words a
 /// factory operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -31,4 +30,3 @@ pub enum CaError {
     #[error("signing failed: {0}")]
     Signing(String),
 }
-

@@ -17,8 +17,13 @@
 //!   extensions, CA flag and validity all come from the profile.
 #![forbid(unsafe_code)]
 
+mod csr;
 mod error;
+mod hierarchy;
+mod issue;
+mod keys;
 mod name;
+mod x509;
 
 pub use error::CaError;
 pub use name::ThingName;
@@ -77,9 +82,9 @@ impl FromStr for KeyAlgorithm {
 
 /// A private key in PKCS#8 DER form. Zeroised on drop; `Debug` never prints it.
 pub struct PrivateKey {
-    // implementation detail, filled in by the CA implementation
-    #[allow(dead_code)]
     pkcs8_der: zeroize::Zeroizing<Vec<u8>>,
+    /// Detected (and checked usable by ring) when the key was made or read.
+    algorithm: KeyAlgorithm,
 }
 
 impl fmt::Debug for PrivateKey {
@@ -90,31 +95,41 @@ impl fmt::Debug for PrivateKey {
 
 impl PrivateKey {
     /// Wraps PKCS#8 DER bytes (checked to be a key this crate can sign with).
-    pub fn from_pkcs8_der(_der: &[u8]) -> Result<Self, CaError> {
-        todo!()
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, CaError> {
+        let algorithm = keys::detect(der)?;
+        Ok(PrivateKey {
+            pkcs8_der: zeroize::Zeroizing::new(der.to_vec()),
+            algorithm,
+        })
     }
     /// PKCS#8 DER bytes.
     pub fn pkcs8_der(&self) -> &[u8] {
-        todo!()
+        &self.pkcs8_der
     }
     /// Unencrypted PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
     pub fn to_pem(&self) -> zeroize::Zeroizing<String> {
-        todo!()
+        keys::to_pem(self)
     }
     /// Encrypted PKCS#8 PEM (`-----BEGIN ENCRYPTED PRIVATE KEY-----`, PBES2:
     /// scrypt or PBKDF2-SHA256 + AES-256-CBC), readable by `openssl pkey -passin`.
-    pub fn to_encrypted_pem(&self, _passphrase: &str) -> Result<String, CaError> {
-        todo!()
+    ///
+    /// The scrypt cost (N = 2^14, r = 8, p = 1) is OpenSSL 3's default-compatible
+    /// choice and takes tens of milliseconds to derive in an optimised build.
+    pub fn to_encrypted_pem(&self, passphrase: &str) -> Result<String, CaError> {
+        keys::to_encrypted_pem(self, passphrase)
     }
     /// Reads a `PRIVATE KEY` or `ENCRYPTED PRIVATE KEY` PEM. An encrypted key without a
     /// passphrase is [`CaError::PassphraseRequired`]; a wrong one is
     /// [`CaError::WrongPassphrase`].
-    pub fn from_pem(_pem: &str, _passphrase: Option<&str>) -> Result<Self, CaError> {
-        todo!()
+    ///
+    /// A passphrase given for an unencrypted key is ignored.
+    pub fn from_pem(pem: &str, passphrase: Option<&str>) -> Result<Self, CaError> {
+        keys::from_pem(pem, passphrase)
     }
-    /// Algorithm of this key.
+    /// Algorithm of this key. For RSA this is the size class: moduli of 2048 to 3071
+    /// bits are [`KeyAlgorithm::Rsa2048`], larger ones [`KeyAlgorithm::Rsa3072`].
     pub fn algorithm(&self) -> KeyAlgorithm {
-        todo!()
+        self.algorithm
     }
 }
 
@@ -151,11 +166,16 @@ pub struct NewHierarchy {
 /// Creates a self-signed root (CA:TRUE, keyCertSign + cRLSign, SKI) and an issuing
 /// intermediate signed by it (CA:TRUE pathlen 0, keyCertSign + cRLSign +
 /// digitalSignature, SKI, AKI).
+///
+/// Both get random 128-bit serials and notBefore backdated by 5 minutes. Fails with
+/// [`CaError::InvalidProfile`] if the common name is empty or too long for
+/// "`<cn>` Issuing CA" to fit RFC 5280's 64 characters, a validity is 0 or over 36500
+/// days, or the issuing CA would outlive the root.
 pub fn create_hierarchy(
-    _opts: &HierarchyOptions,
-    _now: OffsetDateTime,
+    opts: &HierarchyOptions,
+    now: OffsetDateTime,
 ) -> Result<NewHierarchy, CaError> {
-    todo!()
+    hierarchy::create(opts, now)
 }
 
 /// How device certificates are made.
@@ -185,25 +205,30 @@ impl Default for DeviceProfile {
 /// Only its public key is ever used.
 #[derive(Debug, Clone)]
 pub struct DeviceCsr {
-    #[allow(dead_code)]
+    /// The SubjectPublicKeyInfo exactly as it will appear in the certificate.
     spki_der: Vec<u8>,
-    #[allow(dead_code)]
     key_algorithm: KeyAlgorithm,
+    public: keys::RawPublicKey,
 }
 
 impl DeviceCsr {
     /// Parses a CSR in PEM (`CERTIFICATE REQUEST`) or DER form, verifies its
     /// self-signature, and refuses weak or unsupported keys (RSA < 2048 bits, curves other
     /// than P-256/P-384, Ed25519).
-    pub fn parse(_bytes: &[u8]) -> Result<Self, CaError> {
-        todo!()
+    ///
+    /// PEM may be labelled `CERTIFICATE REQUEST` or `NEW CERTIFICATE REQUEST`. RSA keys
+    /// of 2048 to 8192 bits are accepted; [`DeviceCsr::key_algorithm`] then names the
+    /// size class (below 3072 bits [`KeyAlgorithm::Rsa2048`], otherwise
+    /// [`KeyAlgorithm::Rsa3072`]). CSRs signed with MD5 or SHA-1 are refused.
+    pub fn parse(bytes: &[u8]) -> Result<Self, CaError> {
+        csr::parse(bytes)
     }
     pub fn key_algorithm(&self) -> KeyAlgorithm {
         self.key_algorithm
     }
     /// SHA-256 of the SubjectPublicKeyInfo DER, lowercase hex.
     pub fn public_key_sha256_hex(&self) -> String {
-        todo!()
+        csr::public_key_sha256_hex(self)
     }
 }
 
@@ -236,7 +261,7 @@ pub struct IssuedCertificate {
 
 /// The issuing CA, loaded and ready to sign. `Send + Sync`: share one across threads.
 pub struct IssuingCa {
-    _private: (),
+    inner: issue::Loaded,
 }
 
 impl fmt::Debug for IssuingCa {
@@ -248,43 +273,58 @@ impl fmt::Debug for IssuingCa {
 impl IssuingCa {
     /// Loads the issuing CA. Fails if the key does not match the issuing certificate or
     /// the issuing certificate is not signed by the root.
+    ///
+    /// Errors: [`CaError::MalformedCertificate`] for unreadable certificates, a root
+    /// that is not self-signed or an issuing certificate that is not a CA;
+    /// [`CaError::KeyMismatch`]; [`CaError::BrokenChain`].
     pub fn load(
-        _issuing_cert_pem: &str,
-        _issuing_key: &PrivateKey,
-        _root_cert_pem: &str,
+        issuing_cert_pem: &str,
+        issuing_key: &PrivateKey,
+        root_cert_pem: &str,
     ) -> Result<Self, CaError> {
-        todo!()
+        Ok(IssuingCa {
+            inner: issue::load(issuing_cert_pem, issuing_key, root_cert_pem)?,
+        })
     }
+    /// The issuing certificate, re-encoded as one canonical PEM block.
     pub fn issuing_cert_pem(&self) -> &str {
-        todo!()
+        &self.inner.issuing_cert_pem
     }
+    /// The root certificate, re-encoded as one canonical PEM block.
     pub fn root_cert_pem(&self) -> &str {
-        todo!()
+        &self.inner.root_cert_pem
     }
     /// Issuing certificate then root, PEM: what `ca export --chain` prints and
     /// `chain.pem` holds.
     pub fn chain_pem(&self) -> String {
-        todo!()
+        format!(
+            "{}{}",
+            self.inner.issuing_cert_pem, self.inner.root_cert_pem
+        )
     }
     /// The issuing CA's subject as an RFC 4514 string, e.g. `CN=fleetcert Issuing CA`.
     pub fn subject(&self) -> &str {
-        todo!()
+        &self.inner.subject
     }
     /// SHA-256 of the issuing certificate DER, lowercase hex.
     pub fn fingerprint_sha256_hex(&self) -> &str {
-        todo!()
+        &self.inner.fingerprint_sha256_hex
     }
     /// Issues a device certificate: CN = thing name, EKU clientAuth, KU digitalSignature
     /// (+ keyEncipherment for RSA), CA:FALSE, SKI, AKI, CRL DP from the profile,
     /// random 128-bit serial, validity from the profile with backdated notBefore.
+    ///
+    /// [`CaError::InvalidProfile`] if `validity_days` is 0 or over 36500, `backdate` is
+    /// negative or `crl_url` is not an absolute ASCII URI. notAfter is not clamped to
+    /// the issuing CA's own notAfter.
     pub fn issue(
         &self,
-        _thing: &ThingName,
-        _key: DeviceKey<'_>,
-        _profile: &DeviceProfile,
-        _now: OffsetDateTime,
+        thing: &ThingName,
+        key: DeviceKey<'_>,
+        profile: &DeviceProfile,
+        now: OffsetDateTime,
     ) -> Result<IssuedCertificate, CaError> {
-        todo!()
+        issue::issue(self, thing, key, profile, now)
     }
 }
 
@@ -304,6 +344,9 @@ pub struct CertificateSummary {
 }
 
 /// Parses one certificate (PEM or DER) and summarises it.
-pub fn describe_certificate(_pem_or_der: &[u8]) -> Result<CertificateSummary, CaError> {
-    todo!()
+///
+/// Subject and issuer are RFC 4514 strings; `serial_hex` is the serial's magnitude in
+/// lowercase hex (the 32 characters of [`IssuedCertificate::serial_hex`] for ours).
+pub fn describe_certificate(pem_or_der: &[u8]) -> Result<CertificateSummary, CaError> {
+    x509::describe(pem_or_der)
 }

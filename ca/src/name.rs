@@ -68,9 +68,21 @@ mod tests {
 
     #[test]
     fn refuses_wildcards_separators_and_bad_lengths() {
-        for bad in ["", "a*b", "x/y", "room#1", "plus+", "sp ace", "é", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "a*b",
+            "x/y",
+            "room#1",
+            "plus+",
+            "sp ace",
+            "é",
+            &"x".repeat(129),
+        ] {
             let err = ThingName::parse(bad).unwrap_err();
-            assert!(matches!(err, CaError::InvalidThingName { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, CaError::InvalidThingName { .. }),
+                "{bad}: {err}"
+            );
         }
     }
 }

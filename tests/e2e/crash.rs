@@ -72,14 +72,11 @@ fn a_batch_killed_mid_run_resumes_without_duplicates() {
     }
 
     // The re-run completes the rest.
-    let rerun = env.json(&[
-        "provision",
-        "--batch",
-        csv.to_str().unwrap(),
-        "--out",
-        "out",
-    ]);
-    let _ = rerun;
+    let rerun = env.ok(&["--output", "json", "provision", "--batch", csv.to_str().unwrap(), "--out", "out"]);
+    let summary: serde_json::Value = serde_json::from_str(rerun.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let done = ["issued", "skipped", "redelivered"].map(|k| summary[k].as_u64().unwrap());
+    assert_eq!(done.iter().sum::<u64>(), devices as u64, "{summary}");
     let all = env.certs();
     let serials: HashSet<&str> = all.iter().map(|c| c["serial"].as_str().unwrap()).collect();
     assert_eq!(serials.len(), all.len(), "a serial was recorded twice");

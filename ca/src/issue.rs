@@ -1,0 +1,196 @@
+//! Loading the issuing CA and issuing device certificates.
+
+use crate::hierarchy::{MAX_DAYS, common_name, random_serial, validity};
+use crate::x509::{cert_der, parse_cert, rfc4514, sha256_hex};
+use crate::{
+    CaError, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, KeyAlgorithm, PrivateKey,
+    ThingName, keys,
+};
+use pkcs8::der::pem::LineEnding;
+use rcgen::{
+    CertificateParams, CrlDistributionPoint, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyUsagePurpose, PublicKeyData as _, SerialNumber,
+};
+use ring::rand::SystemRandom;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+/// Everything issuance needs, parsed once.
+pub(crate) struct Loaded {
+    pub(crate) issuer: Issuer<'static, rcgen::KeyPair>,
+    pub(crate) issuing_cert_pem: String,
+    pub(crate) root_cert_pem: String,
+    pub(crate) subject: String,
+    pub(crate) fingerprint_sha256_hex: String,
+    pub(crate) rng: SystemRandom,
+}
+
+fn canonical_pem(der: &[u8]) -> String {
+    pkcs8::der::pem::encode_string("CERTIFICATE", LineEnding::LF, der)
+        .expect("PEM encoding of a parsed certificate")
+}
+
+pub(crate) fn load(
+    issuing_cert_pem: &str,
+    issuing_key: &PrivateKey,
+    root_cert_pem: &str,
+) -> Result<Loaded, CaError> {
+    let in_cert = |what: &'static str| {
+        move |e: CaError| match e {
+            CaError::MalformedCertificate(why) => {
+                CaError::MalformedCertificate(format!("{what} certificate: {why}"))
+            }
+            other => other,
+        }
+    };
+    let issuing_der = cert_der(issuing_cert_pem.as_bytes()).map_err(in_cert("issuing CA"))?;
+    let root_der = cert_der(root_cert_pem.as_bytes()).map_err(in_cert("root CA"))?;
+    let issuing = parse_cert(&issuing_der).map_err(in_cert("issuing CA"))?;
+    let root = parse_cert(&root_der).map_err(in_cert("root CA"))?;
+
+    let signer = keys::signing_key(issuing_key)?;
+    if issuing.public_key().subject_public_key.data.as_ref() != signer.der_bytes() {
+        return Err(CaError::KeyMismatch);
+    }
+
+    match issuing.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => {
+            return Err(CaError::MalformedCertificate(
+                "the issuing CA certificate is not a CA (basicConstraints CA:TRUE missing)".into(),
+            ));
+        }
+    }
+    if matches!(issuing.key_usage(), Ok(Some(ku)) if !ku.value.key_cert_sign()) {
+        return Err(CaError::MalformedCertificate(
+            "the issuing CA certificate's key usage does not allow keyCertSign".into(),
+        ));
+    }
+    if root.verify_signature(None).is_err() {
+        return Err(CaError::MalformedCertificate(
+            "the root CA certificate is not self-signed".into(),
+        ));
+    }
+    if issuing.issuer().as_raw() != root.subject().as_raw()
+        && rfc4514(issuing.issuer()) != rfc4514(root.subject())
+    {
+        return Err(CaError::BrokenChain(format!(
+            "its issuer is {:?} but the root is {:?}",
+            rfc4514(issuing.issuer()),
+            rfc4514(root.subject())
+        )));
+    }
+    if issuing.verify_signature(Some(root.public_key())).is_err() {
+        return Err(CaError::BrokenChain(
+            "its signature does not verify with the root CA's public key".into(),
+        ));
+    }
+
+    let subject = rfc4514(issuing.subject());
+    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(issuing_der.as_slice()), signer)
+        .map_err(|e| CaError::MalformedCertificate(format!("issuing CA certificate: {e}")))?;
+    Ok(Loaded {
+        issuer,
+        issuing_cert_pem: canonical_pem(&issuing_der),
+        root_cert_pem: canonical_pem(&root_der),
+        subject,
+        fingerprint_sha256_hex: sha256_hex(&issuing_der),
+        rng: SystemRandom::new(),
+    })
+}
+
+/// A CRL distribution point URI must be ASCII (IA5String) with a scheme.
+fn check_crl_url(url: &str) -> Result<(), CaError> {
+    let scheme_ok = url.split_once(':').is_some_and(|(scheme, rest)| {
+        !rest.is_empty()
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if !scheme_ok || !url.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(CaError::InvalidProfile(format!(
+            "CRL URL {url:?} is not an absolute ASCII URI such as http://pki.example.com/ca.crl"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_profile(profile: &DeviceProfile) -> Result<(), CaError> {
+    if profile.validity_days == 0 || profile.validity_days > MAX_DAYS {
+        return Err(CaError::InvalidProfile(format!(
+            "validity must be 1 to {MAX_DAYS} days, got {}",
+            profile.validity_days
+        )));
+    }
+    if profile.backdate.is_negative() {
+        return Err(CaError::InvalidProfile(format!(
+            "backdate must not be negative, got {}",
+            profile.backdate
+        )));
+    }
+    if let Some(url) = &profile.crl_url {
+        check_crl_url(url)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn issue(
+    ca: &IssuingCa,
+    thing: &ThingName,
+    key: DeviceKey<'_>,
+    profile: &DeviceProfile,
+    now: OffsetDateTime,
+) -> Result<IssuedCertificate, CaError> {
+    check_profile(profile)?;
+    let (not_before, not_after) = validity(now, profile.backdate, profile.validity_days)?;
+
+    let generated;
+    let (public, key_algorithm, private_key) = match key {
+        DeviceKey::Generate => {
+            let g = keys::generate(profile.key_algorithm)?;
+            generated = g.public;
+            (&generated, profile.key_algorithm, Some(g.private))
+        }
+        DeviceKey::Csr(csr) => (&csr.public, csr.key_algorithm, None),
+    };
+
+    let serial = random_serial(&ca.inner.rng)?;
+    let mut params = CertificateParams::default();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.distinguished_name = common_name(thing.as_str());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = match key_algorithm {
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ],
+        _ => vec![KeyUsagePurpose::DigitalSignature],
+    };
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if let Some(url) = &profile.crl_url {
+        params.crl_distribution_points = vec![CrlDistributionPoint {
+            uris: vec![url.clone()],
+        }];
+    }
+    params.use_authority_key_identifier_extension = true;
+    params.key_identifier_method = keys::key_identifier(public);
+
+    let cert = params
+        .signed_by(public, &ca.inner.issuer)
+        .map_err(|e| CaError::Signing(e.to_string()))?;
+    let der = cert.der().to_vec();
+    Ok(IssuedCertificate {
+        serial_hex: hex::encode(serial),
+        pem: cert.pem(),
+        fingerprint_sha256_hex: sha256_hex(&der),
+        public_key_sha256_hex: sha256_hex(&public.subject_public_key_info()),
+        der,
+        not_before,
+        not_after,
+        key_algorithm,
+        private_key,
+    })
+}
