@@ -8,9 +8,11 @@
 //! Times are Unix seconds (`i64`) everywhere, so both backends store them the same way.
 #![forbid(unsafe_code)]
 
+mod common;
 mod error;
 mod postgres;
 mod sqlite;
+pub mod testing;
 
 pub use error::RegistryError;
 
@@ -217,7 +219,10 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// `active` (event `certificate.issued`). Records that conflict are skipped and
     /// reported; the others commit. A duplicate serial or fingerprint fails the whole
     /// call with [`RegistryError::DuplicateSerial`] and commits nothing.
-    async fn record_issued(&self, records: &[IssueRecord]) -> Result<Vec<IssueOutcome>, RegistryError>;
+    async fn record_issued(
+        &self,
+        records: &[IssueRecord],
+    ) -> Result<Vec<IssueOutcome>, RegistryError>;
 
     /// Marks certificates as delivered (files written), in one transaction, with a
     /// `certificate.delivered` event each. Already-delivered ones are left as they are.
@@ -232,7 +237,10 @@ pub trait Registry: Send + Sync + fmt::Debug {
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError>;
     async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError>;
-    async fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, RegistryError>;
+    async fn get_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Option<CertificateRecord>, RegistryError>;
     async fn list_certificates(
         &self,
         filter: &CertificateFilter,
@@ -247,8 +255,46 @@ pub trait Registry: Send + Sync + fmt::Debug {
 ///
 /// Fails with [`RegistryError::Unreachable`] naming the URL (password redacted) if the
 /// database cannot be reached or opened.
-pub async fn open(_url: &str) -> Result<Arc<dyn Registry>, RegistryError> {
-    todo!()
+pub async fn open(url: &str) -> Result<Arc<dyn Registry>, RegistryError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(postgres::PgRegistry::open(url).await?));
+    }
+    let target = sqlite_target(url)?;
+    Ok(Arc::new(sqlite::SqliteRegistry::open(url, target).await?))
+}
+
+/// What a non-PostgreSQL URL names: `sqlite:PATH`, `sqlite://PATH` (query string
+/// ignored), `sqlite::memory:`, or a plain path.
+fn sqlite_target(url: &str) -> Result<sqlite::SqliteTarget, RegistryError> {
+    let unusable = |reason: &str| RegistryError::Unreachable {
+        url: redact_url(url),
+        reason: reason.to_owned(),
+    };
+    let path = match url.strip_prefix("sqlite:") {
+        Some(rest) => {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            rest.split_once('?').map_or(rest, |(path, _)| path)
+        }
+        None => {
+            if let Some((scheme, _)) = url.split_once("://")
+                && !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            {
+                return Err(unusable(&format!(
+                    "unsupported database URL scheme {scheme:?} \
+                     (expected sqlite:PATH, a file path, or postgres://)"
+                )));
+            }
+            url
+        }
+    };
+    match path {
+        "" => Err(unusable("no database file path given")),
+        ":memory:" => Ok(sqlite::SqliteTarget::Memory),
+        path => Ok(sqlite::SqliteTarget::File(path.into())),
+    }
 }
 
 /// `url` with any password replaced by `***`, for messages and logs.
@@ -267,5 +313,55 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("postgres://fleet:s3cret@db.example:5432/fleetcert"),
+            "postgres://fleet:***@db.example:5432/fleetcert"
+        );
+        assert_eq!(
+            redact_url("postgresql://fleet@db/fleetcert"),
+            "postgresql://fleet@db/fleetcert"
+        );
+        assert_eq!(
+            redact_url("postgres://db.example/fleetcert"),
+            "postgres://db.example/fleetcert"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@ss:w@rd@host/db"),
+            "postgres://u:***@host/db"
+        );
+        assert_eq!(
+            redact_url("sqlite:/var/lib/fleetcert/registry.db"),
+            "sqlite:/var/lib/fleetcert/registry.db"
+        );
+        assert_eq!(redact_url("/data/registry.db"), "/data/registry.db");
+        assert_eq!(redact_url("/data/a@b/registry.db"), "/data/a@b/registry.db");
+    }
+
+    #[test]
+    fn sqlite_urls() {
+        let path = |url: &str| match sqlite_target(url).unwrap() {
+            sqlite::SqliteTarget::File(p) => p.display().to_string(),
+            sqlite::SqliteTarget::Memory => ":memory:".to_owned(),
+        };
+        assert_eq!(path("sqlite:/tmp/r.db"), "/tmp/r.db");
+        assert_eq!(path("sqlite:///tmp/r.db"), "/tmp/r.db");
+        assert_eq!(path("sqlite://data/r.db?mode=rwc"), "data/r.db");
+        assert_eq!(path("sqlite:r.db"), "r.db");
+        assert_eq!(path("data/registry.db"), "data/registry.db");
+        assert_eq!(path("sqlite::memory:"), ":memory:");
+        assert!(matches!(
+            sqlite_target("mysql://u:pw@h/db"),
+            Err(RegistryError::Unreachable { url, .. }) if url == "mysql://u:***@h/db"
+        ));
+        assert!(sqlite_target("sqlite:").is_err());
     }
 }
