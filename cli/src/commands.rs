@@ -335,12 +335,8 @@ async fn provision_cmd(ctx: &Ctx, args: ProvisionArgs) -> CmdResult {
         (None, None) => unreachable!("clap requires THING_NAME or --batch"),
     };
     let prepared = provision::prepare(requests);
-    if !batch_mode {
-        if let Some(Err(report)) = prepared.first() {
-            return Err(bad_input(
-                report_text(report).trim_start_matches("failed ").to_owned(),
-            ));
-        }
+    if !batch_mode && let Some(Err(DeviceReport::Failed { error, .. })) = prepared.first() {
+        return Err(bad_input(error.clone()));
     }
     // 2. CA and registry.
     let settings = settings_for(ctx, &args)?;

@@ -46,15 +46,14 @@ impl LifecycleError {
     pub fn class(&self) -> ErrorClass {
         use ErrorClass::*;
         match self {
-            LifecycleError::Ca(e) => match e {
+            LifecycleError::Ca(
                 CaError::InvalidThingName { .. }
                 | CaError::UnknownKeyAlgorithm(_)
                 | CaError::MalformedCsr(_)
                 | CaError::CsrSignatureInvalid
                 | CaError::WeakOrUnsupportedKey(_)
-                | CaError::InvalidProfile(_) => BadInput,
-                _ => Failed,
-            },
+                | CaError::InvalidProfile(_),
+            ) => BadInput,
             LifecycleError::Template(_)
             | LifecycleError::BadFile { .. }
             | LifecycleError::BadInput(_)

@@ -26,18 +26,23 @@ fn temp_path_for(target: &Path) -> PathBuf {
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<File> {
-    // A stale temporary file from an interrupted run may exist; start afresh so its mode
-    // cannot leak into the new file.
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+    };
+    let mut file = match open() {
+        Ok(file) => file,
+        // A stale temporary file from an interrupted run: start afresh so its mode cannot
+        // leak into the new file. (Rare, so the common path costs one syscall.)
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(path)?;
+            open()?
+        }
         Err(e) => return Err(e),
-    }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+    };
     file.write_all(contents)?;
     Ok(file)
 }

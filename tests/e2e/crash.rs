@@ -72,7 +72,15 @@ fn a_batch_killed_mid_run_resumes_without_duplicates() {
     }
 
     // The re-run completes the rest.
-    let rerun = env.ok(&["--output", "json", "provision", "--batch", csv.to_str().unwrap(), "--out", "out"]);
+    let rerun = env.ok(&[
+        "--output",
+        "json",
+        "provision",
+        "--batch",
+        csv.to_str().unwrap(),
+        "--out",
+        "out",
+    ]);
     let summary: serde_json::Value = serde_json::from_str(rerun.lines().last().unwrap()).unwrap();
     assert_eq!(summary["failed"], 0, "{summary}");
     let done = ["issued", "skipped", "redelivered"].map(|k| summary[k].as_u64().unwrap());
