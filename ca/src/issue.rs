@@ -194,3 +194,53 @@ pub(crate) fn issue(
         private_key,
     })
 }
+
+/// A TLS server certificate for the JITP listener: CN = first name, every name as a SAN
+/// (IP addresses as iPAddress), EKU serverAuth, a generated P-256 key.
+pub(crate) fn issue_server(
+    ca: &IssuingCa,
+    names: &[String],
+    validity_days: u32,
+    now: OffsetDateTime,
+) -> Result<IssuedCertificate, CaError> {
+    let first = names
+        .first()
+        .ok_or_else(|| CaError::InvalidProfile("a server certificate needs a name".into()))?;
+    let (not_before, not_after) = validity(now, time::Duration::minutes(5), validity_days)?;
+    let g = keys::generate(KeyAlgorithm::P256)?;
+    let serial = random_serial(&ca.inner.rng)?;
+    let mut params = CertificateParams::default();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.distinguished_name = common_name(first);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.subject_alt_names = names
+        .iter()
+        .map(|name| match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(rcgen::SanType::IpAddress(ip)),
+            Err(_) => rcgen::string::Ia5String::try_from(name.as_str())
+                .map(rcgen::SanType::DnsName)
+                .map_err(|_| CaError::InvalidProfile(format!("server name {name:?} is not a DNS name or IP address"))),
+        })
+        .collect::<Result<_, _>>()?;
+    params.use_authority_key_identifier_extension = true;
+    params.key_identifier_method = keys::key_identifier(&g.public);
+    let cert = params
+        .signed_by(&g.public, &ca.inner.issuer)
+        .map_err(|e| CaError::Signing(e.to_string()))?;
+    let der = cert.der().to_vec();
+    Ok(IssuedCertificate {
+        serial_hex: hex::encode(serial),
+        pem: cert.pem(),
+        fingerprint_sha256_hex: sha256_hex(&der),
+        public_key_sha256_hex: sha256_hex(&g.public.subject_public_key_info()),
+        der,
+        not_before,
+        not_after,
+        key_algorithm: KeyAlgorithm::P256,
+        private_key: Some(g.private),
+    })
+}

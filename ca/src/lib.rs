@@ -310,6 +310,17 @@ impl IssuingCa {
     pub fn fingerprint_sha256_hex(&self) -> &str {
         &self.inner.fingerprint_sha256_hex
     }
+    /// Issues a TLS server certificate for `names` (DNS names or IP addresses; the first
+    /// is also the CN) with a generated P-256 key and EKU serverAuth.
+    pub fn issue_server_certificate(
+        &self,
+        names: &[String],
+        validity_days: u32,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, CaError> {
+        issue::issue_server(self, names, validity_days, now)
+    }
+
     /// Issues a device certificate: CN = thing name, EKU clientAuth, KU digitalSignature
     /// (+ keyEncipherment for RSA), CA:FALSE, SKI, AKI, CRL DP from the profile,
     /// random 128-bit serial, validity from the profile with backdated notBefore.
@@ -341,6 +352,29 @@ pub struct CertificateSummary {
     pub key_algorithm: String,
     pub is_ca: bool,
     pub path_len: Option<u32>,
+}
+
+/// The identity fields of a device certificate, as JITP templates read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub common_name: Option<String>,
+    /// The subject's serialNumber attribute (not the certificate serial).
+    pub serial_number: Option<String>,
+    pub country: Option<String>,
+    pub organization: Option<String>,
+    pub organizational_unit: Option<String>,
+    pub distinguished_name_qualifier: Option<String>,
+    pub state_name: Option<String>,
+    /// Lowercase hex of the certificate serial.
+    pub certificate_serial_hex: String,
+    /// SHA-256 of the DER, lowercase hex (AWS IoT's certificate id).
+    pub fingerprint_sha256_hex: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// Reads the identity fields of a DER certificate (already verified by the caller).
+pub fn device_identity(der: &[u8]) -> Result<DeviceIdentity, CaError> {
+    x509::identity(der)
 }
 
 /// Parses one certificate (PEM or DER) and summarises it.

@@ -310,6 +310,36 @@ pub(crate) fn describe(input: &[u8]) -> Result<crate::CertificateSummary, CaErro
     })
 }
 
+/// The subject attributes JITP templates read (`AWS::IoT::Certificate::*`).
+pub(crate) fn identity(der: &[u8]) -> Result<crate::DeviceIdentity, CaError> {
+    use x509_parser::oid_registry as oids;
+    let cert = parse_cert(der)?;
+    let subject = cert.subject();
+    let first = |oid: &x509_parser::der_parser::oid::Oid<'_>| {
+        subject
+            .iter_attributes()
+            .find(|a| a.attr_type() == oid)
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_owned)
+    };
+    let serial = match strip_zeros(cert.raw_serial()) {
+        [] => "00".to_owned(),
+        s => hex::encode(s),
+    };
+    Ok(crate::DeviceIdentity {
+        common_name: first(&oids::OID_X509_COMMON_NAME),
+        serial_number: first(&oids::OID_X509_SERIALNUMBER),
+        country: first(&oids::OID_X509_COUNTRY_NAME),
+        organization: first(&oids::OID_X509_ORGANIZATION_NAME),
+        organizational_unit: first(&oids::OID_X509_ORGANIZATIONAL_UNIT),
+        distinguished_name_qualifier: first(&oids::OID_X509_DN_QUALIFIER),
+        state_name: first(&oids::OID_X509_STATE_OR_PROVINCE_NAME),
+        certificate_serial_hex: serial,
+        fingerprint_sha256_hex: sha256_hex(der),
+        not_after: cert.validity().not_after.to_datetime(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
