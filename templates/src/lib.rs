@@ -1,10 +1,39 @@
-//! fleetcert's provisioning templates.
+//! fleetcert's provisioning templates: the AWS IoT provisioning-template grammar (YAML or
+//! JSON), rendering from certificate fields, policy documents and the least-privilege lint.
 //!
-//! For now: the name rule for templates and the built-in default template (a thing per
-//! device with a least-privilege policy scoped by `${iot:Connection.Thing.ThingName}`).
-//! The full AWS IoT template grammar, rendering and the least-privilege lint come with
-//! the JITP server.
+//! - [`Template::parse`] reads a template into a typed model (`Parameters`, `Mappings`,
+//!   `Resources` of type `AWS::IoT::Thing` / `AWS::IoT::Certificate` / `AWS::IoT::Policy`,
+//!   `OverrideSettings`, `DeviceConfiguration`, and the intrinsics `Ref`, `Fn::Join`,
+//!   `Fn::Sub`, `Fn::FindInMap`, `Fn::Split`, `Fn::Select`, also as YAML short forms).
+//! - [`load`] parses and runs the least-privilege lint; [`check_syntax`] is `load` without
+//!   the result.
+//! - [`render`] evaluates a template for one device ([`certificate_parameters`] builds the
+//!   JITP parameters), keeping policy variables such as `${iot:Connection.Thing.ThingName}`.
+//! - [`effective_policy`] substitutes the thing name and client ID for one thing.
+//! - [`lint_policy`] / [`lint_template`]: Device Defender's `IOT_POLICY_OVERLY_PERMISSIVE_CHECK`.
+//!
+//! Pure: no file, network or environment access.
 #![forbid(unsafe_code)]
+
+mod expr;
+mod model;
+mod policy;
+mod render;
+
+pub use expr::{Expr, SubPart};
+pub use model::{
+    CertificateResource, CertificateStatus, Mappings, OverrideAction, Parameter, ParameterType,
+    PolicyResource, Resource, ResourceKind, Template, ThingResource,
+};
+pub use policy::{
+    CLIENT_ID_VARIABLE, Finding, IS_ATTACHED_KEY, LintRule, OVERLY_PERMISSIVE_CHECK,
+    REASON_BROAD_DATA_PLANE, THING_NAME_VARIABLE, effective_policy, lint_policy,
+    validate_policy_document,
+};
+pub use render::{
+    CertificateFields, RenderedCertificate, RenderedPolicy, RenderedProvisioning, RenderedThing,
+    TemplateFinding, certificate_parameters, lint_template, params, render, validate_thing_name,
+};
 
 /// Name of the built-in template used when none is given.
 pub const DEFAULT_TEMPLATE_NAME: &str = "default";
@@ -22,6 +51,49 @@ pub enum TemplateError {
     Syntax { name: String, reason: String },
     #[error("template {name:?} has no Resources section")]
     NoResources { name: String },
+    /// The template breaks the grammar: `location` is like `resource "thing", property
+    /// ThingName`.
+    #[error("template {name:?}: {location}: {reason}")]
+    Invalid {
+        name: String,
+        location: String,
+        reason: String,
+    },
+    /// A parameter the template uses has no value and no `Default`.
+    #[error(
+        "template {name:?}: {location}: parameter {parameter:?} has no value and no Default: {why}"
+    )]
+    MissingParameter {
+        name: String,
+        location: String,
+        parameter: String,
+        why: String,
+    },
+    /// Evaluation failed with these parameter values (index out of range, no such mapping
+    /// key, a list where a string belongs…).
+    #[error("template {name:?}: {location}: {reason}")]
+    Render {
+        name: String,
+        location: String,
+        reason: String,
+    },
+    /// The rendered thing name is not `[a-zA-Z0-9:_-]{1,128}`.
+    #[error("template {name:?}: thing name {thing_name:?} is not allowed: {reason}")]
+    InvalidThingName {
+        name: String,
+        thing_name: String,
+        reason: String,
+    },
+    /// A policy fails the least-privilege lint.
+    #[error(
+        "template {name:?} is refused: its policy is overly permissive ({check}): {list}",
+        check = OVERLY_PERMISSIVE_CHECK,
+        list = findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    OverlyPermissive {
+        name: String,
+        findings: Vec<TemplateFinding>,
+    },
 }
 
 /// Template names are file stems in `<data-dir>/templates/`: keep them to a safe
@@ -46,20 +118,24 @@ pub fn validate_name(name: &str) -> Result<(), TemplateError> {
     Ok(())
 }
 
-/// Checks that a template's text parses as YAML (JSON is YAML) and has `Resources`.
-/// The full grammar check arrives with template rendering.
-pub fn check_syntax(name: &str, text: &str) -> Result<(), TemplateError> {
-    let value: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(text).map_err(|e| TemplateError::Syntax {
+/// Parses a template and runs the least-privilege lint over its policies: a template whose
+/// policy is overly permissive is refused with the statements and the reasons.
+pub fn load(name: &str, text: &str) -> Result<Template, TemplateError> {
+    let template = Template::parse(name, text)?;
+    let findings = lint_template(&template);
+    if !findings.is_empty() {
+        return Err(TemplateError::OverlyPermissive {
             name: name.to_owned(),
-            reason: e.to_string(),
-        })?;
-    if value.get("Resources").is_none() {
-        return Err(TemplateError::NoResources {
-            name: name.to_owned(),
+            findings,
         });
     }
-    Ok(())
+    Ok(template)
+}
+
+/// Checks a template's text: it parses (YAML or JSON), follows the grammar, and its
+/// policies pass the least-privilege lint. The same as [`load`], without the result.
+pub fn check_syntax(name: &str, text: &str) -> Result<(), TemplateError> {
+    load(name, text).map(|_| ())
 }
 
 #[cfg(test)]
