@@ -223,7 +223,11 @@ pub(crate) fn issue_server(
             Ok(ip) => Ok(rcgen::SanType::IpAddress(ip)),
             Err(_) => rcgen::string::Ia5String::try_from(name.as_str())
                 .map(rcgen::SanType::DnsName)
-                .map_err(|_| CaError::InvalidProfile(format!("server name {name:?} is not a DNS name or IP address"))),
+                .map_err(|_| {
+                    CaError::InvalidProfile(format!(
+                        "server name {name:?} is not a DNS name or IP address"
+                    ))
+                }),
         })
         .collect::<Result<_, _>>()?;
     params.use_authority_key_identifier_extension = true;

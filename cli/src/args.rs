@@ -50,6 +50,11 @@ pub enum Command {
     Ca(CaCommand),
     /// Issue device certificates: one thing, or a batch from a CSV file.
     Provision(ProvisionArgs),
+    /// Run the JITP server: mutual-TLS device listener and plain-HTTP admin listener.
+    Serve(ServeArgs),
+    /// Provisioning templates: lint files, list the data directory's templates.
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
     /// Things in the registry.
     #[command(subcommand)]
     Things(ThingsCommand),
@@ -125,6 +130,42 @@ pub struct ProvisionArgs {
     /// anything is issued).
     #[arg(long)]
     pub fail_fast: bool,
+    /// Accept a --template whose policy fails the least-privilege lint.
+    #[arg(long)]
+    pub allow_overly_permissive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Device listener (mutual TLS): POST /v1/connect.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: std::net::SocketAddr,
+    /// Admin listener (plain HTTP): GET /healthz, GET /metrics. Keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin_listen: std::net::SocketAddr,
+    /// Template for first connects of things provisioned without one.
+    #[arg(long, default_value = "default")]
+    pub template: String,
+    /// Host name devices use to reach the server; the server certificate (issued by the
+    /// fleet CA on first start) names it, plus localhost and 127.0.0.1. Repeatable.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// Load templates whose policies fail the least-privilege lint.
+    #[arg(long)]
+    pub allow_overly_permissive: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplatesCommand {
+    /// Parse templates and run the least-privilege lint (Device Defender
+    /// IOT_POLICY_OVERLY_PERMISSIVE_CHECK). Exit 1 on any finding, 2 on an invalid template.
+    Lint {
+        /// Template files (YAML or JSON), named by their file stem.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Templates in <data-dir>/templates/ (plus the built-in `default`), with their status.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

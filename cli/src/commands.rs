@@ -52,7 +52,7 @@ fn bad_input(message: impl Into<String>) -> CliError {
     }
 }
 
-fn failed(message: impl Into<String>) -> CliError {
+pub fn failed(message: impl Into<String>) -> CliError {
     CliError {
         code: 1,
         message: message.into(),
@@ -68,9 +68,17 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    pub fn data(&self) -> &DataDir {
+        &self.data
+    }
+
+    pub fn out(&self) -> Out {
+        self.out
+    }
+
     /// Opens the registry. With the default SQLite file the data directory must exist
     /// (unless `create`), so a typo in --data-dir is an error rather than a new registry.
-    async fn registry(&self, create: bool) -> Result<Arc<dyn Registry>, CliError> {
+    pub async fn registry(&self, create: bool) -> Result<Arc<dyn Registry>, CliError> {
         let url = match &self.database_url {
             Some(url) => url.clone(),
             None => {
@@ -87,7 +95,7 @@ impl Ctx {
 }
 
 /// The CA passphrase from the environment; an empty value counts as unset.
-fn passphrase() -> Option<String> {
+pub fn passphrase() -> Option<String> {
     std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty())
 }
 
@@ -102,6 +110,11 @@ pub async fn run(cli: Cli) -> CmdResult {
         Command::Ca(CaCommand::Show) => ca_show(&ctx),
         Command::Ca(CaCommand::Export { chain }) => ca_export(&ctx, chain),
         Command::Provision(args) => provision_cmd(&ctx, args).await,
+        Command::Templates(TemplatesCommand::Lint { files }) => {
+            crate::templates_cmd::lint(&ctx, &files)
+        }
+        Command::Templates(TemplatesCommand::List) => crate::templates_cmd::list(&ctx),
+        Command::Serve(args) => crate::serve::run(&ctx, args).await,
         Command::Things(ThingsCommand::List { limit }) => things_list(&ctx, limit).await,
         Command::Things(ThingsCommand::Show { name }) => things_show(&ctx, &name).await,
         Command::Certs(CertsCommand::List {
@@ -319,7 +332,8 @@ fn settings_for(ctx: &Ctx, args: &ProvisionArgs) -> Result<ProvisionSettings, Cl
 async fn provision_cmd(ctx: &Ctx, args: ProvisionArgs) -> CmdResult {
     // 1. Input first: nothing below runs for a bad name, CSR, CSV or template.
     if let Some(template) = &args.template {
-        ctx.data.load_template(template)?;
+        ctx.data
+            .load_template(template, args.allow_overly_permissive)?;
     }
     let batch_mode = args.batch.is_some();
     let requests = match (&args.batch, &args.thing_name) {

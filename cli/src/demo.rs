@@ -121,11 +121,24 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
 
     // 4. Re-run the same pallet: nothing new is issued.
     let requests = provision::prepare(provision::read_batch_csv(&batch)?);
+    let ca_for_server = ca.clone();
     let second =
         provision::provision(ca, registry.clone(), requests, &settings, &mut |_| {}).await?;
+    // 5. Each device connects to the JITP server over real mutual TLS on loopback: the
+    //    first connect registers it, the second is a returning device.
+    let jitp_figures = jitp_round_trips(
+        &data,
+        &ca_for_server,
+        registry.clone(),
+        &out_dir,
+        args.devices,
+    )
+    .await?;
     let counts = registry.counts().await?;
 
     let ok = failures.is_empty()
+        && jitp_figures.first.ok == args.devices as u64
+        && jitp_figures.returning.ok == args.devices as u64
         && rejected.is_empty()
         && first.issued == args.devices as u64
         && verified == args.devices as u64
@@ -141,6 +154,7 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             "private_keys_mode_0600": keys_private,
             "rejected": rejected,
             "rerun": second,
+            "jitp": jitp_figures,
             "registry": counts,
         }));
     } else {
@@ -161,6 +175,15 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             "  re-run        {} issued, {} skipped (already provisioned)",
             second.issued, second.skipped
         ));
+        for (label, f) in [
+            ("first connect", &jitp_figures.first),
+            ("returning", &jitp_figures.returning),
+        ] {
+            out.line(format!(
+                "  {label:<13} {}/{} devices answered {} over mutual TLS in {:.2}s: {:.0} connections/s (32 at a time, a new TLS connection each)",
+                f.ok, args.devices, f.expected_status, f.seconds, f.per_second
+            ));
+        }
         out.line(format!(
             "  registry      {} things, certificates {:?}, {} events",
             counts.things, counts.certificates_by_status, counts.events
@@ -188,4 +211,103 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct RoundFigures {
+    expected_status: u16,
+    ok: u64,
+    seconds: f64,
+    per_second: f64,
+    errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct JitpFigures {
+    first: RoundFigures,
+    returning: RoundFigures,
+}
+
+async fn jitp_round_trips(
+    data: &DataDir,
+    ca: &fleetcert_ca::IssuingCa,
+    registry: Arc<dyn fleetcert_registry::Registry>,
+    out_dir: &std::path::Path,
+    devices: u32,
+) -> Result<JitpFigures, CliError> {
+    use fleetcert_jitp::{DeviceClient, Limits, Server, server_tls_config};
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let credentials = data.server_credentials(ca, &names)?;
+    let jitp =
+        Arc::new(fleetcert_lifecycle::jitp::Jitp::new(data, registry, "default", false).await?);
+    let tls = server_tls_config(
+        &credentials.chain_pem,
+        &credentials.key_pem,
+        ca.issuing_cert_pem(),
+        jitp.revocation(),
+    )
+    .map_err(failed)?;
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let server = Server::bind(loopback, loopback, tls, jitp, Limits::default())
+        .await
+        .map_err(failed)?;
+    let (addr, _) = server.local_addrs().map_err(failed)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    let root = data.root_cert_pem()?;
+    let mut clients = Vec::with_capacity(devices as usize);
+    for i in 1..=devices {
+        let name = format!("demo-device-{i:06}");
+        let read = |ext: &str| {
+            let path = out_dir.join(format!("{name}.{ext}"));
+            std::fs::read_to_string(&path).map_err(|e| failed(format!("{}: {e}", path.display())))
+        };
+        clients.push(Arc::new(
+            DeviceClient::new(&root, &read("crt")?, &read("key")?, "localhost").map_err(failed)?,
+        ));
+    }
+    let first = round(&clients, addr, 201).await;
+    let returning = round(&clients, addr, 200).await;
+    let _ = stop_tx.send(());
+    let _ = serving.await;
+    Ok(JitpFigures { first, returning })
+}
+
+async fn round(
+    clients: &[Arc<fleetcert_jitp::DeviceClient>],
+    addr: std::net::SocketAddr,
+    expected: u16,
+) -> RoundFigures {
+    let started = Instant::now();
+    let limit = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        let client = client.clone();
+        let limit = limit.clone();
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            client.connect(addr).await
+        });
+    }
+    let (mut ok, mut errors) = (0u64, Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(Ok((status, _))) if status == expected => ok += 1,
+            Ok(Ok((status, body))) => errors.push(format!("HTTP {status}: {body}")),
+            Ok(Err(e)) => errors.push(e.to_string()),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    errors.truncate(5);
+    let seconds = started.elapsed().as_secs_f64();
+    RoundFigures {
+        expected_status: expected,
+        ok,
+        seconds,
+        per_second: clients.len() as f64 / seconds.max(1e-9),
+        errors,
+    }
 }

@@ -6,6 +6,8 @@ mod args;
 mod commands;
 mod demo;
 mod output;
+mod serve;
+mod templates_cmd;
 
 use args::Cli;
 use clap::Parser;

@@ -9,10 +9,12 @@
 mod datadir;
 mod error;
 mod fsio;
+pub mod jitp;
 pub mod provision;
+mod templates;
 mod verify;
 
-pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV};
+pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV, ServerCredentials};
 pub use error::{ErrorClass, LifecycleError};
 pub use verify::{ChainVerifier, VerifiedDevice};
 

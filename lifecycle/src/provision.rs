@@ -316,7 +316,7 @@ struct IssuePlan {
 
 enum Plan {
     Skip(DeviceReport),
-    Redeliver(PreparedDevice, CertificateRecord),
+    Redeliver(PreparedDevice, Box<CertificateRecord>),
     Issue(IssuePlan),
 }
 
@@ -356,7 +356,7 @@ fn plan(device: PreparedDevice, active: Option<&Vec<CertificateRecord>>, reissue
         let key = csr.public_key_sha256_hex();
         if let Some(same_key) = active.iter().find(|c| c.public_key_sha256 == key) {
             let record = same_key.clone();
-            return Plan::Redeliver(device, record);
+            return Plan::Redeliver(device, Box::new(record));
         }
     }
     Plan::Issue(IssuePlan {

@@ -2,7 +2,8 @@
 //! planning of a group commit, row decoding and error mapping.
 
 use crate::{
-    CertStatus, CertificateRecord, EventRecord, IssueOutcome, IssueRecord, RegistryError,
+    CertStatus, CertificateRecord, ConnectionRecord, EventRecord, IssueOutcome, IssueRecord,
+    MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord, Registration, RegistryError, ThingDetails,
     ThingRecord,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -15,6 +16,10 @@ pub(crate) const EVENT_CERT_ISSUED: &str = "certificate.issued";
 pub(crate) const EVENT_CERT_SUPERSEDED: &str = "certificate.superseded";
 pub(crate) const EVENT_CERT_REVOKED: &str = "certificate.revoked";
 pub(crate) const EVENT_CERT_DELIVERED: &str = "certificate.delivered";
+pub(crate) const EVENT_CERT_REGISTERED: &str = "certificate.registered";
+pub(crate) const EVENT_THING_UPDATED: &str = "thing.updated";
+pub(crate) const EVENT_POLICY_CREATED: &str = "policy.created";
+pub(crate) const EVENT_POLICY_ATTACHED: &str = "policy.attached";
 
 /// How many names one `active_certificates` query carries.
 pub(crate) const NAME_CHUNK: usize = 10_000;
@@ -28,18 +33,32 @@ pub(crate) struct EmbeddedMigration {
 
 /// `migrations/sqlite/NNNN_description.sql`, in order. A unit test checks that this list
 /// matches the directory, so a new file cannot be forgotten.
-pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[EmbeddedMigration {
-    version: 1,
-    description: "initial",
-    sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
-}];
+pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
+    EmbeddedMigration {
+        version: 1,
+        description: "initial",
+        sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
+    },
+    EmbeddedMigration {
+        version: 2,
+        description: "registration",
+        sql: include_str!("../../migrations/sqlite/0002_registration.sql"),
+    },
+];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
-pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[EmbeddedMigration {
-    version: 1,
-    description: "initial",
-    sql: include_str!("../../migrations/postgres/0001_initial.sql"),
-}];
+pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
+    EmbeddedMigration {
+        version: 1,
+        description: "initial",
+        sql: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    EmbeddedMigration {
+        version: 2,
+        description: "registration",
+        sql: include_str!("../../migrations/postgres/0002_registration.sql"),
+    },
+];
 
 /// A migrator over `set`. `no_tx`: the caller wraps the whole run in its own
 /// transaction (SQLite, so that it can be `BEGIN IMMEDIATE`).
@@ -296,15 +315,24 @@ pub(crate) fn limit_value(limit: Option<u32>) -> Option<i64> {
     limit.map(i64::from)
 }
 
-/// The certificate columns, in the order [`cert_from_row`] reads them (`der` last).
+/// The certificate columns, in the order [`cert_from_row`] reads them (`der` last);
+/// `cert_columns!(c)`: the same, qualified with the table alias `c`.
 macro_rules! cert_columns {
     () => {
         "serial, fingerprint_sha256, public_key_sha256, thing_name, issuer, status, origin, \
          key_algorithm, not_before, not_after, created_at, delivered_at, revoked_at, \
-         revocation_reason, der"
+         revocation_reason, registered_at, der"
+    };
+    (c) => {
+        "c.serial, c.fingerprint_sha256, c.public_key_sha256, c.thing_name, c.issuer, \
+         c.status, c.origin, c.key_algorithm, c.not_before, c.not_after, c.created_at, \
+         c.delivered_at, c.revoked_at, c.revocation_reason, c.registered_at, c.der"
     };
 }
 pub(crate) use cert_columns;
+
+/// How many columns [`cert_from_row`] reads.
+pub(crate) const CERT_COLUMN_COUNT: usize = 16;
 
 pub(crate) fn cert_from_row<'r, R>(row: &'r R) -> Result<CertificateRecord, sqlx::Error>
 where
@@ -331,11 +359,13 @@ where
         delivered_at: row.try_get(11)?,
         revoked_at: row.try_get(12)?,
         revocation_reason: row.try_get(13)?,
-        der: row.try_get(14)?,
+        registered_at: row.try_get(14)?,
+        der: row.try_get(15)?,
     })
 }
 
-/// Columns: name, template, created_at, updated_at.
+/// Columns: name, template, created_at, updated_at, thing_type, attributes (JSON text),
+/// groups (JSON text), billing_group, version.
 pub(crate) fn thing_from_row<'r, R>(row: &'r R) -> Result<ThingRecord, sqlx::Error>
 where
     R: Row,
@@ -343,12 +373,74 @@ where
     String: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
 {
+    thing_from_row_at(row, 0)
+}
+
+/// [`thing_from_row`] with the thing's columns starting at column `at`.
+pub(crate) fn thing_from_row_at<'r, R>(row: &'r R, at: usize) -> Result<ThingRecord, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let attributes: String = row.try_get(at + 5)?;
+    let groups: String = row.try_get(at + 6)?;
     Ok(ThingRecord {
+        name: row.try_get(at)?,
+        template: row.try_get(at + 1)?,
+        created_at: row.try_get(at + 2)?,
+        updated_at: row.try_get(at + 3)?,
+        details: ThingDetails {
+            thing_type: row.try_get(at + 4)?,
+            attributes: parse_json(&attributes)?,
+            groups: parse_json(&groups)?,
+            billing_group: row.try_get(at + 7)?,
+        },
+        version: row.try_get(at + 8)?,
+    })
+}
+
+/// Columns: name, document (as text), created_at, updated_at.
+pub(crate) fn policy_from_row<'r, R>(row: &'r R) -> Result<PolicyRecord, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let document: String = row.try_get(1)?;
+    Ok(PolicyRecord {
         name: row.try_get(0)?,
-        template: row.try_get(1)?,
+        document: parse_json(&document)?,
         created_at: row.try_get(2)?,
         updated_at: row.try_get(3)?,
     })
+}
+
+/// Columns: fingerprint_sha256, thing_name, client_addr, at.
+pub(crate) fn connection_from_row<'r, R>(row: &'r R) -> Result<ConnectionRecord, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(ConnectionRecord {
+        fingerprint_sha256: row.try_get(0)?,
+        thing_name: row.try_get(1)?,
+        client_addr: row.try_get(2)?,
+        at: row.try_get(3)?,
+    })
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// `value` as JSON text.
+pub(crate) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serialises to JSON")
 }
 
 /// Columns: id, at, kind, thing_name, serial, detail (as text).
@@ -366,7 +458,7 @@ where
         kind: row.try_get(2)?,
         thing_name: row.try_get(3)?,
         serial: row.try_get(4)?,
-        detail: serde_json::from_str(&detail).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        detail: parse_json(&detail)?,
     })
 }
 
@@ -392,6 +484,233 @@ pub(crate) fn dedup_in_order(items: &[String]) -> Vec<&str> {
         .map(String::as_str)
         .filter(|s| seen.insert(*s))
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Registration
+
+/// A certificate as `register` sees it, read under its lock.
+#[derive(Debug, Clone)]
+pub(crate) struct CertState {
+    pub thing_name: String,
+    pub status: String,
+    pub registered_at: Option<i64>,
+}
+
+/// What the certificate says about a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CertCheck {
+    Proceed,
+    AlreadyRegistered,
+    Refused(String),
+}
+
+/// The certificate checks of a registration, in order: exists, is active, belongs to
+/// the thing, is not registered yet.
+pub(crate) fn check_certificate(reg: &Registration, cert: Option<&CertState>) -> CertCheck {
+    let Some(cert) = cert else {
+        return CertCheck::Refused(format!("certificate {} is not in the registry", reg.serial));
+    };
+    if cert.status != CertStatus::Active.as_str() {
+        return CertCheck::Refused(format!(
+            "certificate {} is {}, not active",
+            reg.serial, cert.status
+        ));
+    }
+    if cert.thing_name != reg.thing_name {
+        return CertCheck::Refused(format!(
+            "certificate {} belongs to thing {:?}, not {:?}",
+            reg.serial, cert.thing_name, reg.thing_name
+        ));
+    }
+    if cert.registered_at.is_some() {
+        return CertCheck::AlreadyRegistered;
+    }
+    CertCheck::Proceed
+}
+
+/// One distinct policy of a registration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestedPolicy<'a> {
+    pub name: &'a str,
+    pub document: Option<&'a serde_json::Value>,
+}
+
+/// The distinct policies of a registration, in request order. A name given twice is
+/// one policy (with the document of whichever occurrence has one); given twice with
+/// different documents, the registration is refused (the reason is returned).
+pub(crate) fn requested_policies(reg: &Registration) -> Result<Vec<RequestedPolicy<'_>>, String> {
+    let mut out: Vec<RequestedPolicy<'_>> = Vec::with_capacity(reg.policies.len());
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(reg.policies.len());
+    for p in &reg.policies {
+        if p.name.is_empty() {
+            return Err("a policy of the template has an empty name".to_owned());
+        }
+        match index.get(p.name.as_str()) {
+            None => {
+                index.insert(&p.name, out.len());
+                out.push(RequestedPolicy {
+                    name: &p.name,
+                    document: p.document.as_ref(),
+                });
+            }
+            Some(&i) => match (out[i].document, p.document.as_ref()) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(format!(
+                        "policy {:?} is given twice with different documents",
+                        p.name
+                    ));
+                }
+                (None, Some(b)) => out[i].document = Some(b),
+                _ => {}
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// A requested policy found in the database.
+#[derive(Debug, Clone)]
+pub(crate) struct FoundPolicy {
+    /// The stored document (stored as serde_json's text, read back by serde_json).
+    pub stored: serde_json::Value,
+    /// The requested document as it would read back once stored (so that equal
+    /// documents compare equal even where reading a float back is not exact); `None` if
+    /// attached by name.
+    pub candidate: Option<serde_json::Value>,
+}
+
+impl FoundPolicy {
+    pub(crate) fn new(
+        stored: serde_json::Value,
+        requested: &[RequestedPolicy<'_>],
+        name: &str,
+    ) -> Self {
+        let candidate = requested
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.document)
+            .map(|d| serde_json::from_str(&to_json(d)).unwrap_or_else(|_| d.clone()));
+        FoundPolicy { stored, candidate }
+    }
+}
+
+/// Everything a registration writes besides the policies it created.
+#[derive(Debug)]
+pub(crate) struct RegistrationPlan {
+    /// The thing's new details (normalised) and version, if it changes.
+    pub thing: Option<(ThingDetails, i64)>,
+    /// Policy names to attach, in request order.
+    pub attach: Vec<String>,
+    /// Events, in the order they happened.
+    pub events: Vec<NewEvent>,
+}
+
+/// Works out a registration that passed [`check_certificate`] and the version check.
+/// `created`: requested policies this transaction has just inserted; `found`: the
+/// requested policies in the database (including those just created). `Err`: the
+/// reason the registration is refused.
+pub(crate) fn plan_registration(
+    reg: &Registration,
+    thing: &ThingRecord,
+    requested: &[RequestedPolicy<'_>],
+    created: &HashSet<String>,
+    found: &HashMap<String, FoundPolicy>,
+) -> Result<RegistrationPlan, String> {
+    let mut events = Vec::with_capacity(requested.len() * 2 + 2);
+    let event = |kind: &'static str, serial: bool, detail: serde_json::Value| NewEvent {
+        at: reg.at,
+        kind,
+        thing_name: Some(reg.thing_name.clone()),
+        serial: serial.then(|| reg.serial.clone()),
+        detail: detail.to_string(),
+    };
+
+    let details = reg.details.clone().normalised();
+    let thing_update = (details != thing.details
+        || thing.template.as_deref() != Some(reg.template.as_str()))
+    .then(|| {
+        let version = thing.version + 1;
+        events.push(event(
+            EVENT_THING_UPDATED,
+            false,
+            serde_json::json!({
+                "template": reg.template,
+                "details": details,
+                "version": version,
+            }),
+        ));
+        (details, version)
+    });
+
+    for p in requested {
+        if created.contains(p.name) {
+            events.push(event(
+                EVENT_POLICY_CREATED,
+                true,
+                serde_json::json!({ "policy": p.name, "document": p.document }),
+            ));
+            continue;
+        }
+        match found.get(p.name) {
+            None => {
+                return Err(format!(
+                    "policy {:?} does not exist (the template attaches it by name)",
+                    p.name
+                ));
+            }
+            Some(f) => {
+                if p.document.is_some() && f.candidate.as_ref() != Some(&f.stored) {
+                    return Err(format!(
+                        "policy {:?} already exists and its stored document differs from \
+                         the template's; policies are never changed: rename the policy in \
+                         the template to change it",
+                        p.name
+                    ));
+                }
+            }
+        }
+    }
+    let attach: Vec<String> = requested.iter().map(|p| p.name.to_owned()).collect();
+    for name in &attach {
+        events.push(event(
+            EVENT_POLICY_ATTACHED,
+            true,
+            serde_json::json!({ "policy": name }),
+        ));
+    }
+    events.push(event(
+        EVENT_CERT_REGISTERED,
+        true,
+        serde_json::json!({ "template": reg.template, "policies": attach }),
+    ));
+    Ok(RegistrationPlan {
+        thing: thing_update,
+        attach,
+        events,
+    })
+}
+
+/// The connection records worth inserting: per fingerprint only the newest
+/// [`MAX_CONNECTIONS_PER_CERTIFICATE`] of the slice (later records are newer; older ones
+/// would be pruned at once), in slice order; and the distinct fingerprints, sorted.
+pub(crate) fn connections_to_keep(
+    records: &[ConnectionRecord],
+) -> (Vec<&ConnectionRecord>, Vec<&str>) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut keep: Vec<&ConnectionRecord> = records
+        .iter()
+        .rev()
+        .filter(|r| {
+            let n = seen.entry(r.fingerprint_sha256.as_str()).or_default();
+            *n += 1;
+            *n <= MAX_CONNECTIONS_PER_CERTIFICATE
+        })
+        .collect();
+    keep.reverse();
+    let mut fingerprints: Vec<&str> = seen.into_keys().collect();
+    fingerprints.sort_unstable();
+    (keep, fingerprints)
 }
 
 #[cfg(test)]
@@ -429,5 +748,114 @@ mod tests {
     fn embedded_migrations_match_the_directories() {
         check_dir("migrations/sqlite", SQLITE_MIGRATIONS);
         check_dir("migrations/postgres", POSTGRES_MIGRATIONS);
+    }
+
+    fn registration(policies: &[(&str, Option<serde_json::Value>)]) -> Registration {
+        Registration {
+            serial: "01".to_owned(),
+            thing_name: "t".to_owned(),
+            template: "tpl".to_owned(),
+            details: ThingDetails::default(),
+            expected_thing_version: 1,
+            policies: policies
+                .iter()
+                .map(|(name, document)| crate::PolicyWrite {
+                    name: (*name).to_owned(),
+                    document: document.clone(),
+                })
+                .collect(),
+            at: 5,
+        }
+    }
+
+    #[test]
+    fn requested_policies_are_distinct_in_request_order() {
+        let doc = serde_json::json!({ "a": 1 });
+        let reg = registration(&[
+            ("b", None),
+            ("a", Some(doc.clone())),
+            ("b", Some(doc.clone())),
+            ("a", None),
+        ]);
+        let got: Vec<(&str, Option<&serde_json::Value>)> = requested_policies(&reg)
+            .unwrap()
+            .iter()
+            .map(|p| (p.name, p.document))
+            .collect();
+        assert_eq!(got, [("b", Some(&doc)), ("a", Some(&doc))]);
+
+        let clash = registration(&[
+            ("p", Some(serde_json::json!(1))),
+            ("p", Some(serde_json::json!(2))),
+        ]);
+        assert!(requested_policies(&clash).unwrap_err().contains("\"p\""));
+        assert!(requested_policies(&registration(&[("", None)])).is_err());
+    }
+
+    #[test]
+    fn certificate_checks_come_in_order() {
+        let reg = registration(&[]);
+        let cert = |thing: &str, status: &str, registered_at| CertState {
+            thing_name: thing.to_owned(),
+            status: status.to_owned(),
+            registered_at,
+        };
+        assert!(matches!(
+            check_certificate(&reg, None),
+            CertCheck::Refused(_)
+        ));
+        assert!(matches!(
+            check_certificate(&reg, Some(&cert("t", "revoked", Some(1)))),
+            CertCheck::Refused(r) if r.contains("revoked")
+        ));
+        assert!(matches!(
+            check_certificate(&reg, Some(&cert("u", "active", Some(1)))),
+            CertCheck::Refused(r) if r.contains("\"u\"")
+        ));
+        assert_eq!(
+            check_certificate(&reg, Some(&cert("t", "active", Some(1)))),
+            CertCheck::AlreadyRegistered
+        );
+        assert_eq!(
+            check_certificate(&reg, Some(&cert("t", "active", None))),
+            CertCheck::Proceed
+        );
+    }
+
+    #[test]
+    fn only_the_newest_connections_of_a_slice_are_kept() {
+        let records: Vec<ConnectionRecord> = (0..40)
+            .map(|i| ConnectionRecord {
+                fingerprint_sha256: if i % 4 == 0 { "b" } else { "a" }.to_owned(),
+                thing_name: "t".to_owned(),
+                client_addr: "addr".to_owned(),
+                at: i,
+            })
+            .collect();
+        let (keep, fingerprints) = connections_to_keep(&records);
+        assert_eq!(fingerprints, ["a", "b"]);
+        let a: Vec<i64> = keep
+            .iter()
+            .filter(|c| c.fingerprint_sha256 == "a")
+            .map(|c| c.at)
+            .collect();
+        assert_eq!(a.len(), 30);
+        let all_a: Vec<i64> = (0..40).filter(|i| i % 4 != 0).collect();
+        assert_eq!(a, all_a);
+        assert_eq!(keep.len(), 40);
+        let many: Vec<ConnectionRecord> = records
+            .iter()
+            .cycle()
+            .take(200)
+            .enumerate()
+            .map(|(i, c)| ConnectionRecord {
+                at: i as i64,
+                ..c.clone()
+            })
+            .collect();
+        let (keep, _) = connections_to_keep(&many);
+        assert_eq!(keep.len(), 2 * MAX_CONNECTIONS_PER_CERTIFICATE);
+        assert!(keep.windows(2).all(|w| w[0].at < w[1].at));
+        assert_eq!(keep.last().unwrap().at, 199);
     }
 }

@@ -1,4 +1,5 @@
-//! fleetcert's registry: things, certificates and the append-only event log.
+//! fleetcert's registry: things, certificates, policies, connections and the append-only
+//! event log.
 //!
 //! One storage trait, [`Registry`], with a SQLite implementation (the default: a file in
 //! the data directory, WAL mode) and a PostgreSQL one (selected by a `postgres://` URL).
@@ -17,7 +18,7 @@ pub mod testing;
 pub use error::RegistryError;
 
 use async_trait::async_trait;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -128,12 +129,36 @@ pub enum IssueOutcome {
     Conflict { current_active: Vec<String> },
 }
 
+/// Thing details a provisioning template sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ThingDetails {
+    pub thing_type: Option<String>,
+    pub attributes: BTreeMap<String, String>,
+    /// Sorted, without duplicates (the registry normalises).
+    pub groups: Vec<String>,
+    pub billing_group: Option<String>,
+}
+
+impl ThingDetails {
+    /// The details with `groups` sorted and without duplicates, as the registry stores
+    /// them.
+    pub fn normalised(mut self) -> Self {
+        self.groups.sort();
+        self.groups.dedup();
+        self
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ThingRecord {
     pub name: String,
     pub template: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub details: ThingDetails,
+    /// 1 at creation, +1 on every change of details or template (optimistic
+    /// concurrency for [`Registration::expected_thing_version`]).
+    pub version: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -154,17 +179,99 @@ pub struct CertificateRecord {
     pub delivered_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<String>,
+    /// Set by the first successful [`Registry::register`] of this certificate.
+    pub registered_at: Option<i64>,
     #[serde(skip)]
     pub der: Vec<u8>,
 }
+
+/// A stored policy. Policies are immutable once created: a template that needs a
+/// different document uses a new policy name.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub document: serde_json::Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A policy a registration attaches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyWrite {
+    pub name: String,
+    /// `Some`: create the policy if missing; if it exists with an identical document
+    /// (`serde_json::Value` equality; documents are stored as JSON text exactly as
+    /// serde_json writes them), reuse it; if it exists with a different document, the
+    /// outcome is [`RegistrationOutcome::Refused`] (rename the policy in the template to
+    /// change it).
+    /// `None`: attach an existing policy by name; missing → `Refused` naming it.
+    pub document: Option<serde_json::Value>,
+}
+
+/// A first-connect registration of a certificate (see [`Registry::register`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// The certificate the device presented (must exist, be `active`, and belong to
+    /// `thing_name`, else `Refused` with a reason).
+    pub serial: String,
+    pub thing_name: String,
+    /// Template used (recorded on the thing).
+    pub template: String,
+    /// The thing's new details, computed by the caller from the template, the current
+    /// details and OverrideSettings. `groups` need not be sorted (the registry
+    /// normalises).
+    pub details: ThingDetails,
+    /// The thing `version` the caller read; if it changed meanwhile the outcome is
+    /// [`RegistrationOutcome::ThingChanged`] and nothing is written.
+    pub expected_thing_version: i64,
+    pub policies: Vec<PolicyWrite>,
+    pub at: i64,
+}
+
+/// What [`Registry::register`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrationOutcome {
+    /// This call registered the certificate (HTTP 201). Policy names attached, in
+    /// request order (a name given twice is attached once).
+    Registered { policies: Vec<String> },
+    /// The certificate was registered before (HTTP 200); names of its attached
+    /// policies, sorted.
+    AlreadyRegistered { policies: Vec<String> },
+    /// The thing changed since the caller read it: re-read, recompute, retry.
+    ThingChanged,
+    /// Cannot register; nothing written.
+    Refused { reason: String },
+}
+
+/// What the server needs to answer a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceState {
+    pub certificate: CertificateRecord,
+    pub thing: ThingRecord,
+    /// Names of the policies attached to this certificate, sorted.
+    pub policies: Vec<String>,
+}
+
+/// One device connection, as the JITP server saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectionRecord {
+    pub fingerprint_sha256: String,
+    pub thing_name: String,
+    pub client_addr: String,
+    pub at: i64,
+}
+
+/// Connections kept per certificate (older ones are pruned as new ones arrive).
+pub const MAX_CONNECTIONS_PER_CERTIFICATE: usize = 32;
 
 /// An entry of the append-only event log.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EventRecord {
     pub id: i64,
     pub at: i64,
-    /// e.g. `thing.created`, `certificate.issued`, `certificate.superseded`,
-    /// `certificate.revoked`, `certificate.delivered`.
+    /// e.g. `thing.created`, `thing.updated`, `certificate.issued`,
+    /// `certificate.superseded`, `certificate.revoked`, `certificate.delivered`,
+    /// `certificate.registered`, `policy.created`, `policy.attached`.
     pub kind: String,
     pub thing_name: Option<String>,
     pub serial: Option<String>,
@@ -247,6 +354,58 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Result<Vec<CertificateRecord>, RegistryError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError>;
     async fn counts(&self) -> Result<RegistryCounts, RegistryError>;
+
+    /// Registers a certificate on its first connection, in ONE transaction that is safe
+    /// under concurrency (of ten concurrent calls for one certificate exactly one gets
+    /// `Registered`, the others `AlreadyRegistered`):
+    /// - the certificate must exist, be `active` and belong to `thing_name`
+    ///   (else `Refused`); if it is registered already: `AlreadyRegistered`;
+    /// - the thing's version must be `expected_thing_version` (else `ThingChanged`);
+    /// - if the details or template differ from the stored ones, the thing is updated
+    ///   (version + 1, event `thing.updated`);
+    /// - each policy is created (event `policy.created`), reused, or refused (see
+    ///   [`PolicyWrite`]), and attached to the certificate (event `policy.attached`);
+    /// - the certificate gets `registered_at` (event `certificate.registered`).
+    ///
+    /// `Refused` and `ThingChanged` write nothing.
+    async fn register(
+        &self,
+        registration: &Registration,
+    ) -> Result<RegistrationOutcome, RegistryError>;
+
+    /// The certificate with this fingerprint, its thing and its attached policies; the
+    /// hot path of every returning connection (one indexed query).
+    async fn device_state(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Option<DeviceState>, RegistryError>;
+
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError>;
+
+    /// All policies, by name.
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError>;
+
+    /// Policies attached to any of the thing's active certificates, distinct, by name.
+    async fn policies_of_thing(&self, thing_name: &str)
+    -> Result<Vec<PolicyRecord>, RegistryError>;
+
+    /// Appends connection records in one transaction and prunes each affected
+    /// certificate to its newest [`MAX_CONNECTIONS_PER_CERTIFICATE`] (newest: latest
+    /// appended; within a slice, later records are newer).
+    async fn record_connections(
+        &self,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), RegistryError>;
+
+    /// The kept connections of a certificate, newest first.
+    async fn recent_connections(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Vec<ConnectionRecord>, RegistryError>;
+
+    /// Serials of revoked certificates that have not expired at `now` (`not_after >=
+    /// now`), sorted (for the handshake check).
+    async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError>;
 }
 
 /// Opens (creating if needed) and migrates the registry at `url`:

@@ -6,13 +6,23 @@
 //! (`SELECT … FOR UPDATE`, in name order) before their active certificates are read, so
 //! two runs on the same thing serialise and the second sees the first's certificate.
 //! Rows travel as arrays (`UNNEST`), so a slice costs a fixed handful of statements.
+//!
+//! A registration locks the thing, then the certificate (`FOR NO KEY UPDATE`; the same
+//! order as group commits, so the two cannot dead-lock), so concurrent first connects of
+//! one device serialise and all but the first find the certificate registered. Missing
+//! policies are inserted (`ON CONFLICT DO NOTHING`, in name order) before they are read,
+//! so a concurrent creator of the same policy is waited for and then compared against.
+//! Connection flushes serialise on an advisory lock, so pruning is exact. Registrations
+//! and flushes that lose a deadlock or serialisation race are retried.
 
 use crate::common::{
-    self, EVENT_CERT_DELIVERED, NAME_CHUNK, NewEvent, cert_columns, db_error, migrate_error,
+    self, CertCheck, CertState, EVENT_CERT_DELIVERED, FoundPolicy, NAME_CHUNK, NewEvent,
+    cert_columns, db_error, migrate_error, to_json,
 };
 use crate::{
-    CertificateFilter, CertificateRecord, EventFilter, EventRecord, IssueOutcome, IssueRecord,
-    Registry, RegistryCounts, RegistryError, ThingFilter, ThingRecord,
+    CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
+    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord, Registration,
+    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ThingFilter, ThingRecord,
 };
 use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
@@ -24,8 +34,41 @@ use std::time::Duration;
 /// How long connecting (and waiting for a pooled connection) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Retries of a group commit that lost a deadlock or serialisation race.
+/// Retries of a group commit (or registration, or connection flush) that lost a
+/// deadlock or serialisation race.
 const MAX_ATTEMPTS: usize = 5;
+
+/// The advisory lock that serialises connection flushes, so that pruning to the newest
+/// [`MAX_CONNECTIONS_PER_CERTIFICATE`] is exact ("fleetcon").
+const CONNECTIONS_LOCK: i64 = 0x666c_6565_7463_6f6e;
+
+/// The thing columns, in the order [`common::thing_from_row`] reads them (JSON as text).
+macro_rules! thing_columns {
+    () => {
+        "name, template, created_at, updated_at, thing_type, attributes::text, groups::text, \
+         billing_group, version"
+    };
+}
+
+/// A certificate, its thing and its attached policies (sorted) by fingerprint: the hot
+/// path of every returning connection.
+const SQL_DEVICE_STATE: &str = concat!(
+    "SELECT ",
+    cert_columns!(c),
+    ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes::text, \
+       t.groups::text, t.billing_group, t.version, \
+       ARRAY(SELECT a.policy_name::text FROM policy_attachments a \
+             WHERE a.serial = c.serial ORDER BY a.policy_name) \
+     FROM certificates c JOIN things t ON t.name = c.thing_name \
+     WHERE c.fingerprint_sha256 = $1"
+);
+
+/// Where a registration attempt stopped.
+type StepError = (&'static str, sqlx::Error);
+
+fn step(context: &'static str) -> impl Fn(sqlx::Error) -> StepError {
+    move |e| (context, e)
+}
 
 #[derive(Debug)]
 pub(crate) struct PgRegistry {
@@ -206,7 +249,12 @@ impl PgRegistry {
             sqlx::query(
                 "UPDATE things SET template = u.template, \
                     created_at = COALESCE(u.created_at, things.created_at), \
-                    updated_at = u.updated_at \
+                    updated_at = u.updated_at, \
+                    version = CASE \
+                        WHEN u.created_at IS NOT NULL THEN 1 \
+                        WHEN things.template IS DISTINCT FROM u.template \
+                            THEN things.version + 1 \
+                        ELSE things.version END \
                  FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
                     AS u(name, template, created_at, updated_at) \
                  WHERE things.name = u.name",
@@ -340,6 +388,247 @@ impl PgRegistry {
             .map(common::cert_from_row)
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("reading certificates", e))
+    }
+
+    fn policies(&self, rows: &[PgRow]) -> Result<Vec<PolicyRecord>, RegistryError> {
+        rows.iter()
+            .map(common::policy_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("reading policies", e))
+    }
+
+    /// One attempt at [`Registry::register`], in one transaction. Lock order: the thing,
+    /// then the certificate (the order `record_issued` takes them in, so the two cannot
+    /// dead-lock each other).
+    async fn register_attempt(
+        &self,
+        reg: &Registration,
+        requested: &[common::RequestedPolicy<'_>],
+    ) -> Result<RegistrationOutcome, StepError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(step("starting a transaction"))?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            thing_columns!(),
+            " FROM things WHERE name = $1 FOR NO KEY UPDATE"
+        ))
+        .bind(&reg.thing_name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(step("locking the thing"))?;
+        let thing = row
+            .as_ref()
+            .map(common::thing_from_row)
+            .transpose()
+            .map_err(step("reading the thing"))?;
+        let cert: Option<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT thing_name::text, status, registered_at FROM certificates \
+             WHERE serial = $1 FOR NO KEY UPDATE",
+        )
+        .bind(&reg.serial)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(step("locking the certificate"))?;
+        let cert = cert.map(|(thing_name, status, registered_at)| CertState {
+            thing_name,
+            status,
+            registered_at,
+        });
+        let refused = |reason: String| Ok(RegistrationOutcome::Refused { reason });
+        match common::check_certificate(reg, cert.as_ref()) {
+            CertCheck::Proceed => {}
+            CertCheck::Refused(reason) => return refused(reason),
+            CertCheck::AlreadyRegistered => {
+                let policies: Vec<String> = sqlx::query_scalar(
+                    "SELECT policy_name::text FROM policy_attachments WHERE serial = $1 \
+                     ORDER BY policy_name",
+                )
+                .bind(&reg.serial)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(step("reading attached policies"))?;
+                return Ok(RegistrationOutcome::AlreadyRegistered { policies });
+            }
+        }
+        let Some(thing) = thing else {
+            return refused(format!("thing {:?} is not in the registry", reg.thing_name));
+        };
+        if thing.version != reg.expected_thing_version {
+            return Ok(RegistrationOutcome::ThingChanged);
+        }
+
+        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
+        let documents: Vec<Option<String>> =
+            requested.iter().map(|p| p.document.map(to_json)).collect();
+        // Create the missing policies first (in name order, so concurrent registrations
+        // creating several policies cannot dead-lock): ON CONFLICT waits for a
+        // concurrent creator, so the lookup below sees its committed document.
+        let created: HashSet<String> = if documents.iter().any(Option::is_some) {
+            sqlx::query_scalar(
+                "INSERT INTO policies (name, document, created_at, updated_at) \
+                 SELECT u.name, u.doc::json, $3, $3 \
+                 FROM UNNEST($1::text[], $2::text[]) AS u(name, doc) \
+                 WHERE u.doc IS NOT NULL ORDER BY u.name \
+                 ON CONFLICT (name) DO NOTHING RETURNING name::text",
+            )
+            .bind(&names)
+            .bind(&documents)
+            .bind(reg.at)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(step("creating policies"))?
+            .into_iter()
+            .collect()
+        } else {
+            HashSet::new()
+        };
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, document::text FROM policies WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(step("reading policies"))?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for (name, stored) in rows {
+            let stored = common::parse_json(&stored).map_err(step("reading policies"))?;
+            found.insert(name.clone(), FoundPolicy::new(stored, requested, &name));
+        }
+        let plan = match common::plan_registration(reg, &thing, requested, &created, &found) {
+            Ok(plan) => plan,
+            // Dropping the transaction rolls back the policies created above.
+            Err(reason) => return refused(reason),
+        };
+
+        if let Some((details, version)) = &plan.thing {
+            sqlx::query(
+                "UPDATE things SET template = $2, thing_type = $3, attributes = $4::jsonb, \
+                    groups = $5::jsonb, billing_group = $6, version = $7, updated_at = $8 \
+                 WHERE name = $1",
+            )
+            .bind(&reg.thing_name)
+            .bind(&reg.template)
+            .bind(details.thing_type.as_deref())
+            .bind(to_json(&details.attributes))
+            .bind(to_json(&details.groups))
+            .bind(details.billing_group.as_deref())
+            .bind(version)
+            .bind(reg.at)
+            .execute(&mut *tx)
+            .await
+            .map_err(step("updating the thing"))?;
+        }
+        if !plan.attach.is_empty() {
+            sqlx::query(
+                "INSERT INTO policy_attachments (policy_name, serial, attached_at) \
+                 SELECT u.name, $2, $3 FROM UNNEST($1::text[]) AS u(name) \
+                 ON CONFLICT (policy_name, serial) DO NOTHING",
+            )
+            .bind(&plan.attach)
+            .bind(&reg.serial)
+            .bind(reg.at)
+            .execute(&mut *tx)
+            .await
+            .map_err(step("attaching policies"))?;
+        }
+        sqlx::query(
+            "UPDATE certificates SET registered_at = $2 \
+             WHERE serial = $1 AND registered_at IS NULL",
+        )
+        .bind(&reg.serial)
+        .bind(reg.at)
+        .execute(&mut *tx)
+        .await
+        .map_err(step("marking the certificate registered"))?;
+        insert_events(&mut tx, &plan.events)
+            .await
+            .map_err(step("appending events"))?;
+        tx.commit()
+            .await
+            .map_err(step("committing a registration"))?;
+        Ok(RegistrationOutcome::Registered {
+            policies: plan.attach,
+        })
+    }
+
+    /// One attempt at [`Registry::record_connections`].
+    async fn connections_attempt(
+        &self,
+        keep: &[&ConnectionRecord],
+        fingerprints: &[&str],
+    ) -> Result<(), StepError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(step("starting a transaction"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CONNECTIONS_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(step("locking connections"))?;
+        sqlx::query(
+            "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at) \
+             SELECT u.fp, u.thing, u.addr, u.at \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+                WITH ORDINALITY AS u(fp, thing, addr, at, ord) \
+             ORDER BY u.ord",
+        )
+        .bind(
+            keep.iter()
+                .map(|c| c.fingerprint_sha256.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keep.iter()
+                .map(|c| c.thing_name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keep.iter()
+                .map(|c| c.client_addr.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(keep.iter().map(|c| c.at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(step("recording connections"))?;
+        sqlx::query(
+            "DELETE FROM connections c USING ( \
+                SELECT f.fp, (SELECT k.id FROM connections k WHERE k.fingerprint_sha256 = f.fp \
+                              ORDER BY k.id DESC OFFSET $2 LIMIT 1) AS cutoff \
+                FROM UNNEST($1::text[]) AS f(fp)) AS t \
+             WHERE c.fingerprint_sha256 = t.fp AND c.id < t.cutoff",
+        )
+        .bind(fingerprints)
+        .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64 - 1)
+        .execute(&mut *tx)
+        .await
+        .map_err(step("pruning connections"))?;
+        tx.commit().await.map_err(step("committing connections"))
+    }
+
+    /// Runs `attempt` until it succeeds, fails for a reason other than a lost race, or
+    /// has lost [`MAX_ATTEMPTS`] races.
+    async fn retrying<'a, T, F, Fut>(&'a self, what: &str, attempt: F) -> Result<T, RegistryError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StepError>> + 'a,
+    {
+        let mut n = 1;
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err((_, e)) if is_retryable(&e) && n < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt = n, error = %e, "{what} lost a race; retrying");
+                    tokio::time::sleep(Duration::from_millis(10 * n as u64)).await;
+                    n += 1;
+                }
+                Err((context, e)) => return Err(self.err(context, e)),
+            }
+        }
     }
 }
 
@@ -521,9 +810,11 @@ impl Registry for PgRegistry {
     }
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
-        let row = sqlx::query(
-            "SELECT name, template, created_at, updated_at FROM things WHERE name = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            thing_columns!(),
+            " FROM things WHERE name = $1"
+        ))
         .bind(name)
         .fetch_optional(&self.pool)
         .await
@@ -540,7 +831,7 @@ impl Registry for PgRegistry {
             conditions.push(("name > {}", Bind::Text(after.clone())));
         }
         let rows = assemble(
-            "SELECT name, template, created_at, updated_at FROM things",
+            concat!("SELECT ", thing_columns!(), " FROM things"),
             conditions,
             "ORDER BY name",
             filter.limit,
@@ -646,5 +937,126 @@ impl Registry for PgRegistry {
             certificates_by_status: by_status.into_iter().map(|(s, n)| (s, n as u64)).collect(),
             events: events as u64,
         })
+    }
+
+    async fn register(
+        &self,
+        registration: &Registration,
+    ) -> Result<RegistrationOutcome, RegistryError> {
+        let requested = match common::requested_policies(registration) {
+            Ok(requested) => requested,
+            Err(reason) => return Ok(RegistrationOutcome::Refused { reason }),
+        };
+        self.retrying("a registration", || {
+            self.register_attempt(registration, &requested)
+        })
+        .await
+    }
+
+    async fn device_state(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Option<DeviceState>, RegistryError> {
+        let row = sqlx::query(SQL_DEVICE_STATE)
+            .bind(fingerprint_sha256)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err("reading a device", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let decode = |row: &PgRow| -> sqlx::Result<DeviceState> {
+            use sqlx::Row;
+            Ok(DeviceState {
+                certificate: common::cert_from_row(row)?,
+                thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
+                policies: row.try_get(common::CERT_COLUMN_COUNT + 9)?,
+            })
+        };
+        decode(&row)
+            .map(Some)
+            .map_err(|e| self.err("reading a device", e))
+    }
+
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT name, document::text, created_at, updated_at FROM policies WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err("reading a policy", e))?;
+        Ok(self.policies(&rows)?.pop())
+    }
+
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT name, document::text, created_at, updated_at FROM policies ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err("listing policies", e))?;
+        self.policies(&rows)
+    }
+
+    async fn policies_of_thing(
+        &self,
+        thing_name: &str,
+    ) -> Result<Vec<PolicyRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT name, document::text, created_at, updated_at FROM policies \
+             WHERE name IN ( \
+                SELECT a.policy_name FROM certificates c \
+                JOIN policy_attachments a ON a.serial = c.serial \
+                WHERE c.thing_name = $1 AND c.status = 'active') \
+             ORDER BY name",
+        )
+        .bind(thing_name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err("listing the policies of a thing", e))?;
+        self.policies(&rows)
+    }
+
+    async fn record_connections(
+        &self,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), RegistryError> {
+        let (keep, fingerprints) = common::connections_to_keep(connections);
+        if keep.is_empty() {
+            return Ok(());
+        }
+        self.retrying("a connection flush", || {
+            self.connections_attempt(&keep, &fingerprints)
+        })
+        .await
+    }
+
+    async fn recent_connections(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Vec<ConnectionRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT fingerprint_sha256, thing_name, client_addr, at FROM connections \
+             WHERE fingerprint_sha256 = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(fingerprint_sha256)
+        .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err("reading connections", e))?;
+        rows.iter()
+            .map(common::connection_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("reading connections", e))
+    }
+
+    async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError> {
+        sqlx::query_scalar(
+            "SELECT serial FROM certificates \
+             WHERE status = 'revoked' AND not_after >= $1 ORDER BY serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err("reading revoked certificates", e))
     }
 }

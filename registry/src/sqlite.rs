@@ -8,11 +8,13 @@
 //! cached per connection).
 
 use crate::common::{
-    self, EVENT_CERT_DELIVERED, NAME_CHUNK, NewEvent, cert_columns, db_error, migrate_error,
+    self, CertCheck, CertState, EVENT_CERT_DELIVERED, FoundPolicy, NAME_CHUNK, NewEvent,
+    cert_columns, db_error, migrate_error, to_json,
 };
 use crate::{
-    CertificateFilter, CertificateRecord, EventFilter, EventRecord, IssueOutcome, IssueRecord,
-    Registry, RegistryCounts, RegistryError, ThingFilter, ThingRecord,
+    CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
+    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord, Registration,
+    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ThingFilter, ThingRecord,
 };
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -59,6 +61,68 @@ const SQL_ACTIVE_CERTIFICATES: &str = concat!(
 const SQL_DELIVER: &str = "UPDATE certificates SET delivered_at = ?2 \
      WHERE serial IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL \
      RETURNING serial, thing_name";
+
+/// The thing columns, in the order [`common::thing_from_row`] reads them.
+macro_rules! thing_columns {
+    () => {
+        "name, template, created_at, updated_at, thing_type, attributes, groups, \
+         billing_group, version"
+    };
+}
+
+/// A certificate, its thing and its attached policies (a JSON array) by fingerprint:
+/// the hot path of every returning connection.
+const SQL_DEVICE_STATE: &str = concat!(
+    "SELECT ",
+    cert_columns!(c),
+    ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes, \
+       t.groups, t.billing_group, t.version, \
+       (SELECT json_group_array(a.policy_name) FROM policy_attachments a \
+        WHERE a.serial = c.serial) \
+     FROM certificates c JOIN things t ON t.name = c.thing_name \
+     WHERE c.fingerprint_sha256 = ?1"
+);
+const SQL_REGISTRATION_CERT: &str =
+    "SELECT thing_name, status, registered_at FROM certificates WHERE serial = ?1";
+const SQL_ATTACHED: &str = "SELECT policy_name FROM policy_attachments WHERE serial = ?1 \
+     ORDER BY policy_name";
+const SQL_THING: &str = concat!("SELECT ", thing_columns!(), " FROM things WHERE name = ?1");
+const SQL_CREATE_POLICY: &str = "INSERT INTO policies (name, document, created_at, updated_at) \
+     VALUES (?1, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING name";
+const SQL_FIND_POLICIES: &str = "SELECT name, document FROM policies \
+     WHERE name IN (SELECT value FROM json_each(?1))";
+const SQL_UPDATE_THING: &str = "UPDATE things SET template = ?2, thing_type = ?3, \
+        attributes = ?4, groups = ?5, billing_group = ?6, version = ?7, updated_at = ?8 \
+     WHERE name = ?1";
+const SQL_ATTACH: &str = "INSERT INTO policy_attachments (policy_name, serial, attached_at) \
+     SELECT value, ?2, ?3 FROM json_each(?1) WHERE true \
+     ON CONFLICT (policy_name, serial) DO NOTHING";
+const SQL_MARK_REGISTERED: &str = "UPDATE certificates SET registered_at = ?2 \
+     WHERE serial = ?1 AND registered_at IS NULL";
+const SQL_POLICY: &str =
+    "SELECT name, document, created_at, updated_at FROM policies WHERE name = ?1";
+const SQL_POLICIES: &str =
+    "SELECT name, document, created_at, updated_at FROM policies ORDER BY name";
+const SQL_POLICIES_OF_THING: &str = "SELECT name, document, created_at, updated_at \
+     FROM policies WHERE name IN ( \
+        SELECT a.policy_name FROM certificates c \
+        JOIN policy_attachments a ON a.serial = c.serial \
+        WHERE c.thing_name = ?1 AND c.status = 'active') \
+     ORDER BY name";
+/// Deletes all but the newest `?2` connections of each fingerprint of `?1` (a JSON
+/// array): one cutoff id per fingerprint, then a range delete through the index.
+const SQL_PRUNE_CONNECTIONS: &str = "WITH cutoff AS MATERIALIZED ( \
+        SELECT f.value AS fp, \
+           (SELECT k.id FROM connections k WHERE k.fingerprint_sha256 = f.value \
+            ORDER BY k.id DESC LIMIT 1 OFFSET ?2) AS id \
+        FROM json_each(?1) AS f) \
+     DELETE FROM connections WHERE id IN ( \
+        SELECT c.id FROM cutoff \
+        JOIN connections c ON c.fingerprint_sha256 = cutoff.fp AND c.id < cutoff.id)";
+const SQL_RECENT_CONNECTIONS: &str = "SELECT fingerprint_sha256, thing_name, client_addr, at \
+     FROM connections WHERE fingerprint_sha256 = ?1 ORDER BY id DESC LIMIT ?2";
+const SQL_REVOKED_SERIALS: &str = "SELECT serial FROM certificates \
+     WHERE status = 'revoked' AND not_after >= ?1 ORDER BY serial";
 
 #[derive(Debug)]
 pub(crate) struct SqliteRegistry {
@@ -166,7 +230,8 @@ impl SqliteRegistry {
             "(?, ?, ?, ?)",
             4,
             " ON CONFLICT (name) DO UPDATE SET \
-                template = excluded.template, updated_at = excluded.updated_at",
+                template = excluded.template, updated_at = excluded.updated_at, \
+                version = things.version + (things.template IS NOT excluded.template)",
             &plan.things,
             |q, t| {
                 q.bind(t.name)
@@ -244,6 +309,131 @@ impl SqliteRegistry {
             .map(common::cert_from_row)
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("reading certificates", e))
+    }
+
+    fn policies(&self, rows: &[SqliteRow]) -> Result<Vec<PolicyRecord>, RegistryError> {
+        rows.iter()
+            .map(common::policy_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("reading policies", e))
+    }
+
+    /// The body of [`Registry::register`], inside the caller's `BEGIN IMMEDIATE`
+    /// transaction. Returns the outcome and whether to commit.
+    async fn register_in(
+        conn: &mut SqliteConnection,
+        reg: &Registration,
+        requested: &[common::RequestedPolicy<'_>],
+    ) -> Result<(RegistrationOutcome, bool), WriteError> {
+        let cert: Option<(String, String, Option<i64>)> = sqlx::query_as(SQL_REGISTRATION_CERT)
+            .bind(&reg.serial)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading the certificate", e))?;
+        let cert = cert.map(|(thing_name, status, registered_at)| CertState {
+            thing_name,
+            status,
+            registered_at,
+        });
+        match common::check_certificate(reg, cert.as_ref()) {
+            CertCheck::Proceed => {}
+            CertCheck::Refused(reason) => {
+                return Ok((RegistrationOutcome::Refused { reason }, false));
+            }
+            CertCheck::AlreadyRegistered => {
+                let policies: Vec<String> = sqlx::query_scalar(SQL_ATTACHED)
+                    .bind(&reg.serial)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(|e| WriteError::new("reading attached policies", e))?;
+                return Ok((RegistrationOutcome::AlreadyRegistered { policies }, false));
+            }
+        }
+        let row = sqlx::query(SQL_THING)
+            .bind(&reg.thing_name)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading the thing", e))?;
+        let Some(thing) = row
+            .as_ref()
+            .map(common::thing_from_row)
+            .transpose()
+            .map_err(|e| WriteError::new("reading the thing", e))?
+        else {
+            let reason = format!("thing {:?} is not in the registry", reg.thing_name);
+            return Ok((RegistrationOutcome::Refused { reason }, false));
+        };
+        if thing.version != reg.expected_thing_version {
+            return Ok((RegistrationOutcome::ThingChanged, false));
+        }
+
+        let mut created = HashSet::new();
+        for p in requested {
+            let Some(document) = p.document else { continue };
+            let inserted: Option<String> = sqlx::query_scalar(SQL_CREATE_POLICY)
+                .bind(p.name)
+                .bind(to_json(document))
+                .bind(reg.at)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("creating policies", e))?;
+            created.extend(inserted);
+        }
+        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
+        let rows: Vec<(String, String)> = sqlx::query_as(SQL_FIND_POLICIES)
+            .bind(to_json(&names))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading policies", e))?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for (name, document) in rows {
+            let stored = common::parse_json(&document)
+                .map_err(|e| WriteError::new("reading policies", e))?;
+            found.insert(name.clone(), FoundPolicy::new(stored, requested, &name));
+        }
+        let plan = match common::plan_registration(reg, &thing, requested, &created, &found) {
+            Ok(plan) => plan,
+            Err(reason) => return Ok((RegistrationOutcome::Refused { reason }, false)),
+        };
+
+        if let Some((details, version)) = &plan.thing {
+            sqlx::query(SQL_UPDATE_THING)
+                .bind(&reg.thing_name)
+                .bind(&reg.template)
+                .bind(details.thing_type.as_deref())
+                .bind(to_json(&details.attributes))
+                .bind(to_json(&details.groups))
+                .bind(details.billing_group.as_deref())
+                .bind(version)
+                .bind(reg.at)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("updating the thing", e))?;
+        }
+        if !plan.attach.is_empty() {
+            sqlx::query(SQL_ATTACH)
+                .bind(to_json(&plan.attach))
+                .bind(&reg.serial)
+                .bind(reg.at)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("attaching policies", e))?;
+        }
+        sqlx::query(SQL_MARK_REGISTERED)
+            .bind(&reg.serial)
+            .bind(reg.at)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("marking the certificate registered", e))?;
+        insert_events(conn, &plan.events)
+            .await
+            .map_err(|e| WriteError::new("appending events", e))?;
+        Ok((
+            RegistrationOutcome::Registered {
+                policies: plan.attach,
+            },
+            true,
+        ))
     }
 }
 
@@ -337,10 +527,6 @@ impl WriteError {
     }
 }
 
-fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
-    serde_json::to_string(value).expect("plain data serialises to JSON")
-}
-
 fn json<'a>(items: impl Iterator<Item = &'a String>) -> String {
     to_json(&items.collect::<Vec<_>>())
 }
@@ -372,7 +558,7 @@ fn push_limit(sql: &mut String, binds: &mut Vec<Bind>, limit: Option<u32>) {
 
 /// `list_things`: SQL and binds.
 fn things_query(filter: &ThingFilter) -> (String, Vec<Bind>) {
-    let mut sql = String::from("SELECT name, template, created_at, updated_at FROM things");
+    let mut sql = String::from(concat!("SELECT ", thing_columns!(), " FROM things"));
     let mut binds = Vec::new();
     if let Some(after) = &filter.after {
         sql.push_str(" WHERE name > ?");
@@ -552,9 +738,8 @@ impl Registry for SqliteRegistry {
     }
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
-        let sql = "SELECT name, template, created_at, updated_at FROM things WHERE name = ?";
         Ok(self
-            .fetch_things(sql.to_owned(), vec![Bind::Text(name.to_owned())])
+            .fetch_things(SQL_THING.to_owned(), vec![Bind::Text(name.to_owned())])
             .await?
             .pop())
     }
@@ -631,6 +816,158 @@ impl Registry for SqliteRegistry {
             certificates_by_status: by_status.into_iter().map(|(s, n)| (s, n as u64)).collect(),
             events: events as u64,
         })
+    }
+
+    async fn register(
+        &self,
+        registration: &Registration,
+    ) -> Result<RegistrationOutcome, RegistryError> {
+        let requested = match common::requested_policies(registration) {
+            Ok(requested) => requested,
+            Err(reason) => return Ok(RegistrationOutcome::Refused { reason }),
+        };
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err("starting a transaction", e))?;
+        match Self::register_in(&mut tx, registration, &requested).await {
+            Ok((outcome, true)) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a registration", e))?;
+                Ok(outcome)
+            }
+            Ok((outcome, false)) => {
+                tx.rollback()
+                    .await
+                    .map_err(|e| self.err("ending a transaction", e))?;
+                Ok(outcome)
+            }
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                Err(self.err(context, error))
+            }
+        }
+    }
+
+    async fn device_state(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Option<DeviceState>, RegistryError> {
+        let row = sqlx::query(SQL_DEVICE_STATE)
+            .bind(fingerprint_sha256)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err("reading a device", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let decode = |row: &SqliteRow| -> sqlx::Result<DeviceState> {
+            use sqlx::Row;
+            let policies: String = row.try_get(common::CERT_COLUMN_COUNT + 9)?;
+            let mut policies: Vec<String> = common::parse_json(&policies)?;
+            policies.sort();
+            Ok(DeviceState {
+                certificate: common::cert_from_row(row)?,
+                thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
+                policies,
+            })
+        };
+        decode(&row)
+            .map(Some)
+            .map_err(|e| self.err("reading a device", e))
+    }
+
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
+        let rows = sqlx::query(SQL_POLICY)
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("reading a policy", e))?;
+        Ok(self.policies(&rows)?.pop())
+    }
+
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
+        let rows = sqlx::query(SQL_POLICIES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("listing policies", e))?;
+        self.policies(&rows)
+    }
+
+    async fn policies_of_thing(
+        &self,
+        thing_name: &str,
+    ) -> Result<Vec<PolicyRecord>, RegistryError> {
+        let rows = sqlx::query(SQL_POLICIES_OF_THING)
+            .bind(thing_name)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("listing the policies of a thing", e))?;
+        self.policies(&rows)
+    }
+
+    async fn record_connections(
+        &self,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), RegistryError> {
+        let (keep, fingerprints) = common::connections_to_keep(connections);
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err("starting a transaction", e))?;
+        insert_rows(
+            &mut tx,
+            "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at) VALUES ",
+            "(?, ?, ?, ?)",
+            4,
+            "",
+            &keep,
+            |q, c| {
+                q.bind(c.fingerprint_sha256.as_str())
+                    .bind(c.thing_name.as_str())
+                    .bind(c.client_addr.as_str())
+                    .bind(c.at)
+            },
+        )
+        .await
+        .map_err(|e| self.err("recording connections", e))?;
+        sqlx::query(SQL_PRUNE_CONNECTIONS)
+            .bind(to_json(&fingerprints))
+            .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64 - 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err("pruning connections", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.err("committing connections", e))
+    }
+
+    async fn recent_connections(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Vec<ConnectionRecord>, RegistryError> {
+        let rows = sqlx::query(SQL_RECENT_CONNECTIONS)
+            .bind(fingerprint_sha256)
+            .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("reading connections", e))?;
+        rows.iter()
+            .map(common::connection_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("reading connections", e))
+    }
+
+    async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError> {
+        sqlx::query_scalar(SQL_REVOKED_SERIALS)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("reading revoked certificates", e))
     }
 }
 
@@ -717,6 +1054,88 @@ mod tests {
             let text = plan.join("\n");
             assert!(!text.contains("SCAN "), "{sql}\n{text}");
         }
+        // The registration, device and connection statements: every table reached
+        // through an index (only `json_each` is scanned).
+        for (sql, ints) in [
+            (SQL_DEVICE_STATE, 0),
+            (SQL_REGISTRATION_CERT, 0),
+            (SQL_ATTACHED, 0),
+            (SQL_THING, 0),
+            (SQL_FIND_POLICIES, 0),
+            (SQL_UPDATE_THING, 7),
+            (SQL_ATTACH, 2),
+            (SQL_MARK_REGISTERED, 1),
+            (SQL_POLICY, 0),
+            (SQL_POLICIES_OF_THING, 0),
+            (SQL_PRUNE_CONNECTIONS, 1),
+            (SQL_RECENT_CONNECTIONS, 1),
+        ] {
+            let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
+            for _ in 0..ints {
+                q = q.bind(1_i64);
+            }
+            let plan: Vec<String> = q
+                .fetch_all(&reg.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(3))
+                .collect();
+            let text = plan.join("\n");
+            for line in &plan {
+                // Allowed scans: `json_each` (virtual) and the materialised prune cutoffs.
+                let scanned = line.trim().strip_prefix("SCAN ");
+                assert!(
+                    scanned.is_none_or(|s| s.contains("VIRTUAL TABLE") || s == "cutoff"),
+                    "{sql}\n{text}"
+                );
+            }
+        }
+        drop(reg);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A registry created before 0002 upgrades in place: existing things get default
+    /// details and version 1, existing certificates are unregistered.
+    #[tokio::test]
+    async fn upgrade_from_0001_keeps_data() {
+        let dir = std::env::temp_dir().join(format!("fleetcert-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("registry.db");
+        let _ = std::fs::remove_file(&path);
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        common::migrator(&common::SQLITE_MIGRATIONS[..1], false)
+            .run_direct(None, &mut conn, false)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO things VALUES ('old', 'default', 1, 2); \
+             INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
+                thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
+                created_at, der) \
+             VALUES ('01', 'f1', 'k1', 'old', 'CN=ca', 'active', 'csr', 'ecdsa-p256', 0, 9, \
+                1, x'00');",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+
+        let reg = SqliteRegistry::open("test", SqliteTarget::File(path.clone()))
+            .await
+            .unwrap();
+        let thing = reg.get_thing("old").await.unwrap().unwrap();
+        assert_eq!(thing.details, crate::ThingDetails::default());
+        assert_eq!((thing.version, thing.updated_at), (1, 2));
+        let state = reg.device_state("f1").await.unwrap().unwrap();
+        assert_eq!(state.certificate.registered_at, None);
+        assert_eq!(state.thing, thing);
+        assert!(state.policies.is_empty());
         drop(reg);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -4,9 +4,12 @@
 //! a fresh database of its own).
 
 use fleetcert_registry::{
-    CertOrigin, CertStatus, CertificateFilter, EventFilter, IssueOutcome, IssueRecord,
-    NewCertificate, Registry, RegistryError, ThingFilter, ThingRecord, open, testing,
+    CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, EventFilter, EventRecord,
+    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyWrite,
+    Registration, RegistrationOutcome, Registry, RegistryError, ThingDetails, ThingFilter,
+    ThingRecord, open, testing,
 };
+use serde_json::json;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -113,6 +116,107 @@ async fn kinds_of(reg: &Arc<dyn Registry>, serial: &str) -> Vec<String> {
     .collect()
 }
 
+/// Records one certificate for a new thing and returns its record.
+async fn provisioned(reg: &Arc<dyn Registry>, thing: &str) -> IssueRecord {
+    let r = record(thing, AT);
+    assert_eq!(
+        reg.record_issued(std::slice::from_ref(&r)).await.unwrap(),
+        vec![CREATED]
+    );
+    r
+}
+
+/// Details a template might set (groups unsorted and repeated: the registry normalises).
+fn sensor_details() -> ThingDetails {
+    ThingDetails {
+        thing_type: Some("sensor".to_owned()),
+        attributes: [("site", "berlin"), ("floor", "3")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        groups: vec![
+            "fleet-b".to_owned(),
+            "fleet-a".to_owned(),
+            "fleet-b".to_owned(),
+        ],
+        billing_group: Some("standard".to_owned()),
+    }
+}
+
+fn policy(name: &str, document: Option<serde_json::Value>) -> PolicyWrite {
+    PolicyWrite {
+        name: name.to_owned(),
+        document,
+    }
+}
+
+/// A policy document; `resource` makes different documents.
+fn document(resource: &str) -> serde_json::Value {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Action": ["iot:Publish"],
+            "Resource": [resource],
+            "Condition": { "NumericLessThan": { "size": 1.5, "rate": 100, "big": 1e16 } }
+        }]
+    })
+}
+
+/// A registration of `r`'s certificate with the template `sensor`.
+fn registration(r: &IssueRecord, version: i64, policies: Vec<PolicyWrite>) -> Registration {
+    Registration {
+        serial: r.certificate.serial.clone(),
+        thing_name: r.thing_name.clone(),
+        template: "sensor".to_owned(),
+        details: sensor_details(),
+        expected_thing_version: version,
+        policies,
+        at: AT + 1_000,
+    }
+}
+
+fn registered(names: &[&str]) -> RegistrationOutcome {
+    RegistrationOutcome::Registered {
+        policies: names.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn already(names: &[&str]) -> RegistrationOutcome {
+    RegistrationOutcome::AlreadyRegistered {
+        policies: names.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn refused_because(outcome: &RegistrationOutcome, words: &[&str]) {
+    match outcome {
+        RegistrationOutcome::Refused { reason } => {
+            for w in words {
+                assert!(reason.contains(w), "{w:?} not in {reason:?}");
+            }
+        }
+        other => panic!("expected Refused ({words:?}), got {other:?}"),
+    }
+}
+
+async fn events_of(reg: &Arc<dyn Registry>, thing: &str) -> Vec<EventRecord> {
+    reg.list_events(&EventFilter {
+        thing_name: Some(thing.to_owned()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn count_kind(reg: &Arc<dyn Registry>, kind: &str) -> usize {
+    reg.list_events(&EventFilter::default())
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == kind)
+        .count()
+}
+
 /// A snapshot of everything visible, to check that a failed call wrote nothing.
 async fn snapshot(reg: &Arc<dyn Registry>) -> String {
     let things = reg.list_things(&ThingFilter::default()).await.unwrap();
@@ -121,7 +225,12 @@ async fn snapshot(reg: &Arc<dyn Registry>) -> String {
         .await
         .unwrap();
     let events = reg.list_events(&EventFilter::default()).await.unwrap();
-    format!("{things:?}\n{certs:?}\n{events:?}")
+    let policies = reg.list_policies().await.unwrap();
+    let mut states = Vec::new();
+    for c in &certs {
+        states.push(reg.device_state(&c.fingerprint_sha256).await.unwrap());
+    }
+    format!("{things:?}\n{certs:?}\n{events:?}\n{policies:?}\n{states:?}")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -152,6 +261,8 @@ async fn provision_group(url: &str) {
             template: None,
             created_at: AT,
             updated_at: AT,
+            details: ThingDetails::default(),
+            version: 1,
         })
     );
     assert_eq!(
@@ -190,6 +301,7 @@ async fn provision_group(url: &str) {
     assert_eq!(c.delivered_at, None);
     assert_eq!(c.revoked_at, None);
     assert_eq!(c.revocation_reason, None);
+    assert_eq!(c.registered_at, None);
     assert_eq!(c.der, r.certificate.der);
     assert_eq!(reg.get_certificate("00").await.unwrap(), None);
 
@@ -313,6 +425,8 @@ async fn provision_group(url: &str) {
             template: Some("v2".to_owned()),
             created_at: AT,
             updated_at: AT + 10,
+            details: ThingDetails::default(),
+            version: 2,
         }
     );
     // ...and one without leaves the template alone.
@@ -322,6 +436,12 @@ async fn provision_group(url: &str) {
     assert_eq!(reg.record_issued(&[plain]).await.unwrap(), vec![EXISTING]);
     let t = reg.get_thing("sensor-002").await.unwrap().unwrap();
     assert_eq!((t.template.as_deref(), t.updated_at), (Some("default"), AT));
+    assert_eq!(t.version, 1);
+    // ...and one with the same template does not count as a change.
+    let same = superseding(record("sensor-004", AT + 30), &[serial(&records[4])]);
+    assert_eq!(reg.record_issued(&[same]).await.unwrap(), vec![EXISTING]);
+    let t = reg.get_thing("sensor-004").await.unwrap().unwrap();
+    assert_eq!((t.template.as_deref(), t.version), (Some("default"), 1));
 
     // Reopening (migrations already applied) sees the same data.
     let reopened = open(url).await.unwrap();
@@ -330,9 +450,9 @@ async fn provision_group(url: &str) {
     assert_eq!(counts.things, 50);
     assert_eq!(
         counts.certificates_by_status,
-        vec![("active".to_owned(), 50), ("superseded".to_owned(), 2)]
+        vec![("active".to_owned(), 50), ("superseded".to_owned(), 3)]
     );
-    assert_eq!(counts.events, 104);
+    assert_eq!(counts.events, 106);
 }
 
 /// A record whose expected active set does not match writes nothing and reports the
@@ -416,6 +536,8 @@ async fn conflict_detection(url: &str) {
             template: Some("second".to_owned()),
             created_at: AT + 5,
             updated_at: AT + 5,
+            details: ThingDetails::default(),
+            version: 1,
         }
     );
     let created = reg
@@ -854,6 +976,586 @@ async fn concurrent_open(url: &str) {
     }
 }
 
+/// A first connect registers the certificate (thing details, policies, attachments,
+/// events); a later one finds it registered.
+async fn register_then_already_registered(url: &str) {
+    let reg = open(url).await.unwrap();
+    let r = provisioned(&reg, "t1").await;
+    let fp = r.certificate.fingerprint_sha256.clone();
+
+    let state = reg.device_state(&fp).await.unwrap().unwrap();
+    assert_eq!(state.certificate.serial, serial(&r));
+    assert_eq!(state.certificate.registered_at, None);
+    assert_eq!(state.thing.version, 1);
+    assert_eq!(state.thing.details, ThingDetails::default());
+    assert!(state.policies.is_empty());
+    assert_eq!(reg.device_state("00").await.unwrap(), None);
+
+    let registration = registration(
+        &r,
+        state.thing.version,
+        vec![
+            policy("telemetry", Some(document("topic/t1"))),
+            policy("shadow", Some(document("shadow/t1"))),
+        ],
+    );
+    let at = registration.at;
+    assert_eq!(
+        reg.register(&registration).await.unwrap(),
+        registered(&["telemetry", "shadow"])
+    );
+
+    // The thing: new details (groups normalised), template, version + 1.
+    let thing = reg.get_thing("t1").await.unwrap().unwrap();
+    let details = ThingDetails {
+        groups: vec!["fleet-a".to_owned(), "fleet-b".to_owned()],
+        ..sensor_details()
+    };
+    assert_eq!(
+        thing,
+        ThingRecord {
+            name: "t1".to_owned(),
+            template: Some("sensor".to_owned()),
+            created_at: AT,
+            updated_at: at,
+            details: details.clone(),
+            version: 2,
+        }
+    );
+    let cert = reg.get_certificate(serial(&r)).await.unwrap().unwrap();
+    assert_eq!(cert.registered_at, Some(at));
+    assert_eq!(cert.status, CertStatus::Active);
+
+    // What the server reads on the next connection.
+    let state = reg.device_state(&fp).await.unwrap().unwrap();
+    assert_eq!(state.certificate, cert);
+    assert_eq!(state.thing, thing);
+    assert_eq!(state.policies, ["shadow", "telemetry"]);
+
+    // Policies.
+    let telemetry = reg.get_policy("telemetry").await.unwrap().unwrap();
+    assert_eq!(telemetry.document, document("topic/t1"));
+    assert_eq!((telemetry.created_at, telemetry.updated_at), (at, at));
+    assert_eq!(reg.get_policy("nope").await.unwrap(), None);
+    let names = |ps: Vec<fleetcert_registry::PolicyRecord>| {
+        ps.into_iter().map(|p| p.name).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(reg.list_policies().await.unwrap()),
+        ["shadow", "telemetry"]
+    );
+    assert_eq!(
+        names(reg.policies_of_thing("t1").await.unwrap()),
+        ["shadow", "telemetry"]
+    );
+    assert!(reg.policies_of_thing("t9").await.unwrap().is_empty());
+
+    // Events, in order.
+    let events = events_of(&reg, "t1").await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "thing.created",
+            "certificate.issued",
+            "thing.updated",
+            "policy.created",
+            "policy.created",
+            "policy.attached",
+            "policy.attached",
+            "certificate.registered",
+        ]
+    );
+    let updated = &events[2];
+    assert_eq!((updated.at, updated.serial.as_deref()), (at, None));
+    assert_eq!(updated.detail["template"], "sensor");
+    assert_eq!(
+        updated.detail["details"],
+        serde_json::to_value(&details).unwrap()
+    );
+    assert_eq!(events[3].detail["policy"], "telemetry");
+    // (Event details are jsonb on PostgreSQL, which may rewrite number spellings.)
+    assert_eq!(
+        events[3].detail["document"]["Statement"][0]["Resource"],
+        json!(["topic/t1"])
+    );
+    assert_eq!(events[4].detail["policy"], "shadow");
+    assert_eq!(events[5].detail, json!({ "policy": "telemetry" }));
+    assert_eq!(events[6].detail, json!({ "policy": "shadow" }));
+    for e in &events[3..] {
+        assert_eq!(e.serial.as_deref(), Some(serial(&r)));
+        assert_eq!(e.at, at);
+    }
+    assert_eq!(
+        events[7].detail,
+        json!({ "template": "sensor", "policies": ["telemetry", "shadow"] })
+    );
+
+    // Again (with the version read before, or the current one): already registered, and
+    // nothing written.
+    let before = snapshot(&reg).await;
+    for version in [1, 2] {
+        let mut again = registration.clone();
+        again.expected_thing_version = version;
+        again.at = at + 50;
+        assert_eq!(
+            reg.register(&again).await.unwrap(),
+            already(&["shadow", "telemetry"])
+        );
+    }
+    assert_eq!(snapshot(&reg).await, before);
+
+    // A registration that changes nothing on the thing and attaches no policy.
+    let r2 = provisioned(&reg, "t2").await;
+    let unchanged = Registration {
+        template: "default".to_owned(),
+        details: ThingDetails::default(),
+        ..self::registration(&r2, 1, Vec::new())
+    };
+    assert_eq!(reg.register(&unchanged).await.unwrap(), registered(&[]));
+    let t2 = reg.get_thing("t2").await.unwrap().unwrap();
+    assert_eq!((t2.version, t2.updated_at), (1, AT));
+    let kinds: Vec<String> = events_of(&reg, "t2")
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "thing.created",
+            "certificate.issued",
+            "certificate.registered"
+        ]
+    );
+    assert_eq!(reg.register(&unchanged).await.unwrap(), already(&[]));
+
+    // Once the registered certificate is superseded, the thing has no policies (its new
+    // certificate is not registered yet), but the policies remain.
+    let next = superseding(record("t1", AT + 2_000), &[serial(&r)]);
+    reg.record_issued(&[next]).await.unwrap();
+    assert!(reg.policies_of_thing("t1").await.unwrap().is_empty());
+    assert_eq!(reg.list_policies().await.unwrap().len(), 2);
+    refused_because(&reg.register(&registration).await.unwrap(), &["superseded"]);
+}
+
+/// Two devices with the same policy document share the policy; a different document
+/// under the same name is refused and writes nothing.
+async fn policy_reuse_and_refusal(url: &str) {
+    let reg = open(url).await.unwrap();
+    let a = provisioned(&reg, "a").await;
+    let b = provisioned(&reg, "b").await;
+    let c = provisioned(&reg, "c").await;
+
+    let shared = document("topic/*");
+    assert_eq!(
+        reg.register(&registration(
+            &a,
+            1,
+            vec![policy("shared", Some(shared.clone()))]
+        ))
+        .await
+        .unwrap(),
+        registered(&["shared"])
+    );
+    // The same document, written differently (key order, number spelling of the text).
+    let same: serde_json::Value = serde_json::from_str(&shared.to_string()).unwrap();
+    let mut later = registration(&b, 1, vec![policy("shared", Some(same))]);
+    later.at += 500;
+    assert_eq!(reg.register(&later).await.unwrap(), registered(&["shared"]));
+    assert_eq!(count_kind(&reg, "policy.created").await, 1);
+    let stored = reg.get_policy("shared").await.unwrap().unwrap();
+    assert_eq!(stored.document, shared);
+    assert_eq!(stored.created_at, AT + 1_000);
+    for thing in ["a", "b"] {
+        let names: Vec<String> = reg
+            .policies_of_thing(thing)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["shared"]);
+    }
+
+    // A different document under the same name (after a new policy): refused, nothing
+    // written — not the new policy, no attachment, the thing and certificate unchanged.
+    let before = snapshot(&reg).await;
+    let thing_before = reg.get_thing("c").await.unwrap().unwrap();
+    let outcome = reg
+        .register(&registration(
+            &c,
+            1,
+            vec![
+                policy("fresh", Some(document("fresh/*"))),
+                policy("shared", Some(document("other/*"))),
+            ],
+        ))
+        .await
+        .unwrap();
+    refused_because(&outcome, &["\"shared\"", "differs", "rename"]);
+    assert_eq!(snapshot(&reg).await, before);
+    assert_eq!(reg.get_policy("fresh").await.unwrap(), None);
+    assert_eq!(reg.get_thing("c").await.unwrap().unwrap(), thing_before);
+    let state = reg
+        .device_state(&c.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.certificate.registered_at, None);
+    assert!(state.policies.is_empty());
+    assert_eq!(reg.get_policy("shared").await.unwrap().unwrap(), stored);
+
+    // One name twice with different documents in one registration: refused.
+    let outcome = reg
+        .register(&registration(
+            &c,
+            1,
+            vec![
+                policy("twice", Some(document("x"))),
+                policy("twice", Some(document("y"))),
+            ],
+        ))
+        .await
+        .unwrap();
+    refused_because(&outcome, &["\"twice\""]);
+    assert_eq!(snapshot(&reg).await, before);
+
+    // Twice with the same document (or once by name): attached once.
+    assert_eq!(
+        reg.register(&registration(
+            &c,
+            1,
+            vec![
+                policy("shared", None),
+                policy("fresh", Some(document("fresh/*"))),
+                policy("shared", Some(shared.clone())),
+                policy("fresh", None),
+            ],
+        ))
+        .await
+        .unwrap(),
+        registered(&["shared", "fresh"])
+    );
+    let state = reg
+        .device_state(&c.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.policies, ["fresh", "shared"]);
+    assert_eq!(count_kind(&reg, "policy.created").await, 2);
+    assert_eq!(count_kind(&reg, "policy.attached").await, 4);
+}
+
+/// A policy given by name only is attached if it exists, refused if it does not.
+async fn attach_existing_by_name(url: &str) {
+    let reg = open(url).await.unwrap();
+    let a = provisioned(&reg, "a").await;
+    let b = provisioned(&reg, "b").await;
+    let c = provisioned(&reg, "c").await;
+    reg.register(&registration(
+        &a,
+        1,
+        vec![policy("base", Some(document("base")))],
+    ))
+    .await
+    .unwrap();
+
+    assert_eq!(
+        reg.register(&registration(&b, 1, vec![policy("base", None)]))
+            .await
+            .unwrap(),
+        registered(&["base"])
+    );
+    let state = reg
+        .device_state(&b.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.policies, ["base"]);
+    assert!(state.certificate.registered_at.is_some());
+    assert_eq!(count_kind(&reg, "policy.created").await, 1);
+    let attached: Vec<EventRecord> = events_of(&reg, "b")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "policy.attached")
+        .collect();
+    assert_eq!(attached.len(), 1);
+    assert_eq!(attached[0].serial.as_deref(), Some(serial(&b)));
+    assert_eq!(attached[0].detail["policy"], "base");
+
+    let before = snapshot(&reg).await;
+    let outcome = reg
+        .register(&registration(
+            &c,
+            1,
+            vec![policy("base", None), policy("missing", None)],
+        ))
+        .await
+        .unwrap();
+    refused_because(&outcome, &["\"missing\"", "does not exist"]);
+    assert_eq!(snapshot(&reg).await, before);
+    assert_eq!(reg.get_policy("missing").await.unwrap(), None);
+}
+
+/// A registration computed from an outdated thing is turned back; nothing is written.
+async fn thing_changed_on_version_mismatch(url: &str) {
+    let reg = open(url).await.unwrap();
+    let a = provisioned(&reg, "t1").await;
+    let before = snapshot(&reg).await;
+    for stale in [0, 2] {
+        assert_eq!(
+            reg.register(&registration(
+                &a,
+                stale,
+                vec![policy("p", Some(document("p")))]
+            ))
+            .await
+            .unwrap(),
+            RegistrationOutcome::ThingChanged
+        );
+    }
+    assert_eq!(snapshot(&reg).await, before);
+    assert_eq!(reg.get_policy("p").await.unwrap(), None);
+
+    // A template change through record_issued bumps the version.
+    let mut second = expecting(record("t1", AT + 10), &[serial(&a)]);
+    second.template = Some("v2".to_owned());
+    assert_eq!(reg.record_issued(&[second]).await.unwrap(), vec![EXISTING]);
+    let thing = reg.get_thing("t1").await.unwrap().unwrap();
+    assert_eq!((thing.template.as_deref(), thing.version), (Some("v2"), 2));
+    assert_eq!(
+        reg.register(&registration(&a, 1, Vec::new()))
+            .await
+            .unwrap(),
+        RegistrationOutcome::ThingChanged
+    );
+    assert_eq!(
+        reg.register(&registration(&a, 2, Vec::new()))
+            .await
+            .unwrap(),
+        registered(&[])
+    );
+    assert_eq!(reg.get_thing("t1").await.unwrap().unwrap().version, 3);
+}
+
+/// Unknown, superseded and revoked certificates, and a certificate of another thing, are
+/// refused with a reason; nothing is written.
+async fn registration_refusals(url: &str) {
+    let reg = open(url).await.unwrap();
+    let a = provisioned(&reg, "t1").await;
+    let b = superseding(record("t1", AT + 1), &[serial(&a)]);
+    reg.record_issued(std::slice::from_ref(&b)).await.unwrap();
+    let c = provisioned(&reg, "t2").await;
+    let d = revoking(record("t2", AT + 1), &[serial(&c)]);
+    reg.record_issued(std::slice::from_ref(&d)).await.unwrap();
+    let e = provisioned(&reg, "t3").await;
+    let before = snapshot(&reg).await;
+    let policies = || vec![policy("p", Some(document("p")))];
+
+    let mut unknown = registration(&a, 1, policies());
+    unknown.serial = "ffffffffffffffffffffffffffffffff".to_owned();
+    refused_because(
+        &reg.register(&unknown).await.unwrap(),
+        &["ffffffffffffffffffffffffffffffff", "not in the registry"],
+    );
+    refused_because(
+        &reg.register(&registration(&a, 1, policies()))
+            .await
+            .unwrap(),
+        &[serial(&a), "superseded"],
+    );
+    refused_because(
+        &reg.register(&registration(&c, 1, policies()))
+            .await
+            .unwrap(),
+        &[serial(&c), "revoked"],
+    );
+    let mut elsewhere = registration(&e, 1, policies());
+    elsewhere.thing_name = "t1".to_owned();
+    refused_because(
+        &reg.register(&elsewhere).await.unwrap(),
+        &[serial(&e), "\"t3\"", "\"t1\""],
+    );
+    elsewhere.thing_name = "no-such-thing".to_owned();
+    refused_because(&reg.register(&elsewhere).await.unwrap(), &["belongs to"]);
+    assert_eq!(snapshot(&reg).await, before);
+
+    // The active certificates still register.
+    for r in [&b, &d, &e] {
+        assert_eq!(
+            reg.register(&registration(r, 1, policies())).await.unwrap(),
+            registered(&["p"])
+        );
+    }
+}
+
+/// Ten concurrent first connects of one device (through ten registries, as ten server
+/// processes would): exactly one registration.
+async fn concurrent_registration_once(url: &str) {
+    let reg = open(url).await.unwrap();
+    let r = provisioned(&reg, "racer").await;
+    let mut registries = Vec::new();
+    for _ in 0..10 {
+        registries.push(open(url).await.unwrap());
+    }
+    let registration = registration(
+        &r,
+        1,
+        vec![
+            policy("pub", Some(document("pub"))),
+            policy("sub", Some(document("sub"))),
+        ],
+    );
+    let tasks: Vec<_> = registries
+        .iter()
+        .map(|reg| {
+            let (reg, registration) = (reg.clone(), registration.clone());
+            tokio::spawn(async move { reg.register(&registration).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap().unwrap());
+    }
+    let won = outcomes
+        .iter()
+        .filter(|o| **o == registered(&["pub", "sub"]))
+        .count();
+    let lost = outcomes
+        .iter()
+        .filter(|o| **o == already(&["pub", "sub"]))
+        .count();
+    assert_eq!((won, lost), (1, 9), "{outcomes:?}");
+    let state = reg
+        .device_state(&r.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.policies, ["pub", "sub"]);
+    assert_eq!(state.thing.version, 2);
+    for (kind, n) in [
+        ("thing.updated", 1),
+        ("policy.created", 2),
+        ("policy.attached", 2),
+        ("certificate.registered", 1),
+    ] {
+        assert_eq!(count_kind(&reg, kind).await, n, "{kind}");
+    }
+
+    // Ten devices at once creating the same new policy: all registered, one creation.
+    let records: Vec<IssueRecord> = (0..10).map(|i| record(&format!("d{i}"), AT)).collect();
+    reg.record_issued(&records).await.unwrap();
+    let tasks: Vec<_> = records
+        .iter()
+        .zip(&registries)
+        .map(|(r, reg)| {
+            let reg = reg.clone();
+            let registration = self::registration(
+                r,
+                1,
+                vec![
+                    policy("fleet", Some(document("fleet/*"))),
+                    policy("pub", None),
+                ],
+            );
+            tokio::spawn(async move { reg.register(&registration).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), registered(&["fleet", "pub"]));
+    }
+    assert_eq!(count_kind(&reg, "policy.created").await, 3);
+    assert_eq!(count_kind(&reg, "certificate.registered").await, 11);
+    let created: Vec<EventRecord> = reg
+        .list_events(&EventFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "policy.created" && e.detail["policy"] == "fleet")
+        .collect();
+    assert_eq!(created.len(), 1);
+}
+
+/// Connection records: newest first, pruned to the newest 32 per certificate.
+async fn connections_are_pruned(url: &str) {
+    let reg = open(url).await.unwrap();
+    let conn = |fp: &str, i: i64| ConnectionRecord {
+        fingerprint_sha256: fp.to_owned(),
+        thing_name: format!("thing-{fp}"),
+        client_addr: format!("10.0.0.{}:5000", i % 250),
+        at: AT + i,
+    };
+    let (fa, fb, fc) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+    // Two flushes for `fa` (20 + 20), interleaved with three for `fb`.
+    for half in [0..20, 20..40] {
+        let mut batch = Vec::new();
+        for i in half {
+            batch.push(conn(&fa, i));
+            if i % 10 == 0 {
+                batch.push(conn(&fb, i));
+            }
+        }
+        reg.record_connections(&batch).await.unwrap();
+    }
+    // One flush of 50 for `fc`.
+    let batch: Vec<ConnectionRecord> = (0..50).map(|i| conn(&fc, i)).collect();
+    reg.record_connections(&batch).await.unwrap();
+    reg.record_connections(&[]).await.unwrap();
+
+    let ats = |v: Vec<ConnectionRecord>| v.into_iter().map(|c| c.at - AT).collect::<Vec<_>>();
+    let a = reg.recent_connections(&fa).await.unwrap();
+    assert_eq!(a.len(), MAX_CONNECTIONS_PER_CERTIFICATE);
+    assert_eq!(a[0], conn(&fa, 39));
+    assert_eq!(ats(a), (8..40).rev().collect::<Vec<_>>());
+    assert_eq!(
+        ats(reg.recent_connections(&fb).await.unwrap()),
+        [30, 20, 10, 0]
+    );
+    assert_eq!(
+        ats(reg.recent_connections(&fc).await.unwrap()),
+        (18..50).rev().collect::<Vec<_>>()
+    );
+    assert!(reg.recent_connections("none").await.unwrap().is_empty());
+
+    // Pruned in the database, not just hidden.
+    for (fp, kept) in [(&fa, 32), (&fb, 4), (&fc, 32)] {
+        let deleted = testing::execute_raw(
+            url,
+            &format!("DELETE FROM connections WHERE fingerprint_sha256 = '{fp}'"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(deleted, kept);
+    }
+}
+
+/// Revoked certificates are listed until they expire; superseded ones are not.
+async fn revoked_serials_exclude_expired(url: &str) {
+    let reg = open(url).await.unwrap();
+    let a = provisioned(&reg, "t1").await;
+    let a2 = revoking(record("t1", AT + 1), &[serial(&a)]);
+    let mut b = record("t2", AT);
+    b.certificate.not_after = AT + 10;
+    reg.record_issued(&[a2.clone(), b.clone()]).await.unwrap();
+    let b2 = revoking(record("t2", AT + 1), &[serial(&b)]);
+    let c = provisioned(&reg, "t3").await;
+    let c2 = superseding(record("t3", AT + 1), &[serial(&c)]);
+    reg.record_issued(&[b2, c2]).await.unwrap();
+
+    let mut both = vec![serial(&a).to_owned(), serial(&b).to_owned()];
+    both.sort();
+    assert_eq!(reg.revoked_serials(AT).await.unwrap(), both);
+    assert_eq!(reg.revoked_serials(AT + 10).await.unwrap(), both);
+    assert_eq!(reg.revoked_serials(AT + 11).await.unwrap(), [serial(&a)]);
+    assert!(
+        reg.revoked_serials(AT + 400 * DAY)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Backends
 
@@ -940,6 +1642,14 @@ stories!(
     concurrent_issue_one_wins,
     active_certificates_for_many_names,
     concurrent_open,
+    register_then_already_registered,
+    policy_reuse_and_refusal,
+    attach_existing_by_name,
+    thing_changed_on_version_mismatch,
+    registration_refusals,
+    concurrent_registration_once,
+    connections_are_pruned,
+    revoked_serials_exclude_expired,
 );
 
 // ---------------------------------------------------------------------------------------

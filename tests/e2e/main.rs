@@ -12,5 +12,7 @@ mod batch;
 mod ca;
 mod crash;
 mod demo;
+mod jitp;
 mod provision;
 mod services;
+mod templates;

@@ -1,0 +1,79 @@
+//! `fleetcert serve`: the JITP server until SIGTERM or Ctrl-C.
+use crate::args::ServeArgs;
+use crate::commands::{CliError, Ctx, failed, passphrase};
+use fleetcert_jitp::{Limits, Server, server_tls_config};
+use fleetcert_lifecycle::jitp::Jitp;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
+    fleetcert_templates::validate_name(&args.template).map_err(|e| CliError {
+        code: 2,
+        message: e.to_string(),
+    })?;
+    let ca = ctx.data().load_issuing_ca(passphrase().as_deref())?;
+    let registry = ctx.registry(false).await?;
+    let mut names = args.server_names.clone();
+    for default in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|n| n == default) {
+            names.push(default.to_owned());
+        }
+    }
+    let credentials = ctx.data().server_credentials(&ca, &names)?;
+    let jitp = Arc::new(
+        Jitp::new(
+            ctx.data(),
+            registry,
+            &args.template,
+            args.allow_overly_permissive,
+        )
+        .await?,
+    );
+    let tls = server_tls_config(
+        &credentials.chain_pem,
+        &credentials.key_pem,
+        ca.issuing_cert_pem(),
+        jitp.revocation(),
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    let server = Server::bind(
+        args.listen,
+        args.admin_listen,
+        tls,
+        jitp.clone(),
+        Limits::default(),
+    )
+    .await
+    .map_err(|e| failed(e.to_string()))?;
+    let (device_addr, admin_addr) = server.local_addrs().map_err(|e| failed(e.to_string()))?;
+    let out = ctx.out();
+    if out.is_json() {
+        out.json(&serde_json::json!({
+            "listening": device_addr,
+            "admin": admin_addr,
+            "server_names": credentials.names,
+            "server_certificate_issued": credentials.issued,
+            "template": args.template,
+        }));
+    } else {
+        out.note(format!(
+            "fleetcert serve: devices on https://{device_addr} (mutual TLS, POST /v1/connect), admin on http://{admin_addr} (/healthz, /metrics); server certificate for {} {}",
+            credentials.names.join(", "),
+            if credentials.issued { "issued now" } else { "reused" }
+        ));
+    }
+    let upkeep = tokio::spawn(jitp.clone().run_upkeep());
+    server.run(shutdown_signal()).await;
+    upkeep.abort();
+    out.note("fleetcert serve: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,62 @@
+//! The admin listener: plain HTTP, loopback by default. `/healthz` and `/metrics`.
+use crate::Metrics;
+use bytes::Bytes;
+use fleetcert_lifecycle::jitp::Jitp;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, jitp: Arc<Jitp>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let jitp = jitp.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    let jitp = jitp.clone();
+                    async move {
+                        let (status, content_type, body) = match (req.method(), req.uri().path()) {
+                            (&Method::GET, "/healthz") => match jitp.health().await {
+                                Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                                Err(e) => (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "text/plain",
+                                    format!("unhealthy: {e}\n"),
+                                ),
+                            },
+                            (&Method::GET, "/metrics") => (
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                metrics.encode(),
+                            ),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "text/plain",
+                                "not found\n".to_owned(),
+                            ),
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .header("content-type", content_type)
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("valid response"),
+                        )
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

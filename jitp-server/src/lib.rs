@@ -1,0 +1,284 @@
+//! fleetcert's JITP server: a mutual-TLS HTTP/1.1 listener for devices and a plain-HTTP
+//! admin listener for operators.
+//!
+//! Thin by design: TLS, HTTP, limits and metrics live here; what a connection *means*
+//! (first connect, returning device, refusal) is decided by
+//! [`fleetcert_lifecycle::jitp::Jitp`].
+//!
+//! Defaults, and why:
+//! - TLS 1.2 and 1.3 only, ring's ECDHE + AEAD suites only (AWS IoT's recommended set).
+//! - Client certificates must chain to the fleet's *issuing* CA (it is the trust anchor,
+//!   so devices that send only their leaf certificate work) and must not be revoked; the
+//!   revocation view is refreshed from the registry every couple of seconds, so a
+//!   revocation takes effect without a restart.
+//! - A device is answered in the connection it opened: no dropped first connection.
+//! - Limits: 10 s to finish the handshake, 10 s to send a request, 64 KiB bodies, 4,096
+//!   concurrent connections; on shutdown, requests in flight finish (up to 10 s).
+#![forbid(unsafe_code)]
+
+mod admin;
+mod client;
+mod metrics;
+mod tls;
+
+pub use client::DeviceClient;
+pub use metrics::Metrics;
+pub use tls::{TlsError, server_tls_config};
+
+use bytes::Bytes;
+use fleetcert_lifecycle::jitp::{ConnectOutcome, Jitp};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_body_bytes: 64 * 1024,
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bound listeners, ready to serve.
+pub struct Server {
+    device_listener: TcpListener,
+    admin_listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    jitp: Arc<Jitp>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+impl Server {
+    /// Binds both listeners (port 0 picks a free port; see [`Server::local_addrs`]).
+    pub async fn bind(
+        listen: SocketAddr,
+        admin_listen: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        jitp: Arc<Jitp>,
+        limits: Limits,
+    ) -> std::io::Result<Self> {
+        let device_listener = TcpListener::bind(listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}"))
+        })?;
+        let admin_listener = TcpListener::bind(admin_listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {admin_listen}: {e}"))
+        })?;
+        Ok(Server {
+            device_listener,
+            admin_listener,
+            tls: tokio_rustls::TlsAcceptor::from(tls),
+            jitp,
+            metrics: Arc::new(Metrics::new()),
+            limits,
+        })
+    }
+
+    /// (device listener, admin listener) addresses actually bound.
+    pub fn local_addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((
+            self.device_listener.local_addr()?,
+            self.admin_listener.local_addr()?,
+        ))
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
+    /// finish (up to [`Limits::shutdown_grace`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            device_listener,
+            admin_listener,
+            tls,
+            jitp,
+            metrics,
+            limits,
+        } = self;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), jitp.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = device_listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                metrics.rejected("connection_limit");
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = tls.clone();
+            let jitp = jitp.clone();
+            let metrics = metrics.clone();
+            let limits = limits.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let started = Instant::now();
+                let stream =
+                    match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            metrics.handshake_failed(&e);
+                            tracing::debug!(%peer, "handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.rejected("handshake_timeout");
+                            return;
+                        }
+                    };
+                metrics.handshake_ok(started.elapsed());
+                let Some(cert) = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.as_ref().to_vec())
+                else {
+                    // The verifier requires a certificate; this cannot happen.
+                    metrics.rejected("no_client_certificate");
+                    return;
+                };
+                let cert = Arc::new(cert);
+                let service = hyper::service::service_fn(move |req| {
+                    let jitp = jitp.clone();
+                    let metrics = metrics.clone();
+                    let cert = cert.clone();
+                    let max_body = limits.max_body_bytes;
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            handle(req, &jitp, &metrics, &cert, peer, max_body).await,
+                        )
+                    }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.request_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+        drop(device_listener);
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(limits.shutdown_grace) => {
+                tracing::warn!("shutdown grace period over; closing remaining connections");
+            }
+        }
+        admin.abort();
+        jitp.flush().await;
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())))
+        .expect("valid response")
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &serde_json::json!({ "error": code, "message": message }),
+    )
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    jitp: &Jitp,
+    metrics: &Metrics,
+    cert: &[u8],
+    peer: SocketAddr,
+    max_body: usize,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    // Read (and bound) the body even where it is ignored, so a client cannot stream
+    // without limit.
+    if Limited::new(body, max_body).collect().await.is_err() {
+        metrics.rejected("body_too_large");
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("request bodies are limited to {max_body} bytes"),
+        );
+    }
+    match (&parts.method, parts.uri.path()) {
+        (&Method::POST, "/v1/connect") => match jitp.connect(cert, peer).await {
+            Ok(ConnectOutcome::Provisioned(reply)) => {
+                metrics.connect("provisioned", started.elapsed());
+                json_response(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(&reply).unwrap_or_default(),
+                )
+            }
+            Ok(ConnectOutcome::Known(reply)) => {
+                metrics.connect("known", started.elapsed());
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&reply).unwrap_or_default(),
+                )
+            }
+            Err(refusal) => {
+                metrics.rejected(refusal.code);
+                let status = if refusal.retryable {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::FORBIDDEN
+                };
+                error_response(status, refusal.code, &refusal.message)
+            }
+        },
+        (_, "/v1/connect") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST /v1/connect",
+        ),
+        (_, path) => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no such endpoint: {path}"),
+        ),
+    }
+}

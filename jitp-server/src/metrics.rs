@@ -1,0 +1,150 @@
+//! Prometheus metrics for `/metrics` on the admin listener.
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+fn latency_buckets() -> Histogram {
+    // 0.5 ms .. ~4 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 14,
+    ))
+}
+
+/// Counters and latency histograms of the device listener.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Family<ResultLabel, Counter>,
+    connects: Family<StatusLabel, Counter>,
+    rejections: Family<ReasonLabel, Counter>,
+    handshake_seconds: Histogram,
+    connect_seconds: Family<StatusLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fleetcert");
+        let handshakes = Family::<ResultLabel, Counter>::default();
+        let connects = Family::<StatusLabel, Counter>::default();
+        let rejections = Family::<ReasonLabel, Counter>::default();
+        let handshake_seconds = latency_buckets();
+        let connect_seconds =
+            Family::<StatusLabel, Histogram>::new_with_constructor(latency_buckets as fn() -> _);
+        registry.register(
+            "tls_handshakes",
+            "mutual-TLS handshakes on the device listener, by result",
+            handshakes.clone(),
+        );
+        registry.register(
+            "connects",
+            "POST /v1/connect answered, by status (provisioned = first connect, known = returning)",
+            connects.clone(),
+        );
+        registry.register(
+            "rejections",
+            "connections or requests refused, by reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "tls_handshake_seconds",
+            "time to complete a mutual-TLS handshake",
+            handshake_seconds.clone(),
+        );
+        registry.register(
+            "connect_seconds",
+            "time to answer POST /v1/connect, by status",
+            connect_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            handshakes,
+            connects,
+            rejections,
+            handshake_seconds,
+            connect_seconds,
+        }
+    }
+
+    pub(crate) fn handshake_ok(&self, took: Duration) {
+        self.handshakes
+            .get_or_create(&ResultLabel {
+                result: "ok".into(),
+            })
+            .inc();
+        self.handshake_seconds.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn handshake_failed(&self, error: &std::io::Error) {
+        self.handshakes
+            .get_or_create(&ResultLabel {
+                result: "failed".into(),
+            })
+            .inc();
+        let reason = match error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+                "certificate_revoked"
+            }
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)) => {
+                "certificate_expired"
+            }
+            Some(rustls::Error::InvalidCertificate(_)) => "certificate_invalid",
+            Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
+            Some(rustls::Error::PeerIncompatible(_)) => "incompatible_client",
+            Some(_) => "tls_error",
+            None => "io_error",
+        };
+        self.rejected(reason);
+    }
+
+    pub(crate) fn rejected(&self, reason: &str) {
+        self.rejections
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn connect(&self, status: &str, took: Duration) {
+        let label = StatusLabel {
+            status: status.to_owned(),
+        };
+        self.connects.get_or_create(&label).inc();
+        self.connect_seconds
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,327 @@
+//! The JITP server with real clients: curl and openssl over mutual TLS on loopback.
+use crate::util::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `fleetcert serve`, stopped with SIGTERM when dropped.
+pub struct Served {
+    child: Child,
+    pub device: String,
+    pub admin: String,
+}
+
+impl Served {
+    pub fn start(env: &Env, extra: &[&str]) -> Served {
+        let mut cmd = env.cmd();
+        cmd.args([
+            "--output",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("serve did not start ({e}): {line:?}"));
+        Served {
+            child,
+            device: ready["listening"].as_str().unwrap().to_owned(),
+            admin: ready["admin"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+/// The root CA file clients trust. Written once per environment: rewriting it while
+/// another client reads it would race.
+pub fn trust_anchor(env: &Env) -> std::path::PathBuf {
+    let root = env.path("trust-anchor.pem");
+    if !root.exists() {
+        let (exported, _) = env.chain_files();
+        std::fs::rename(exported, &root).unwrap();
+    }
+    root
+}
+
+/// curl as a device: POST /v1/connect with its certificate; returns (HTTP status, body).
+pub fn curl_connect(env: &Env, served: &Served, cert: &Path, key: &Path) -> (u16, String) {
+    let root = trust_anchor(env);
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-X",
+            "POST",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&root)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg(format!("https://{}/v1/connect", served.device))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        eprintln!("curl: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (code, body.to_owned())
+}
+
+fn metrics(served: &Served) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/metrics", served.admin))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn device(env: &Env, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    env.ok(&["provision", name, "--out", "out"]);
+    (
+        env.out_dir().join(format!("{name}.crt")),
+        env.out_dir().join(format!("{name}.key")),
+    )
+}
+
+#[test]
+fn first_connect_provisions_in_the_same_connection_then_known() {
+    let env = Env::new();
+    env.init_ca();
+    let (cert, key) = device(&env, "sensor-1");
+    let served = Served::start(&env, &[]);
+
+    let (status, body) = curl_connect(&env, &served, &cert, &key);
+    assert_eq!(status, 201, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["thing_name"], "sensor-1");
+    assert_eq!(reply["status"], "provisioned");
+    assert_eq!(reply["policies"][0], "fleetcert-device-default");
+    assert_eq!(
+        reply["certificate_serial"].as_str().unwrap(),
+        serial_of(&cert)
+    );
+    assert_eq!(reply["rotation_due"], false);
+
+    let (status, body) = curl_connect(&env, &served, &cert, &key);
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["status"], "known");
+    assert_eq!(reply["policies"][0], "fleetcert-device-default");
+
+    let health = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/healthz", served.admin))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "ok");
+    let m = metrics(&served);
+    assert_eq!(
+        metric(&m, "fleetcert_connects_total{status=\"provisioned\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fleetcert_connects_total{status=\"known\"}"),
+        1.0,
+        "{m}"
+    );
+
+    let status = served.stop();
+    assert!(status.success(), "serve exited with {status:?} on SIGTERM");
+    let events = env.json(&["things", "show", "sensor-1"])["events"].clone();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"certificate.registered"), "{kinds:?}");
+    assert!(kinds.contains(&"policy.attached"), "{kinds:?}");
+}
+
+#[test]
+fn ten_concurrent_first_connects_register_one_thing_once() {
+    let env = Env::new();
+    env.init_ca();
+    let (cert, key) = device(&env, "racer");
+    let served = Served::start(&env, &[]);
+    trust_anchor(&env);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|_| s.spawn(|| curl_connect(&env, &served, &cert, &key).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        9,
+        "{statuses:?}"
+    );
+    drop(served);
+    let shown = env.json(&["things", "show", "racer"]);
+    let registered = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "certificate.registered")
+        .count();
+    assert_eq!(registered, 1);
+    assert_eq!(env.json(&["things", "list"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn strangers_are_refused_at_the_handshake() {
+    let env = Env::new();
+    env.init_ca();
+    let (cert, key) = device(&env, "member");
+    // A device of another fleet: same name, different CA.
+    let other = Env::new();
+    other.init_ca();
+    let (foreign_cert, foreign_key) = device(&other, "member");
+    let served = Served::start(&env, &[]);
+
+    let (status, _) = curl_connect(&env, &served, &foreign_cert, &foreign_key);
+    assert_eq!(
+        status, 0,
+        "a certificate from another CA got an HTTP answer"
+    );
+
+    let (root, _) = env.chain_files();
+    let anonymous = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            "POST",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+        ])
+        .arg(&root)
+        .arg(format!("https://{}/v1/connect", served.device))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&anonymous.stdout),
+        "000",
+        "no client certificate got an answer"
+    );
+
+    // TLS 1.1 is refused even with a valid certificate.
+    let tls11 = Command::new("openssl")
+        .args(["s_client", "-tls1_1", "-connect", &served.device, "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!tls11.status.success(), "TLS 1.1 handshake succeeded");
+
+    // openssl with TLS 1.2 and a valid certificate works, as a second real client.
+    let mut tls12 = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-tls1_2",
+            "-connect",
+            &served.device,
+            "-CAfile",
+        ])
+        .arg(&root)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    tls12
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"POST /v1/connect HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let output = tls12.wait_with_output().unwrap();
+    let response = String::from_utf8_lossy(&output.stdout);
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+
+    let m = metrics(&served);
+    assert!(
+        metric(
+            &m,
+            "fleetcert_rejections_total{reason=\"certificate_invalid\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "fleetcert_rejections_total{reason=\"no_client_certificate\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+}
