@@ -55,6 +55,9 @@ pub enum Command {
     /// Provisioning templates: lint files, list the data directory's templates.
     #[command(subcommand)]
     Templates(TemplatesCommand),
+    /// Policies stored by first connects (with their policy variables, as AWS keeps them).
+    #[command(subcommand)]
+    Policies(PoliciesCommand),
     /// Things in the registry.
     #[command(subcommand)]
     Things(ThingsCommand),
@@ -166,6 +169,19 @@ pub enum TemplatesCommand {
     },
     /// Templates in <data-dir>/templates/ (plus the built-in `default`), with their status.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoliciesCommand {
+    /// All stored policies, by name.
+    List,
+    /// One policy's document; with --thing, the effective policy for that thing (policy
+    /// variables substituted).
+    Show {
+        name: String,
+        #[arg(long)]
+        thing: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -114,6 +114,10 @@ pub async fn run(cli: Cli) -> CmdResult {
             crate::templates_cmd::lint(&ctx, &files)
         }
         Command::Templates(TemplatesCommand::List) => crate::templates_cmd::list(&ctx),
+        Command::Policies(PoliciesCommand::List) => policies_list(&ctx).await,
+        Command::Policies(PoliciesCommand::Show { name, thing }) => {
+            policies_show(&ctx, &name, thing.as_deref()).await
+        }
         Command::Serve(args) => crate::serve::run(&ctx, args).await,
         Command::Things(ThingsCommand::List { limit }) => things_list(&ctx, limit).await,
         Command::Things(ThingsCommand::Show { name }) => things_show(&ctx, &name).await,
@@ -471,6 +475,7 @@ fn cert_json(c: &CertificateRecord) -> serde_json::Value {
         "issuer": c.issuer,
         "created_at": timestamp(c.created_at),
         "delivered_at": c.delivered_at.map(timestamp),
+        "registered_at": c.registered_at.map(timestamp),
         "revoked_at": c.revoked_at.map(timestamp),
         "revocation_reason": c.revocation_reason,
     })
@@ -507,17 +512,28 @@ async fn things_show(ctx: &Ctx, name: &str) -> CmdResult {
             ..Default::default()
         })
         .await?;
+    let policies: Vec<String> = registry
+        .policies_of_thing(name)
+        .await?
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     if ctx.out.is_json() {
         ctx.out.json(&json!({
             "thing": thing,
+            "policies": policies,
             "certificates": certs.iter().map(cert_json).collect::<Vec<_>>(),
             "events": events,
         }));
     } else {
         ctx.out.line(format!(
-            "thing {}\n  template: {}\n  created:  {}\n  updated:  {}\ncertificates:",
+            "thing {}\n  template:   {}\n  type:       {}\n  attributes: {}\n  groups:     {}\n  policies:   {}\n  created:    {}\n  updated:    {}\ncertificates:",
             thing.name,
             thing.template.as_deref().unwrap_or("-"),
+            thing.details.thing_type.as_deref().unwrap_or("-"),
+            serde_json::to_string(&thing.details.attributes).unwrap_or_default(),
+            thing.details.groups.join(", "),
+            policies.join(", "),
             timestamp(thing.created_at),
             timestamp(thing.updated_at)
         ));
@@ -575,4 +591,53 @@ async fn certs_list(
 
 pub async fn demo(ctx: &Ctx, args: DemoArgs) -> CmdResult {
     crate::demo::run(ctx.out, args).await
+}
+
+async fn policies_list(ctx: &Ctx) -> CmdResult {
+    let registry = ctx.registry(false).await?;
+    let policies = registry.list_policies().await?;
+    if ctx.out.is_json() {
+        ctx.out.json(&policies);
+    } else {
+        for p in &policies {
+            ctx.out.line(format!(
+                "{:<40} updated {}",
+                p.name,
+                timestamp(p.updated_at)
+            ));
+        }
+        ctx.out.note(format!("{} policies", policies.len()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn policies_show(ctx: &Ctx, name: &str, thing: Option<&str>) -> CmdResult {
+    let registry = ctx.registry(false).await?;
+    let policy = registry
+        .get_policy(name)
+        .await?
+        .ok_or_else(|| failed(format!("no policy named {name:?} in the registry")))?;
+    let document = match thing {
+        None => policy.document.clone(),
+        Some(thing) => {
+            ThingName::parse(thing)?;
+            if registry.get_thing(thing).await?.is_none() {
+                return Err(failed(format!("no thing named {thing:?} in the registry")));
+            }
+            // Client ID = thing name (AWS IoT practice), so both variables resolve alike.
+            fleetcert_templates::effective_policy(&policy.document, thing, thing)
+        }
+    };
+    if ctx.out.is_json() {
+        ctx.out.json(&json!({
+            "name": policy.name,
+            "thing": thing,
+            "effective": thing.is_some(),
+            "document": document,
+        }));
+    } else {
+        ctx.out
+            .line(serde_json::to_string_pretty(&document).unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
 }

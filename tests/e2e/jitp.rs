@@ -325,3 +325,182 @@ fn strangers_are_refused_at_the_handshake() {
         "{m}"
     );
 }
+
+/// A template with thing details and a policy scoped by the thing name: the thing gets
+/// them on first connect, and the stored policy keeps its variables.
+const SENSOR_TEMPLATE: &str = r#"
+Parameters:
+  AWS::IoT::Certificate::CommonName: {Type: String}
+Resources:
+  thing:
+    Type: AWS::IoT::Thing
+    Properties:
+      ThingName: {Ref: "AWS::IoT::Certificate::CommonName"}
+      ThingTypeName: thermometer
+      AttributePayload: {line: "3"}
+      ThingGroups: [plant-a]
+  policy:
+    Type: AWS::IoT::Policy
+    Properties:
+      PolicyName: sensor-policy
+      PolicyDocument: '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/sensors/${iot:Connection.Thing.ThingName}/*"}]}'
+"#;
+
+/// Needs the subject's Country, which fleetcert's device certificates do not carry.
+const NEEDS_COUNTRY: &str = r#"
+Parameters:
+  AWS::IoT::Certificate::CommonName: {Type: String}
+  AWS::IoT::Certificate::Country: {Type: String}
+Resources:
+  thing:
+    Type: AWS::IoT::Thing
+    Properties:
+      ThingName: {Ref: "AWS::IoT::Certificate::CommonName"}
+      AttributePayload: {country: {Ref: "AWS::IoT::Certificate::Country"}}
+"#;
+
+#[test]
+fn the_template_shapes_the_thing_and_its_policy() {
+    let env = Env::new();
+    env.init_ca();
+    let dir = env.data_dir().join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sensor.yaml"), SENSOR_TEMPLATE).unwrap();
+    std::fs::write(dir.join("needs-country.yaml"), NEEDS_COUNTRY).unwrap();
+    env.ok(&[
+        "provision",
+        "temp-1",
+        "--template",
+        "sensor",
+        "--out",
+        "out",
+    ]);
+    env.ok(&[
+        "provision",
+        "temp-2",
+        "--template",
+        "needs-country",
+        "--out",
+        "out",
+    ]);
+    let served = Served::start(&env, &[]);
+    let out = env.out_dir();
+
+    let (status, body) = curl_connect(
+        &env,
+        &served,
+        &out.join("temp-1.crt"),
+        &out.join("temp-1.key"),
+    );
+    assert_eq!(status, 201, "{body}");
+    let shown = env.json(&["things", "show", "temp-1"]);
+    assert!(
+        shown["certificates"][0]["registered_at"].is_string(),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["thing"]["details"]["thing_type"], "thermometer",
+        "{shown}"
+    );
+    assert_eq!(shown["thing"]["details"]["attributes"]["line"], "3");
+    assert_eq!(shown["thing"]["details"]["groups"][0], "plant-a");
+    assert_eq!(shown["policies"][0], "sensor-policy");
+    let stored = env.json(&["policies", "show", "sensor-policy"]);
+    let text = stored["document"].to_string();
+    assert!(text.contains("${iot:Connection.Thing.ThingName}"), "{text}");
+    let effective = env.json(&["policies", "show", "sensor-policy", "--thing", "temp-1"]);
+    let text = effective["document"].to_string();
+    assert!(
+        text.contains("topic/sensors/temp-1/*") && !text.contains("${iot:"),
+        "{text}"
+    );
+
+    // A template that cannot be rendered for this certificate: 403, nothing half done.
+    let (status, body) = curl_connect(
+        &env,
+        &served,
+        &out.join("temp-2.crt"),
+        &out.join("temp-2.key"),
+    );
+    assert_eq!(status, 403, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "template_failed");
+    assert!(
+        error["message"].as_str().unwrap().contains("Country"),
+        "{body}"
+    );
+    let shown = env.json(&["things", "show", "temp-2"]);
+    assert!(shown["policies"].as_array().unwrap().is_empty(), "{shown}");
+    assert!(
+        shown["certificates"][0]["registered_at"].is_null(),
+        "{shown}"
+    );
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        !kinds.contains(&"certificate.registered") && !kinds.contains(&"policy.attached"),
+        "{kinds:?}"
+    );
+    assert_eq!(env.json(&["policies", "list"]).as_array().unwrap().len(), 1);
+
+    // Bodies are bounded.
+    let big = env.path("big.bin");
+    std::fs::write(&big, vec![b'x'; 200 * 1024]).unwrap();
+    let root = trust_anchor(&env);
+    let res = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+        ])
+        .arg(&root)
+        .arg("--cert")
+        .arg(out.join("temp-1.crt"))
+        .arg("--key")
+        .arg(out.join("temp-1.key"))
+        .arg("--data-binary")
+        .arg(format!("@{}", big.display()))
+        .arg(format!("https://{}/v1/connect", served.device))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&res.stdout), "413");
+}
+
+#[test]
+fn serve_refuses_an_overly_permissive_template_at_start() {
+    let env = Env::new();
+    env.init_ca();
+    let dir = env.data_dir().join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("wide.yaml"),
+        SENSOR_TEMPLATE.replace(
+            "topic/sensors/${iot:Connection.Thing.ThingName}/*",
+            "topic/*",
+        ),
+    )
+    .unwrap();
+    let err = env.fails(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("ALLOWS_BROAD_ACCESS_TO_IOT_DATA_PLANE_ACTIONS"),
+        "{err}"
+    );
+}
