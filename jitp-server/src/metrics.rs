@@ -111,8 +111,15 @@ impl Metrics {
             Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
                 "certificate_revoked"
             }
-            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)) => {
-                "certificate_expired"
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            )) => "certificate_expired",
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidYet
+                | rustls::CertificateError::NotValidYetContext { .. },
+            )) => "certificate_not_yet_valid",
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+                "certificate_unknown_issuer"
             }
             Some(rustls::Error::InvalidCertificate(_)) => "certificate_invalid",
             Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",

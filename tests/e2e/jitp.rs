@@ -504,3 +504,60 @@ fn serve_refuses_an_overly_permissive_template_at_start() {
         "{err}"
     );
 }
+
+/// A certificate from the fleet's own issuing CA that expired: refused at the handshake.
+/// (fleetcert never issues one in the past, so openssl's `ca` signs it with the CA key.)
+#[test]
+fn an_expired_certificate_is_refused_at_the_handshake() {
+    let env = Env::new();
+    env.init_ca();
+    let dir = env.path("openssl-ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "1000\n").unwrap();
+    let config = dir.join("ca.cnf");
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\ndefault_ca = fleet\n[fleet]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\nserial = {d}/serial\ndefault_md = sha256\npolicy = any\ncopy_extensions = none\nunique_subject = no\n[any]\ncommonName = supplied\n[device]\nbasicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let csr = p256_csr(env.dir.path(), "old-device");
+    let cert = env.path("old-device.crt");
+    let ca = env.data_dir().join("ca");
+    openssl(&[
+        "ca",
+        "-batch",
+        "-notext",
+        "-config",
+        config.to_str().unwrap(),
+        "-cert",
+        ca.join("issuing.crt").to_str().unwrap(),
+        "-keyfile",
+        ca.join("issuing.key").to_str().unwrap(),
+        "-in",
+        csr.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+        "-startdate",
+        "20200101000000Z",
+        "-enddate",
+        "20200201000000Z",
+        "-extensions",
+        "device",
+    ]);
+    let served = Served::start(&env, &[]);
+    let (status, _) = curl_connect(&env, &served, &cert, &env.path("old-device.devkey"));
+    assert_eq!(status, 0, "an expired certificate got an HTTP answer");
+    let m = metrics(&served);
+    assert_eq!(
+        metric(
+            &m,
+            "fleetcert_rejections_total{reason=\"certificate_expired\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
