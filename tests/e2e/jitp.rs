@@ -561,3 +561,48 @@ fn an_expired_certificate_is_refused_at_the_handshake() {
         "{m}"
     );
 }
+
+/// A revocation recorded in the registry reaches the running server's handshake within
+/// seconds, without a restart. (`fleetcert revoke` comes with rotation; here the registry
+/// row is changed directly.)
+#[test]
+fn a_revocation_takes_effect_on_a_running_server() {
+    let env = Env::new();
+    env.init_ca();
+    let (cert, key) = device(&env, "stolen");
+    let served = Served::start(&env, &[]);
+    assert_eq!(curl_connect(&env, &served, &cert, &key).0, 201);
+    let serial = serial_of(&cert);
+    let db = env.data_dir().join("registry.db");
+    let rows = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(fleetcert_registry::testing::execute_raw(
+            db.to_str().unwrap(),
+            &format!(
+                "UPDATE certificates SET status = 'revoked', revoked_at = strftime('%s','now'), \
+                 revocation_reason = 'keyCompromise' WHERE serial = '{serial}'"
+            ),
+        ))
+        .unwrap();
+    assert_eq!(rows, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = curl_connect(&env, &served, &cert, &key);
+        if status == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still answered {status} after revocation"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let m = metrics(&served);
+    assert!(
+        metric(
+            &m,
+            "fleetcert_rejections_total{reason=\"certificate_revoked\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+}
