@@ -156,6 +156,18 @@ pub struct ServeArgs {
     /// Load templates whose policies fail the least-privilege lint.
     #[arg(long)]
     pub allow_overly_permissive: bool,
+    /// Time a device has to complete the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: std::time::Duration,
+    /// Time a device has to send its request headers.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// Largest request body accepted (bytes).
+    #[arg(long, default_value_t = 65536)]
+    pub max_body_bytes: usize,
+    /// Concurrent device connections; more are closed at once.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Subcommand)]

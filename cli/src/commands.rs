@@ -518,10 +518,16 @@ async fn things_show(ctx: &Ctx, name: &str) -> CmdResult {
         .into_iter()
         .map(|p| p.name)
         .collect();
+    let mut connections = Vec::new();
+    for c in certs.iter().filter(|c| c.status == CertStatus::Active) {
+        connections.extend(registry.recent_connections(&c.fingerprint_sha256).await?);
+    }
+    connections.sort_by_key(|c| std::cmp::Reverse(c.at));
     if ctx.out.is_json() {
         ctx.out.json(&json!({
             "thing": thing,
             "policies": policies,
+            "recent_connections": connections,
             "certificates": certs.iter().map(cert_json).collect::<Vec<_>>(),
             "events": events,
         }));

@@ -36,15 +36,16 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         jitp.revocation(),
     )
     .map_err(|e| failed(e.to_string()))?;
-    let server = Server::bind(
-        args.listen,
-        args.admin_listen,
-        tls,
-        jitp.clone(),
-        Limits::default(),
-    )
-    .await
-    .map_err(|e| failed(e.to_string()))?;
+    let limits = Limits {
+        handshake_timeout: args.handshake_timeout,
+        request_timeout: args.request_timeout,
+        max_body_bytes: args.max_body_bytes,
+        max_connections: args.max_connections as usize,
+        ..Limits::default()
+    };
+    let server = Server::bind(args.listen, args.admin_listen, tls, jitp.clone(), limits)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let (device_addr, admin_addr) = server.local_addrs().map_err(|e| failed(e.to_string()))?;
     let out = ctx.out();
     if out.is_json() {

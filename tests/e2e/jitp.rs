@@ -606,3 +606,66 @@ fn a_revocation_takes_effect_on_a_running_server() {
         "{m}"
     );
 }
+
+/// A client that opens a TCP connection and never speaks is cut off after the handshake
+/// timeout; connections beyond the limit are closed at once; each device connection is
+/// recorded with its address.
+#[test]
+fn limits_hold_and_connections_are_recorded() {
+    use std::io::Read;
+    let env = Env::new();
+    env.init_ca();
+    let (cert, key) = device(&env, "limited");
+    let served = Served::start(
+        &env,
+        &["--handshake-timeout", "1s", "--max-connections", "2"],
+    );
+    let mut idle = std::net::TcpStream::connect(&served.device).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the server sent data to a silent client");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not cut off: {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+
+    // Two silent connections take both slots; a third device is turned away.
+    let _a = std::net::TcpStream::connect(&served.device).unwrap();
+    let _b = std::net::TcpStream::connect(&served.device).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(curl_connect(&env, &served, &cert, &key).0, 0);
+    drop((_a, _b));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(curl_connect(&env, &served, &cert, &key).0, 201);
+    let m = metrics(&served);
+    assert!(
+        metric(
+            &m,
+            "fleetcert_rejections_total{reason=\"handshake_timeout\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "fleetcert_rejections_total{reason=\"connection_limit\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    served.stop(); // flushes buffered connection records
+    let shown = env.json(&["things", "show", "limited"]);
+    let seen = &shown["recent_connections"];
+    assert_eq!(seen.as_array().unwrap().len(), 1, "{shown}");
+    assert!(
+        seen[0]["client_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{shown}"
+    );
+}
