@@ -208,8 +208,7 @@ impl Jitp {
 
     /// Registry reachability, for `/healthz`.
     pub async fn health(&self) -> Result<(), LifecycleError> {
-        self.registry.counts().await?;
-        Ok(())
+        Ok(self.registry.ping().await?)
     }
 
     fn remember_connection(&self, state_fp: &str, thing: &str, peer: SocketAddr) {

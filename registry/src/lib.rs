@@ -354,6 +354,8 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Result<Vec<CertificateRecord>, RegistryError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError>;
     async fn counts(&self) -> Result<RegistryCounts, RegistryError>;
+    /// A cheap round trip to the database, for health checks.
+    async fn ping(&self) -> Result<(), RegistryError>;
 
     /// Registers a certificate on its first connection, in ONE transaction that is safe
     /// under concurrency (of ten concurrent calls for one certificate exactly one gets

@@ -910,6 +910,14 @@ impl Registry for PgRegistry {
             .map_err(|e| self.err("reading events", e))
     }
 
+    async fn ping(&self) -> Result<(), RegistryError> {
+        let _: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err("pinging the database", e))?;
+        Ok(())
+    }
+
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
         // One repeatable-read snapshot, so the three numbers agree with each other.
         let mut tx = self

@@ -789,6 +789,14 @@ impl Registry for SqliteRegistry {
             .map_err(|e| self.err("reading events", e))
     }
 
+    async fn ping(&self) -> Result<(), RegistryError> {
+        let _: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err("pinging the database", e))?;
+        Ok(())
+    }
+
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
         // One read transaction, so the three numbers agree with each other.
         let mut tx = self
