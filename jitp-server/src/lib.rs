@@ -27,7 +27,7 @@ pub use tls::{TlsError, server_tls_config};
 
 use bytes::Bytes;
 use fleetcert_lifecycle::jitp::{ConnectOutcome, Jitp};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -233,10 +233,22 @@ async fn handle(
     max_body: usize,
 ) -> Response<Body> {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     // Read (and bound) the body even where it is ignored, so a client cannot stream
-    // without limit.
-    if Limited::new(body, max_body).collect().await.is_err() {
+    // without limit. An oversized body is still drained up to a bound, so that the
+    // client, still sending, reads the 413 instead of a reset connection.
+    let mut received = 0usize;
+    let drain_limit = max_body.saturating_mul(16).max(1 << 20);
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(data) = frame.data_ref() {
+            received += data.len();
+        }
+        if received > drain_limit {
+            break;
+        }
+    }
+    if received > max_body {
         metrics.rejected("body_too_large");
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
