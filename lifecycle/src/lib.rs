@@ -11,6 +11,7 @@ mod error;
 mod fsio;
 pub mod jitp;
 pub mod provision;
+pub mod renewal;
 mod templates;
 mod verify;
 

@@ -406,6 +406,11 @@ fn issue_record(
                 CertOrigin::Csr
             },
             key_algorithm: cert.key_algorithm.to_string(),
+            renew_at: crate::renewal::RenewalPolicy::default().renew_at(
+                &cert.serial_hex,
+                cert.not_before.unix_timestamp(),
+                cert.not_after.unix_timestamp(),
+            ),
             der: cert.der.clone(),
         },
         expected_active: plan.expected_active.clone(),

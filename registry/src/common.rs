@@ -44,6 +44,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "registration",
         sql: include_str!("../../migrations/sqlite/0002_registration.sql"),
     },
+    EmbeddedMigration {
+        version: 3,
+        description: "rotation",
+        sql: include_str!("../../migrations/sqlite/0003_rotation.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -57,6 +62,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 2,
         description: "registration",
         sql: include_str!("../../migrations/postgres/0002_registration.sql"),
+    },
+    EmbeddedMigration {
+        version: 3,
+        description: "rotation",
+        sql: include_str!("../../migrations/postgres/0003_rotation.sql"),
     },
 ];
 
@@ -321,18 +331,18 @@ macro_rules! cert_columns {
     () => {
         "serial, fingerprint_sha256, public_key_sha256, thing_name, issuer, status, origin, \
          key_algorithm, not_before, not_after, created_at, delivered_at, revoked_at, \
-         revocation_reason, registered_at, der"
+         revocation_reason, registered_at, renew_at, replaces, der"
     };
     (c) => {
         "c.serial, c.fingerprint_sha256, c.public_key_sha256, c.thing_name, c.issuer, \
          c.status, c.origin, c.key_algorithm, c.not_before, c.not_after, c.created_at, \
-         c.delivered_at, c.revoked_at, c.revocation_reason, c.registered_at, c.der"
+         c.delivered_at, c.revoked_at, c.revocation_reason, c.registered_at, c.renew_at, c.replaces, c.der"
     };
 }
 pub(crate) use cert_columns;
 
 /// How many columns [`cert_from_row`] reads.
-pub(crate) const CERT_COLUMN_COUNT: usize = 16;
+pub(crate) const CERT_COLUMN_COUNT: usize = 18;
 
 pub(crate) fn cert_from_row<'r, R>(row: &'r R) -> Result<CertificateRecord, sqlx::Error>
 where
@@ -360,7 +370,9 @@ where
         revoked_at: row.try_get(12)?,
         revocation_reason: row.try_get(13)?,
         registered_at: row.try_get(14)?,
-        der: row.try_get(15)?,
+        renew_at: row.try_get(15)?,
+        replaces: row.try_get(16)?,
+        der: row.try_get(17)?,
     })
 }
 

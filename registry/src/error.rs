@@ -12,4 +12,7 @@ pub enum RegistryError {
     InvalidValue(String),
     #[error("registry database error: {0}")]
     Database(String),
+    /// A certificate or thing named by the caller does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
 }

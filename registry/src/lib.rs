@@ -92,6 +92,9 @@ pub struct NewCertificate {
     pub not_after: i64,
     pub origin: CertOrigin,
     pub key_algorithm: String,
+    /// The renewal point (Unix seconds): from then on the certificate is due for
+    /// rotation. Computed by the caller (fraction of the lifetime, with jitter).
+    pub renew_at: i64,
     pub der: Vec<u8>,
 }
 
@@ -181,6 +184,11 @@ pub struct CertificateRecord {
     pub revocation_reason: Option<String>,
     /// Set by the first successful [`Registry::register`] of this certificate.
     pub registered_at: Option<i64>,
+    /// From then on the certificate is due for rotation.
+    pub renew_at: i64,
+    /// The certificate this one replaced in a rotation (`None` for a certificate made
+    /// by provisioning: the thing's factory certificate).
+    pub replaces: Option<String>,
     #[serde(skip)]
     pub der: Vec<u8>,
 }
@@ -250,7 +258,165 @@ pub struct DeviceState {
     pub thing: ThingRecord,
     /// Names of the policies attached to this certificate, sorted.
     pub policies: Vec<String>,
+    /// The open rotation of this certificate (it is the *old* one), if any.
+    pub rotation: Option<RotationRecord>,
+    /// True if this certificate replaces one that is not revoked yet: the first use of
+    /// this certificate confirms the rotation (see [`Registry::confirm_replacement`]).
+    pub confirms_rotation: bool,
 }
+
+/// Where a rotation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RotationState {
+    /// The certificate is past its renewal point; no replacement exists yet. For a
+    /// device-generated key (origin `csr`) the device is told and re-enrolls through EST;
+    /// for a fleetcert-generated key a worker issues the replacement ahead of time.
+    Due,
+    /// A replacement (generated key, sealed) is issued and waits for the device to
+    /// fetch it. The old certificate is still `active`.
+    Issued,
+    /// The device has the replacement (EST reply or fetched); the old certificate is
+    /// `superseded` and still works.
+    Delivered,
+    /// The device used the replacement; the old certificate is revoked.
+    Confirmed,
+    /// The worker gave up after repeated failures (see `last_error`).
+    Failed,
+    /// The old certificate was revoked by an operator before the rotation finished.
+    Cancelled,
+}
+
+text_enum!(RotationState {
+    Due => "due",
+    Issued => "issued",
+    Delivered => "delivered",
+    Confirmed => "confirmed",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
+
+/// The rotation of one certificate (keyed by the old certificate's serial).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RotationRecord {
+    pub old_serial: String,
+    pub thing_name: String,
+    pub origin: CertOrigin,
+    pub state: RotationState,
+    /// When the rotation was opened.
+    pub due_at: i64,
+    pub new_serial: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<i64>,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RotationFilter {
+    pub state: Option<RotationState>,
+    pub thing_name: Option<String>,
+    /// Ordered by (due_at, old_serial); `None`: all.
+    pub limit: Option<u32>,
+}
+
+/// A due rotation claimed by one worker (see [`Registry::claim_rotations`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationClaim {
+    /// The certificate to replace.
+    pub old: CertificateRecord,
+    /// The thing's template (for the replacement's profile).
+    pub template: Option<String>,
+}
+
+/// A replacement issued ahead of time by a worker holding the lease.
+#[derive(Debug, Clone)]
+pub struct PreparedReplacement {
+    pub old_serial: String,
+    /// Origin `generated`.
+    pub new: NewCertificate,
+    /// The new private key, encrypted by the caller (opaque to the registry).
+    pub sealed_key: Vec<u8>,
+    pub at: i64,
+}
+
+/// A replacement delivered in the same exchange (EST re-enrollment, or a key generated
+/// on demand and returned at once). See [`Registry::replace_certificate`].
+#[derive(Debug, Clone)]
+pub struct Replacement {
+    /// The certificate the device authenticated with.
+    pub authenticated_serial: String,
+    pub thing_name: String,
+    pub new: NewCertificate,
+    pub at: i64,
+}
+
+/// What [`Registry::replace_certificate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplaceOutcome {
+    Replaced {
+        /// Earlier replacements of the authenticated certificate that were never used
+        /// and are now revoked (reason `superseded`).
+        revoked: Vec<String>,
+    },
+    /// Nothing written. `code` is stable: `unknown_certificate`, `wrong_thing`,
+    /// `certificate_revoked`, `key_reused`.
+    Refused { code: &'static str, reason: String },
+}
+
+/// A pre-issued replacement handed to the device (see [`Registry::take_replacement`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TakenReplacement {
+    pub certificate: CertificateRecord,
+    pub sealed_key: Vec<u8>,
+}
+
+/// What to revoke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationTarget {
+    /// One certificate, by serial (lowercase hex).
+    Serial(String),
+    /// Every certificate of a thing that is not revoked yet.
+    Thing(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub target: RevocationTarget,
+    /// RFC 5280 reason name as the caller spells it (e.g. `keyCompromise`); stored as
+    /// given.
+    pub reason: String,
+    pub at: i64,
+}
+
+/// A revoked certificate, as the CRL and the handshake check see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RevokedEntry {
+    pub serial: String,
+    pub thing_name: String,
+    pub revoked_at: i64,
+    pub reason: Option<String>,
+    pub not_after: i64,
+}
+
+/// A signed CRL as stored for every server and the `crl` command to hand out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCrl {
+    /// The CRL number (strictly increasing).
+    pub number: i64,
+    pub this_update: i64,
+    pub next_update: i64,
+    /// SHA-256 (hex) over the entries it lists, so a publisher can tell whether the
+    /// revocation set changed since.
+    pub entries_digest: String,
+    pub entry_count: i64,
+    pub der: Vec<u8>,
+}
+
+/// CRLs kept in the registry (older ones are pruned when a new one is stored).
+pub const CRLS_KEPT: i64 = 16;
 
 /// One device connection, as the JITP server saw it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -408,6 +574,146 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// Serials of revoked certificates that have not expired at `now` (`not_after >=
     /// now`), sorted (for the handshake check).
     async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError>;
+
+    // ---- rotation ----------------------------------------------------------------
+
+    /// Certificates due for rotation at `now`, without changing anything (for
+    /// `rotate --dry-run`): `active`, delivered, no rotation row yet, and either
+    /// `renew_at <= now` or (if given) `not_after <= expiring_before`. Ordered by
+    /// (renew_at, serial); at most `limit`.
+    async fn due_certificates(
+        &self,
+        now: i64,
+        expiring_before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<Vec<CertificateRecord>, RegistryError>;
+
+    /// Opens a rotation (state `due`, event `rotation.due`) for every certificate that
+    /// [`Registry::due_certificates`] would list, in transactions of at most a few
+    /// thousand rows. Idempotent and safe under concurrency: a certificate gets one
+    /// rotation row, ever. Returns how many this call opened.
+    async fn open_due_rotations(
+        &self,
+        now: i64,
+        expiring_before: Option<i64>,
+    ) -> Result<u64, RegistryError>;
+
+    /// Claims up to `limit` rotations in state `due` whose old certificate has origin
+    /// `generated` and whose lease is free or expired (`lease_until < now`): sets
+    /// `lease_owner = owner`, `lease_until = now + lease_secs`. Two concurrent callers
+    /// never get the same rotation. Ordered by (due_at, old_serial).
+    async fn claim_rotations(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+    ) -> Result<Vec<RotationClaim>, RegistryError>;
+
+    /// Commits pre-issued replacements in ONE transaction. For each item whose rotation
+    /// is still `due` and leased by `owner`: inserts `new` as `active`, undelivered,
+    /// `replaces = old_serial`, `registered_at = at` if the old certificate was
+    /// registered; copies the old certificate's policy attachments; the rotation becomes
+    /// `issued` with `new_serial` and the sealed key, lease cleared; events
+    /// `certificate.issued` and `rotation.issued`. Any other item (lease lost, state
+    /// changed) writes nothing and yields `false`. A duplicate serial/fingerprint fails
+    /// the call ([`RegistryError::DuplicateSerial`]) and commits nothing.
+    async fn complete_rotations(
+        &self,
+        owner: &str,
+        items: &[PreparedReplacement],
+    ) -> Result<Vec<bool>, RegistryError>;
+
+    /// Records a failed attempt on a rotation leased by `owner`: `attempts + 1`,
+    /// `last_error`, lease cleared, event `rotation.failed`; once `attempts` reaches
+    /// `max_attempts` the state becomes `failed`. Returns false (nothing written) if the
+    /// lease is not `owner`'s.
+    async fn fail_rotation(
+        &self,
+        owner: &str,
+        old_serial: &str,
+        error: &str,
+        at: i64,
+        max_attempts: u32,
+    ) -> Result<bool, RegistryError>;
+
+    /// A replacement the device receives in the same exchange (EST re-enrollment, or a
+    /// key generated on demand), in ONE transaction:
+    /// - the authenticated certificate must exist (`unknown_certificate`), belong to
+    ///   `thing_name` (`wrong_thing`) and not be revoked (`certificate_revoked`);
+    /// - no certificate of the thing, in any status, may have the new public key
+    ///   (`key_reused`);
+    /// - `new` is inserted `active`, `delivered_at = at`, `replaces =
+    ///   authenticated_serial`, `registered_at = at` if the authenticated certificate
+    ///   was registered; its policy attachments are copied (event `certificate.issued`);
+    /// - the authenticated certificate, if `active`, becomes `superseded` (event
+    ///   `certificate.superseded`);
+    /// - other `active` certificates that replace the authenticated one (replacements
+    ///   never used) are revoked, reason `superseded` (event `certificate.revoked`);
+    /// - the authenticated certificate's rotation row is created or updated to
+    ///   `delivered` with `new_serial`, sealed key cleared (event `rotation.delivered`).
+    ///
+    /// `Refused` writes nothing. A duplicate serial fails with `DuplicateSerial`.
+    async fn replace_certificate(
+        &self,
+        replacement: &Replacement,
+    ) -> Result<ReplaceOutcome, RegistryError>;
+
+    /// Hands out a pre-issued replacement of `old_serial`, in ONE transaction: if its
+    /// rotation is `issued`, the rotation becomes `delivered` and its sealed key is
+    /// deleted, the new certificate gets `delivered_at = at` (event
+    /// `certificate.delivered`), the old one becomes `superseded` (event
+    /// `certificate.superseded`), event `rotation.delivered`. Returns the new
+    /// certificate and the sealed key; `None` (nothing written) otherwise.
+    async fn take_replacement(
+        &self,
+        old_serial: &str,
+        at: i64,
+    ) -> Result<Option<TakenReplacement>, RegistryError>;
+
+    /// Called when certificate `serial` authenticates. If it replaces a certificate that
+    /// is not revoked, in ONE transaction: that certificate is revoked (reason
+    /// `superseded`, event `certificate.revoked`) and its rotation becomes `confirmed`
+    /// (event `rotation.confirmed`). Returns the revoked serial; `None` if there was
+    /// nothing to confirm. Safe under concurrency (confirms once).
+    async fn confirm_replacement(
+        &self,
+        serial: &str,
+        at: i64,
+    ) -> Result<Option<String>, RegistryError>;
+
+    /// The rotation whose old certificate is `old_serial`.
+    async fn get_rotation(&self, old_serial: &str)
+    -> Result<Option<RotationRecord>, RegistryError>;
+
+    async fn list_rotations(
+        &self,
+        filter: &RotationFilter,
+    ) -> Result<Vec<RotationRecord>, RegistryError>;
+
+    // ---- revocation and CRL --------------------------------------------------------
+
+    /// Revokes in ONE transaction: for `Serial`, that certificate and its replacements
+    /// that were never delivered; for `Thing`, every certificate of the thing that is not
+    /// revoked. Each gets `status = revoked`, `revoked_at`, `revocation_reason` and an
+    /// event `certificate.revoked` (detail: reason); open rotations of revoked
+    /// certificates (`due`/`issued`/`delivered`) become `cancelled`, sealed keys
+    /// deleted. Returns the certificates revoked by this call (already revoked ones are
+    /// left alone; an empty result means nothing was left to revoke). An unknown serial
+    /// or thing is [`RegistryError::NotFound`].
+    async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError>;
+
+    /// Revoked certificates that have not expired at `now` (`not_after >= now`), sorted
+    /// by serial: what the CRL lists.
+    async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError>;
+
+    /// The stored CRL with the highest number.
+    async fn latest_crl(&self) -> Result<Option<StoredCrl>, RegistryError>;
+
+    /// Stores a CRL if its number is greater than every stored one (else `false`,
+    /// nothing written: another publisher was first; re-read and retry), and prunes all
+    /// but the newest [`CRLS_KEPT`].
+    async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError>;
 }
 
 /// Opens (creating if needed) and migrates the registry at `url`:

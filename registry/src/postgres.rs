@@ -278,13 +278,13 @@ impl PgRegistry {
             sqlx::query(
                 "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
                     thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
-                    created_at, der) \
+                    created_at, der, renew_at) \
                  SELECT u.serial, u.fp, u.pk, u.thing, u.issuer, 'active', u.origin, u.alg, \
-                    u.nb, u.na, u.at, u.der \
+                    u.nb, u.na, u.at, u.der, u.renew_at \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                     $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
-                    $11::bytea[]) \
-                    AS u(serial, fp, pk, thing, issuer, origin, alg, nb, na, at, der)",
+                    $11::bytea[], $12::bigint[]) \
+                    AS u(serial, fp, pk, thing, issuer, origin, alg, nb, na, at, der, renew_at)",
             )
             .bind(
                 certs
@@ -345,6 +345,12 @@ impl PgRegistry {
                 certs
                     .iter()
                     .map(|r| r.certificate.der.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                certs
+                    .iter()
+                    .map(|r| r.certificate.renew_at)
                     .collect::<Vec<_>>(),
             )
             .execute(&mut *tx)
@@ -977,6 +983,8 @@ impl Registry for PgRegistry {
                 certificate: common::cert_from_row(row)?,
                 thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
                 policies: row.try_get(common::CERT_COLUMN_COUNT + 9)?,
+                rotation: None,
+                confirms_rotation: false,
             })
         };
         decode(&row)
@@ -1066,5 +1074,94 @@ impl Registry for PgRegistry {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.err("reading revoked certificates", e))
+    }
+
+    async fn due_certificates(
+        &self,
+        _now: i64,
+        _expiring_before: Option<i64>,
+        _limit: Option<u32>,
+    ) -> Result<Vec<CertificateRecord>, RegistryError> {
+        todo!()
+    }
+    async fn open_due_rotations(
+        &self,
+        _now: i64,
+        _expiring_before: Option<i64>,
+    ) -> Result<u64, RegistryError> {
+        todo!()
+    }
+    async fn claim_rotations(
+        &self,
+        _owner: &str,
+        _now: i64,
+        _lease_secs: i64,
+        _limit: u32,
+    ) -> Result<Vec<crate::RotationClaim>, RegistryError> {
+        todo!()
+    }
+    async fn complete_rotations(
+        &self,
+        _owner: &str,
+        _items: &[crate::PreparedReplacement],
+    ) -> Result<Vec<bool>, RegistryError> {
+        todo!()
+    }
+    async fn fail_rotation(
+        &self,
+        _owner: &str,
+        _old_serial: &str,
+        _error: &str,
+        _at: i64,
+        _max_attempts: u32,
+    ) -> Result<bool, RegistryError> {
+        todo!()
+    }
+    async fn replace_certificate(
+        &self,
+        _replacement: &crate::Replacement,
+    ) -> Result<crate::ReplaceOutcome, RegistryError> {
+        todo!()
+    }
+    async fn take_replacement(
+        &self,
+        _old_serial: &str,
+        _at: i64,
+    ) -> Result<Option<crate::TakenReplacement>, RegistryError> {
+        todo!()
+    }
+    async fn confirm_replacement(
+        &self,
+        _serial: &str,
+        _at: i64,
+    ) -> Result<Option<String>, RegistryError> {
+        todo!()
+    }
+    async fn get_rotation(
+        &self,
+        _old_serial: &str,
+    ) -> Result<Option<crate::RotationRecord>, RegistryError> {
+        todo!()
+    }
+    async fn list_rotations(
+        &self,
+        _filter: &crate::RotationFilter,
+    ) -> Result<Vec<crate::RotationRecord>, RegistryError> {
+        todo!()
+    }
+    async fn revoke(
+        &self,
+        _revocation: &crate::Revocation,
+    ) -> Result<Vec<crate::RevokedEntry>, RegistryError> {
+        todo!()
+    }
+    async fn revoked_entries(&self, _now: i64) -> Result<Vec<crate::RevokedEntry>, RegistryError> {
+        todo!()
+    }
+    async fn latest_crl(&self) -> Result<Option<crate::StoredCrl>, RegistryError> {
+        todo!()
+    }
+    async fn store_crl(&self, _crl: &crate::StoredCrl) -> Result<bool, RegistryError> {
+        todo!()
     }
 }

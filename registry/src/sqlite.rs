@@ -246,9 +246,9 @@ impl SqliteRegistry {
             conn,
             "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
                 thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
-                created_at, der) VALUES ",
-            "(?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
-            11,
+                created_at, renew_at, der) VALUES ",
+            "(?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+            12,
             "",
             &plan.certificates,
             |q, r| {
@@ -263,6 +263,7 @@ impl SqliteRegistry {
                     .bind(c.not_before)
                     .bind(c.not_after)
                     .bind(r.at)
+                    .bind(c.renew_at)
                     .bind(&c.der)
             },
         )
@@ -878,6 +879,8 @@ impl Registry for SqliteRegistry {
                 certificate: common::cert_from_row(row)?,
                 thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
                 policies,
+                rotation: None,
+                confirms_rotation: false,
             })
         };
         decode(&row)
@@ -976,6 +979,95 @@ impl Registry for SqliteRegistry {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.err("reading revoked certificates", e))
+    }
+
+    async fn due_certificates(
+        &self,
+        _now: i64,
+        _expiring_before: Option<i64>,
+        _limit: Option<u32>,
+    ) -> Result<Vec<CertificateRecord>, RegistryError> {
+        todo!()
+    }
+    async fn open_due_rotations(
+        &self,
+        _now: i64,
+        _expiring_before: Option<i64>,
+    ) -> Result<u64, RegistryError> {
+        todo!()
+    }
+    async fn claim_rotations(
+        &self,
+        _owner: &str,
+        _now: i64,
+        _lease_secs: i64,
+        _limit: u32,
+    ) -> Result<Vec<crate::RotationClaim>, RegistryError> {
+        todo!()
+    }
+    async fn complete_rotations(
+        &self,
+        _owner: &str,
+        _items: &[crate::PreparedReplacement],
+    ) -> Result<Vec<bool>, RegistryError> {
+        todo!()
+    }
+    async fn fail_rotation(
+        &self,
+        _owner: &str,
+        _old_serial: &str,
+        _error: &str,
+        _at: i64,
+        _max_attempts: u32,
+    ) -> Result<bool, RegistryError> {
+        todo!()
+    }
+    async fn replace_certificate(
+        &self,
+        _replacement: &crate::Replacement,
+    ) -> Result<crate::ReplaceOutcome, RegistryError> {
+        todo!()
+    }
+    async fn take_replacement(
+        &self,
+        _old_serial: &str,
+        _at: i64,
+    ) -> Result<Option<crate::TakenReplacement>, RegistryError> {
+        todo!()
+    }
+    async fn confirm_replacement(
+        &self,
+        _serial: &str,
+        _at: i64,
+    ) -> Result<Option<String>, RegistryError> {
+        todo!()
+    }
+    async fn get_rotation(
+        &self,
+        _old_serial: &str,
+    ) -> Result<Option<crate::RotationRecord>, RegistryError> {
+        todo!()
+    }
+    async fn list_rotations(
+        &self,
+        _filter: &crate::RotationFilter,
+    ) -> Result<Vec<crate::RotationRecord>, RegistryError> {
+        todo!()
+    }
+    async fn revoke(
+        &self,
+        _revocation: &crate::Revocation,
+    ) -> Result<Vec<crate::RevokedEntry>, RegistryError> {
+        todo!()
+    }
+    async fn revoked_entries(&self, _now: i64) -> Result<Vec<crate::RevokedEntry>, RegistryError> {
+        todo!()
+    }
+    async fn latest_crl(&self) -> Result<Option<crate::StoredCrl>, RegistryError> {
+        todo!()
+    }
+    async fn store_crl(&self, _crl: &crate::StoredCrl) -> Result<bool, RegistryError> {
+        todo!()
     }
 }
 

@@ -51,6 +51,7 @@ fn cert(not_after: i64) -> NewCertificate {
         not_after,
         origin: CertOrigin::Generated,
         key_algorithm: "ecdsa-p256".to_owned(),
+        renew_at: AT - 60 + (not_after - (AT - 60)) * 2 / 3,
         der,
     }
 }
