@@ -57,8 +57,10 @@ async fn first_and_returning_connects_match_the_server_counters() {
 
     let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     let credentials = data.server_credentials(&ca, &names).unwrap();
+    let options =
+        fleetcert_lifecycle::jitp::JitpOptions::new(&data, ca.clone(), "default").unwrap();
     let jitp = Arc::new(
-        fleetcert_lifecycle::jitp::Jitp::new(&data, registry, "default", false)
+        fleetcert_lifecycle::jitp::Jitp::new(&data, registry, options)
             .await
             .unwrap(),
     );
@@ -66,7 +68,7 @@ async fn first_and_returning_connects_match_the_server_counters() {
         &credentials.chain_pem,
         &credentials.key_pem,
         ca.issuing_cert_pem(),
-        jitp.revocation(),
+        fleetcert_jitp::ClientAuth::of(&jitp),
     )
     .unwrap();
     let loopback = "127.0.0.1:0".parse().unwrap();

@@ -1,5 +1,5 @@
-//! Device CSR parsing: only the public key survives, after the self-signature and the
-//! key itself have been checked.
+//! Device CSR parsing: only the public key (and, for callers to compare, the subject's
+//! CN) survives, after the self-signature and the key itself have been checked.
 
 use crate::x509::{accept_spki, looks_like_pem, nom_reason, sha256_hex};
 use crate::{CaError, DeviceCsr, keys};
@@ -73,8 +73,18 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<DeviceCsr, CaError> {
         Err(_) => return Err(CaError::CsrSignatureInvalid),
     }
 
+    // Kept only so callers (EST) can compare it with the thing name they expect; it is
+    // never copied into a certificate.
+    let common_name = info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+
     Ok(DeviceCsr {
         spki_der: accepted.public.subject_public_key_info(),
+        common_name,
         key_algorithm: accepted.algorithm,
         public: accepted.public,
     })

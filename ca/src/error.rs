@@ -29,4 +29,12 @@ pub enum CaError {
     InvalidProfile(String),
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("invalid certificate serial {serial:?}: {reason}")]
+    InvalidSerial { serial: String, reason: String },
+    #[error("invalid revocation reason {given:?}: {reason}")]
+    InvalidRevocationReason { given: String, reason: String },
+    #[error("invalid CRL parameters: {0}")]
+    InvalidCrl(String),
+    #[error("CRL is malformed: {0}")]
+    MalformedCrl(String),
 }

@@ -14,6 +14,7 @@ use rcgen::{
 use ring::rand::SystemRandom;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
+use x509_parser::extensions::ParsedExtension;
 
 /// Everything issuance needs, parsed once.
 pub(crate) struct Loaded {
@@ -23,6 +24,12 @@ pub(crate) struct Loaded {
     pub(crate) subject: String,
     pub(crate) fingerprint_sha256_hex: String,
     pub(crate) rng: SystemRandom,
+    /// The issuing certificate's subject Name, DER, exactly as in the certificate: CRLs
+    /// must name their issuer with it.
+    pub(crate) subject_der: Vec<u8>,
+    /// The issuing certificate's SubjectKeyIdentifier (RFC 7093 method 1 for CAs we
+    /// made; computed that way if the certificate has none), for the CRL's AKI.
+    pub(crate) key_id: Vec<u8>,
 }
 
 fn canonical_pem(der: &[u8]) -> String {
@@ -87,6 +94,15 @@ pub(crate) fn load(
     }
 
     let subject = rfc4514(issuing.subject());
+    let subject_der = issuing.subject().as_raw().to_vec();
+    let key_id = issuing
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+        .unwrap_or_else(|| keys::key_id(&issuing.public_key().subject_public_key.data));
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(issuing_der.as_slice()), signer)
         .map_err(|e| CaError::MalformedCertificate(format!("issuing CA certificate: {e}")))?;
     Ok(Loaded {
@@ -96,6 +112,8 @@ pub(crate) fn load(
         subject,
         fingerprint_sha256_hex: sha256_hex(&issuing_der),
         rng: SystemRandom::new(),
+        subject_der,
+        key_id,
     })
 }
 

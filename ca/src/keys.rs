@@ -73,8 +73,13 @@ impl rcgen::PublicKeyData for RawPublicKey {
 /// the subjectPublicKey BIT STRING value. (rcgen's default hashes the whole SPKI, a
 /// method linters such as pkilint do not recognise.)
 pub(crate) fn key_identifier(public: &RawPublicKey) -> rcgen::KeyIdMethod {
-    let digest = ring::digest::digest(&ring::digest::SHA256, &public.key);
-    rcgen::KeyIdMethod::PreSpecified(digest.as_ref()[..20].to_vec())
+    rcgen::KeyIdMethod::PreSpecified(key_id(&public.key))
+}
+
+/// The RFC 7093 §2 method 1 key identifier of a subjectPublicKey BIT STRING value.
+pub(crate) fn key_id(subject_public_key: &[u8]) -> Vec<u8> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, subject_public_key);
+    digest.as_ref()[..20].to_vec()
 }
 
 /// A freshly generated key: PKCS#8 DER plus its public key.

@@ -3,8 +3,9 @@
 //! Pure and synchronous: this crate never touches the file system, the network or a
 //! database. It creates the CA hierarchy (a self-signed root and an issuing
 //! intermediate), encrypts and decrypts CA keys for custody at rest, parses and checks
-//! device CSRs, and issues device certificates from a [`DeviceProfile`]. Callers
-//! (`fleetcert-lifecycle`) own persistence.
+//! device CSRs, issues device certificates from a [`DeviceProfile`], signs CRLs
+//! ([`IssuingCa::sign_crl`]) and builds EST's certs-only PKCS#7 ([`pkcs7_certs_only`]).
+//! Callers (`fleetcert-lifecycle`) own persistence.
 //!
 //! Defaults, and why:
 //! - P-256 keys: small certificates, fast on constrained devices, what AWS IoT recommends.
@@ -14,19 +15,28 @@
 //! - notBefore is backdated by [`DeviceProfile::backdate`] (5 minutes) so a device whose
 //!   clock runs a little behind still accepts a freshly issued certificate.
 //! - Nothing a CSR asks for is copied: only its public key is used. Subject, SANs,
-//!   extensions, CA flag and validity all come from the profile.
+//!   extensions, CA flag and validity all come from the profile. (The subject CN is
+//!   readable, [`DeviceCsr::common_name`], for callers to compare, never to copy.)
+//! - CRLs are v2 with the CRL number and AKI extensions RFC 5280 requires, a reasonCode
+//!   on every entry but `unspecified` ones, and no issuingDistributionPoint: one full
+//!   CRL per issuing CA covers every certificate it issued.
 #![forbid(unsafe_code)]
 
+mod crl;
 mod csr;
+mod der;
 mod error;
 mod hierarchy;
 mod issue;
 mod keys;
 mod name;
+mod pkcs7;
+mod reason;
 mod x509;
 
 pub use error::CaError;
 pub use name::ThingName;
+pub use reason::RevocationReason;
 
 use std::fmt;
 use std::str::FromStr;
@@ -202,11 +212,15 @@ impl Default for DeviceProfile {
 }
 
 /// A parsed device CSR whose signature has been verified and whose key is acceptable.
-/// Only its public key is ever used.
+/// Only its public key goes into a certificate; its subject CN is kept for callers to
+/// compare with the name they expect. Everything else in the request is dropped.
 #[derive(Debug, Clone)]
 pub struct DeviceCsr {
     /// The SubjectPublicKeyInfo exactly as it will appear in the certificate.
     spki_der: Vec<u8>,
+    /// The first CN of the subject, if it is a string type (UTF8String,
+    /// PrintableString, IA5String, NumericString).
+    common_name: Option<String>,
     key_algorithm: KeyAlgorithm,
     public: keys::RawPublicKey,
 }
@@ -229,6 +243,14 @@ impl DeviceCsr {
     /// SHA-256 of the SubjectPublicKeyInfo DER, lowercase hex.
     pub fn public_key_sha256_hex(&self) -> String {
         csr::public_key_sha256_hex(self)
+    }
+    /// The CSR subject's common name, for a caller (EST enrollment) to check against
+    /// the thing name it expects. It is never copied into a certificate.
+    ///
+    /// `None` if the subject has no CN or it is not a UTF8String, PrintableString,
+    /// IA5String or NumericString; if there are several, the first.
+    pub fn common_name(&self) -> Option<&str> {
+        self.common_name.as_deref()
     }
 }
 
@@ -337,6 +359,94 @@ impl IssuingCa {
     ) -> Result<IssuedCertificate, CaError> {
         issue::issue(self, thing, key, profile, now)
     }
+
+    /// Signs a full v2 CRL listing `entries`, with the issuing CA's key.
+    ///
+    /// - issuer: the issuing certificate's subject, byte for byte;
+    /// - extensions: CRL number `number` and an authority key identifier equal to the
+    ///   issuing certificate's subjectKeyIdentifier (both non-critical); no
+    ///   issuingDistributionPoint, so the CRL covers everything the CA issued;
+    /// - thisUpdate/nextUpdate and each revocation time are truncated to whole seconds
+    ///   in UTC (UTCTime for 1950 to 2049, GeneralizedTime otherwise);
+    /// - entries keep the given order; each gets a non-critical reasonCode extension
+    ///   except [`RevocationReason::Unspecified`] ones, which get none (RFC 5280
+    ///   §5.3.1); with no entries, revokedCertificates is left out, as RFC 5280
+    ///   requires.
+    ///
+    /// The signature algorithm is the one the CA signs certificates with (ECDSA with
+    /// SHA-256/384, Ed25519, or RSA PKCS#1 v1.5 with SHA-256). The caller keeps
+    /// `number` increasing from one CRL to the next (RFC 5280 §5.2.3).
+    ///
+    /// Errors: [`CaError::InvalidSerial`] for a serial that is not 32 lowercase hex
+    /// digits of one of our serials (first octet 01 to 7f); [`CaError::InvalidCrl`] if
+    /// `next_update` is not later than `this_update` (after truncation), a serial is
+    /// listed twice, or a time is outside the years 1 to 9999;
+    /// [`CaError::MalformedCertificate`] if the issuing certificate does not allow
+    /// cRLSign or its subject cannot be reproduced exactly.
+    pub fn sign_crl(
+        &self,
+        number: u64,
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+        entries: &[CrlEntry],
+    ) -> Result<SignedCrl, CaError> {
+        crl::sign(self, number, this_update, next_update, entries)
+    }
+}
+
+/// One revoked certificate in a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlEntry {
+    /// The certificate serial as [`IssuedCertificate::serial_hex`] writes it: 32
+    /// lowercase hex digits.
+    pub serial_hex: String,
+    /// When the CA processed the revocation (RFC 5280 revocationDate).
+    pub revoked_at: OffsetDateTime,
+    pub reason: RevocationReason,
+}
+
+/// A signed CRL, not yet published anywhere.
+#[derive(Debug, Clone)]
+pub struct SignedCrl {
+    pub der: Vec<u8>,
+    /// PEM with the `X509 CRL` label (what `openssl crl` reads), LF line endings.
+    pub pem: String,
+}
+
+/// What [`describe_crl`] reads from a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlSummary {
+    /// RFC 4514 string, e.g. `CN=fleetcert Issuing CA`.
+    pub issuer: String,
+    /// The CRL number, if the CRL has one and it fits in a `u64` (ours always do).
+    pub number: Option<u64>,
+    /// The CRL number's magnitude in lowercase hex, whatever its size.
+    pub number_hex: Option<String>,
+    pub this_update: OffsetDateTime,
+    pub next_update: Option<OffsetDateTime>,
+    /// How many certificates the CRL lists.
+    pub entry_count: usize,
+}
+
+/// Parses a CRL (DER, or PEM labelled `X509 CRL`) and summarises it. The signature is
+/// not checked.
+///
+/// [`CaError::MalformedCrl`] for input that is not one CRL.
+pub fn describe_crl(der: &[u8]) -> Result<CrlSummary, CaError> {
+    crl::describe(der)
+}
+
+/// A degenerate CMS SignedData holding `certs_der` (RFC 5652 §5; "certs-only"): what
+/// RFC 7030 (EST) sends as `application/pkcs7-mime` from `/cacerts` and
+/// `/simpleenroll`.
+///
+/// ContentInfo id-signedData wrapping SignedData version 1, an empty digestAlgorithms
+/// SET, encapContentInfo of type id-data with no content, the certificates in
+/// `[0] IMPLICIT` in the order given, and an empty signerInfos SET. The certificates
+/// are embedded as they are (DER expected, not checked); with none, the optional
+/// certificates field is left out. Callers base64-encode it for EST.
+pub fn pkcs7_certs_only(certs_der: &[&[u8]]) -> Vec<u8> {
+    pkcs7::certs_only(certs_der)
 }
 
 /// What `ca show` prints about a certificate.

@@ -365,3 +365,59 @@ fn csr_keys_of_every_kind_are_certified() {
         );
     }
 }
+
+#[test]
+fn the_subject_cn_is_readable_for_callers() {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let parse = |params: CertificateParams| {
+        let csr = params.serialize_request(&key).unwrap();
+        DeviceCsr::parse(csr.der()).unwrap()
+    };
+
+    assert_eq!(
+        parse(csr_params("sensor-42")).common_name(),
+        Some("sensor-42")
+    );
+
+    let mut params = csr_params("ignored");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Acme");
+    params.distinguished_name.push(
+        DnType::CommonName,
+        rcgen::DnValue::PrintableString("printable 1".try_into().unwrap()),
+    );
+    assert_eq!(parse(params).common_name(), Some("printable 1"));
+
+    let mut params = csr_params("ignored");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Acme");
+    assert_eq!(parse(params).common_name(), None);
+
+    let mut params = csr_params("ignored");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        rcgen::DnValue::BmpString("bmp".try_into().unwrap()),
+    );
+    assert_eq!(parse(params).common_name(), None, "BMPString is not read");
+
+    // Read, never copied: the certificate's CN is the thing name.
+    let (_h, ca) = hierarchy(KeyAlgorithm::P256);
+    let csr = parse(csr_params("not-the-thing"));
+    let issued = ca
+        .issue(
+            &thing("the-thing"),
+            DeviceKey::Csr(&csr),
+            &profile(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    assert_eq!(
+        parse_cert(&issued.der).subject().to_string(),
+        "CN=the-thing"
+    );
+}

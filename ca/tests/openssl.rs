@@ -4,10 +4,13 @@
 mod common;
 
 use common::*;
-use fleetcert_ca::{DeviceCsr, DeviceKey, DeviceProfile, KeyAlgorithm, PrivateKey};
+use fleetcert_ca::{
+    CrlEntry, DeviceCsr, DeviceKey, DeviceProfile, KeyAlgorithm, PrivateKey, RevocationReason,
+    pkcs7_certs_only,
+};
 use std::path::Path;
 use std::process::{Command, Output};
-use time::OffsetDateTime;
+use time::{Duration, OffsetDateTime};
 
 fn openssl(dir: &Path, args: &[&str]) -> Output {
     let out = Command::new("openssl")
@@ -265,6 +268,8 @@ fn we_read_openssl_keys_and_csrs() {
         }
         let csr = DeviceCsr::parse(&csr_pem).unwrap();
         assert_eq!(csr.key_algorithm(), alg);
+        // The CN is readable for callers to compare, but (below) not copied.
+        assert_eq!(csr.common_name(), Some("evil"));
         let issued = ca
             .issue(
                 &thing("from-openssl"),
@@ -302,4 +307,417 @@ fn we_read_openssl_keys_and_csrs() {
             hex::encode(ring::digest::digest(&ring::digest::SHA256, &public.stdout))
         );
     }
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI is installed")
+}
+
+fn all_output(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// OpenSSL checks our CRL's signature against the issuing CA, and `verify -crl_check`
+/// uses it: the revoked device is refused, the other one accepted.
+#[test]
+fn openssl_verifies_our_crl_and_honours_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for alg in [
+        KeyAlgorithm::P256,
+        KeyAlgorithm::Ed25519,
+        KeyAlgorithm::Rsa2048,
+    ] {
+        let (h, ca) = hierarchy(alg);
+        let now = OffsetDateTime::now_utc();
+        let issue = |name: &str| {
+            ca.issue(&thing(name), DeviceKey::Generate, &profile(), now)
+                .unwrap()
+        };
+        let revoked = issue("revoked-device");
+        let good = issue("good-device");
+        let other = issue("other-device");
+        let entries = [
+            CrlEntry {
+                serial_hex: other.serial_hex.clone(),
+                revoked_at: now - Duration::hours(1),
+                reason: RevocationReason::Unspecified,
+            },
+            CrlEntry {
+                serial_hex: revoked.serial_hex.clone(),
+                revoked_at: now,
+                reason: RevocationReason::KeyCompromise,
+            },
+        ];
+        let crl = ca
+            .sign_crl(7, now, now + Duration::days(1), &entries)
+            .unwrap();
+        std::fs::write(d.join("root.pem"), &h.root_cert_pem).unwrap();
+        std::fs::write(d.join("issuing.pem"), &h.issuing_cert_pem).unwrap();
+        std::fs::write(d.join("chain.pem"), ca.chain_pem()).unwrap();
+        std::fs::write(d.join("crl.pem"), &crl.pem).unwrap();
+        std::fs::write(d.join("crl.der"), &crl.der).unwrap();
+        std::fs::write(d.join("revoked.pem"), &revoked.pem).unwrap();
+        std::fs::write(d.join("good.pem"), &good.pem).unwrap();
+
+        let out = openssl(
+            d,
+            &["crl", "-in", "crl.pem", "-CAfile", "issuing.pem", "-noout"],
+        );
+        assert!(
+            all_output(&out).contains("verify OK"),
+            "{alg}: {}",
+            all_output(&out)
+        );
+        // PEM and DER are the same CRL.
+        let out = openssl(
+            d,
+            &["crl", "-inform", "DER", "-in", "crl.der", "-outform", "DER"],
+        );
+        assert_eq!(out.stdout, crl.der, "{alg}");
+        // Signed by the issuing CA, not the root.
+        let out = run(
+            d,
+            &["crl", "-in", "crl.pem", "-CAfile", "root.pem", "-noout"],
+        );
+        assert!(
+            !out.status.success() || !all_output(&out).contains("verify OK"),
+            "{alg}: {}",
+            all_output(&out)
+        );
+
+        let dump = text(&openssl(d, &["crl", "-in", "crl.pem", "-noout", "-text"]));
+        for needle in [
+            "Version 2 (0x1)",
+            "Issuer: CN = fleetcert Issuing CA",
+            "X509v3 CRL Number:",
+            "X509v3 Authority Key Identifier:",
+            "Key Compromise",
+            &format!("Serial Number: {}", revoked.serial_hex.to_ascii_uppercase()),
+            &format!("Serial Number: {}", other.serial_hex.to_ascii_uppercase()),
+        ] {
+            assert!(
+                dump.contains(needle),
+                "{alg}: {needle:?} missing from\n{dump}"
+            );
+        }
+        assert!(!dump.contains("Unspecified"), "{alg}: {dump}");
+        assert!(
+            !dump.contains("Issuing Distribution Point"),
+            "{alg}: {dump}"
+        );
+        assert_eq!(dump.matches("CRL Reason Code").count(), 1, "{alg}: {dump}");
+
+        let crl_check = |cert: &str| {
+            run(
+                d,
+                &[
+                    "verify",
+                    "-x509_strict",
+                    "-crl_check",
+                    "-CAfile",
+                    "chain.pem",
+                    "-CRLfile",
+                    "crl.pem",
+                    cert,
+                ],
+            )
+        };
+        let out = crl_check("revoked.pem");
+        let report = all_output(&out);
+        assert!(!out.status.success(), "{alg}: {report}");
+        assert!(report.contains("certificate revoked"), "{alg}: {report}");
+        let out = crl_check("good.pem");
+        assert!(out.status.success(), "{alg}: {}", all_output(&out));
+        assert_eq!(text(&out).trim(), "good.pem: OK", "{alg}");
+    }
+}
+
+/// `openssl pkcs7` reads our certs-only bundle and lists its certificates in order.
+#[test]
+fn openssl_reads_our_certs_only_pkcs7() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (h, ca) = hierarchy(KeyAlgorithm::P256);
+    let issuing = pem_der(&h.issuing_cert_pem);
+    let root = pem_der(&h.root_cert_pem);
+    let device = ca
+        .issue(
+            &thing("est-device"),
+            DeviceKey::Generate,
+            &profile(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+
+    std::fs::write(d.join("cacerts.p7"), pkcs7_certs_only(&[&issuing, &root])).unwrap();
+    let listed = text(&openssl(
+        d,
+        &[
+            "pkcs7",
+            "-inform",
+            "DER",
+            "-in",
+            "cacerts.p7",
+            "-print_certs",
+        ],
+    ));
+    let issuing_at = listed
+        .find("subject=CN = fleetcert Issuing CA")
+        .expect(&listed);
+    let root_at = listed
+        .find("subject=CN = fleetcert Root CA")
+        .expect(&listed);
+    assert!(issuing_at < root_at, "{listed}");
+    assert!(listed.contains(h.issuing_cert_pem.trim()), "{listed}");
+    assert!(listed.contains(h.root_cert_pem.trim()), "{listed}");
+    assert_eq!(listed.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+
+    // One issued certificate, as /simpleenroll answers; and the empty bundle.
+    std::fs::write(d.join("enroll.p7"), pkcs7_certs_only(&[&device.der])).unwrap();
+    let listed = text(&openssl(
+        d,
+        &[
+            "pkcs7",
+            "-inform",
+            "DER",
+            "-in",
+            "enroll.p7",
+            "-print_certs",
+        ],
+    ));
+    assert!(listed.contains("subject=CN = est-device"), "{listed}");
+    assert!(listed.contains(device.pem.trim()), "{listed}");
+    // OpenSSL re-encodes it byte for byte.
+    let out = openssl(
+        d,
+        &[
+            "pkcs7",
+            "-inform",
+            "DER",
+            "-in",
+            "enroll.p7",
+            "-outform",
+            "DER",
+        ],
+    );
+    assert_eq!(out.stdout, pkcs7_certs_only(&[&device.der]));
+
+    std::fs::write(d.join("empty.p7"), pkcs7_certs_only(&[])).unwrap();
+    let out = openssl(
+        d,
+        &["pkcs7", "-inform", "DER", "-in", "empty.p7", "-print_certs"],
+    );
+    assert!(!text(&out).contains("BEGIN CERTIFICATE"));
+    let printed = text(&openssl(
+        d,
+        &[
+            "cms",
+            "-cmsout",
+            "-print",
+            "-inform",
+            "DER",
+            "-in",
+            "cacerts.p7",
+        ],
+    ));
+    for needle in [
+        "contentType: pkcs7-signedData",
+        "version: 1",
+        "eContentType: pkcs7-data",
+    ] {
+        assert!(
+            printed.contains(needle),
+            "{needle:?} missing from\n{printed}"
+        );
+    }
+}
+
+/// An issuing CA made by OpenSSL (PrintableString country, SHA-1 key identifiers):
+/// our CRL names it byte for byte and carries its SKI as the AKI, and OpenSSL honours
+/// the CRL. A subject rcgen cannot reproduce, or a CA without cRLSign, is refused.
+#[test]
+fn crls_from_an_openssl_made_issuing_ca() {
+    use x509_parser::extensions::ParsedExtension;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    let genpkey = |out: &str| {
+        let mut args = vec!["genpkey"];
+        args.extend_from_slice(&ec);
+        args.extend_from_slice(&["-out", out]);
+        openssl(d, &args);
+    };
+    genpkey("root.key");
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "root.key",
+            "-subj",
+            "/C=DE/O=Acme/CN=Acme Root",
+            "-days",
+            "30",
+            "-out",
+            "root.pem",
+        ],
+    );
+    let make_issuing = |name: &str, subject: &str, key_usage: &str| {
+        genpkey(&format!("{name}.key"));
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            format!(
+                "basicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,{key_usage}\n\
+                 subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+            ),
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                subject,
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "root.pem",
+                "-CAkey",
+                "root.key",
+                "-days",
+                "20",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+        let cert = std::fs::read_to_string(d.join(format!("{name}.pem"))).unwrap();
+        let key = std::fs::read_to_string(d.join(format!("{name}.key"))).unwrap();
+        let root = std::fs::read_to_string(d.join("root.pem")).unwrap();
+        fleetcert_ca::IssuingCa::load(&cert, &PrivateKey::from_pem(&key, None).unwrap(), &root)
+            .unwrap()
+    };
+    let now = OffsetDateTime::now_utc();
+    let next = now + Duration::days(1);
+
+    let ca = make_issuing(
+        "issuing",
+        "/C=DE/O=Acme/OU=Devices/CN=Acme Issuing",
+        "keyCertSign,cRLSign,digitalSignature",
+    );
+    let device = ca
+        .issue(&thing("acme-1"), DeviceKey::Generate, &profile(), now)
+        .unwrap();
+    let crl = ca
+        .sign_crl(
+            1,
+            now,
+            next,
+            &[CrlEntry {
+                serial_hex: device.serial_hex.clone(),
+                revoked_at: now,
+                reason: RevocationReason::CessationOfOperation,
+            }],
+        )
+        .unwrap();
+    let issuing_der = pem_der(ca.issuing_cert_pem());
+    let issuing = parse_cert(&issuing_der);
+    let (_, parsed) = <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&crl.der).unwrap();
+    assert_eq!(parsed.issuer().as_raw(), issuing.subject().as_raw());
+    let ski = issuing
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+        .unwrap();
+    let aki = parsed
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(k) => {
+                Some(k.key_identifier.as_ref().unwrap().0.to_vec())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        aki, ski,
+        "the AKI is the certificate's SKI, whatever its method"
+    );
+    std::fs::write(d.join("crl.pem"), &crl.pem).unwrap();
+    std::fs::write(d.join("chain.pem"), ca.chain_pem()).unwrap();
+    std::fs::write(d.join("device.pem"), &device.pem).unwrap();
+    let out = openssl(
+        d,
+        &["crl", "-in", "crl.pem", "-CAfile", "issuing.pem", "-noout"],
+    );
+    assert!(
+        all_output(&out).contains("verify OK"),
+        "{}",
+        all_output(&out)
+    );
+    let out = run(
+        d,
+        &[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            "chain.pem",
+            "-CRLfile",
+            "crl.pem",
+            "device.pem",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        all_output(&out).contains("certificate revoked"),
+        "{}",
+        all_output(&out)
+    );
+
+    // Two OUs: rcgen's name model keeps one, so the CRL could not name this CA.
+    let ca = make_issuing(
+        "dup",
+        "/O=Acme/OU=Fleet/OU=Devices/CN=Acme Dup",
+        "keyCertSign,cRLSign",
+    );
+    let e = ca.sign_crl(1, now, next, &[]).unwrap_err();
+    assert!(
+        matches!(&e, fleetcert_ca::CaError::MalformedCertificate(m) if m.contains("cannot be reproduced")),
+        "{e:?}"
+    );
+
+    // No cRLSign in the key usage.
+    let ca = make_issuing("nocrl", "/CN=Acme No CRL", "keyCertSign,digitalSignature");
+    let e = ca.sign_crl(1, now, next, &[]).unwrap_err();
+    assert!(
+        matches!(&e, fleetcert_ca::CaError::MalformedCertificate(m) if m.contains("cRLSign")),
+        "{e:?}"
+    );
 }

@@ -64,8 +64,60 @@ pub enum Command {
     /// Certificates in the registry.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// One rotation sweep (for cron): open rotations for certificates past their renewal
+    /// point and issue replacements for keys fleetcert generated. `serve` runs the same
+    /// sweep on an interval.
+    Rotate(RotateArgs),
+    /// Revoke a certificate (by serial) or every certificate of a thing, and publish a
+    /// new CRL. A running server refuses the certificate within seconds.
+    Revoke(RevokeArgs),
+    /// Print the current CRL (PEM, or DER with --der), publishing a new one first if the
+    /// revoked set changed or the stored one is half-way to its nextUpdate.
+    Crl(CrlArgs),
     /// Run the lifecycle end to end in a temporary data directory and print a summary.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Also rotate every active certificate that expires within this long (e.g. 30d),
+    /// whatever its renewal point.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub within: Option<std::time::Duration>,
+    /// List the certificates that are due, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rotations claimed, signed and committed together.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch: u32,
+    /// How long a claim on a batch is exclusive; a worker killed mid-sweep holds its
+    /// batch this long before another sweep takes it over.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["serial", "thing"])))]
+pub struct RevokeArgs {
+    /// Serial number of the certificate (hex, as `certs list` shows it).
+    pub serial: Option<String>,
+    /// Revoke every certificate of this thing instead.
+    #[arg(long, conflicts_with = "serial")]
+    pub thing: Option<String>,
+    /// RFC 5280 reason: unspecified, keyCompromise, affiliationChanged, superseded,
+    /// cessationOfOperation, privilegeWithdrawn.
+    #[arg(long, default_value = "unspecified")]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CrlArgs {
+    /// Write the CRL to this file instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// DER instead of PEM.
+    #[arg(long)]
+    pub der: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +220,16 @@ pub struct ServeArgs {
     /// Concurrent device connections; more are closed at once.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
+    /// How often the built-in rotation worker sweeps (as `fleetcert rotate` does).
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    pub rotation_interval: std::time::Duration,
+    /// Do not run the rotation worker in this process (e.g. when cron runs `rotate`).
+    #[arg(long)]
+    pub no_rotation_worker: bool,
+    /// A device whose certificate expired at most this long ago (e.g. 30d) may still
+    /// re-enroll with it (EST or replacement fetch, nothing else). Default: no window.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub renew_after_expiry: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]

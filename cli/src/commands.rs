@@ -45,7 +45,7 @@ impl From<fleetcert_ca::CaError> for CliError {
     }
 }
 
-fn bad_input(message: impl Into<String>) -> CliError {
+pub fn bad_input(message: impl Into<String>) -> CliError {
     CliError {
         code: 2,
         message: message.into(),
@@ -127,6 +127,9 @@ pub async fn run(cli: Cli) -> CmdResult {
             expiring_within,
             limit,
         }) => certs_list(&ctx, thing, status, expiring_within, limit).await,
+        Command::Rotate(args) => crate::lifecycle_cmds::rotate(&ctx, args).await,
+        Command::Revoke(args) => crate::lifecycle_cmds::revoke(&ctx, args).await,
+        Command::Crl(args) => crate::lifecycle_cmds::crl(&ctx, args).await,
         Command::Demo(args) => crate::commands::demo(&ctx, args).await,
     }
 }
@@ -462,7 +465,7 @@ async fn things_list(ctx: &Ctx, limit: Option<u32>) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cert_json(c: &CertificateRecord) -> serde_json::Value {
+pub fn cert_json(c: &CertificateRecord) -> serde_json::Value {
     json!({
         "serial": c.serial,
         "thing_name": c.thing_name,
@@ -478,6 +481,8 @@ fn cert_json(c: &CertificateRecord) -> serde_json::Value {
         "registered_at": c.registered_at.map(timestamp),
         "revoked_at": c.revoked_at.map(timestamp),
         "revocation_reason": c.revocation_reason,
+        "renew_at": timestamp(c.renew_at),
+        "replaces": c.replaces,
     })
 }
 

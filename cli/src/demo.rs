@@ -13,6 +13,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Validity of the demo batch; the rotation step rotates everything expiring within it.
+const DEMO_VALIDITY_DAYS: u32 = 2;
+
 fn failed(e: impl std::fmt::Display) -> CliError {
     CliError {
         code: 1,
@@ -55,7 +58,10 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
     }
     std::fs::write(&batch, csv)
         .map_err(|e| failed(format!("cannot write {}: {e}", batch.display())))?;
-    let settings = ProvisionSettings::new(&out_dir, data.device_profile()?);
+    // Short-lived certificates, so that the rotation step below has something to do.
+    let mut profile = data.device_profile()?;
+    profile.validity_days = DEMO_VALIDITY_DAYS;
+    let settings = ProvisionSettings::new(&out_dir, profile);
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(args.devices as u64),
         indicatif::ProgressDrawTarget::stderr(),
@@ -136,9 +142,15 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
     .await?;
     let counts = registry.counts().await?;
 
+    let rotation = &jitp_figures.rotation;
     let ok = failures.is_empty()
         && jitp_figures.first.ok == args.devices as u64
         && jitp_figures.returning.ok == args.devices as u64
+        && rotation.issued == args.devices as u64
+        && rotation.fetched == args.devices as u64
+        && rotation.new_certificates_connected == args.devices as u64
+        && rotation.old_certificate_refused
+        && rotation.crl_entries == args.devices as i64
         && rejected.is_empty()
         && first.issued == args.devices as u64
         && verified == args.devices as u64
@@ -185,6 +197,17 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             ));
         }
         out.line(format!(
+            "  rotate        {} of {} due certificates replaced in {:.2}s ({:.0}/s, keys sealed at rest); {} devices fetched theirs over mutual TLS and connected with it",
+            rotation.issued, rotation.opened, rotation.sweep_seconds,
+            rotation.issued as f64 / rotation.sweep_seconds.max(1e-9),
+            rotation.new_certificates_connected
+        ));
+        out.line(format!(
+            "  revoke        old certificates revoked once the new ones were used; an old one is {} at the handshake; CRL #{} lists {} entries ({} bytes, http://<admin>/crl)",
+            if rotation.old_certificate_refused { "refused" } else { "STILL ACCEPTED" },
+            rotation.crl_number, rotation.crl_entries, rotation.crl_bytes
+        ));
+        out.line(format!(
             "  registry      {} things, certificates {:?}, {} events",
             counts.things, counts.certificates_by_status, counts.events
         ));
@@ -226,11 +249,26 @@ struct RoundFigures {
 struct JitpFigures {
     first: RoundFigures,
     returning: RoundFigures,
+    rotation: RotationFigures,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct RotationFigures {
+    opened: u64,
+    issued: u64,
+    sweep_seconds: f64,
+    fetched: u64,
+    new_certificates_connected: u64,
+    old_certificate_refused: bool,
+    crl_number: i64,
+    crl_entries: i64,
+    crl_bytes: usize,
+    errors: Vec<String>,
 }
 
 async fn jitp_round_trips(
     data: &DataDir,
-    ca: &fleetcert_ca::IssuingCa,
+    ca: &Arc<fleetcert_ca::IssuingCa>,
     registry: Arc<dyn fleetcert_registry::Registry>,
     out_dir: &std::path::Path,
     devices: u32,
@@ -238,17 +276,31 @@ async fn jitp_round_trips(
     use fleetcert_jitp::{DeviceClient, Limits, Server, server_tls_config};
     let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     let credentials = data.server_credentials(ca, &names)?;
+    let options = fleetcert_lifecycle::jitp::JitpOptions::new(data, ca.clone(), "default")?;
+    let rotator = fleetcert_lifecycle::rotation::Rotator::new(
+        registry.clone(),
+        options.issuance.clone(),
+        options.sealer.clone(),
+        options.clock.clone(),
+        fleetcert_lifecycle::rotation::RotationSettings {
+            expiring_within: Some(std::time::Duration::from_secs(
+                u64::from(DEMO_VALIDITY_DAYS) * 86_400 + 3600,
+            )),
+            ..Default::default()
+        },
+        options.stats.clone(),
+    );
     let jitp =
-        Arc::new(fleetcert_lifecycle::jitp::Jitp::new(data, registry, "default", false).await?);
+        Arc::new(fleetcert_lifecycle::jitp::Jitp::new(data, registry.clone(), options).await?);
     let tls = server_tls_config(
         &credentials.chain_pem,
         &credentials.key_pem,
         ca.issuing_cert_pem(),
-        jitp.revocation(),
+        fleetcert_jitp::ClientAuth::of(&jitp),
     )
     .map_err(failed)?;
     let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    let server = Server::bind(loopback, loopback, tls, jitp, Limits::default())
+    let server = Server::bind(loopback, loopback, tls, jitp.clone(), Limits::default())
         .await
         .map_err(failed)?;
     let (addr, _) = server.local_addrs().map_err(failed)?;
@@ -271,9 +323,106 @@ async fn jitp_round_trips(
     }
     let first = round(&clients, addr, 201).await;
     let returning = round(&clients, addr, 200).await;
+    let rotation = rotate_all(&rotator, &clients, &root, addr, registry.as_ref()).await;
     let _ = stop_tx.send(());
     let _ = serving.await;
-    Ok(JitpFigures { first, returning })
+    Ok(JitpFigures {
+        first,
+        returning,
+        rotation,
+    })
+}
+
+/// The rotation step: one sweep issues a replacement for every (short-lived) device
+/// certificate; each device fetches its replacement over mutual TLS and connects with
+/// it, which revokes the old one; an old certificate is then refused at the handshake
+/// and the CRL lists every old certificate.
+async fn rotate_all(
+    rotator: &fleetcert_lifecycle::rotation::Rotator,
+    clients: &[Arc<fleetcert_jitp::DeviceClient>],
+    root: &str,
+    addr: std::net::SocketAddr,
+    registry: &dyn fleetcert_registry::Registry,
+) -> RotationFigures {
+    let mut figures = RotationFigures::default();
+    match rotator.sweep(|_| {}).await {
+        Ok(report) => {
+            figures.opened = report.opened;
+            figures.issued = report.issued;
+            figures.sweep_seconds = report.seconds;
+        }
+        Err(e) => {
+            figures.errors.push(format!("sweep: {e}"));
+            return figures;
+        }
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        let (client, limit, root) = (client.clone(), limit.clone(), root.to_owned());
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            let (status, body) = client
+                .post(addr, fleetcert_lifecycle::jitp::FETCH_REPLACEMENT_PATH)
+                .await
+                .map_err(|e| format!("fetch: {e}"))?;
+            if status != 200 {
+                return Err(format!("fetch: HTTP {status}: {body}"));
+            }
+            let fetched: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| format!("fetch: {e}"))?;
+            let field = |name: &str| fetched[name].as_str().unwrap_or_default().to_owned();
+            let renewed = fleetcert_jitp::DeviceClient::new(
+                &root,
+                &field("certificate_pem"),
+                &field("private_key_pem"),
+                "localhost",
+            )
+            .map_err(|e| format!("new credentials: {e}"))?;
+            match renewed.connect(addr).await {
+                Ok((200, _)) => Ok(()),
+                Ok((status, body)) => Err(format!(
+                    "connect with the new certificate: HTTP {status}: {body}"
+                )),
+                Err(e) => Err(format!("connect with the new certificate: {e}")),
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(Ok(())) => {
+                figures.fetched += 1;
+                figures.new_certificates_connected += 1;
+            }
+            Ok(Err(e)) => figures.errors.push(e),
+            Err(e) => figures.errors.push(e.to_string()),
+        }
+    }
+    // The old certificates are revoked; the handshake view and the CRL follow within
+    // moments.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    if let Some(old) = clients.first() {
+        while Instant::now() < deadline {
+            if old.connect(addr).await.is_err() {
+                figures.old_certificate_refused = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    while Instant::now() < deadline {
+        if let Ok(Some(crl)) = registry.latest_crl().await
+            && crl.entry_count as usize >= clients.len()
+        {
+            figures.crl_number = crl.number;
+            figures.crl_entries = crl.entry_count;
+            figures.crl_bytes = crl.der.len();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    figures.errors.truncate(5);
+    figures
 }
 
 async fn round(

@@ -5,6 +5,7 @@
 mod args;
 mod commands;
 mod demo;
+mod lifecycle_cmds;
 mod output;
 mod serve;
 mod templates_cmd;

@@ -1,8 +1,10 @@
 //! `fleetcert serve`: the JITP server until SIGTERM or Ctrl-C.
 use crate::args::ServeArgs;
 use crate::commands::{CliError, Ctx, failed, passphrase};
-use fleetcert_jitp::{Limits, Server, server_tls_config};
-use fleetcert_lifecycle::jitp::Jitp;
+use fleetcert_jitp::{ClientAuth, Limits, Server, server_tls_config};
+use fleetcert_lifecycle::jitp::{Jitp, JitpOptions};
+use fleetcert_lifecycle::renewal::clock_from_env;
+use fleetcert_lifecycle::rotation::{RotationSettings, RotationStats, Rotator};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,8 +13,12 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         code: 2,
         message: e.to_string(),
     })?;
-    let ca = ctx.data().load_issuing_ca(passphrase().as_deref())?;
+    let clock = clock_from_env()?;
+    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase().as_deref())?);
     let registry = ctx.registry(false).await?;
+    let issuance = Arc::new(ctx.data().issuance(ca.clone())?);
+    let sealer = Arc::new(ctx.data().sealer()?);
+    let stats = Arc::new(RotationStats::default());
     let mut names = args.server_names.clone();
     for default in ["localhost", "127.0.0.1"] {
         if !names.iter().any(|n| n == default) {
@@ -20,12 +26,20 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         }
     }
     let credentials = ctx.data().server_credentials(&ca, &names)?;
+    let renew_after_expiry_secs = i64::try_from(args.renew_after_expiry.as_secs()).unwrap_or(0);
     let jitp = Arc::new(
         Jitp::new(
             ctx.data(),
-            registry,
-            &args.template,
-            args.allow_overly_permissive,
+            registry.clone(),
+            JitpOptions {
+                default_template: args.template.clone(),
+                allow_overly_permissive: args.allow_overly_permissive,
+                issuance: issuance.clone(),
+                sealer: sealer.clone(),
+                clock: clock.clone(),
+                renew_after_expiry_secs,
+                stats: stats.clone(),
+            },
         )
         .await?,
     );
@@ -33,7 +47,7 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         &credentials.chain_pem,
         &credentials.key_pem,
         ca.issuing_cert_pem(),
-        jitp.revocation(),
+        ClientAuth::of(&jitp),
     )
     .map_err(|e| failed(e.to_string()))?;
     let limits = Limits {
@@ -55,17 +69,32 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             "server_names": credentials.names,
             "server_certificate_issued": credentials.issued,
             "template": args.template,
+            "rotation_worker": !args.no_rotation_worker,
         }));
     } else {
         out.note(format!(
-            "fleetcert serve: devices on https://{device_addr} (mutual TLS, POST /v1/connect), admin on http://{admin_addr} (/healthz, /metrics); server certificate for {} {}",
+            "fleetcert serve: devices on https://{device_addr} (mutual TLS: /v1/connect, EST re-enrollment, /v1/replacement, /crl), admin on http://{admin_addr} (/healthz, /metrics, /crl); server certificate for {} {}",
             credentials.names.join(", "),
             if credentials.issued { "issued now" } else { "reused" }
         ));
     }
     let upkeep = tokio::spawn(jitp.clone().run_upkeep());
+    let worker = (!args.no_rotation_worker).then(|| {
+        let rotator = Arc::new(Rotator::new(
+            registry,
+            issuance,
+            sealer,
+            clock,
+            RotationSettings::default(),
+            stats,
+        ));
+        tokio::spawn(rotator.run(args.rotation_interval))
+    });
     server.run(shutdown_signal()).await;
     upkeep.abort();
+    if let Some(worker) = worker {
+        worker.abort();
+    }
     out.note("fleetcert serve: stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,6 @@
-//! The admin listener: plain HTTP, loopback by default. `/healthz` and `/metrics`.
+//! The admin listener: plain HTTP, loopback by default. `/healthz`, `/metrics`, and
+//! `/crl` (the certificates' CRL Distribution Point: relying parties fetch it without
+//! client authentication).
 use crate::Metrics;
 use bytes::Bytes;
 use fleetcert_lifecycle::jitp::Jitp;
@@ -23,6 +25,9 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, jitp: Ar
                     let metrics = metrics.clone();
                     let jitp = jitp.clone();
                     async move {
+                        if req.method() == Method::GET && req.uri().path() == "/crl" {
+                            return Ok::<_, std::convert::Infallible>(crate::crl_response(&jitp));
+                        }
                         let (status, content_type, body) = match (req.method(), req.uri().path()) {
                             (&Method::GET, "/healthz") => match jitp.health().await {
                                 Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
@@ -32,11 +37,14 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, jitp: Ar
                                     format!("unhealthy: {e}\n"),
                                 ),
                             },
-                            (&Method::GET, "/metrics") => (
-                                StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                metrics.encode(),
-                            ),
+                            (&Method::GET, "/metrics") => {
+                                metrics.sync_rotations(&jitp.stats());
+                                (
+                                    StatusCode::OK,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                    metrics.encode(),
+                                )
+                            }
                             _ => (
                                 StatusCode::NOT_FOUND,
                                 "text/plain",

@@ -61,6 +61,11 @@ impl DeviceClient {
 
     /// Opens a new connection, sends `POST /v1/connect`, returns (status, body).
     pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<(u16, String)> {
+        self.post(addr, "/v1/connect").await
+    }
+
+    /// Opens a new connection, sends an empty `POST path`, returns (status, body).
+    pub async fn post(&self, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let tls = self.tls.connect(self.server_name.clone(), tcp).await?;
@@ -68,7 +73,7 @@ impl DeviceClient {
             .await
             .map_err(std::io::Error::other)?;
         let driver = tokio::spawn(conn);
-        let request = hyper::Request::post("/v1/connect")
+        let request = hyper::Request::post(path)
             .header("host", "fleetcert")
             .body(Empty::<Bytes>::new())
             .map_err(std::io::Error::other)?;

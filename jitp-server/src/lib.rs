@@ -12,6 +12,11 @@
 //!   revocation view is refreshed from the registry every couple of seconds, so a
 //!   revocation takes effect without a restart.
 //! - A device is answered in the connection it opened: no dropped first connection.
+//! - Routes: `POST /v1/connect`, `POST /.well-known/est/simplereenroll` and
+//!   `GET /.well-known/est/cacerts` (RFC 7030), `POST /v1/replacement` (fetch a
+//!   replacement key + certificate made by fleetcert), `GET /crl`.
+//! - A certificate that expired less than the renew-after-expiry window ago (default: no
+//!   window) passes the handshake but may only re-enroll or fetch its replacement.
 //! - Limits: 10 s to finish the handshake, 10 s to send a request, 64 KiB bodies, 4,096
 //!   concurrent connections; on shutdown, requests in flight finish (up to 10 s).
 #![forbid(unsafe_code)]
@@ -23,10 +28,10 @@ mod tls;
 
 pub use client::DeviceClient;
 pub use metrics::Metrics;
-pub use tls::{TlsError, server_tls_config};
+pub use tls::{ClientAuth, TlsError, server_tls_config};
 
 use bytes::Bytes;
-use fleetcert_lifecycle::jitp::{ConnectOutcome, Jitp};
+use fleetcert_lifecycle::jitp::{ConnectOutcome, EST_REENROLL_PATH, FETCH_REPLACEMENT_PATH, Jitp};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -238,11 +243,17 @@ async fn handle(
     // without limit. An oversized body is still drained up to a bound, so that the
     // client, still sending, reads the 413 instead of a reset connection.
     let mut received = 0usize;
+    let mut collected: Option<Vec<u8>> = None;
     let drain_limit = max_body.saturating_mul(16).max(1 << 20);
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
         if let Some(data) = frame.data_ref() {
             received += data.len();
+            if received <= max_body {
+                collected
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(data);
+            }
         }
         if received > drain_limit {
             break;
@@ -256,41 +267,116 @@ async fn handle(
             &format!("request bodies are limited to {max_body} bytes"),
         );
     }
-    match (&parts.method, parts.uri.path()) {
+    let path = parts.uri.path();
+    let response = match (&parts.method, path) {
         (&Method::POST, "/v1/connect") => match jitp.connect(cert, peer).await {
             Ok(ConnectOutcome::Provisioned(reply)) => {
                 metrics.connect("provisioned", started.elapsed());
-                json_response(
+                return json_response(
                     StatusCode::CREATED,
                     &serde_json::to_value(&reply).unwrap_or_default(),
-                )
+                );
             }
             Ok(ConnectOutcome::Known(reply)) => {
                 metrics.connect("known", started.elapsed());
-                json_response(
+                return json_response(
                     StatusCode::OK,
                     &serde_json::to_value(&reply).unwrap_or_default(),
-                )
+                );
             }
-            Err(refusal) => {
-                metrics.rejected(refusal.code);
-                let status = if refusal.retryable {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::FORBIDDEN
-                };
-                error_response(status, refusal.code, &refusal.message)
-            }
+            Err(refusal) => Err(refusal),
         },
-        (_, "/v1/connect") => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use POST /v1/connect",
-        ),
-        (_, path) => error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("no such endpoint: {path}"),
+        (&Method::POST, EST_REENROLL_PATH) => {
+            let body = collected.as_deref().unwrap_or_default();
+            jitp.reenroll(cert, body).await.map(|der| {
+                metrics.request("est_simplereenroll");
+                pkcs7_response(&fleetcert_ca_pkcs7(&der))
+            })
+        }
+        (&Method::GET, "/.well-known/est/cacerts") => {
+            metrics.request("est_cacerts");
+            Ok(pkcs7_response(jitp.cacerts_pkcs7()))
+        }
+        (&Method::POST, FETCH_REPLACEMENT_PATH) => {
+            jitp.fetch_replacement(cert).await.map(|credentials| {
+                metrics.request("replacement");
+                let mut response = json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&credentials).unwrap_or_default(),
+                );
+                response.headers_mut().insert(
+                    "cache-control",
+                    hyper::header::HeaderValue::from_static("no-store"),
+                );
+                response
+            })
+        }
+        (&Method::GET, "/crl") => {
+            metrics.request("crl");
+            Ok(crl_response(jitp))
+        }
+        (_, "/v1/connect" | FETCH_REPLACEMENT_PATH | EST_REENROLL_PATH) => {
+            return error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("use POST {path}"),
+            );
+        }
+        (_, "/.well-known/est/cacerts" | "/crl") => {
+            return error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("use GET {path}"),
+            );
+        }
+        (_, path) => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {path}"),
+            );
+        }
+    };
+    response.unwrap_or_else(|refusal| {
+        metrics.rejected(refusal.code);
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+        error_response(status, refusal.code, &refusal.message)
+    })
+}
+
+/// RFC 7030 replies: base64 of a PKCS#7 certs-only DER.
+fn pkcs7_response(der: &[u8]) -> Response<Body> {
+    use base64::Engine;
+    let mut text = base64::engine::general_purpose::STANDARD.encode(der);
+    text.push('\n');
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            "content-type",
+            "application/pkcs7-mime; smime-type=certs-only",
+        )
+        .header("content-transfer-encoding", "base64")
+        .body(Full::new(Bytes::from(text)))
+        .expect("valid response")
+}
+
+fn fleetcert_ca_pkcs7(cert_der: &[u8]) -> Vec<u8> {
+    fleetcert_lifecycle::pkcs7_certs_only(&[cert_der])
+}
+
+/// `GET /crl`: the current CRL, DER (`application/pkix-crl`, RFC 5280 §4.2.1.13).
+pub(crate) fn crl_response(jitp: &Jitp) -> Response<Body> {
+    match jitp.crl_der() {
+        Some(der) => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/pkix-crl")
+            .header("cache-control", "max-age=60")
+            .body(Full::new(Bytes::from(der)))
+            .expect("valid response"),
+        None => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "crl_unavailable",
+            "no CRL has been published yet; try again shortly",
         ),
     }
 }

@@ -21,6 +21,16 @@ struct StatusLabel {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
 fn latency_buckets() -> Histogram {
     // 0.5 ms .. ~4 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -37,6 +47,8 @@ pub struct Metrics {
     rejections: Family<ReasonLabel, Counter>,
     handshake_seconds: Histogram,
     connect_seconds: Family<StatusLabel, Histogram>,
+    rotations: Family<StageLabel, Counter>,
+    requests: Family<EndpointLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +91,23 @@ impl Metrics {
             "time to answer POST /v1/connect, by status",
             connect_seconds.clone(),
         );
+        let rotations = Family::<StageLabel, Counter>::default();
+        registry.register(
+            "rotations",
+            "certificate rotations by stage: due (opened), issued, delivered, confirmed (old certificate revoked after the device used the new one), failed",
+            rotations.clone(),
+        );
+        let requests = Family::<EndpointLabel, Counter>::default();
+        registry.register(
+            "device_requests",
+            "requests answered successfully on the device listener, by endpoint (est_simplereenroll, est_cacerts, replacement, crl)",
+            requests.clone(),
+        );
+        for stage in ["due", "issued", "delivered", "confirmed", "failed"] {
+            let _ = rotations.get_or_create(&StageLabel {
+                stage: stage.into(),
+            });
+        }
         Metrics {
             registry,
             handshakes,
@@ -86,6 +115,8 @@ impl Metrics {
             rejections,
             handshake_seconds,
             connect_seconds,
+            rotations,
+            requests,
         }
     }
 
@@ -146,6 +177,35 @@ impl Metrics {
         self.connect_seconds
             .get_or_create(&label)
             .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn request(&self, endpoint: &str) {
+        self.requests
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Brings the rotation counters up to the totals kept by the lifecycle layer (the
+    /// worker and the device endpoints count there; this exports them).
+    pub fn sync_rotations(&self, stats: &fleetcert_lifecycle::rotation::RotationStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (stage, total) in [
+            ("due", stats.due.load(Relaxed)),
+            ("issued", stats.issued.load(Relaxed)),
+            ("delivered", stats.delivered.load(Relaxed)),
+            ("confirmed", stats.confirmed.load(Relaxed)),
+            ("failed", stats.failed.load(Relaxed)),
+        ] {
+            let counter = self.rotations.get_or_create(&StageLabel {
+                stage: stage.into(),
+            });
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        }
     }
 
     /// Prometheus text exposition format.

@@ -365,6 +365,26 @@ impl DataDir {
         Ok(found)
     }
 
+    /// The key that seals replacement private keys at rest (`ca/sealing.key`, created on
+    /// first use; see [`crate::sealing`]).
+    pub fn sealer(&self) -> Result<crate::sealing::KeySealer, LifecycleError> {
+        self.ca_info()?;
+        crate::sealing::KeySealer::load_or_create(&self.ca_dir().join("sealing.key"))
+    }
+
+    /// Everything rotation and re-enrollment need to issue: the loaded issuing CA, this
+    /// CA's device profile and the default renewal policy.
+    pub fn issuance(
+        &self,
+        ca: std::sync::Arc<IssuingCa>,
+    ) -> Result<crate::rotation::Issuance, LifecycleError> {
+        Ok(crate::rotation::Issuance {
+            ca,
+            profile: self.device_profile()?,
+            renewal: crate::renewal::RenewalPolicy::default(),
+        })
+    }
+
     /// The device profile this CA issues with, before per-run overrides.
     pub fn device_profile(&self) -> Result<DeviceProfile, LifecycleError> {
         let info = self.ca_info()?;

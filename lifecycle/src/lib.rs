@@ -12,11 +12,16 @@ mod fsio;
 pub mod jitp;
 pub mod provision;
 pub mod renewal;
+pub mod revocation;
+pub mod rotation;
+pub mod sealing;
 mod templates;
 mod verify;
 
 pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV, ServerCredentials};
 pub use error::{ErrorClass, LifecycleError};
+/// PKCS#7 certs-only DER (RFC 7030 replies), re-exported for the server.
+pub use fleetcert_ca::pkcs7_certs_only;
 pub use verify::{ChainVerifier, VerifiedDevice};
 
 /// Current time as Unix seconds; one place so every record uses the same clock.

@@ -18,9 +18,7 @@
 use crate::fsio::{GroupWriter, PUBLIC_MODE, SECRET_MODE, Staged, write_file_atomic};
 use crate::{LifecycleError, unix_now};
 use fleetcert_ca::{DeviceCsr, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, ThingName};
-use fleetcert_registry::{
-    CertOrigin, CertificateRecord, IssueOutcome, IssueRecord, NewCertificate, Registry,
-};
+use fleetcert_registry::{CertOrigin, CertificateRecord, IssueOutcome, IssueRecord, Registry};
 use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -393,26 +391,11 @@ fn issue_record(
     IssueRecord {
         thing_name: plan.device.thing.to_string(),
         template: template.clone(),
-        certificate: NewCertificate {
-            serial: cert.serial_hex.clone(),
-            fingerprint_sha256: cert.fingerprint_sha256_hex.clone(),
-            public_key_sha256: cert.public_key_sha256_hex.clone(),
-            issuer: issuer.to_owned(),
-            not_before: cert.not_before.unix_timestamp(),
-            not_after: cert.not_after.unix_timestamp(),
-            origin: if cert.private_key.is_some() {
-                CertOrigin::Generated
-            } else {
-                CertOrigin::Csr
-            },
-            key_algorithm: cert.key_algorithm.to_string(),
-            renew_at: crate::renewal::RenewalPolicy::default().renew_at(
-                &cert.serial_hex,
-                cert.not_before.unix_timestamp(),
-                cert.not_after.unix_timestamp(),
-            ),
-            der: cert.der.clone(),
-        },
+        certificate: crate::rotation::new_certificate(
+            cert,
+            issuer,
+            &crate::renewal::RenewalPolicy::default(),
+        ),
         expected_active: plan.expected_active.clone(),
         supersede_expected: plan.supersede,
         revoke_expected: plan.revoke,

@@ -9,7 +9,8 @@ ALTER TABLE certificates ADD COLUMN renew_at BIGINT NOT NULL DEFAULT 0;
 UPDATE certificates SET renew_at = not_before + (not_after - not_before) * 2 / 3;
 ALTER TABLE certificates ADD COLUMN replaces TEXT COLLATE "C" REFERENCES certificates (serial);
 
-CREATE INDEX certificates_status_renew_at ON certificates (status, renew_at);
+-- Due selection walks the active certificates in (renew_at, serial) order.
+CREATE INDEX certificates_status_renew_at ON certificates (status, renew_at, serial);
 CREATE INDEX certificates_replaces ON certificates (replaces) WHERE replaces IS NOT NULL;
 
 CREATE TABLE rotations (
@@ -29,7 +30,8 @@ CREATE TABLE rotations (
     updated_at  BIGINT NOT NULL
 );
 
-CREATE INDEX rotations_claim ON rotations (state, origin, due_at);
+-- Claims walk this in (due_at, old_serial) order within state 'due' and one origin.
+CREATE INDEX rotations_claim ON rotations (state, origin, due_at, old_serial);
 CREATE INDEX rotations_new_serial ON rotations (new_serial) WHERE new_serial IS NOT NULL;
 CREATE INDEX rotations_thing ON rotations (thing_name);
 

@@ -3,7 +3,8 @@
 
 use crate::{
     CertStatus, CertificateRecord, ConnectionRecord, EventRecord, IssueOutcome, IssueRecord,
-    MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord, Registration, RegistryError, ThingDetails,
+    MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyRecord, Registration, RegistryError,
+    ReplaceOutcome, Replacement, RevokedEntry, RotationRecord, StoredCrl, ThingDetails,
     ThingRecord,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -20,6 +21,15 @@ pub(crate) const EVENT_CERT_REGISTERED: &str = "certificate.registered";
 pub(crate) const EVENT_THING_UPDATED: &str = "thing.updated";
 pub(crate) const EVENT_POLICY_CREATED: &str = "policy.created";
 pub(crate) const EVENT_POLICY_ATTACHED: &str = "policy.attached";
+pub(crate) const EVENT_ROTATION_DUE: &str = "rotation.due";
+pub(crate) const EVENT_ROTATION_ISSUED: &str = "rotation.issued";
+pub(crate) const EVENT_ROTATION_DELIVERED: &str = "rotation.delivered";
+pub(crate) const EVENT_ROTATION_CONFIRMED: &str = "rotation.confirmed";
+pub(crate) const EVENT_ROTATION_FAILED: &str = "rotation.failed";
+pub(crate) const EVENT_ROTATION_CANCELLED: &str = "rotation.cancelled";
+
+/// Most rotations `open_due_rotations` opens in one transaction.
+pub(crate) const OPEN_CHUNK: usize = 2_048;
 
 /// How many names one `active_certificates` query carries.
 pub(crate) const NAME_CHUNK: usize = 10_000;
@@ -723,6 +733,252 @@ pub(crate) fn connections_to_keep(
     let mut fingerprints: Vec<&str> = seen.into_keys().collect();
     fingerprints.sort_unstable();
     (keep, fingerprints)
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotation, revocation and CRLs
+
+/// The rotation columns, in the order [`rotation_from_row`] reads them;
+/// `rotation_columns!(r)`: the same, qualified with the table alias `r`. (`attempts` is
+/// read as a 32-bit integer, the column's type on PostgreSQL.)
+macro_rules! rotation_columns {
+    () => {
+        "old_serial, thing_name, origin, state, due_at, new_serial, lease_owner, \
+         lease_until, attempts, last_error, updated_at"
+    };
+    (r) => {
+        "r.old_serial, r.thing_name, r.origin, r.state, r.due_at, r.new_serial, \
+         r.lease_owner, r.lease_until, r.attempts, r.last_error, r.updated_at"
+    };
+}
+pub(crate) use rotation_columns;
+
+pub(crate) fn rotation_from_row<'r, R>(row: &'r R) -> Result<RotationRecord, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+{
+    rotation_from_row_at(row, 0)
+}
+
+/// [`rotation_from_row`] with the rotation's columns starting at column `at`.
+pub(crate) fn rotation_from_row_at<'r, R>(
+    row: &'r R,
+    at: usize,
+) -> Result<RotationRecord, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let origin: String = row.try_get(at + 2)?;
+    let state: String = row.try_get(at + 3)?;
+    let attempts: i32 = row.try_get(at + 8)?;
+    Ok(RotationRecord {
+        old_serial: row.try_get(at)?,
+        thing_name: row.try_get(at + 1)?,
+        origin: origin.parse().map_err(decode_error)?,
+        state: state.parse().map_err(decode_error)?,
+        due_at: row.try_get(at + 4)?,
+        new_serial: row.try_get(at + 5)?,
+        lease_owner: row.try_get(at + 6)?,
+        lease_until: row.try_get(at + 7)?,
+        attempts: i64::from(attempts),
+        last_error: row.try_get(at + 9)?,
+        updated_at: row.try_get(at + 10)?,
+    })
+}
+
+/// [`rotation_from_row_at`] for the columns of a `LEFT JOIN`: `None` if `old_serial`
+/// is NULL (no rotation row).
+pub(crate) fn optional_rotation_at<'r, R>(
+    row: &'r R,
+    at: usize,
+) -> Result<Option<RotationRecord>, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let old_serial: Option<String> = row.try_get(at)?;
+    match old_serial {
+        None => Ok(None),
+        Some(_) => rotation_from_row_at(row, at).map(Some),
+    }
+}
+
+/// Columns: serial, thing_name, revoked_at, revocation_reason, not_after.
+pub(crate) fn revoked_entry_from_row<'r, R>(row: &'r R) -> Result<RevokedEntry, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(RevokedEntry {
+        serial: row.try_get(0)?,
+        thing_name: row.try_get(1)?,
+        revoked_at: row.try_get(2)?,
+        reason: row.try_get(3)?,
+        not_after: row.try_get(4)?,
+    })
+}
+
+/// Columns: number, this_update, next_update, entries_digest, entry_count, der.
+pub(crate) fn crl_from_row<'r, R>(row: &'r R) -> Result<StoredCrl, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(StoredCrl {
+        number: row.try_get(0)?,
+        this_update: row.try_get(1)?,
+        next_update: row.try_get(2)?,
+        entries_digest: row.try_get(3)?,
+        entry_count: row.try_get(4)?,
+        der: row.try_get(5)?,
+    })
+}
+
+/// No serial or fingerprint twice among `certs` (else [`RegistryError::DuplicateSerial`]
+/// naming the second occurrence).
+pub(crate) fn validate_new<'a>(
+    certs: impl IntoIterator<Item = &'a NewCertificate>,
+) -> Result<(), RegistryError> {
+    let mut serials = HashSet::new();
+    let mut fingerprints = HashSet::new();
+    for c in certs {
+        if !serials.insert(c.serial.as_str()) || !fingerprints.insert(c.fingerprint_sha256.as_str())
+        {
+            return Err(RegistryError::DuplicateSerial(c.serial.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// [`duplicate_of`] for plain certificates: the first of `certs` whose serial or
+/// fingerprint is among `taken`.
+pub(crate) fn duplicate_among<'a>(
+    certs: impl IntoIterator<Item = &'a NewCertificate>,
+    taken: &HashSet<String>,
+    fallback: &str,
+) -> RegistryError {
+    let serial = certs
+        .into_iter()
+        .find(|c| taken.contains(&c.serial) || taken.contains(&c.fingerprint_sha256))
+        .map(|c| c.serial.clone())
+        .unwrap_or_else(|| fallback.to_owned());
+    RegistryError::DuplicateSerial(serial)
+}
+
+/// The detail of `certificate.issued` for a certificate made by a rotation (the same
+/// fields as a provisioned one, plus `replaces`).
+pub(crate) fn replacement_issued_detail(c: &NewCertificate, replaces: &str) -> String {
+    serde_json::json!({
+        "origin": c.origin.as_str(),
+        "key_algorithm": c.key_algorithm,
+        "not_before": c.not_before,
+        "not_after": c.not_after,
+        "fingerprint_sha256": c.fingerprint_sha256,
+        "issuer": c.issuer,
+        "replaces": replaces,
+    })
+    .to_string()
+}
+
+/// `certificate.superseded` by a rotation: `{"replaced_by": new}`.
+pub(crate) fn superseded_detail(replaced_by: &str) -> String {
+    serde_json::json!({ "replaced_by": replaced_by }).to_string()
+}
+
+/// `certificate.revoked` by a rotation (the old certificate once its replacement is
+/// used, or a replacement never used): `{"reason": "superseded", "replaced_by": new}`.
+pub(crate) fn revoked_by_rotation_detail(replaced_by: &str) -> String {
+    serde_json::json!({ "reason": "superseded", "replaced_by": replaced_by }).to_string()
+}
+
+/// `certificate.revoked` by [`crate::Registry::revoke`]: `{"reason": reason}`, plus
+/// `"replaces": old` for an undelivered replacement revoked with the certificate it
+/// replaces.
+pub(crate) fn revoked_detail(reason: &str, replaces: Option<&str>) -> String {
+    match replaces {
+        None => serde_json::json!({ "reason": reason }),
+        Some(old) => serde_json::json!({ "reason": reason, "replaces": old }),
+    }
+    .to_string()
+}
+
+/// `rotation.issued`, `rotation.delivered`, `rotation.confirmed`: `{"new_serial": new}`.
+pub(crate) fn rotation_detail(new_serial: &str) -> String {
+    serde_json::json!({ "new_serial": new_serial }).to_string()
+}
+
+/// `rotation.failed`: `{"error", "attempts", "state"}` (`state`: `due` while the worker
+/// may try again, `failed` once it gave up).
+pub(crate) fn rotation_failed_detail(error: &str, attempts: i64, state: &str) -> String {
+    serde_json::json!({ "error": error, "attempts": attempts, "state": state }).to_string()
+}
+
+/// `rotation.cancelled`: `{"reason": revocation reason}`.
+pub(crate) fn rotation_cancelled_detail(reason: &str) -> String {
+    serde_json::json!({ "reason": reason }).to_string()
+}
+
+// `rotation.due` details are built in SQL from the certificate row:
+// `{"origin": …, "renew_at": …, "not_after": …}`.
+
+/// The checks of [`crate::Registry::replace_certificate`] on the authenticated
+/// certificate, in order: exists, belongs to the thing, is not revoked. `Err`: the
+/// refusal.
+pub(crate) fn check_replacement(
+    rep: &Replacement,
+    cert: Option<&CertState>,
+) -> Result<(), ReplaceOutcome> {
+    let serial = &rep.authenticated_serial;
+    let Some(cert) = cert else {
+        return Err(ReplaceOutcome::Refused {
+            code: "unknown_certificate",
+            reason: format!("certificate {serial} is not in the registry"),
+        });
+    };
+    if cert.thing_name != rep.thing_name {
+        return Err(ReplaceOutcome::Refused {
+            code: "wrong_thing",
+            reason: format!(
+                "certificate {serial} belongs to thing {:?}, not {:?}",
+                cert.thing_name, rep.thing_name
+            ),
+        });
+    }
+    if cert.status == CertStatus::Revoked.as_str() {
+        return Err(ReplaceOutcome::Refused {
+            code: "certificate_revoked",
+            reason: format!("certificate {serial} is revoked"),
+        });
+    }
+    Ok(())
+}
+
+/// The refusal when certificate `holder` of the thing already has the new public key.
+pub(crate) fn key_reused(rep: &Replacement, holder: &str) -> ReplaceOutcome {
+    ReplaceOutcome::Refused {
+        code: "key_reused",
+        reason: format!(
+            "the new public key is already used by certificate {holder} of thing {:?}: \
+             a replacement needs a new key",
+            rep.thing_name
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -8,13 +8,17 @@
 //! cached per connection).
 
 use crate::common::{
-    self, CertCheck, CertState, EVENT_CERT_DELIVERED, FoundPolicy, NAME_CHUNK, NewEvent,
-    cert_columns, db_error, migrate_error, to_json,
+    self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
+    EVENT_CERT_SUPERSEDED, FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK, cert_columns, db_error,
+    migrate_error, rotation_columns, to_json,
 };
 use crate::{
-    CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord, Registration,
-    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ThingFilter, ThingRecord,
+    CRLS_KEPT, CertStatus, CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState,
+    EventFilter, EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE,
+    NewCertificate, PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry,
+    RegistryCounts, RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget,
+    RevokedEntry, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
+    ThingFilter, ThingRecord,
 };
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -70,16 +74,21 @@ macro_rules! thing_columns {
     };
 }
 
-/// A certificate, its thing and its attached policies (a JSON array) by fingerprint:
-/// the hot path of every returning connection.
+/// A certificate, its thing, its attached policies (a JSON array), whether it confirms a
+/// rotation, and its own rotation (if any) by fingerprint: the hot path of every
+/// returning connection.
 const SQL_DEVICE_STATE: &str = concat!(
     "SELECT ",
     cert_columns!(c),
     ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes, \
        t.groups, t.billing_group, t.version, \
        (SELECT json_group_array(a.policy_name) FROM policy_attachments a \
-        WHERE a.serial = c.serial) \
-     FROM certificates c JOIN things t ON t.name = c.thing_name \
+        WHERE a.serial = c.serial), \
+       EXISTS (SELECT 1 FROM certificates o \
+        WHERE o.serial = c.replaces AND +o.status <> 'revoked'), ",
+    rotation_columns!(r),
+    " FROM certificates c JOIN things t ON t.name = c.thing_name \
+     LEFT JOIN rotations r ON r.old_serial = c.serial \
      WHERE c.fingerprint_sha256 = ?1"
 );
 const SQL_REGISTRATION_CERT: &str =
@@ -123,6 +132,164 @@ const SQL_RECENT_CONNECTIONS: &str = "SELECT fingerprint_sha256, thing_name, cli
      FROM connections WHERE fingerprint_sha256 = ?1 ORDER BY id DESC LIMIT ?2";
 const SQL_REVOKED_SERIALS: &str = "SELECT serial FROM certificates \
      WHERE status = 'revoked' AND not_after >= ?1 ORDER BY serial";
+
+// ---- rotation, revocation and CRLs ------------------------------------------------------
+
+/// The condition of a certificate due for rotation besides its renewal point or expiry:
+/// active (the status is the index's first column), delivered, no rotation row yet.
+macro_rules! due_tail {
+    () => {
+        " AND c.delivered_at IS NOT NULL \
+          AND NOT EXISTS (SELECT 1 FROM rotations r WHERE r.old_serial = c.serial)"
+    };
+}
+
+/// `due_certificates`: ?1 now, ?2 expiring_before (i64::MIN: none), ?3 limit. Two
+/// branches, each through its own index (`+c.renew_at`: the second branch goes through
+/// the expiry index).
+const SQL_DUE_CERTIFICATES: &str = concat!(
+    "SELECT * FROM (SELECT ",
+    cert_columns!(c),
+    " FROM certificates c WHERE c.status = 'active' AND c.renew_at <= ?1",
+    due_tail!(),
+    " UNION ALL SELECT ",
+    cert_columns!(c),
+    " FROM certificates c WHERE c.status = 'active' AND c.not_after <= ?2 \
+        AND +c.renew_at > ?1",
+    due_tail!(),
+    ") ORDER BY renew_at, serial LIMIT ?3"
+);
+/// One chunk of `open_due_rotations`, in index order after the cursor (?2 key, ?3
+/// rowid): due by renewal point (?1 now), at most ?4.
+const SQL_DUE_BY_RENEWAL: &str = concat!(
+    "SELECT c.renew_at, c.rowid, c.serial FROM certificates c \
+     WHERE c.status = 'active' AND c.renew_at <= ?1 AND (c.renew_at, c.rowid) > (?2, ?3)",
+    due_tail!(),
+    " ORDER BY c.renew_at, c.rowid LIMIT ?4"
+);
+/// The same, due by expiry (?1 expiring_before).
+const SQL_DUE_BY_EXPIRY: &str = concat!(
+    "SELECT c.not_after, c.rowid, c.serial FROM certificates c \
+     WHERE c.status = 'active' AND c.not_after <= ?1 AND (c.not_after, c.rowid) > (?2, ?3)",
+    due_tail!(),
+    " ORDER BY c.not_after, c.rowid LIMIT ?4"
+);
+/// Opens the rotations of the certificates of ?1 (a JSON array of serials) at ?2 (and
+/// below: their events, kind ?3).
+const SQL_OPEN_ROTATIONS: &str = "INSERT INTO rotations \
+        (old_serial, thing_name, origin, state, due_at, updated_at) \
+     SELECT c.serial, c.thing_name, c.origin, 'due', ?2, ?2 \
+     FROM json_each(?1) AS j CROSS JOIN certificates c ON c.serial = j.value";
+const SQL_ROTATION_DUE_EVENTS: &str = "INSERT INTO events (at, kind, thing_name, serial, detail) \
+     SELECT ?2, ?3, c.thing_name, c.serial, \
+        json_object('origin', c.origin, 'renew_at', c.renew_at, 'not_after', c.not_after) \
+     FROM json_each(?1) AS j CROSS JOIN certificates c ON c.serial = j.value \
+     ORDER BY j.key";
+/// Claimable rotations (?1 now), in claim order, at most ?2.
+const SQL_CLAIMABLE: &str = "SELECT old_serial FROM rotations \
+     WHERE state = 'due' AND origin = 'generated' \
+       AND (lease_until IS NULL OR lease_until < ?1) \
+     ORDER BY due_at, old_serial LIMIT ?2";
+const SQL_LEASE: &str = "UPDATE rotations SET lease_owner = ?2, lease_until = ?3 \
+     WHERE old_serial IN (SELECT value FROM json_each(?1))";
+/// The certificates of ?1 (JSON array of serials) with their thing's template, in order.
+const SQL_CLAIMED: &str = concat!(
+    "SELECT ",
+    cert_columns!(c),
+    ", t.template FROM json_each(?1) AS j \
+     CROSS JOIN certificates c ON c.serial = j.value \
+     JOIN things t ON t.name = c.thing_name \
+     ORDER BY j.key"
+);
+/// Of the rotations of ?1 (JSON array of old serials), those still `due` and leased by
+/// ?2, with the old certificate's thing and registration time.
+const SQL_COMPLETABLE: &str = "SELECT r.old_serial, c.thing_name, c.registered_at \
+     FROM json_each(?1) AS j \
+     CROSS JOIN rotations r ON r.old_serial = j.value \
+     JOIN certificates c ON c.serial = r.old_serial \
+     WHERE +r.state = 'due' AND r.lease_owner = ?2";
+/// Copies policy attachments: ?1 is a JSON array of `[from, to, at]`.
+const SQL_COPY_ATTACHMENTS: &str = "INSERT INTO policy_attachments \
+        (policy_name, serial, attached_at) \
+     SELECT a.policy_name, j.value ->> 1, j.value ->> 2 \
+     FROM json_each(?1) AS j CROSS JOIN policy_attachments a ON a.serial = j.value ->> 0 \
+     WHERE true ON CONFLICT (policy_name, serial) DO NOTHING";
+const SQL_FAIL_ROTATION: &str = "UPDATE rotations SET attempts = attempts + 1, \
+        last_error = ?3, lease_owner = NULL, lease_until = NULL, updated_at = ?4, \
+        state = CASE WHEN attempts + 1 >= ?5 THEN 'failed' ELSE state END \
+     WHERE old_serial = ?1 AND lease_owner = ?2 AND state = 'due' \
+     RETURNING thing_name, attempts, state";
+const SQL_REPLACE_AUTH: &str =
+    "SELECT thing_name, status, registered_at, origin FROM certificates WHERE serial = ?1";
+/// A certificate of thing ?1 with public key ?2, in any status.
+const SQL_KEY_HOLDER: &str = "SELECT serial FROM certificates \
+     WHERE thing_name = ?1 AND public_key_sha256 = ?2 ORDER BY serial LIMIT 1";
+const SQL_SUPERSEDE_ONE: &str =
+    "UPDATE certificates SET status = 'superseded' WHERE serial = ?1 AND +status = 'active'";
+/// Active replacements of ?1 other than ?2 (never used): revoked at ?3.
+const SQL_REVOKE_UNUSED: &str = "UPDATE certificates SET status = 'revoked', \
+        revoked_at = ?3, revocation_reason = 'superseded' \
+     WHERE replaces = ?1 AND serial <> ?2 AND +status = 'active' \
+     RETURNING serial";
+/// The authenticated certificate's rotation: created or moved to `delivered`.
+const SQL_ROTATION_DELIVERED: &str = "INSERT INTO rotations \
+        (old_serial, thing_name, origin, state, due_at, new_serial, updated_at) \
+     VALUES (?1, ?2, ?3, 'delivered', ?5, ?4, ?5) \
+     ON CONFLICT (old_serial) DO UPDATE SET state = 'delivered', \
+        new_serial = excluded.new_serial, sealed_key = NULL, lease_owner = NULL, \
+        lease_until = NULL, updated_at = excluded.updated_at";
+/// Open rotations of the certificates of ?1 (JSON array) become `cancelled` at ?2.
+const SQL_CANCEL_ROTATIONS: &str = "UPDATE rotations SET state = 'cancelled', \
+        sealed_key = NULL, lease_owner = NULL, lease_until = NULL, updated_at = ?2 \
+     WHERE old_serial IN (SELECT value FROM json_each(?1)) \
+       AND +state IN ('due', 'issued', 'delivered') \
+     RETURNING old_serial, thing_name";
+/// A pre-issued replacement of ?1 ready to hand out (its certificate still active).
+const SQL_TAKEABLE: &str = "SELECT r.new_serial, r.sealed_key, r.thing_name \
+     FROM rotations r JOIN certificates n ON n.serial = r.new_serial \
+     WHERE r.old_serial = ?1 AND +r.state = 'issued' AND +n.status = 'active'";
+const SQL_ROTATION_TAKEN: &str = "UPDATE rotations SET state = 'delivered', \
+        sealed_key = NULL, updated_at = ?2 \
+     WHERE old_serial = ?1";
+const SQL_DELIVER_ONE: &str = "UPDATE certificates SET delivered_at = ?2 \
+     WHERE serial = ?1 AND delivered_at IS NULL";
+/// The certificate ?1 replaces, if neither is revoked: (old serial, thing).
+const SQL_CONFIRMABLE: &str = "SELECT o.serial, o.thing_name \
+     FROM certificates n JOIN certificates o ON o.serial = n.replaces \
+     WHERE n.serial = ?1 AND +n.status <> 'revoked' AND +o.status <> 'revoked'";
+const SQL_REVOKE_SUPERSEDED: &str = "UPDATE certificates SET status = 'revoked', \
+        revoked_at = ?2, revocation_reason = 'superseded' \
+     WHERE serial = ?1 AND +status <> 'revoked'";
+const SQL_ROTATION_CONFIRMED: &str = "UPDATE rotations SET state = 'confirmed', \
+        new_serial = ?2, sealed_key = NULL, lease_owner = NULL, lease_until = NULL, \
+        updated_at = ?3 \
+     WHERE old_serial = ?1 AND +state NOT IN ('confirmed', 'cancelled') \
+     RETURNING thing_name";
+const SQL_ROTATION: &str = concat!(
+    "SELECT ",
+    rotation_columns!(),
+    " FROM rotations WHERE old_serial = ?1"
+);
+const SQL_CERT_EXISTS: &str = "SELECT serial FROM certificates WHERE serial = ?1";
+/// Undelivered replacements of ?1 that are not revoked.
+const SQL_UNDELIVERED_REPLACEMENTS: &str = "SELECT serial FROM certificates \
+     WHERE replaces = ?1 AND delivered_at IS NULL AND +status <> 'revoked' ORDER BY serial";
+const SQL_THING_EXISTS: &str = "SELECT name FROM things WHERE name = ?1";
+const SQL_UNREVOKED_OF_THING: &str = "SELECT serial FROM certificates \
+     WHERE thing_name = ?1 AND status <> 'revoked' ORDER BY serial";
+/// Revokes the certificates of ?1 (JSON array) that are not revoked yet, at ?2 for
+/// reason ?3.
+const SQL_REVOKE_MANY: &str = "UPDATE certificates SET status = 'revoked', \
+        revoked_at = ?2, revocation_reason = ?3 \
+     WHERE serial IN (SELECT value FROM json_each(?1)) AND +status <> 'revoked' \
+     RETURNING serial, thing_name, revoked_at, revocation_reason, not_after";
+const SQL_REVOKED_ENTRIES: &str = "SELECT serial, thing_name, \
+        coalesce(revoked_at, created_at), revocation_reason, not_after \
+     FROM certificates WHERE status = 'revoked' AND not_after >= ?1 ORDER BY serial";
+const SQL_LATEST_CRL: &str = "SELECT number, this_update, next_update, entries_digest, \
+        entry_count, der FROM crls ORDER BY number DESC LIMIT 1";
+const SQL_PRUNE_CRLS: &str = "DELETE FROM crls WHERE number NOT IN \
+     (SELECT number FROM crls ORDER BY number DESC LIMIT ?1)";
 
 #[derive(Debug)]
 pub(crate) struct SqliteRegistry {
@@ -204,10 +371,13 @@ impl SqliteRegistry {
         db_error(&self.url, context, e)
     }
 
-    /// The serials and fingerprints of `records` already in the database.
-    async fn taken(&self, records: &[IssueRecord]) -> Result<HashSet<String>, RegistryError> {
-        let serials = json(records.iter().map(|r| &r.certificate.serial));
-        let fingerprints = json(records.iter().map(|r| &r.certificate.fingerprint_sha256));
+    /// The serials and fingerprints of `certs` already in the database.
+    async fn taken<'a>(
+        &self,
+        certs: impl Iterator<Item = &'a NewCertificate> + Clone,
+    ) -> Result<HashSet<String>, RegistryError> {
+        let serials = json(certs.clone().map(|c| &c.serial));
+        let fingerprints = json(certs.map(|c| &c.fingerprint_sha256));
         let rows: Vec<(String, String)> = sqlx::query_as(SQL_TAKEN)
             .bind(serials)
             .bind(fingerprints)
@@ -216,6 +386,489 @@ impl SqliteRegistry {
             .map_err(|e| self.err("looking up duplicate serials", e))?;
         let taken = rows.into_iter().flat_map(|(s, f)| [s, f]).collect();
         Ok(taken)
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RegistryError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err("starting a transaction", e))
+    }
+
+    fn rotations(&self, rows: &[SqliteRow]) -> Result<Vec<RotationRecord>, RegistryError> {
+        rows.iter()
+            .map(common::rotation_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("reading rotations", e))
+    }
+
+    /// The writes of [`Registry::complete_rotations`] for the items that still hold
+    /// their lease, inside the caller's transaction.
+    async fn complete_in(
+        conn: &mut SqliteConnection,
+        chosen: &[Completion<'_>],
+    ) -> Result<(), WriteError> {
+        insert_rows(
+            conn,
+            "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
+                thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
+                created_at, renew_at, der, replaces, registered_at) VALUES ",
+            "(?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            14,
+            "",
+            chosen,
+            |q, c| {
+                let n = &c.item.new;
+                q.bind(&n.serial)
+                    .bind(&n.fingerprint_sha256)
+                    .bind(&n.public_key_sha256)
+                    .bind(&c.thing_name)
+                    .bind(&n.issuer)
+                    .bind(n.origin.as_str())
+                    .bind(&n.key_algorithm)
+                    .bind(n.not_before)
+                    .bind(n.not_after)
+                    .bind(c.item.at)
+                    .bind(n.renew_at)
+                    .bind(&n.der)
+                    .bind(&c.item.old_serial)
+                    .bind(c.registered_at)
+            },
+        )
+        .await
+        .map_err(|e| WriteError::new("recording replacements", e))?;
+        let copies: Vec<(&str, &str, i64)> = chosen
+            .iter()
+            .map(|c| {
+                (
+                    c.item.old_serial.as_str(),
+                    c.item.new.serial.as_str(),
+                    c.item.at,
+                )
+            })
+            .collect();
+        sqlx::query(SQL_COPY_ATTACHMENTS)
+            .bind(to_json(&copies))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("copying policy attachments", e))?;
+        // A multi-row VALUES list joined to the rotations by key.
+        insert_rows(
+            conn,
+            "UPDATE rotations SET state = 'issued', new_serial = v.column2, \
+                sealed_key = v.column3, lease_owner = NULL, lease_until = NULL, \
+                updated_at = v.column4 FROM (VALUES ",
+            "(?, ?, ?, ?)",
+            4,
+            ") AS v WHERE rotations.old_serial = v.column1",
+            chosen,
+            |q, c| {
+                q.bind(&c.item.old_serial)
+                    .bind(&c.item.new.serial)
+                    .bind(&c.item.sealed_key)
+                    .bind(c.item.at)
+            },
+        )
+        .await
+        .map_err(|e| WriteError::new("updating rotations", e))?;
+        let mut events = Vec::with_capacity(chosen.len() * 2);
+        for c in chosen {
+            let (old, new) = (&c.item.old_serial, &c.item.new);
+            events.push(NewEvent {
+                at: c.item.at,
+                kind: EVENT_CERT_ISSUED,
+                thing_name: Some(c.thing_name.clone()),
+                serial: Some(new.serial.clone()),
+                detail: common::replacement_issued_detail(new, old),
+            });
+            events.push(NewEvent {
+                at: c.item.at,
+                kind: common::EVENT_ROTATION_ISSUED,
+                thing_name: Some(c.thing_name.clone()),
+                serial: Some(old.clone()),
+                detail: common::rotation_detail(&new.serial),
+            });
+        }
+        insert_events(conn, &events)
+            .await
+            .map_err(|e| WriteError::new("appending events", e))
+    }
+
+    /// The body of [`Registry::replace_certificate`], inside the caller's transaction.
+    /// `Ok(Err(refused))`: roll back.
+    async fn replace_in(
+        conn: &mut SqliteConnection,
+        rep: &Replacement,
+    ) -> Result<Result<ReplaceOutcome, ReplaceOutcome>, WriteError> {
+        let auth = rep.authenticated_serial.as_str();
+        let row: Option<(String, String, Option<i64>, String)> = sqlx::query_as(SQL_REPLACE_AUTH)
+            .bind(auth)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading the certificate", e))?;
+        let state = row
+            .as_ref()
+            .map(|(thing_name, status, registered_at, _)| CertState {
+                thing_name: thing_name.clone(),
+                status: status.clone(),
+                registered_at: *registered_at,
+            });
+        if let Err(refused) = common::check_replacement(rep, state.as_ref()) {
+            return Ok(Err(refused));
+        }
+        let Some((_, status, registered_at, origin)) = row else {
+            unreachable!("check_replacement refuses an unknown certificate")
+        };
+        let holder: Option<String> = sqlx::query_scalar(SQL_KEY_HOLDER)
+            .bind(&rep.thing_name)
+            .bind(&rep.new.public_key_sha256)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("looking up the public key", e))?;
+        if let Some(holder) = holder {
+            return Ok(Err(common::key_reused(rep, &holder)));
+        }
+
+        let new = &rep.new;
+        sqlx::query(
+            "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
+                thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
+                created_at, renew_at, der, replaces, registered_at, delivered_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?10)",
+        )
+        .bind(&new.serial)
+        .bind(&new.fingerprint_sha256)
+        .bind(&new.public_key_sha256)
+        .bind(&rep.thing_name)
+        .bind(&new.issuer)
+        .bind(new.origin.as_str())
+        .bind(&new.key_algorithm)
+        .bind(new.not_before)
+        .bind(new.not_after)
+        .bind(rep.at)
+        .bind(new.renew_at)
+        .bind(&new.der)
+        .bind(auth)
+        .bind(registered_at.map(|_| rep.at))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| WriteError::new("recording the replacement", e))?;
+        sqlx::query(SQL_COPY_ATTACHMENTS)
+            .bind(to_json(&[(auth, new.serial.as_str(), rep.at)]))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("copying policy attachments", e))?;
+
+        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
+            at: rep.at,
+            kind,
+            thing_name: Some(rep.thing_name.clone()),
+            serial: Some(serial.to_owned()),
+            detail,
+        };
+        let mut events = vec![event(
+            EVENT_CERT_ISSUED,
+            &new.serial,
+            common::replacement_issued_detail(new, auth),
+        )];
+        if status == CertStatus::Active.as_str() {
+            sqlx::query(SQL_SUPERSEDE_ONE)
+                .bind(auth)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("superseding the certificate", e))?;
+            events.push(event(
+                EVENT_CERT_SUPERSEDED,
+                auth,
+                common::superseded_detail(&new.serial),
+            ));
+        }
+        let mut revoked: Vec<String> = sqlx::query_scalar(SQL_REVOKE_UNUSED)
+            .bind(auth)
+            .bind(&new.serial)
+            .bind(rep.at)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("revoking unused replacements", e))?;
+        revoked.sort();
+        for serial in &revoked {
+            events.push(event(
+                EVENT_CERT_REVOKED,
+                serial,
+                common::revoked_by_rotation_detail(&new.serial),
+            ));
+        }
+        if !revoked.is_empty() {
+            let mut cancelled: Vec<(String, String)> = sqlx::query_as(SQL_CANCEL_ROTATIONS)
+                .bind(to_json(&revoked))
+                .bind(rep.at)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("cancelling rotations", e))?;
+            cancelled.sort();
+            for (old, _) in &cancelled {
+                events.push(event(
+                    common::EVENT_ROTATION_CANCELLED,
+                    old,
+                    common::rotation_cancelled_detail("superseded"),
+                ));
+            }
+        }
+        sqlx::query(SQL_ROTATION_DELIVERED)
+            .bind(auth)
+            .bind(&rep.thing_name)
+            .bind(&origin)
+            .bind(&new.serial)
+            .bind(rep.at)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("recording the rotation", e))?;
+        events.push(event(
+            common::EVENT_ROTATION_DELIVERED,
+            auth,
+            common::rotation_detail(&new.serial),
+        ));
+        insert_events(conn, &events)
+            .await
+            .map_err(|e| WriteError::new("appending events", e))?;
+        Ok(Ok(ReplaceOutcome::Replaced { revoked }))
+    }
+
+    /// The body of [`Registry::take_replacement`], inside the caller's transaction.
+    async fn take_in(
+        conn: &mut SqliteConnection,
+        old_serial: &str,
+        at: i64,
+    ) -> Result<Option<TakenReplacement>, WriteError> {
+        let row: Option<(String, Option<Vec<u8>>, String)> = sqlx::query_as(SQL_TAKEABLE)
+            .bind(old_serial)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading the rotation", e))?;
+        let Some((new_serial, sealed_key, thing_name)) = row else {
+            return Ok(None);
+        };
+        sqlx::query(SQL_ROTATION_TAKEN)
+            .bind(old_serial)
+            .bind(at)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("updating the rotation", e))?;
+        let delivered = sqlx::query(SQL_DELIVER_ONE)
+            .bind(&new_serial)
+            .bind(at)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("marking the replacement delivered", e))?
+            .rows_affected();
+        let superseded = sqlx::query(SQL_SUPERSEDE_ONE)
+            .bind(old_serial)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("superseding the certificate", e))?
+            .rows_affected();
+        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
+            at,
+            kind,
+            thing_name: Some(thing_name.clone()),
+            serial: Some(serial.to_owned()),
+            detail,
+        };
+        let mut events = Vec::with_capacity(3);
+        if delivered > 0 {
+            events.push(event(EVENT_CERT_DELIVERED, &new_serial, "{}".to_owned()));
+        }
+        if superseded > 0 {
+            events.push(event(
+                EVENT_CERT_SUPERSEDED,
+                old_serial,
+                common::superseded_detail(&new_serial),
+            ));
+        }
+        events.push(event(
+            common::EVENT_ROTATION_DELIVERED,
+            old_serial,
+            common::rotation_detail(&new_serial),
+        ));
+        insert_events(conn, &events)
+            .await
+            .map_err(|e| WriteError::new("appending events", e))?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            cert_columns!(),
+            " FROM certificates WHERE serial = ?1"
+        ))
+        .bind(&new_serial)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| WriteError::new("reading the replacement", e))?;
+        let certificate = common::cert_from_row(&row)
+            .map_err(|e| WriteError::new("reading the replacement", e))?;
+        Ok(Some(TakenReplacement {
+            certificate,
+            sealed_key: sealed_key.unwrap_or_default(),
+        }))
+    }
+
+    /// The body of [`Registry::confirm_replacement`], inside the caller's transaction.
+    async fn confirm_in(
+        conn: &mut SqliteConnection,
+        serial: &str,
+        at: i64,
+    ) -> Result<Option<String>, WriteError> {
+        let row: Option<(String, String)> = sqlx::query_as(SQL_CONFIRMABLE)
+            .bind(serial)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading the replacement", e))?;
+        let Some((old, thing_name)) = row else {
+            return Ok(None);
+        };
+        sqlx::query(SQL_REVOKE_SUPERSEDED)
+            .bind(&old)
+            .bind(at)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("revoking the replaced certificate", e))?;
+        let mut events = vec![NewEvent {
+            at,
+            kind: EVENT_CERT_REVOKED,
+            thing_name: Some(thing_name),
+            serial: Some(old.clone()),
+            detail: common::revoked_by_rotation_detail(serial),
+        }];
+        let rotation: Option<String> = sqlx::query_scalar(SQL_ROTATION_CONFIRMED)
+            .bind(&old)
+            .bind(serial)
+            .bind(at)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("confirming the rotation", e))?;
+        if let Some(thing_name) = rotation {
+            events.push(NewEvent {
+                at,
+                kind: common::EVENT_ROTATION_CONFIRMED,
+                thing_name: Some(thing_name),
+                serial: Some(old.clone()),
+                detail: common::rotation_detail(serial),
+            });
+        }
+        insert_events(conn, &events)
+            .await
+            .map_err(|e| WriteError::new("appending events", e))?;
+        Ok(Some(old))
+    }
+
+    /// The body of [`Registry::revoke`], inside the caller's transaction.
+    /// `Ok(Err(NotFound))`: roll back.
+    async fn revoke_in(
+        conn: &mut SqliteConnection,
+        revocation: &Revocation,
+    ) -> Result<Result<Vec<RevokedEntry>, RegistryError>, WriteError> {
+        // The certificates to revoke, in event order, and the certificate an undelivered
+        // replacement is revoked with.
+        let (targets, replaced) = match &revocation.target {
+            RevocationTarget::Serial(serial) => {
+                let found: Option<String> = sqlx::query_scalar(SQL_CERT_EXISTS)
+                    .bind(serial)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| WriteError::new("reading the certificate", e))?;
+                if found.is_none() {
+                    return Ok(Err(RegistryError::NotFound(format!(
+                        "certificate {serial}"
+                    ))));
+                }
+                let replacements: Vec<String> = sqlx::query_scalar(SQL_UNDELIVERED_REPLACEMENTS)
+                    .bind(serial)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(|e| WriteError::new("reading replacements", e))?;
+                let mut targets = vec![serial.clone()];
+                targets.extend(replacements);
+                (targets, Some(serial.as_str()))
+            }
+            RevocationTarget::Thing(name) => {
+                let found: Option<String> = sqlx::query_scalar(SQL_THING_EXISTS)
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| WriteError::new("reading the thing", e))?;
+                if found.is_none() {
+                    return Ok(Err(RegistryError::NotFound(format!("thing {name}"))));
+                }
+                let targets: Vec<String> = sqlx::query_scalar(SQL_UNREVOKED_OF_THING)
+                    .bind(name)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(|e| WriteError::new("reading certificates", e))?;
+                (targets, None)
+            }
+        };
+        if targets.is_empty() {
+            return Ok(Ok(Vec::new()));
+        }
+        let rows = sqlx::query(SQL_REVOKE_MANY)
+            .bind(to_json(&targets))
+            .bind(revocation.at)
+            .bind(&revocation.reason)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("revoking certificates", e))?;
+        let mut entries = rows
+            .iter()
+            .map(common::revoked_entry_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WriteError::new("revoking certificates", e))?;
+        if entries.is_empty() {
+            return Ok(Ok(entries));
+        }
+        let things: HashMap<&str, &str> = entries
+            .iter()
+            .map(|e| (e.serial.as_str(), e.thing_name.as_str()))
+            .collect();
+        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
+            at: revocation.at,
+            kind,
+            thing_name: things.get(serial).map(|t| (*t).to_owned()),
+            serial: Some(serial.to_owned()),
+            detail,
+        };
+        let revoked: Vec<&str> = targets
+            .iter()
+            .map(String::as_str)
+            .filter(|s| things.contains_key(s))
+            .collect();
+        let mut events: Vec<NewEvent> = revoked
+            .iter()
+            .map(|s| {
+                let replaces = replaced.filter(|old| old != s);
+                event(
+                    EVENT_CERT_REVOKED,
+                    s,
+                    common::revoked_detail(&revocation.reason, replaces),
+                )
+            })
+            .collect();
+        let cancelled: Vec<(String, String)> = sqlx::query_as(SQL_CANCEL_ROTATIONS)
+            .bind(to_json(&revoked))
+            .bind(revocation.at)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("cancelling rotations", e))?;
+        let cancelled: HashSet<&str> = cancelled.iter().map(|(s, _)| s.as_str()).collect();
+        for s in revoked.iter().filter(|s| cancelled.contains(**s)) {
+            events.push(event(
+                common::EVENT_ROTATION_CANCELLED,
+                s,
+                common::rotation_cancelled_detail(&revocation.reason),
+            ));
+        }
+        insert_events(conn, &events)
+            .await
+            .map_err(|e| WriteError::new("appending events", e))?;
+        entries.sort_by(|a, b| a.serial.cmp(&b.serial));
+        Ok(Ok(entries))
     }
 
     /// The writes of a group commit, in an order that lets a record supersede or revoke
@@ -618,6 +1271,38 @@ fn events_query(filter: &EventFilter) -> (String, Vec<Bind>) {
     (sql, binds)
 }
 
+/// `list_rotations`: SQL and binds.
+fn rotations_query(filter: &RotationFilter) -> (String, Vec<Bind>) {
+    let mut sql = String::from(concat!("SELECT ", rotation_columns!(), " FROM rotations"));
+    let mut binds = Vec::new();
+    let mut conditions = Vec::new();
+    if let Some(state) = filter.state {
+        conditions.push("state = ?");
+        binds.push(Bind::Text(state.as_str().to_owned()));
+    }
+    if let Some(thing) = &filter.thing_name {
+        conditions.push("thing_name = ?");
+        binds.push(Bind::Text(thing.clone()));
+    }
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+    sql.push_str(" ORDER BY due_at, old_serial");
+    push_limit(&mut sql, &mut binds, filter.limit);
+    (sql, binds)
+}
+
+/// One item of [`Registry::complete_rotations`] that still holds its lease.
+struct Completion<'a> {
+    item: &'a PreparedReplacement,
+    /// The old certificate's thing.
+    thing_name: String,
+    /// The new certificate's registration time (`item.at` if the old one was
+    /// registered).
+    registered_at: Option<i64>,
+}
+
 #[async_trait]
 impl Registry for SqliteRegistry {
     fn backend(&self) -> &'static str {
@@ -673,7 +1358,7 @@ impl Registry for SqliteRegistry {
             Err(WriteError { context, error }) => {
                 let _ = tx.rollback().await;
                 if common::is_unique_violation(&error) {
-                    let taken = self.taken(records).await?;
+                    let taken = self.taken(records.iter().map(|r| &r.certificate)).await?;
                     return Err(common::duplicate_of(records, &taken, &error.to_string()));
                 }
                 return Err(self.err(context, error));
@@ -875,12 +1560,13 @@ impl Registry for SqliteRegistry {
             let policies: String = row.try_get(common::CERT_COLUMN_COUNT + 9)?;
             let mut policies: Vec<String> = common::parse_json(&policies)?;
             policies.sort();
+            let at = common::CERT_COLUMN_COUNT + 10;
             Ok(DeviceState {
                 certificate: common::cert_from_row(row)?,
                 thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
                 policies,
-                rotation: None,
-                confirms_rotation: false,
+                confirms_rotation: row.try_get(at)?,
+                rotation: common::optional_rotation_at(row, at + 1)?,
             })
         };
         decode(&row)
@@ -983,91 +1669,421 @@ impl Registry for SqliteRegistry {
 
     async fn due_certificates(
         &self,
-        _now: i64,
-        _expiring_before: Option<i64>,
-        _limit: Option<u32>,
+        now: i64,
+        expiring_before: Option<i64>,
+        limit: Option<u32>,
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        todo!()
+        let rows = sqlx::query(SQL_DUE_CERTIFICATES)
+            .bind(now)
+            .bind(expiring_before.unwrap_or(i64::MIN))
+            .bind(common::limit_value(limit).unwrap_or(-1))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("listing certificates due for rotation", e))?;
+        self.certs(&rows)
     }
+
     async fn open_due_rotations(
         &self,
-        _now: i64,
-        _expiring_before: Option<i64>,
+        now: i64,
+        expiring_before: Option<i64>,
     ) -> Result<u64, RegistryError> {
-        todo!()
+        // Due by renewal point, then (if asked) by expiry; each in index order after a
+        // cursor, so a call reads every candidate once however many chunks it takes.
+        let mut phases = vec![(SQL_DUE_BY_RENEWAL, now)];
+        if let Some(before) = expiring_before {
+            phases.push((SQL_DUE_BY_EXPIRY, before));
+        }
+        let mut opened = 0;
+        for (sql, bound) in phases {
+            let mut cursor = (i64::MIN, i64::MIN);
+            loop {
+                let mut tx = self.begin().await?;
+                let rows: Vec<(i64, i64, String)> = sqlx::query_as(sql)
+                    .bind(bound)
+                    .bind(cursor.0)
+                    .bind(cursor.1)
+                    .bind(OPEN_CHUNK as i64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| self.err("reading certificates due for rotation", e))?;
+                let Some(last) = rows.last() else {
+                    tx.rollback()
+                        .await
+                        .map_err(|e| self.err("ending a transaction", e))?;
+                    break;
+                };
+                cursor = (last.0, last.1);
+                let serials = json(rows.iter().map(|r| &r.2));
+                sqlx::query(SQL_OPEN_ROTATIONS)
+                    .bind(&serials)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err("opening rotations", e))?;
+                sqlx::query(SQL_ROTATION_DUE_EVENTS)
+                    .bind(&serials)
+                    .bind(now)
+                    .bind(common::EVENT_ROTATION_DUE)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err("appending events", e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing rotations", e))?;
+                opened += rows.len() as u64;
+                if rows.len() < OPEN_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(opened)
     }
+
     async fn claim_rotations(
         &self,
-        _owner: &str,
-        _now: i64,
-        _lease_secs: i64,
-        _limit: u32,
-    ) -> Result<Vec<crate::RotationClaim>, RegistryError> {
-        todo!()
+        owner: &str,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+    ) -> Result<Vec<RotationClaim>, RegistryError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        let serials: Vec<String> = sqlx::query_scalar(SQL_CLAIMABLE)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err("reading claimable rotations", e))?;
+        if serials.is_empty() {
+            tx.rollback()
+                .await
+                .map_err(|e| self.err("ending a transaction", e))?;
+            return Ok(Vec::new());
+        }
+        let serials = to_json(&serials);
+        sqlx::query(SQL_LEASE)
+            .bind(&serials)
+            .bind(owner)
+            .bind(now.saturating_add(lease_secs))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err("leasing rotations", e))?;
+        let rows = sqlx::query(SQL_CLAIMED)
+            .bind(&serials)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err("reading claimed certificates", e))?;
+        let claims = rows
+            .iter()
+            .map(|row| -> sqlx::Result<RotationClaim> {
+                use sqlx::Row;
+                Ok(RotationClaim {
+                    old: common::cert_from_row(row)?,
+                    template: row.try_get(common::CERT_COLUMN_COUNT)?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err("reading claimed certificates", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.err("committing leases", e))?;
+        Ok(claims)
     }
+
     async fn complete_rotations(
         &self,
-        _owner: &str,
-        _items: &[crate::PreparedReplacement],
+        owner: &str,
+        items: &[PreparedReplacement],
     ) -> Result<Vec<bool>, RegistryError> {
-        todo!()
+        common::validate_new(items.iter().map(|i| &i.new))?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(SQL_COMPLETABLE)
+            .bind(json(items.iter().map(|i| &i.old_serial)))
+            .bind(owner)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err("reading leased rotations", e))?;
+        let mut completable: HashMap<String, (String, Option<i64>)> = rows
+            .into_iter()
+            .map(|(old, thing, registered_at)| (old, (thing, registered_at)))
+            .collect();
+        let mut done = Vec::with_capacity(items.len());
+        let mut chosen = Vec::with_capacity(items.len());
+        for item in items {
+            // `remove`: an old serial given twice completes once.
+            match completable.remove(&item.old_serial) {
+                Some((thing_name, old_registered_at)) => {
+                    done.push(true);
+                    chosen.push(Completion {
+                        item,
+                        thing_name,
+                        registered_at: old_registered_at.map(|_| item.at),
+                    });
+                }
+                None => done.push(false),
+            }
+        }
+        if chosen.is_empty() {
+            tx.rollback()
+                .await
+                .map_err(|e| self.err("ending a transaction", e))?;
+            return Ok(done);
+        }
+        if let Err(WriteError { context, error }) = Self::complete_in(&mut tx, &chosen).await {
+            let _ = tx.rollback().await;
+            if common::is_unique_violation(&error) {
+                let certs = || chosen.iter().map(|c| &c.item.new);
+                let taken = self.taken(certs()).await?;
+                return Err(common::duplicate_among(certs(), &taken, &error.to_string()));
+            }
+            return Err(self.err(context, error));
+        }
+        tx.commit()
+            .await
+            .map_err(|e| self.err("committing replacements", e))?;
+        Ok(done)
     }
+
     async fn fail_rotation(
         &self,
-        _owner: &str,
-        _old_serial: &str,
-        _error: &str,
-        _at: i64,
-        _max_attempts: u32,
+        owner: &str,
+        old_serial: &str,
+        error: &str,
+        at: i64,
+        max_attempts: u32,
     ) -> Result<bool, RegistryError> {
-        todo!()
+        let mut tx = self.begin().await?;
+        let row: Option<(String, i64, String)> = sqlx::query_as(SQL_FAIL_ROTATION)
+            .bind(old_serial)
+            .bind(owner)
+            .bind(error)
+            .bind(at)
+            .bind(i64::from(max_attempts))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.err("recording a failed rotation", e))?;
+        let Some((thing_name, attempts, state)) = row else {
+            tx.rollback()
+                .await
+                .map_err(|e| self.err("ending a transaction", e))?;
+            return Ok(false);
+        };
+        let event = NewEvent {
+            at,
+            kind: common::EVENT_ROTATION_FAILED,
+            thing_name: Some(thing_name),
+            serial: Some(old_serial.to_owned()),
+            detail: common::rotation_failed_detail(error, attempts, &state),
+        };
+        insert_events(&mut tx, std::slice::from_ref(&event))
+            .await
+            .map_err(|e| self.err("appending events", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.err("committing a failed rotation", e))?;
+        Ok(true)
     }
+
     async fn replace_certificate(
         &self,
-        _replacement: &crate::Replacement,
-    ) -> Result<crate::ReplaceOutcome, RegistryError> {
-        todo!()
+        replacement: &Replacement,
+    ) -> Result<ReplaceOutcome, RegistryError> {
+        let mut tx = self.begin().await?;
+        match Self::replace_in(&mut tx, replacement).await {
+            Ok(Ok(outcome)) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a replacement", e))?;
+                Ok(outcome)
+            }
+            Ok(Err(refused)) => {
+                tx.rollback()
+                    .await
+                    .map_err(|e| self.err("ending a transaction", e))?;
+                Ok(refused)
+            }
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                if common::is_unique_violation(&error) {
+                    return Err(RegistryError::DuplicateSerial(
+                        replacement.new.serial.clone(),
+                    ));
+                }
+                Err(self.err(context, error))
+            }
+        }
     }
+
     async fn take_replacement(
         &self,
-        _old_serial: &str,
-        _at: i64,
-    ) -> Result<Option<crate::TakenReplacement>, RegistryError> {
-        todo!()
+        old_serial: &str,
+        at: i64,
+    ) -> Result<Option<TakenReplacement>, RegistryError> {
+        let mut tx = self.begin().await?;
+        match Self::take_in(&mut tx, old_serial, at).await {
+            Ok(Some(taken)) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a delivery", e))?;
+                Ok(Some(taken))
+            }
+            Ok(None) => {
+                tx.rollback()
+                    .await
+                    .map_err(|e| self.err("ending a transaction", e))?;
+                Ok(None)
+            }
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                Err(self.err(context, error))
+            }
+        }
     }
+
     async fn confirm_replacement(
         &self,
-        _serial: &str,
-        _at: i64,
+        serial: &str,
+        at: i64,
     ) -> Result<Option<String>, RegistryError> {
-        todo!()
+        // Most calls have nothing to confirm: find out without taking the write lock.
+        let pending: Option<(String, String)> = sqlx::query_as(SQL_CONFIRMABLE)
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err("reading a replacement", e))?;
+        if pending.is_none() {
+            return Ok(None);
+        }
+        let mut tx = self.begin().await?;
+        match Self::confirm_in(&mut tx, serial, at).await {
+            Ok(Some(old)) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a confirmation", e))?;
+                Ok(Some(old))
+            }
+            Ok(None) => {
+                tx.rollback()
+                    .await
+                    .map_err(|e| self.err("ending a transaction", e))?;
+                Ok(None)
+            }
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                Err(self.err(context, error))
+            }
+        }
     }
+
     async fn get_rotation(
         &self,
-        _old_serial: &str,
-    ) -> Result<Option<crate::RotationRecord>, RegistryError> {
-        todo!()
+        old_serial: &str,
+    ) -> Result<Option<RotationRecord>, RegistryError> {
+        let rows = sqlx::query(SQL_ROTATION)
+            .bind(old_serial)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("reading a rotation", e))?;
+        Ok(self.rotations(&rows)?.pop())
     }
+
     async fn list_rotations(
         &self,
-        _filter: &crate::RotationFilter,
-    ) -> Result<Vec<crate::RotationRecord>, RegistryError> {
-        todo!()
+        filter: &RotationFilter,
+    ) -> Result<Vec<RotationRecord>, RegistryError> {
+        let (sql, binds) = rotations_query(filter);
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("listing rotations", e))?;
+        self.rotations(&rows)
     }
-    async fn revoke(
-        &self,
-        _revocation: &crate::Revocation,
-    ) -> Result<Vec<crate::RevokedEntry>, RegistryError> {
-        todo!()
+
+    async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
+        let mut tx = self.begin().await?;
+        match Self::revoke_in(&mut tx, revocation).await {
+            Ok(Ok(entries)) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a revocation", e))?;
+                Ok(entries)
+            }
+            Ok(Err(not_found)) => {
+                tx.rollback()
+                    .await
+                    .map_err(|e| self.err("ending a transaction", e))?;
+                Err(not_found)
+            }
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                Err(self.err(context, error))
+            }
+        }
     }
-    async fn revoked_entries(&self, _now: i64) -> Result<Vec<crate::RevokedEntry>, RegistryError> {
-        todo!()
+
+    async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
+        let rows = sqlx::query(SQL_REVOKED_ENTRIES)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err("reading revoked certificates", e))?;
+        rows.iter()
+            .map(common::revoked_entry_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err("reading revoked certificates", e))
     }
-    async fn latest_crl(&self) -> Result<Option<crate::StoredCrl>, RegistryError> {
-        todo!()
+
+    async fn latest_crl(&self) -> Result<Option<StoredCrl>, RegistryError> {
+        let row = sqlx::query(SQL_LATEST_CRL)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err("reading the latest CRL", e))?;
+        row.as_ref()
+            .map(common::crl_from_row)
+            .transpose()
+            .map_err(|e| self.err("reading the latest CRL", e))
     }
-    async fn store_crl(&self, _crl: &crate::StoredCrl) -> Result<bool, RegistryError> {
-        todo!()
+
+    async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError> {
+        let mut tx = self.begin().await?;
+        let newest: Option<i64> = sqlx::query_scalar("SELECT max(number) FROM crls")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| self.err("reading CRL numbers", e))?;
+        if newest.is_some_and(|n| crl.number <= n) {
+            tx.rollback()
+                .await
+                .map_err(|e| self.err("ending a transaction", e))?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO crls (number, this_update, next_update, entries_digest, \
+                entry_count, der, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?2)",
+        )
+        .bind(crl.number)
+        .bind(crl.this_update)
+        .bind(crl.next_update)
+        .bind(&crl.entries_digest)
+        .bind(crl.entry_count)
+        .bind(&crl.der)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err("storing a CRL", e))?;
+        sqlx::query(SQL_PRUNE_CRLS)
+            .bind(CRLS_KEPT)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err("pruning CRLs", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.err("committing a CRL", e))?;
+        Ok(true)
     }
 }
 
@@ -1189,6 +2205,73 @@ mod tests {
                     scanned.is_none_or(|s| s.contains("VIRTUAL TABLE") || s == "cutoff"),
                     "{sql}\n{text}"
                 );
+            }
+        }
+        // Rotation, revocation and CRL statements: the same rule, and the claim and the
+        // chunks of `open_due_rotations` come in index order (no sort).
+        let completion_update = "UPDATE rotations SET state = 'issued', \
+            new_serial = v.column2, sealed_key = v.column3, updated_at = v.column4 \
+            FROM (VALUES (?, ?, ?, ?), (?, ?, ?, ?)) AS v \
+            WHERE rotations.old_serial = v.column1";
+        for (sql, ints, sorted) in [
+            (SQL_DUE_CERTIFICATES, 2, true),
+            (SQL_DUE_BY_RENEWAL, 3, false),
+            (SQL_DUE_BY_EXPIRY, 3, false),
+            (SQL_OPEN_ROTATIONS, 1, true),
+            (SQL_ROTATION_DUE_EVENTS, 2, true),
+            (SQL_CLAIMABLE, 1, false),
+            (SQL_LEASE, 2, true),
+            (SQL_CLAIMED, 0, true),
+            (SQL_COMPLETABLE, 1, true),
+            (SQL_COPY_ATTACHMENTS, 0, true),
+            (completion_update, 7, true),
+            (SQL_FAIL_ROTATION, 4, true),
+            (SQL_REPLACE_AUTH, 0, true),
+            (SQL_KEY_HOLDER, 1, true),
+            (SQL_SUPERSEDE_ONE, 0, true),
+            (SQL_REVOKE_UNUSED, 2, true),
+            (SQL_ROTATION_DELIVERED, 4, true),
+            (SQL_CANCEL_ROTATIONS, 1, true),
+            (SQL_TAKEABLE, 0, true),
+            (SQL_ROTATION_TAKEN, 1, true),
+            (SQL_DELIVER_ONE, 1, true),
+            (SQL_CONFIRMABLE, 0, true),
+            (SQL_REVOKE_SUPERSEDED, 1, true),
+            (SQL_ROTATION_CONFIRMED, 2, true),
+            (SQL_ROTATION, 0, true),
+            (SQL_CERT_EXISTS, 0, true),
+            (SQL_UNDELIVERED_REPLACEMENTS, 0, true),
+            (SQL_THING_EXISTS, 0, true),
+            (SQL_UNREVOKED_OF_THING, 0, true),
+            (SQL_REVOKE_MANY, 2, true),
+            (SQL_REVOKED_ENTRIES, 0, true),
+        ] {
+            let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
+            for _ in 0..ints {
+                q = q.bind(1_i64);
+            }
+            let plan: Vec<String> = q
+                .fetch_all(&reg.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(3))
+                .collect();
+            let text = plan.join("\n");
+            for line in &plan {
+                let scanned = line.trim().strip_prefix("SCAN ");
+                assert!(
+                    scanned.is_none_or(|s| s.contains("VIRTUAL TABLE")
+                        || s.contains("VALUES CLAUSE")
+                        || s.contains("CONSTANT ROW")),
+                    "{sql}\n{text}"
+                );
+            }
+            // Never every active certificate (or due rotation) through the status alone.
+            assert!(!text.contains("(status=?)"), "{sql}\n{text}");
+            assert!(!text.contains("(state=?)"), "{sql}\n{text}");
+            if !sorted {
+                assert!(!text.contains("TEMP B-TREE"), "{sql}\n{text}");
             }
         }
         drop(reg);

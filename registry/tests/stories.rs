@@ -4,10 +4,12 @@
 //! a fresh database of its own).
 
 use fleetcert_registry::{
-    CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyWrite,
-    Registration, RegistrationOutcome, Registry, RegistryError, ThingDetails, ThingFilter,
-    ThingRecord, open, testing,
+    CRLS_KEPT, CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, EventFilter,
+    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
+    PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryError,
+    ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry, RotationFilter,
+    RotationRecord, RotationState, StoredCrl, ThingDetails, ThingFilter, ThingRecord, open,
+    testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -1558,6 +1560,1375 @@ async fn revoked_serials_exclude_expired(url: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Rotation, revocation and CRL stories
+
+/// "Now" in the rotation stories: past the renewal point of [`due_fleet`] certificates.
+const NOW: i64 = AT + 100 * DAY;
+
+/// `n` delivered certificates of origin `origin`, one per new thing `{prefix}-{i:05}`,
+/// due for rotation from `renew_at`.
+async fn due_fleet(
+    reg: &Arc<dyn Registry>,
+    prefix: &str,
+    n: usize,
+    renew_at: i64,
+    origin: CertOrigin,
+) -> Vec<IssueRecord> {
+    let records: Vec<IssueRecord> = (0..n)
+        .map(|i| {
+            let mut r = record(&format!("{prefix}-{i:05}"), AT);
+            r.certificate.renew_at = renew_at;
+            r.certificate.origin = origin;
+            r
+        })
+        .collect();
+    for chunk in records.chunks(1_000) {
+        let outcomes = reg.record_issued(chunk).await.unwrap();
+        assert!(outcomes.iter().all(|o| *o == CREATED), "{outcomes:?}");
+        let serials: Vec<String> = chunk.iter().map(|r| serial(r).to_owned()).collect();
+        reg.mark_delivered(&serials, AT + 1).await.unwrap();
+    }
+    records
+}
+
+/// A pre-issued replacement of `old` (generated key, sealed).
+fn replacement_for(old: &str, at: i64) -> PreparedReplacement {
+    let new = cert(at + 365 * DAY);
+    PreparedReplacement {
+        old_serial: old.to_owned(),
+        sealed_key: format!("sealed key of {}", new.serial).into_bytes(),
+        new,
+        at,
+    }
+}
+
+/// A replacement delivered in the exchange (EST), authenticated by `auth`.
+fn est(auth: &str, thing: &str, at: i64) -> Replacement {
+    let mut new = cert(at + 365 * DAY);
+    new.origin = CertOrigin::Csr;
+    Replacement {
+        authenticated_serial: auth.to_owned(),
+        thing_name: thing.to_owned(),
+        new,
+        at,
+    }
+}
+
+fn serials_of(certs: &[fleetcert_registry::CertificateRecord]) -> Vec<String> {
+    certs.iter().map(|c| c.serial.clone()).collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// [`snapshot`] plus rotations, revocations and CRLs.
+async fn full_snapshot(reg: &Arc<dyn Registry>) -> String {
+    let rotations = reg
+        .list_rotations(&RotationFilter::default())
+        .await
+        .unwrap();
+    let revoked = reg.revoked_entries(0).await.unwrap();
+    let crl = reg.latest_crl().await.unwrap();
+    format!(
+        "{}\n{rotations:?}\n{revoked:?}\n{crl:?}",
+        snapshot(reg).await
+    )
+}
+
+/// Rows holding a sealed key (counted through a no-op update, which both backends
+/// report as rows affected).
+async fn sealed_keys(url: &str) -> u64 {
+    testing::execute_raw(
+        url,
+        "UPDATE rotations SET sealed_key = sealed_key WHERE sealed_key IS NOT NULL",
+    )
+    .await
+    .unwrap()
+}
+
+async fn events_of_serial(reg: &Arc<dyn Registry>, serial: &str) -> Vec<EventRecord> {
+    reg.list_events(&EventFilter {
+        serial: Some(serial.to_owned()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn rotation(reg: &Arc<dyn Registry>, old: &str) -> RotationRecord {
+    reg.get_rotation(old)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no rotation of {old}"))
+}
+
+async fn status(reg: &Arc<dyn Registry>, serial: &str) -> CertStatus {
+    reg.get_certificate(serial).await.unwrap().unwrap().status
+}
+
+fn refused_with(outcome: &ReplaceOutcome, expected: &str, words: &[&str]) {
+    match outcome {
+        ReplaceOutcome::Refused { code, reason } => {
+            assert_eq!(*code, expected, "{reason}");
+            for w in words {
+                assert!(reason.contains(w), "{w:?} not in {reason:?}");
+            }
+        }
+        other => panic!("expected Refused({expected}), got {other:?}"),
+    }
+}
+
+/// Due selection honours the renewal point, `expiring_before`, delivery and status;
+/// opening rotations is idempotent (one row and one event per certificate), chunked,
+/// and safe when two registries open at once.
+async fn due_selection_and_idempotent_open(url: &str) {
+    let reg = open(url).await.unwrap();
+    let mk = |thing: &str, renew_at: i64, not_after: i64| {
+        let mut r = record(thing, AT);
+        r.certificate.renew_at = renew_at;
+        r.certificate.not_after = not_after;
+        r
+    };
+    let year = AT + 365 * DAY;
+    let g = mk("g", AT + 10 * DAY, year);
+    let a = mk("a", AT + 20 * DAY, year);
+    let f = mk("f", AT + 20 * DAY, year);
+    let h = mk("h", NOW, year);
+    let later = mk("later", NOW + 1, year);
+    let b = mk("b", NOW + 10 * DAY, NOW + 30 * DAY);
+    let undelivered = mk("c", AT + 10 * DAY, year);
+    let d0 = mk("d", AT + 10 * DAY, year);
+    let e0 = mk("e", AT + 10 * DAY, year);
+    let firsts = [&g, &a, &f, &h, &later, &b, &undelivered, &d0, &e0];
+    let firsts: Vec<IssueRecord> = firsts.into_iter().cloned().collect();
+    reg.record_issued(&firsts).await.unwrap();
+    let delivered: Vec<String> = firsts
+        .iter()
+        .filter(|r| r.thing_name != "c")
+        .map(|r| serial(r).to_owned())
+        .collect();
+    reg.mark_delivered(&delivered, AT + 1).await.unwrap();
+    // A superseded and a revoked certificate past their renewal point; their successors
+    // renew much later.
+    let mut d1 = superseding(record("d", AT + 2), &[serial(&d0)]);
+    d1.certificate.renew_at = year;
+    let mut e1 = revoking(record("e", AT + 2), &[serial(&e0)]);
+    e1.certificate.renew_at = year;
+    reg.record_issued(&[d1.clone(), e1.clone()]).await.unwrap();
+    reg.mark_delivered(&[serial(&d1).to_owned(), serial(&e1).to_owned()], AT + 3)
+        .await
+        .unwrap();
+
+    let mut tied = vec![serial(&a).to_owned(), serial(&f).to_owned()];
+    tied.sort();
+    let mut expected = vec![serial(&g).to_owned()];
+    expected.extend(tied);
+    expected.push(serial(&h).to_owned());
+    let before = full_snapshot(&reg).await;
+    let due = |now, before, limit| {
+        let reg = reg.clone();
+        async move { serials_of(&reg.due_certificates(now, before, limit).await.unwrap()) }
+    };
+    assert_eq!(due(NOW, None, None).await, expected);
+    assert_eq!(due(NOW, None, Some(2)).await, expected[..2]);
+    assert_eq!(due(NOW - 1, None, None).await, expected[..3]);
+    let mut with_b = expected.clone();
+    with_b.push(serial(&b).to_owned());
+    assert_eq!(due(NOW, Some(NOW + 30 * DAY), None).await, with_b);
+    assert_eq!(due(NOW, Some(NOW + 30 * DAY - 1), None).await, expected);
+    let full = reg
+        .due_certificates(NOW, None, Some(1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        full,
+        reg.get_certificate(serial(&g)).await.unwrap().unwrap()
+    );
+    assert_eq!(full_snapshot(&reg).await, before, "due_certificates wrote");
+
+    // Open: once.
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 4);
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 0);
+    assert!(due(NOW, None, None).await.is_empty());
+    assert_eq!(count_kind(&reg, "rotation.due").await, 4);
+    assert_eq!(
+        reg.get_rotation(serial(&a)).await.unwrap(),
+        Some(RotationRecord {
+            old_serial: serial(&a).to_owned(),
+            thing_name: "a".to_owned(),
+            origin: CertOrigin::Generated,
+            state: RotationState::Due,
+            due_at: NOW,
+            new_serial: None,
+            lease_owner: None,
+            lease_until: None,
+            attempts: 0,
+            last_error: None,
+            updated_at: NOW,
+        })
+    );
+    let events = events_of_serial(&reg, serial(&a)).await;
+    let opened = events.last().unwrap();
+    assert_eq!(opened.kind, "rotation.due");
+    assert_eq!((opened.at, opened.thing_name.as_deref()), (NOW, Some("a")));
+    assert_eq!(opened.detail["renew_at"], AT + 20 * DAY);
+    for r in [&undelivered, &d0, &e0, &d1, &e1, &later, &b] {
+        assert_eq!(reg.get_rotation(serial(r)).await.unwrap(), None);
+    }
+    let state = reg
+        .device_state(&a.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.rotation, reg.get_rotation(serial(&a)).await.unwrap());
+    assert!(!state.confirms_rotation);
+
+    // By expiry: only `b` is left.
+    assert_eq!(
+        reg.open_due_rotations(NOW, Some(NOW + 30 * DAY))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        reg.open_due_rotations(NOW, Some(NOW + 30 * DAY))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(count_kind(&reg, "rotation.due").await, 5);
+    assert_eq!(rotation(&reg, serial(&b)).await.state, RotationState::Due);
+
+    // Listing: by (due_at, old_serial), filtered.
+    let all = reg
+        .list_rotations(&RotationFilter::default())
+        .await
+        .unwrap();
+    let mut five = expected.clone();
+    five.push(serial(&b).to_owned());
+    assert_eq!(
+        all.iter().map(|r| r.old_serial.clone()).collect::<Vec<_>>(),
+        sorted(five)
+    );
+    let of_b = reg
+        .list_rotations(&RotationFilter {
+            thing_name: Some("b".to_owned()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_b.len(), 1);
+    assert_eq!(of_b[0].old_serial, serial(&b));
+    let due_two = reg
+        .list_rotations(&RotationFilter {
+            state: Some(RotationState::Due),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(due_two, all[..2]);
+    assert!(
+        reg.list_rotations(&RotationFilter {
+            state: Some(RotationState::Issued),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .is_empty()
+    );
+
+    // Many at once (several transactions, equal renewal points): each once.
+    due_fleet(&reg, "bulk", 5_000, AT + 30 * DAY, CertOrigin::Generated).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 5_000);
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 0);
+    assert_eq!(count_kind(&reg, "rotation.due").await, 5_005);
+
+    // Two registries opening the same certificates at once.
+    due_fleet(&reg, "race", 3_000, AT + 40 * DAY, CertOrigin::Csr).await;
+    let (x, y) = (open(url).await.unwrap(), open(url).await.unwrap());
+    let (x, y) = tokio::join!(
+        tokio::spawn(async move { x.open_due_rotations(NOW, None).await }),
+        tokio::spawn(async move { y.open_due_rotations(NOW, None).await }),
+    );
+    assert_eq!(x.unwrap().unwrap() + y.unwrap().unwrap(), 3_000);
+    assert_eq!(count_kind(&reg, "rotation.due").await, 8_005);
+    let csr = reg
+        .list_rotations(&RotationFilter {
+            thing_name: Some("race-02999".to_owned()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(csr.len(), 1);
+    assert_eq!(csr[0].origin, CertOrigin::Csr);
+}
+
+/// Two workers claim and complete 2,000 rotations concurrently: each exactly once.
+async fn concurrent_workers_complete_once(url: &str) {
+    let reg = open(url).await.unwrap();
+    let olds = due_fleet(&reg, "w", 2_000, AT + 50 * DAY, CertOrigin::Generated).await;
+    due_fleet(&reg, "csr", 3, AT + 50 * DAY, CertOrigin::Csr).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 2_003);
+
+    let workers: Vec<_> = ["w1", "w2"]
+        .into_iter()
+        .map(|owner| {
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let reg = open(&url).await.unwrap();
+                let mut completed = Vec::new();
+                loop {
+                    let claims = reg.claim_rotations(owner, NOW, 300, 50).await.unwrap();
+                    if claims.is_empty() {
+                        break;
+                    }
+                    assert!(claims.len() <= 50);
+                    let items: Vec<PreparedReplacement> = claims
+                        .iter()
+                        .map(|c| {
+                            assert_eq!(c.template.as_deref(), Some("default"));
+                            assert_eq!(c.old.origin, CertOrigin::Generated);
+                            assert_eq!(c.old.status, CertStatus::Active);
+                            replacement_for(&c.old.serial, NOW + 1)
+                        })
+                        .collect();
+                    let done = reg.complete_rotations(owner, &items).await.unwrap();
+                    assert_eq!(done, vec![true; items.len()]);
+                    completed.extend(items.into_iter().map(|i| (i.old_serial, i.new.serial)));
+                }
+                completed
+            })
+        })
+        .collect();
+    let mut completed = Vec::new();
+    for w in workers {
+        completed.extend(w.await.unwrap());
+    }
+    assert_eq!(completed.len(), 2_000);
+    let by_old: std::collections::HashMap<String, String> = completed.iter().cloned().collect();
+    assert_eq!(by_old.len(), 2_000, "a rotation was completed twice");
+    let old_serials: HashSet<String> = olds.iter().map(|r| serial(r).to_owned()).collect();
+    assert_eq!(by_old.keys().cloned().collect::<HashSet<_>>(), old_serials);
+
+    let certs = reg
+        .list_certificates(&CertificateFilter::default())
+        .await
+        .unwrap();
+    let replacements: Vec<_> = certs.iter().filter(|c| c.replaces.is_some()).collect();
+    assert_eq!(replacements.len(), 2_000);
+    let replaced: HashSet<String> = replacements
+        .iter()
+        .map(|c| c.replaces.clone().unwrap())
+        .collect();
+    assert_eq!(
+        replaced, old_serials,
+        "an old certificate has two replacements"
+    );
+    for c in &replacements {
+        assert_eq!(by_old[c.replaces.as_ref().unwrap()], c.serial);
+        assert_eq!(c.status, CertStatus::Active);
+        assert_eq!((c.delivered_at, c.registered_at), (None, None));
+        assert_eq!(c.created_at, NOW + 1);
+        assert_eq!(
+            c.thing_name,
+            reg.get_certificate(c.replaces.as_ref().unwrap())
+                .await
+                .unwrap()
+                .unwrap()
+                .thing_name
+        );
+    }
+    assert_eq!(count_kind(&reg, "rotation.issued").await, 2_000);
+    assert_eq!(count_kind(&reg, "certificate.issued").await, 4_003);
+    let issued = reg
+        .list_rotations(&RotationFilter {
+            state: Some(RotationState::Issued),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(issued.len(), 2_000);
+    for r in &issued {
+        assert_eq!(r.new_serial.as_ref(), Some(&by_old[&r.old_serial]));
+        assert_eq!((r.lease_owner.as_deref(), r.lease_until), (None, None));
+        assert_eq!(r.updated_at, NOW + 1);
+    }
+    // The old certificates stay active until their replacement is fetched.
+    for r in olds.iter().step_by(97) {
+        assert_eq!(status(&reg, serial(r)).await, CertStatus::Active);
+    }
+    // Device-generated keys are never claimed.
+    assert!(
+        reg.claim_rotations("w3", NOW + 10 * DAY, 300, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let still_due = reg
+        .list_rotations(&RotationFilter {
+            state: Some(RotationState::Due),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(still_due.len(), 3);
+    assert!(still_due.iter().all(|r| r.origin == CertOrigin::Csr));
+}
+
+/// An expired lease is taken over; the first owner's late completion (or failure)
+/// writes nothing. Items that lost their lease are `false` beside those that complete;
+/// a duplicate serial commits nothing.
+async fn lease_expiry_and_late_complete(url: &str) {
+    let reg = open(url).await.unwrap();
+    due_fleet(&reg, "l", 2, AT + 50 * DAY, CertOrigin::Generated).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 2);
+
+    let first = reg.claim_rotations("a", NOW, 60, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let x = first[0].old.serial.clone();
+    let second = reg.claim_rotations("b", NOW + 30, 60, 10).await.unwrap();
+    assert_eq!(second.len(), 1);
+    let y = second[0].old.serial.clone();
+    assert_ne!(x, y);
+    assert!(x < y, "claims come in (due_at, old_serial) order");
+    // At NOW + 60 the lease of `a` has not expired yet (lease_until < now).
+    assert!(
+        reg.claim_rotations("b", NOW + 60, 60, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let leased = rotation(&reg, &x).await;
+    assert_eq!(
+        (leased.lease_owner.as_deref(), leased.lease_until),
+        (Some("a"), Some(NOW + 60))
+    );
+    assert_eq!(leased.state, RotationState::Due);
+    let stolen = reg.claim_rotations("b", NOW + 61, 60, 10).await.unwrap();
+    assert_eq!(
+        serials_of(&stolen.iter().map(|c| c.old.clone()).collect::<Vec<_>>()),
+        [x.clone()]
+    );
+    let leased = rotation(&reg, &x).await;
+    assert_eq!(
+        (leased.lease_owner.as_deref(), leased.lease_until),
+        (Some("b"), Some(NOW + 121))
+    );
+
+    let before = full_snapshot(&reg).await;
+    let late = replacement_for(&x, NOW + 62);
+    assert_eq!(
+        reg.complete_rotations("a", std::slice::from_ref(&late))
+            .await
+            .unwrap(),
+        [false]
+    );
+    assert!(
+        !reg.fail_rotation("a", &x, "too late", NOW + 62, 5)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        full_snapshot(&reg).await,
+        before,
+        "a lost lease wrote something"
+    );
+    assert_eq!(reg.get_certificate(&late.new.serial).await.unwrap(), None);
+
+    // `b` holds both leases: an unknown rotation and a repeated one are `false`.
+    let items = [
+        replacement_for(&x, NOW + 63),
+        replacement_for("ffffffffffffffffffffffffffffffff", NOW + 63),
+        replacement_for(&y, NOW + 63),
+        replacement_for(&x, NOW + 63),
+    ];
+    assert_eq!(
+        reg.complete_rotations("b", &items).await.unwrap(),
+        [true, false, true, false]
+    );
+    for (item, recorded) in items.iter().zip([true, false, true, false]) {
+        assert_eq!(
+            reg.get_certificate(&item.new.serial)
+                .await
+                .unwrap()
+                .is_some(),
+            recorded
+        );
+    }
+    let done = rotation(&reg, &x).await;
+    assert_eq!(done.state, RotationState::Issued);
+    assert_eq!(
+        done.new_serial.as_deref(),
+        Some(items[0].new.serial.as_str())
+    );
+    assert_eq!((done.lease_owner, done.lease_until), (None, None));
+    assert_eq!(done.updated_at, NOW + 63);
+    // No longer due: a second completion is refused.
+    assert_eq!(
+        reg.complete_rotations("b", &[replacement_for(&x, NOW + 64)])
+            .await
+            .unwrap(),
+        [false]
+    );
+    assert_eq!(count_kind(&reg, "rotation.issued").await, 2);
+
+    // A duplicate serial or fingerprint fails the call and commits nothing.
+    let z = due_fleet(&reg, "dup", 2, AT + 50 * DAY, CertOrigin::Generated).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 2);
+    assert_eq!(
+        reg.claim_rotations("c", NOW, 60, 10).await.unwrap().len(),
+        2
+    );
+    let before = full_snapshot(&reg).await;
+    let good = replacement_for(serial(&z[0]), NOW + 1);
+    let mut clash = replacement_for(serial(&z[1]), NOW + 1);
+    clash.new.serial = items[0].new.serial.clone();
+    let err = reg
+        .complete_rotations("c", &[good.clone(), clash.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::DuplicateSerial(s) if *s == clash.new.serial),
+        "{err:?}"
+    );
+    let mut same_fp = replacement_for(serial(&z[1]), NOW + 1);
+    same_fp.new.fingerprint_sha256 = z[0].certificate.fingerprint_sha256.clone();
+    assert!(matches!(
+        reg.complete_rotations("c", &[good.clone(), same_fp]).await,
+        Err(RegistryError::DuplicateSerial(_))
+    ));
+    let mut twice = replacement_for(serial(&z[1]), NOW + 1);
+    twice.new.serial = good.new.serial.clone();
+    assert!(matches!(
+        reg.complete_rotations("c", &[good.clone(), twice]).await,
+        Err(RegistryError::DuplicateSerial(_))
+    ));
+    assert_eq!(
+        full_snapshot(&reg).await,
+        before,
+        "a failed completion wrote"
+    );
+    let ok = replacement_for(serial(&z[1]), NOW + 1);
+    assert_eq!(
+        reg.complete_rotations("c", &[good, ok]).await.unwrap(),
+        [true, true]
+    );
+}
+
+/// A pre-issued replacement is fetched once (key handed out, then deleted) and
+/// confirmed by its first use: old active → superseded → revoked, rotation issued →
+/// delivered → confirmed; policies follow the certificate.
+async fn take_then_confirm(url: &str) {
+    let reg = open(url).await.unwrap();
+    let old = due_fleet(&reg, "dev", 1, AT + 50 * DAY, CertOrigin::Generated)
+        .await
+        .remove(0);
+    let thing = old.thing_name.clone();
+    assert_eq!(
+        reg.register(&registration(
+            &old,
+            1,
+            vec![
+                policy("p2", Some(document("p2"))),
+                policy("p1", Some(document("p1")))
+            ]
+        ))
+        .await
+        .unwrap(),
+        registered(&["p2", "p1"])
+    );
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 1);
+    let claims = reg.claim_rotations("w", NOW, 300, 10).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        claims[0].old,
+        reg.get_certificate(serial(&old)).await.unwrap().unwrap()
+    );
+    assert_eq!(claims[0].template.as_deref(), Some("sensor"));
+    let item = replacement_for(serial(&old), NOW + 1);
+    assert_eq!(
+        reg.complete_rotations("w", std::slice::from_ref(&item))
+            .await
+            .unwrap(),
+        [true]
+    );
+
+    let new = reg
+        .get_certificate(&item.new.serial)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.status, CertStatus::Active);
+    assert_eq!(new.thing_name, thing);
+    assert_eq!(new.delivered_at, None);
+    assert_eq!(new.replaces.as_deref(), Some(serial(&old)));
+    assert_eq!(new.registered_at, Some(NOW + 1));
+    assert_eq!(new.renew_at, item.new.renew_at);
+    assert_eq!(new.der, item.new.der);
+    assert_eq!(new.fingerprint_sha256, item.new.fingerprint_sha256);
+    let fp_new = new.fingerprint_sha256.clone();
+    let fp_old = old.certificate.fingerprint_sha256.clone();
+    let state = reg.device_state(&fp_new).await.unwrap().unwrap();
+    assert_eq!(state.policies, ["p1", "p2"]);
+    assert!(state.confirms_rotation);
+    assert_eq!(state.rotation, None);
+    let state = reg.device_state(&fp_old).await.unwrap().unwrap();
+    assert!(!state.confirms_rotation);
+    let issued = state.rotation.unwrap();
+    assert_eq!(issued.state, RotationState::Issued);
+    assert_eq!(issued.new_serial.as_deref(), Some(new.serial.as_str()));
+    assert_eq!(sealed_keys(url).await, 1);
+
+    // Fetch.
+    let taken = reg
+        .take_replacement(serial(&old), NOW + 2)
+        .await
+        .unwrap()
+        .expect("a replacement to take");
+    assert_eq!(taken.sealed_key, item.sealed_key);
+    assert_eq!(taken.certificate.serial, new.serial);
+    assert_eq!(taken.certificate.delivered_at, Some(NOW + 2));
+    assert_eq!(
+        Some(taken.certificate.clone()),
+        reg.get_certificate(&new.serial).await.unwrap()
+    );
+    assert_eq!(status(&reg, serial(&old)).await, CertStatus::Superseded);
+    let delivered = rotation(&reg, serial(&old)).await;
+    assert_eq!(delivered.state, RotationState::Delivered);
+    assert_eq!(delivered.new_serial.as_deref(), Some(new.serial.as_str()));
+    assert_eq!(delivered.updated_at, NOW + 2);
+    assert_eq!(
+        sealed_keys(url).await,
+        0,
+        "the sealed key outlived its delivery"
+    );
+    let before = full_snapshot(&reg).await;
+    assert_eq!(
+        reg.take_replacement(serial(&old), NOW + 3).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        reg.take_replacement(&new.serial, NOW + 3).await.unwrap(),
+        None
+    );
+    assert_eq!(full_snapshot(&reg).await, before);
+    assert!(
+        reg.device_state(&fp_new)
+            .await
+            .unwrap()
+            .unwrap()
+            .confirms_rotation
+    );
+
+    // First use.
+    assert_eq!(
+        reg.confirm_replacement(serial(&old), NOW + 4)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        reg.confirm_replacement(&new.serial, NOW + 5).await.unwrap(),
+        Some(serial(&old).to_owned())
+    );
+    let revoked = reg.get_certificate(serial(&old)).await.unwrap().unwrap();
+    assert_eq!(revoked.status, CertStatus::Revoked);
+    assert_eq!(revoked.revoked_at, Some(NOW + 5));
+    assert_eq!(revoked.revocation_reason.as_deref(), Some("superseded"));
+    let confirmed = rotation(&reg, serial(&old)).await;
+    assert_eq!(confirmed.state, RotationState::Confirmed);
+    assert_eq!(confirmed.updated_at, NOW + 5);
+    assert_eq!(confirmed.new_serial.as_deref(), Some(new.serial.as_str()));
+    let before = full_snapshot(&reg).await;
+    assert_eq!(
+        reg.confirm_replacement(&new.serial, NOW + 6).await.unwrap(),
+        None
+    );
+    assert_eq!(full_snapshot(&reg).await, before);
+    let state = reg.device_state(&fp_new).await.unwrap().unwrap();
+    assert!(!state.confirms_rotation);
+    assert_eq!(state.certificate.status, CertStatus::Active);
+    assert_eq!(
+        reg.device_state(&fp_old).await.unwrap().unwrap().rotation,
+        Some(confirmed)
+    );
+    assert!(
+        reg.revoked_entries(NOW)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.serial == serial(&old) && e.reason.as_deref() == Some("superseded"))
+    );
+
+    // Events.
+    let events = events_of_serial(&reg, serial(&old)).await;
+    let rotation_events: Vec<&EventRecord> = events.iter().filter(|e| e.at >= NOW).collect();
+    let kinds: Vec<&str> = rotation_events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "rotation.due",
+            "rotation.issued",
+            "certificate.superseded",
+            "rotation.delivered",
+            "certificate.revoked",
+            "rotation.confirmed",
+        ]
+    );
+    for e in &rotation_events {
+        assert_eq!(e.thing_name.as_deref(), Some(thing.as_str()));
+    }
+    assert_eq!(rotation_events[1].detail["new_serial"], new.serial.as_str());
+    assert_eq!(
+        rotation_events[2].detail["replaced_by"],
+        new.serial.as_str()
+    );
+    assert_eq!(rotation_events[4].detail["reason"], "superseded");
+    assert_eq!(
+        rotation_events[4].detail["replaced_by"],
+        new.serial.as_str()
+    );
+    let events = events_of_serial(&reg, &new.serial).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["certificate.issued", "certificate.delivered"]);
+    assert_eq!(events[0].detail["replaces"], serial(&old));
+    assert_eq!(events[0].thing_name.as_deref(), Some(thing.as_str()));
+    assert_eq!((events[1].at, events[0].at), (NOW + 2, NOW + 1));
+}
+
+/// `replace_certificate`: refusals write nothing; a second replacement from the same
+/// certificate revokes the unused first one; confirmation happens once under
+/// concurrency; a pre-issued replacement gives way to an exchanged one.
+async fn replace_refusals_and_second_replace(url: &str) {
+    let reg = open(url).await.unwrap();
+    let mut a0 = record("t1", AT);
+    a0.certificate.origin = CertOrigin::Csr;
+    reg.record_issued(std::slice::from_ref(&a0)).await.unwrap();
+    let mut a = superseding(record("t1", AT + 10), &[serial(&a0)]);
+    a.certificate.origin = CertOrigin::Csr;
+    reg.record_issued(std::slice::from_ref(&a)).await.unwrap();
+    reg.mark_delivered(&[serial(&a0).to_owned(), serial(&a).to_owned()], AT + 11)
+        .await
+        .unwrap();
+    assert_eq!(
+        reg.register(&registration(&a, 1, vec![policy("p", Some(document("p")))]))
+            .await
+            .unwrap(),
+        registered(&["p"])
+    );
+    let z = provisioned(&reg, "t2").await;
+    let c = provisioned(&reg, "t3").await;
+    reg.record_issued(&[revoking(record("t3", AT + 1), &[serial(&c)])])
+        .await
+        .unwrap();
+
+    let before = full_snapshot(&reg).await;
+    let unknown = "ffffffffffffffffffffffffffffffff";
+    refused_with(
+        &reg.replace_certificate(&est(unknown, "t1", NOW))
+            .await
+            .unwrap(),
+        "unknown_certificate",
+        &[unknown],
+    );
+    refused_with(
+        &reg.replace_certificate(&est(serial(&a), "t2", NOW))
+            .await
+            .unwrap(),
+        "wrong_thing",
+        &[serial(&a), "\"t1\"", "\"t2\""],
+    );
+    refused_with(
+        &reg.replace_certificate(&est(serial(&z), "t1", NOW))
+            .await
+            .unwrap(),
+        "wrong_thing",
+        &[serial(&z)],
+    );
+    refused_with(
+        &reg.replace_certificate(&est(serial(&c), "t3", NOW))
+            .await
+            .unwrap(),
+        "certificate_revoked",
+        &[serial(&c)],
+    );
+    for reused in [&a, &a0] {
+        let mut same_key = est(serial(&a), "t1", NOW);
+        same_key.new.public_key_sha256 = reused.certificate.public_key_sha256.clone();
+        refused_with(
+            &reg.replace_certificate(&same_key).await.unwrap(),
+            "key_reused",
+            &[serial(reused)],
+        );
+    }
+    assert_eq!(
+        full_snapshot(&reg).await,
+        before,
+        "a refusal wrote something"
+    );
+
+    // First replacement.
+    let b1 = est(serial(&a), "t1", NOW);
+    assert_eq!(
+        reg.replace_certificate(&b1).await.unwrap(),
+        ReplaceOutcome::Replaced { revoked: vec![] }
+    );
+    let got = reg.get_certificate(&b1.new.serial).await.unwrap().unwrap();
+    assert_eq!(got.status, CertStatus::Active);
+    assert_eq!(got.origin, CertOrigin::Csr);
+    assert_eq!(got.delivered_at, Some(NOW));
+    assert_eq!(got.registered_at, Some(NOW));
+    assert_eq!(got.replaces.as_deref(), Some(serial(&a)));
+    assert_eq!(got.thing_name, "t1");
+    assert_eq!(status(&reg, serial(&a)).await, CertStatus::Superseded);
+    let state = reg
+        .device_state(&b1.new.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.policies, ["p"]);
+    assert!(state.confirms_rotation);
+    assert_eq!(
+        rotation(&reg, serial(&a)).await,
+        RotationRecord {
+            old_serial: serial(&a).to_owned(),
+            thing_name: "t1".to_owned(),
+            origin: CertOrigin::Csr,
+            state: RotationState::Delivered,
+            due_at: NOW,
+            new_serial: Some(b1.new.serial.clone()),
+            lease_owner: None,
+            lease_until: None,
+            attempts: 0,
+            last_error: None,
+            updated_at: NOW,
+        }
+    );
+    let kinds: Vec<String> = kinds_of(&reg, serial(&a)).await;
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["certificate.superseded", "rotation.delivered"]
+    );
+    assert_eq!(kinds_of(&reg, &b1.new.serial).await, ["certificate.issued"]);
+
+    // The device lost it and asks again with the old certificate.
+    let b2 = est(serial(&a), "t1", NOW + 10);
+    assert_eq!(
+        reg.replace_certificate(&b2).await.unwrap(),
+        ReplaceOutcome::Replaced {
+            revoked: vec![b1.new.serial.clone()]
+        }
+    );
+    let gone = reg.get_certificate(&b1.new.serial).await.unwrap().unwrap();
+    assert_eq!(gone.status, CertStatus::Revoked);
+    assert_eq!(gone.revoked_at, Some(NOW + 10));
+    assert_eq!(gone.revocation_reason.as_deref(), Some("superseded"));
+    let events = events_of_serial(&reg, &b1.new.serial).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].kind, "certificate.revoked");
+    assert_eq!(events[1].detail["reason"], "superseded");
+    assert_eq!(events[1].detail["replaced_by"], b2.new.serial.as_str());
+    assert_eq!(status(&reg, serial(&a)).await, CertStatus::Superseded);
+    assert_eq!(
+        kinds_of(&reg, serial(&a))
+            .await
+            .iter()
+            .filter(|k| *k == "certificate.superseded")
+            .count(),
+        1
+    );
+    let r = rotation(&reg, serial(&a)).await;
+    assert_eq!(
+        (r.state, r.updated_at),
+        (RotationState::Delivered, NOW + 10)
+    );
+    assert_eq!(r.new_serial.as_deref(), Some(b2.new.serial.as_str()));
+
+    // A duplicate serial: nothing written.
+    let before = full_snapshot(&reg).await;
+    let mut dup = est(serial(&a), "t1", NOW + 11);
+    dup.new.serial = b2.new.serial.clone();
+    assert!(matches!(
+        reg.replace_certificate(&dup).await,
+        Err(RegistryError::DuplicateSerial(s)) if s == b2.new.serial
+    ));
+    assert_eq!(full_snapshot(&reg).await, before);
+
+    // Eight servers see the first use at once: confirmed once.
+    let mut registries = Vec::new();
+    for _ in 0..8 {
+        registries.push(open(url).await.unwrap());
+    }
+    let tasks: Vec<_> = registries
+        .into_iter()
+        .map(|r| {
+            let s = b2.new.serial.clone();
+            tokio::spawn(async move { r.confirm_replacement(&s, NOW + 20).await })
+        })
+        .collect();
+    let mut confirmed = Vec::new();
+    for t in tasks {
+        confirmed.extend(t.await.unwrap().unwrap());
+    }
+    assert_eq!(confirmed, [serial(&a).to_owned()]);
+    assert_eq!(status(&reg, serial(&a)).await, CertStatus::Revoked);
+    assert_eq!(
+        rotation(&reg, serial(&a)).await.state,
+        RotationState::Confirmed
+    );
+    assert_eq!(count_kind(&reg, "rotation.confirmed").await, 1);
+    refused_with(
+        &reg.replace_certificate(&est(serial(&a), "t1", NOW + 30))
+            .await
+            .unwrap(),
+        "certificate_revoked",
+        &[serial(&a)],
+    );
+    let mut own_key = est(&b2.new.serial, "t1", NOW + 30);
+    own_key.new.public_key_sha256 = b2.new.public_key_sha256.clone();
+    refused_with(
+        &reg.replace_certificate(&own_key).await.unwrap(),
+        "key_reused",
+        &[&b2.new.serial],
+    );
+
+    // A pre-issued replacement that was never fetched gives way to an exchanged one.
+    let g = due_fleet(&reg, "gen", 1, AT + 50 * DAY, CertOrigin::Generated)
+        .await
+        .remove(0);
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 1);
+    assert_eq!(reg.claim_rotations("w", NOW, 60, 5).await.unwrap().len(), 1);
+    let pre = replacement_for(serial(&g), NOW + 1);
+    assert_eq!(
+        reg.complete_rotations("w", std::slice::from_ref(&pre))
+            .await
+            .unwrap(),
+        [true]
+    );
+    assert_eq!(sealed_keys(url).await, 1);
+    let now = est(serial(&g), &g.thing_name, NOW + 2);
+    assert_eq!(
+        reg.replace_certificate(&now).await.unwrap(),
+        ReplaceOutcome::Replaced {
+            revoked: vec![pre.new.serial.clone()]
+        }
+    );
+    assert_eq!(status(&reg, &pre.new.serial).await, CertStatus::Revoked);
+    let r = rotation(&reg, serial(&g)).await;
+    assert_eq!(r.state, RotationState::Delivered);
+    assert_eq!(r.new_serial.as_deref(), Some(now.new.serial.as_str()));
+    assert_eq!(sealed_keys(url).await, 0);
+    assert_eq!(
+        reg.take_replacement(serial(&g), NOW + 3).await.unwrap(),
+        None
+    );
+}
+
+/// Revocation: by serial (with undelivered replacements, cancelling the rotation and
+/// deleting its key), by thing, unknown targets; `revoked_entries` drops expired ones.
+async fn revoke_cascade_and_entries(url: &str) {
+    let reg = open(url).await.unwrap();
+    let fleet = due_fleet(&reg, "r", 3, AT + 50 * DAY, CertOrigin::Generated).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 3);
+    assert_eq!(
+        reg.claim_rotations("w", NOW, 300, 10).await.unwrap().len(),
+        3
+    );
+    let pre: Vec<PreparedReplacement> = fleet
+        .iter()
+        .map(|r| replacement_for(serial(r), NOW + 1))
+        .collect();
+    assert_eq!(
+        reg.complete_rotations("w", &pre).await.unwrap(),
+        [true, true, true]
+    );
+    assert!(
+        reg.take_replacement(serial(&fleet[1]), NOW + 2)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(sealed_keys(url).await, 2);
+
+    // By serial: the certificate and its undelivered replacement.
+    let entries = reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Serial(serial(&fleet[0]).to_owned()),
+            reason: "keyCompromise".to_owned(),
+            at: NOW + 5,
+        })
+        .await
+        .unwrap();
+    let mut expected = vec![
+        RevokedEntry {
+            serial: serial(&fleet[0]).to_owned(),
+            thing_name: "r-00000".to_owned(),
+            revoked_at: NOW + 5,
+            reason: Some("keyCompromise".to_owned()),
+            not_after: fleet[0].certificate.not_after,
+        },
+        RevokedEntry {
+            serial: pre[0].new.serial.clone(),
+            thing_name: "r-00000".to_owned(),
+            revoked_at: NOW + 5,
+            reason: Some("keyCompromise".to_owned()),
+            not_after: pre[0].new.not_after,
+        },
+    ];
+    expected.sort_by(|x, y| x.serial.cmp(&y.serial));
+    assert_eq!(entries, expected);
+    let cancelled = rotation(&reg, serial(&fleet[0])).await;
+    assert_eq!(
+        (cancelled.state, cancelled.updated_at),
+        (RotationState::Cancelled, NOW + 5)
+    );
+    assert_eq!(sealed_keys(url).await, 1);
+    assert_eq!(
+        reg.take_replacement(serial(&fleet[0]), NOW + 6)
+            .await
+            .unwrap(),
+        None
+    );
+    let events = events_of_serial(&reg, serial(&fleet[0])).await;
+    let tail: Vec<&str> = events[events.len() - 2..]
+        .iter()
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(tail, ["certificate.revoked", "rotation.cancelled"]);
+    assert_eq!(events[events.len() - 2].detail["reason"], "keyCompromise");
+    assert_eq!(
+        events[events.len() - 2].thing_name.as_deref(),
+        Some("r-00000")
+    );
+    let events = events_of_serial(&reg, &pre[0].new.serial).await;
+    assert_eq!(events.last().unwrap().kind, "certificate.revoked");
+    assert_eq!(events.last().unwrap().detail["reason"], "keyCompromise");
+    // Again: nothing left to revoke, nothing written.
+    let before = full_snapshot(&reg).await;
+    let again = reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Serial(serial(&fleet[0]).to_owned()),
+            reason: "keyCompromise".to_owned(),
+            at: NOW + 7,
+        })
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    assert_eq!(full_snapshot(&reg).await, before);
+
+    // A delivered replacement is not revoked with the certificate it replaced.
+    let entries = reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Serial(serial(&fleet[1]).to_owned()),
+            reason: "affiliationChanged".to_owned(),
+            at: NOW + 8,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| e.serial.as_str())
+            .collect::<Vec<_>>(),
+        [serial(&fleet[1])]
+    );
+    assert_eq!(status(&reg, &pre[1].new.serial).await, CertStatus::Active);
+    assert_eq!(
+        rotation(&reg, serial(&fleet[1])).await.state,
+        RotationState::Cancelled
+    );
+    assert_eq!(
+        reg.confirm_replacement(&pre[1].new.serial, NOW + 9)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        !reg.device_state(&pre[1].new.fingerprint_sha256)
+            .await
+            .unwrap()
+            .unwrap()
+            .confirms_rotation
+    );
+
+    // By thing: every certificate not revoked yet.
+    let entries = reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Thing("r-00002".to_owned()),
+            reason: "cessationOfOperation".to_owned(),
+            at: NOW + 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.serial.clone()).collect::<Vec<_>>(),
+        sorted(vec![
+            serial(&fleet[2]).to_owned(),
+            pre[2].new.serial.clone()
+        ])
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.thing_name == "r-00002"
+                && e.reason.as_deref() == Some("cessationOfOperation"))
+    );
+    assert_eq!(
+        rotation(&reg, serial(&fleet[2])).await.state,
+        RotationState::Cancelled
+    );
+    assert_eq!(sealed_keys(url).await, 0);
+    let entries = reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Thing("r-00000".to_owned()),
+            reason: "cessationOfOperation".to_owned(),
+            at: NOW + 10,
+        })
+        .await
+        .unwrap();
+    assert!(entries.is_empty(), "{entries:?}");
+
+    // Unknown targets.
+    let before = full_snapshot(&reg).await;
+    match reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Serial("ffffffffffffffffffffffffffffffff".to_owned()),
+            reason: "keyCompromise".to_owned(),
+            at: NOW + 11,
+        })
+        .await
+    {
+        Err(RegistryError::NotFound(what)) => {
+            assert!(what.contains("ffffffffffffffffffffffffffffffff"), "{what}")
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    match reg
+        .revoke(&Revocation {
+            target: RevocationTarget::Thing("ghost".to_owned()),
+            reason: "keyCompromise".to_owned(),
+            at: NOW + 11,
+        })
+        .await
+    {
+        Err(RegistryError::NotFound(what)) => assert!(what.contains("ghost"), "{what}"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert_eq!(full_snapshot(&reg).await, before);
+
+    // What the CRL lists: revoked and not expired, by serial.
+    let mut short = record("short", AT);
+    short.certificate.not_after = NOW + 100;
+    reg.record_issued(std::slice::from_ref(&short))
+        .await
+        .unwrap();
+    reg.revoke(&Revocation {
+        target: RevocationTarget::Serial(serial(&short).to_owned()),
+        reason: "unspecified".to_owned(),
+        at: NOW + 12,
+    })
+    .await
+    .unwrap();
+    let listed = reg.revoked_entries(NOW).await.unwrap();
+    let revoked = reg
+        .list_certificates(&CertificateFilter {
+            status: Some(CertStatus::Revoked),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 6);
+    assert_eq!(
+        listed.iter().map(|e| e.serial.clone()).collect::<Vec<_>>(),
+        sorted(serials_of(&revoked))
+    );
+    for c in &revoked {
+        let e = listed.iter().find(|e| e.serial == c.serial).unwrap();
+        assert_eq!(Some(e.revoked_at), c.revoked_at);
+        assert_eq!(e.reason, c.revocation_reason);
+        assert_eq!(
+            (e.not_after, e.thing_name.as_str()),
+            (c.not_after, c.thing_name.as_str())
+        );
+    }
+    let short_entry = listed.iter().find(|e| e.serial == serial(&short)).unwrap();
+    assert_eq!(short_entry.reason.as_deref(), Some("unspecified"));
+    assert_eq!(
+        reg.revoked_serials(NOW).await.unwrap(),
+        listed.iter().map(|e| e.serial.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(reg.revoked_entries(NOW + 100).await.unwrap().len(), 6);
+    let later = reg.revoked_entries(NOW + 101).await.unwrap();
+    assert_eq!(later.len(), 5);
+    assert!(later.iter().all(|e| e.serial != serial(&short)));
+}
+
+/// CRLs: stored only with a higher number, the newest one returned, pruned to
+/// `CRLS_KEPT`.
+async fn crl_store_and_prune(url: &str) {
+    let reg = open(url).await.unwrap();
+    let crl = |n: i64| StoredCrl {
+        number: n,
+        this_update: AT + n,
+        next_update: AT + n + DAY,
+        entries_digest: format!("{n:064x}"),
+        entry_count: n * 3,
+        der: vec![n as u8; 200],
+    };
+    assert_eq!(reg.latest_crl().await.unwrap(), None);
+    assert!(reg.store_crl(&crl(1)).await.unwrap());
+    assert_eq!(reg.latest_crl().await.unwrap(), Some(crl(1)));
+    assert!(!reg.store_crl(&crl(1)).await.unwrap());
+    assert!(!reg.store_crl(&crl(0)).await.unwrap());
+    assert!(reg.store_crl(&crl(5)).await.unwrap());
+    assert!(!reg.store_crl(&crl(3)).await.unwrap());
+    assert_eq!(reg.latest_crl().await.unwrap(), Some(crl(5)));
+    for n in 6..=30 {
+        assert!(reg.store_crl(&crl(n)).await.unwrap(), "{n}");
+    }
+    assert_eq!(reg.latest_crl().await.unwrap(), Some(crl(30)));
+    let count = |sql: &'static str| async move { testing::execute_raw(url, sql).await.unwrap() };
+    assert_eq!(
+        count("UPDATE crls SET number = number").await,
+        CRLS_KEPT as u64
+    );
+    assert_eq!(
+        count("UPDATE crls SET der = der WHERE number >= 15").await,
+        CRLS_KEPT as u64
+    );
+    // Pruned numbers never come back.
+    assert!(!reg.store_crl(&crl(10)).await.unwrap());
+    assert!(!reg.store_crl(&crl(29)).await.unwrap());
+    assert_eq!(reg.latest_crl().await.unwrap(), Some(crl(30)));
+
+    // Two publishers with the same number: one wins.
+    let (x, y) = (open(url).await.unwrap(), open(url).await.unwrap());
+    let (x, y) = tokio::join!(
+        tokio::spawn(async move { x.store_crl(&crl(31)).await }),
+        tokio::spawn(async move { y.store_crl(&crl(31)).await }),
+    );
+    let (x, y) = (x.unwrap().unwrap(), y.unwrap().unwrap());
+    assert!(x ^ y, "{x} {y}");
+    assert_eq!(reg.latest_crl().await.unwrap(), Some(crl(31)));
+    assert_eq!(
+        count("UPDATE crls SET number = number").await,
+        CRLS_KEPT as u64
+    );
+}
+
+/// Failed attempts are counted; at `max_attempts` the rotation is `failed` and is not
+/// claimed again; nor is a cancelled one.
+async fn failed_and_cancelled_not_claimed(url: &str) {
+    let reg = open(url).await.unwrap();
+    due_fleet(&reg, "f", 2, AT + 50 * DAY, CertOrigin::Generated).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 2);
+    let claims = reg.claim_rotations("w", NOW, 60, 1).await.unwrap();
+    let x = claims[0].old.serial.clone();
+
+    let before = full_snapshot(&reg).await;
+    assert!(
+        !reg.fail_rotation("other", &x, "nope", NOW + 1, 3)
+            .await
+            .unwrap()
+    );
+    assert_eq!(full_snapshot(&reg).await, before);
+    assert!(
+        reg.fail_rotation("w", &x, "signer unavailable", NOW + 1, 3)
+            .await
+            .unwrap()
+    );
+    let r = rotation(&reg, &x).await;
+    assert_eq!(r.state, RotationState::Due);
+    assert_eq!(r.attempts, 1);
+    assert_eq!(r.last_error.as_deref(), Some("signer unavailable"));
+    assert_eq!((r.lease_owner, r.lease_until), (None, None));
+    assert_eq!(r.updated_at, NOW + 1);
+    // The lease is gone with the failure.
+    assert!(
+        !reg.fail_rotation("w", &x, "again", NOW + 1, 3)
+            .await
+            .unwrap()
+    );
+
+    for (attempt, owner) in [(2, "w2"), (3, "w3")] {
+        let claims = reg.claim_rotations(owner, NOW + 2, 60, 1).await.unwrap();
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].old.serial, x);
+        assert!(
+            reg.fail_rotation(owner, &x, &format!("error {attempt}"), NOW + 3, 3)
+                .await
+                .unwrap()
+        );
+        assert_eq!(rotation(&reg, &x).await.attempts, attempt);
+    }
+    let failed = rotation(&reg, &x).await;
+    assert_eq!(failed.state, RotationState::Failed);
+    assert_eq!(failed.last_error.as_deref(), Some("error 3"));
+    let events: Vec<EventRecord> = events_of_serial(&reg, &x)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "rotation.failed")
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].detail["attempts"], 1);
+    assert_eq!(events[0].detail["error"], "signer unavailable");
+    assert_eq!(events[0].detail["state"], "due");
+    assert_eq!(events[2].detail["state"], "failed");
+    assert!(events.iter().all(|e| e.thing_name.is_some()));
+
+    // The other one is claimed; the failed one never again.
+    let claims = reg.claim_rotations("w4", NOW + 10, 60, 10).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    let y = claims[0].old.serial.clone();
+    assert_ne!(y, x);
+    assert_eq!(
+        reg.complete_rotations("w4", &[replacement_for(&x, NOW + 11)])
+            .await
+            .unwrap(),
+        [false]
+    );
+    assert!(
+        !reg.fail_rotation("w4", &x, "late", NOW + 11, 3)
+            .await
+            .unwrap()
+    );
+
+    // Revoked while leased: cancelled, the lease gone, never claimed or completed.
+    reg.revoke(&Revocation {
+        target: RevocationTarget::Serial(y.clone()),
+        reason: "keyCompromise".to_owned(),
+        at: NOW + 12,
+    })
+    .await
+    .unwrap();
+    let r = rotation(&reg, &y).await;
+    assert_eq!(r.state, RotationState::Cancelled);
+    assert_eq!(r.lease_owner, None);
+    assert!(
+        reg.claim_rotations("w5", NOW + DAY, 60, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        reg.complete_rotations("w4", &[replacement_for(&y, NOW + 13)])
+            .await
+            .unwrap(),
+        [false]
+    );
+    assert!(
+        !reg.fail_rotation("w4", &y, "late", NOW + 13, 3)
+            .await
+            .unwrap()
+    );
+    assert_eq!(count_kind(&reg, "rotation.cancelled").await, 1);
+}
+
+// ---------------------------------------------------------------------------------------
 // Backends
 
 /// A database for one test: a file in a temporary directory, or a fresh PostgreSQL
@@ -1651,6 +3022,14 @@ stories!(
     concurrent_registration_once,
     connections_are_pruned,
     revoked_serials_exclude_expired,
+    due_selection_and_idempotent_open,
+    concurrent_workers_complete_once,
+    lease_expiry_and_late_complete,
+    take_then_confirm,
+    replace_refusals_and_second_replace,
+    revoke_cascade_and_entries,
+    crl_store_and_prune,
+    failed_and_cancelled_not_claimed,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1802,6 +3181,58 @@ async fn bench_sqlite_record_issued() {
 async fn bench_postgres_record_issued() {
     let db = Db::postgres().await;
     measure(&db.url, 20, 1_000).await;
+    db.finish().await;
+}
+
+/// The rotation sweep's registry side: open `n` due rotations, then claim and complete
+/// them in batches of 1,024 (one transaction each), as the rotation worker does.
+async fn measure_rotation(url: &str, n: usize) {
+    let reg = open(url).await.unwrap();
+    due_fleet(&reg, "rot", n, AT + 50 * DAY, CertOrigin::Generated).await;
+    let started = Instant::now();
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), n as u64);
+    let open_secs = started.elapsed().as_secs_f64();
+    let (mut claim_secs, mut complete_secs, mut completed) = (0.0, 0.0, 0);
+    loop {
+        let t = Instant::now();
+        let claims = reg.claim_rotations("bench", NOW, 300, 1_024).await.unwrap();
+        claim_secs += t.elapsed().as_secs_f64();
+        if claims.is_empty() {
+            break;
+        }
+        let items: Vec<PreparedReplacement> = claims
+            .iter()
+            .map(|c| replacement_for(&c.old.serial, NOW + 1))
+            .collect();
+        let t = Instant::now();
+        let done = reg.complete_rotations("bench", &items).await.unwrap();
+        complete_secs += t.elapsed().as_secs_f64();
+        completed += done.iter().filter(|d| **d).count();
+    }
+    assert_eq!(completed, n);
+    eprintln!(
+        "{}: open_due_rotations {:.0}/s; claim {:.0}/s; complete {:.0}/s; \
+         claim + complete {:.0} rotations/s ({n} rotations, batches of 1,024)",
+        reg.backend(),
+        n as f64 / open_secs,
+        n as f64 / claim_secs,
+        n as f64 / complete_secs,
+        n as f64 / (claim_secs + complete_secs),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+async fn bench_sqlite_rotation() {
+    let db = Db::sqlite();
+    measure_rotation(&db.url, 100_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; needs FLEETCERT_TEST_POSTGRES_URL"]
+async fn bench_postgres_rotation() {
+    let db = Db::postgres().await;
+    measure_rotation(&db.url, 100_000).await;
     db.finish().await;
 }
 

@@ -14,7 +14,18 @@ pub struct Served {
 
 impl Served {
     pub fn start(env: &Env, extra: &[&str]) -> Served {
+        Served::spawn(env.cmd(), extra)
+    }
+
+    /// Like [`Served::start`], with fleetcert's clock shifted by `offset_secs`
+    /// (`FLEETCERT_TIME_OFFSET`).
+    pub fn start_at(env: &Env, offset_secs: i64, extra: &[&str]) -> Served {
         let mut cmd = env.cmd();
+        cmd.env("FLEETCERT_TIME_OFFSET", offset_secs.to_string());
+        Served::spawn(cmd, extra)
+    }
+
+    fn spawn(mut cmd: Command, extra: &[&str]) -> Served {
         cmd.args([
             "--output",
             "json",
@@ -110,7 +121,7 @@ pub fn curl_connect(env: &Env, served: &Served, cert: &Path, key: &Path) -> (u16
     (code, body.to_owned())
 }
 
-fn metrics(served: &Served) -> String {
+pub fn metrics(served: &Served) -> String {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10"])
         .arg(format!("http://{}/metrics", served.admin))
@@ -119,7 +130,7 @@ fn metrics(served: &Served) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn metric(text: &str, name_and_labels: &str) -> f64 {
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name_and_labels))
         .and_then(|l| l.rsplit(' ').next())

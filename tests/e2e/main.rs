@@ -14,5 +14,6 @@ mod crash;
 mod demo;
 mod jitp;
 mod provision;
+mod rotation;
 mod services;
 mod templates;

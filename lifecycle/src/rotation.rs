@@ -1,0 +1,345 @@
+//! Scheduled rotation: find certificates past their renewal point, get replacements to
+//! the devices, and never strand one.
+//!
+//! A sweep (the worker inside `serve`, or `fleetcert rotate` from cron):
+//! 1. **Opens** a rotation for every active, delivered certificate past its renewal
+//!    point (or expiring within `--within`): one row per old certificate, ever.
+//! 2. **Claims** due rotations of fleetcert-generated keys in batches, each under a
+//!    lease, so two workers (two servers on one PostgreSQL, or cron `rotate` next to
+//!    `serve`) never work on one rotation at once. A worker killed mid-sweep leaves
+//!    leases that expire; the next sweep takes them over.
+//! 3. **Issues** the replacements on every core (same thing, same lifetime, same key
+//!    algorithm, a new key), seals each private key (see [`crate::sealing`]), and
+//!    commits the batch in one transaction *only if the lease is still ours* — so a
+//!    rotation is issued exactly once even when a slow worker loses its lease.
+//!
+//! Devices with their own keys (origin `csr`) are only told: `POST /v1/connect` says
+//! `rotation_due` and the device re-enrolls through EST. Either way the old certificate
+//! keeps working until the device has been seen with the new one; only then is it
+//! revoked (see [`crate::jitp::Jitp`]).
+use crate::LifecycleError;
+use crate::renewal::{Clock, RenewalPolicy};
+use crate::sealing::KeySealer;
+use fleetcert_ca::{
+    DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, KeyAlgorithm, ThingName,
+};
+use fleetcert_registry::{
+    CertOrigin, CertificateRecord, NewCertificate, PreparedReplacement, Registry, RotationClaim,
+};
+use rayon::prelude::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How device certificates are made: the CA, the profile, the renewal point.
+pub struct Issuance {
+    pub ca: Arc<IssuingCa>,
+    pub profile: DeviceProfile,
+    pub renewal: RenewalPolicy,
+}
+
+impl std::fmt::Debug for Issuance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuance")
+            .field("profile", &self.profile)
+            .field("renewal", &self.renewal)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Issuance {
+    /// A replacement for `old`: same thing, same lifetime (in whole days), and for a
+    /// generated key the same algorithm.
+    pub fn replacement(
+        &self,
+        old: &CertificateRecord,
+        key: DeviceKey<'_>,
+        now: i64,
+    ) -> Result<(IssuedCertificate, NewCertificate), LifecycleError> {
+        let thing = ThingName::parse(&old.thing_name)?;
+        let lifetime_days = ((old.not_after - old.not_before) as f64 / 86_400.0).round();
+        let mut profile = self.profile.clone();
+        profile.validity_days = (lifetime_days as u32).max(1);
+        if matches!(key, DeviceKey::Generate) {
+            profile.key_algorithm = old
+                .key_algorithm
+                .parse::<KeyAlgorithm>()
+                .unwrap_or(self.profile.key_algorithm);
+        }
+        let now = time::OffsetDateTime::from_unix_timestamp(now)
+            .map_err(|e| LifecycleError::BadInput(format!("clock out of range: {e}")))?;
+        let issued = self.ca.issue(&thing, key, &profile, now)?;
+        let record = new_certificate(&issued, self.ca.subject(), &self.renewal);
+        Ok((issued, record))
+    }
+}
+
+/// The registry record of a freshly signed certificate.
+pub(crate) fn new_certificate(
+    cert: &IssuedCertificate,
+    issuer: &str,
+    renewal: &RenewalPolicy,
+) -> NewCertificate {
+    let not_before = cert.not_before.unix_timestamp();
+    let not_after = cert.not_after.unix_timestamp();
+    NewCertificate {
+        serial: cert.serial_hex.clone(),
+        fingerprint_sha256: cert.fingerprint_sha256_hex.clone(),
+        public_key_sha256: cert.public_key_sha256_hex.clone(),
+        issuer: issuer.to_owned(),
+        not_before,
+        not_after,
+        origin: if cert.private_key.is_some() {
+            CertOrigin::Generated
+        } else {
+            CertOrigin::Csr
+        },
+        key_algorithm: cert.key_algorithm.to_string(),
+        renew_at: renewal.renew_at(&cert.serial_hex, not_before, not_after),
+        der: cert.der.clone(),
+    }
+}
+
+/// Rotation counters for `/metrics`, shared by the worker and the JITP server.
+#[derive(Debug, Default)]
+pub struct RotationStats {
+    /// Rotations opened (certificates that came due).
+    pub due: AtomicU64,
+    /// Replacements issued (ahead of time by the worker, by EST, or on demand).
+    pub issued: AtomicU64,
+    /// Replacements handed to devices (EST replies and fetches).
+    pub delivered: AtomicU64,
+    /// Old certificates revoked because the device used its new one.
+    pub confirmed: AtomicU64,
+    /// Failed attempts (signing or sealing errors, refused re-enrollments).
+    pub failed: AtomicU64,
+}
+
+impl RotationStats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Knobs of a sweep.
+#[derive(Debug, Clone)]
+pub struct RotationSettings {
+    /// How long a claim is exclusive. A worker that dies holds its batch this long.
+    pub lease: Duration,
+    /// Rotations claimed, signed and committed together.
+    pub batch: u32,
+    /// Failed attempts before a rotation is parked as `failed`.
+    pub max_attempts: u32,
+    /// Also rotate every active certificate that expires within this long.
+    pub expiring_within: Option<Duration>,
+}
+
+impl Default for RotationSettings {
+    fn default() -> Self {
+        RotationSettings {
+            lease: Duration::from_secs(300),
+            batch: 1024,
+            max_attempts: 5,
+            expiring_within: None,
+        }
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct SweepReport {
+    /// Rotations opened by this sweep (certificates that came due).
+    pub opened: u64,
+    /// Replacements issued ahead of time (generated keys).
+    pub issued: u64,
+    /// Claimed rotations whose lease another worker took over before the commit
+    /// (nothing written for them).
+    pub lost_leases: u64,
+    /// Failed attempts (they are retried by later sweeps up to the attempt limit).
+    pub failed: u64,
+    pub seconds: f64,
+}
+
+/// The rotation worker.
+pub struct Rotator {
+    registry: Arc<dyn Registry>,
+    issuance: Arc<Issuance>,
+    sealer: Arc<KeySealer>,
+    clock: Arc<dyn Clock>,
+    owner: String,
+    settings: RotationSettings,
+    stats: Arc<RotationStats>,
+}
+
+impl std::fmt::Debug for Rotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotator")
+            .field("owner", &self.owner)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A name for this worker's leases: host, process and a random tag.
+pub fn worker_name() -> String {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let mut tag = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag);
+    format!("{host}:{}:{}", std::process::id(), hex::encode(tag))
+}
+
+impl Rotator {
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        issuance: Arc<Issuance>,
+        sealer: Arc<KeySealer>,
+        clock: Arc<dyn Clock>,
+        settings: RotationSettings,
+        stats: Arc<RotationStats>,
+    ) -> Self {
+        Rotator {
+            registry,
+            issuance,
+            sealer,
+            clock,
+            owner: worker_name(),
+            settings,
+            stats,
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn expiring_before(&self, now: i64) -> Option<i64> {
+        self.settings
+            .expiring_within
+            .map(|d| now.saturating_add(d.as_secs() as i64))
+    }
+
+    /// The certificates a sweep would open rotations for, changing nothing.
+    pub async fn due(&self, limit: Option<u32>) -> Result<Vec<CertificateRecord>, LifecycleError> {
+        let now = self.clock.now();
+        Ok(self
+            .registry
+            .due_certificates(now, self.expiring_before(now), limit)
+            .await?)
+    }
+
+    /// One sweep; `progress` is called after every committed batch.
+    pub async fn sweep(
+        &self,
+        mut progress: impl FnMut(&SweepReport),
+    ) -> Result<SweepReport, LifecycleError> {
+        let started = Instant::now();
+        let mut report = SweepReport::default();
+        let now = self.clock.now();
+        report.opened = self
+            .registry
+            .open_due_rotations(now, self.expiring_before(now))
+            .await?;
+        RotationStats::add(&self.stats.due, report.opened);
+        progress(&report);
+        let lease = self.settings.lease.as_secs().max(1) as i64;
+        loop {
+            let now = self.clock.now();
+            let claims = self
+                .registry
+                .claim_rotations(&self.owner, now, lease, self.settings.batch.max(1))
+                .await?;
+            if claims.is_empty() {
+                break;
+            }
+            let issuance = self.issuance.clone();
+            let sealer = self.sealer.clone();
+            let signed = tokio::task::spawn_blocking(move || {
+                claims
+                    .par_iter()
+                    .map(|claim| prepare(&issuance, &sealer, claim, now))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| LifecycleError::BadInput(format!("signing task failed: {e}")))?;
+            let mut ready = Vec::with_capacity(signed.len());
+            for outcome in signed {
+                match outcome {
+                    Ok(item) => ready.push(item),
+                    Err((serial, error)) => {
+                        tracing::warn!(%serial, "cannot issue a replacement: {error}");
+                        self.registry
+                            .fail_rotation(
+                                &self.owner,
+                                &serial,
+                                &error,
+                                now,
+                                self.settings.max_attempts,
+                            )
+                            .await?;
+                        report.failed += 1;
+                        RotationStats::add(&self.stats.failed, 1);
+                    }
+                }
+            }
+            if !ready.is_empty() {
+                let committed = self
+                    .registry
+                    .complete_rotations(&self.owner, &ready)
+                    .await?;
+                let issued = committed.iter().filter(|c| **c).count() as u64;
+                report.issued += issued;
+                report.lost_leases += committed.len() as u64 - issued;
+                RotationStats::add(&self.stats.issued, issued);
+            }
+            report.seconds = started.elapsed().as_secs_f64();
+            progress(&report);
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Sweeps every `interval` until the future is dropped (the worker inside `serve`).
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            match self.sweep(|_| {}).await {
+                Ok(r) if r.opened + r.issued + r.failed + r.lost_leases > 0 => tracing::info!(
+                    opened = r.opened,
+                    issued = r.issued,
+                    failed = r.failed,
+                    lost_leases = r.lost_leases,
+                    "rotation sweep"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("rotation sweep failed: {e}"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+/// Signs and seals one replacement; on failure, the old serial and the reason.
+fn prepare(
+    issuance: &Issuance,
+    sealer: &KeySealer,
+    claim: &RotationClaim,
+    now: i64,
+) -> Result<PreparedReplacement, (String, String)> {
+    let fail = |e: LifecycleError| (claim.old.serial.clone(), e.to_string());
+    let (issued, new) = issuance
+        .replacement(&claim.old, DeviceKey::Generate, now)
+        .map_err(fail)?;
+    let key = issued
+        .private_key
+        .as_ref()
+        .expect("a generated key comes with its private key");
+    let sealed_key = sealer.seal(&new.serial, key.pkcs8_der()).map_err(fail)?;
+    Ok(PreparedReplacement {
+        old_serial: claim.old.serial.clone(),
+        new,
+        sealed_key,
+        at: now,
+    })
+}
