@@ -1944,6 +1944,7 @@ impl Registry for PgRegistry {
                 })
                 .await?;
             opened += inserted as u64;
+            eprintln!("chunk {selected} {inserted} {:?}", std::time::Instant::now());
             match (last_renew_at, last_serial) {
                 (Some(renew_at), Some(serial)) if selected == chunk => cursor = (renew_at, serial),
                 // Fewer than a chunk: nothing more is due after the cursor.
@@ -2235,6 +2236,22 @@ mod scratch {
                 }
             }
         }
+        let mut conn = reg.pool.acquire().await.unwrap();
+        sqlx::query("SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN {}", SQL_OPEN_DUE[0])))
+            .bind(1000_i64)
+            .bind(None::<i64>)
+            .bind(OPEN_CHUNK as i64)
+            .bind(EVENT_ROTATION_DUE)
+            .bind(i64::MIN)
+            .bind("")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        for r in rows.iter().take(20) {
+            eprintln!("generic: {}", r.get::<String, _>(0));
+        }
+        drop(conn);
         let t = std::time::Instant::now();
         let n = reg.open_due_rotations(1000, None).await.unwrap();
         eprintln!("open {n}: {:?}", t.elapsed());
