@@ -203,7 +203,7 @@ struct Known {
     cached_at: Instant,
 }
 
-const KNOWN_TTL: Duration = Duration::from_secs(30);
+const KNOWN_TTL: Duration = Duration::from_secs(5);
 const KNOWN_CAPACITY: usize = 100_000;
 const REVOCATION_REFRESH: Duration = Duration::from_secs(2);
 const CONNECTION_FLUSH: Duration = Duration::from_secs(1);

@@ -32,10 +32,12 @@ async fn fleet(devices: usize, csr_dir: Option<&Path>) -> Fleet {
         .unwrap();
     let out = temp.path().join("out");
     let requests = (0..devices)
-        .map(|i| DeviceRequest {
-            line: None,
-            thing_name: format!("rot-{i:04}"),
-            csr_path: csr_dir.map(|d| d.join(format!("rot-{i:04}.csr"))),
+        .map(|i| {
+            Ok(DeviceRequest {
+                line: None,
+                thing_name: format!("rot-{i:04}"),
+                csr_path: csr_dir.map(|d| d.join(format!("rot-{i:04}.csr"))),
+            })
         })
         .collect();
     let mut profile = data.device_profile().unwrap();
@@ -147,7 +149,9 @@ async fn generated_keys_rotate_at_their_renewal_point_and_the_old_one_goes_only_
     let advice = reply.rotation.unwrap();
     assert_eq!((advice.method, advice.replacement_ready), ("fetch", true));
     let fetched = jitp.fetch_replacement(&old).await.unwrap();
-    let new = pem::parse(&fetched.certificate_pem).unwrap().into_contents();
+    let new = pem::parse(&fetched.certificate_pem)
+        .unwrap()
+        .into_contents();
     let new_key = fleetcert_ca::PrivateKey::from_pem(&fetched.private_key_pem, None).unwrap();
     assert_eq!(fetched.thing_name, "rot-0000");
     let identity = fleetcert_ca::device_identity(&new).unwrap();
@@ -160,7 +164,12 @@ async fn generated_keys_rotate_at_their_renewal_point_and_the_old_one_goes_only_
         jitp.connect(&old, peer()).await,
         Ok(ConnectOutcome::Known(_))
     ));
-    let rotation = fleet.registry.get_rotation(&old_serial).await.unwrap().unwrap();
+    let rotation = fleet
+        .registry
+        .get_rotation(&old_serial)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rotation.state, RotationState::Delivered);
 
     // The first use of the new certificate revokes the old one, keeps the policies.
@@ -171,9 +180,19 @@ async fn generated_keys_rotate_at_their_renewal_point_and_the_old_one_goes_only_
     assert_eq!(known.policies, reply.policies);
     assert!(!known.rotation_due);
     assert_eq!(fleet.status(&old_serial).await, CertStatus::Revoked);
-    let old_record = fleet.registry.get_certificate(&old_serial).await.unwrap().unwrap();
+    let old_record = fleet
+        .registry
+        .get_certificate(&old_serial)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(old_record.revocation_reason.as_deref(), Some("superseded"));
-    let rotation = fleet.registry.get_rotation(&old_serial).await.unwrap().unwrap();
+    let rotation = fleet
+        .registry
+        .get_rotation(&old_serial)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rotation.state, RotationState::Confirmed);
 
     // Devices that never fetched are untouched: their old certificate stays active.
@@ -191,7 +210,10 @@ async fn generated_keys_rotate_at_their_renewal_point_and_the_old_one_goes_only_
     let summary = fleetcert_ca::describe_crl(&published.crl.der).unwrap();
     assert_eq!(summary.entry_count, 1);
     let unchanged = publisher.refresh().await.unwrap();
-    assert!(!unchanged.signed, "same revoked set, fresh CRL: not re-signed");
+    assert!(
+        !unchanged.signed,
+        "same revoked set, fresh CRL: not re-signed"
+    );
     assert_eq!(unchanged.crl.number, published.crl.number);
     // Half-way to nextUpdate a new CRL with a higher number is signed.
     fleet.clock.advance(13 * 3600);
@@ -228,9 +250,7 @@ async fn a_device_that_never_reenrolls_is_never_revoked_by_rotation() {
         .collect();
     let mut opened = 0;
     for day in [10, 18, 22, 25, 29] {
-        fleet
-            .clock
-            .set(fleetcert_lifecycle::unix_now() + day * DAY);
+        fleet.clock.set(fleetcert_lifecycle::unix_now() + day * DAY);
         let report = rotator.sweep(|_| {}).await.unwrap();
         assert_eq!(report.issued, 0, "device keys: nothing to issue ahead");
         opened += report.opened;
@@ -238,7 +258,11 @@ async fn a_device_that_never_reenrolls_is_never_revoked_by_rotation() {
             assert_eq!(fleet.status(serial).await, CertStatus::Active, "day {day}");
         }
         let jitp = fleet.jitp().await;
-        let reply = match jitp.connect(&fleet.cert_der("rot-0000"), peer()).await.unwrap() {
+        let reply = match jitp
+            .connect(&fleet.cert_der("rot-0000"), peer())
+            .await
+            .unwrap()
+        {
             ConnectOutcome::Provisioned(r) | ConnectOutcome::Known(r) => r,
         };
         assert_eq!(reply.rotation_due, day >= 22, "day {day}");

@@ -1147,20 +1147,7 @@ async fn insert_rows<T>(
     let max = MAX_ROWS_PER_INSERT.min(32_766 / binds_per_row);
     let mut rest = rows;
     while !rest.is_empty() {
-        let n = rest.len().min(max);
-        // Largest power of two not above n.
-        let n = 1 << (usize::BITS - 1 - n.leading_zeros());
-        let (chunk, tail_rows) = rest.split_at(n);
-        rest = tail_rows;
-        let mut sql = String::with_capacity(head.len() + n * (row.len() + 2) + tail.len());
-        sql.push_str(head);
-        for i in 0..n {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(row);
-        }
-        sql.push_str(tail);
+        let (sql, chunk) = values_chunk(head, row, tail, max, &mut rest);
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for r in chunk {
             q = bind(q, r);
@@ -1168,6 +1155,56 @@ async fn insert_rows<T>(
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// [`insert_rows`] for a statement with a `RETURNING` clause (or any statement around a
+/// multi-row `VALUES` list, such as `UPDATE … FROM (VALUES …)`): the rows it returns.
+async fn fetch_rows<T>(
+    conn: &mut SqliteConnection,
+    head: &str,
+    row: &str,
+    binds_per_row: usize,
+    tail: &str,
+    rows: &[T],
+    bind: impl for<'q> Fn(SqliteQuery<'q>, &'q T) -> SqliteQuery<'q>,
+) -> sqlx::Result<Vec<SqliteRow>> {
+    let max = MAX_ROWS_PER_INSERT.min(32_766 / binds_per_row);
+    let mut out = Vec::with_capacity(rows.len());
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let (sql, chunk) = values_chunk(head, row, tail, max, &mut rest);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for r in chunk {
+            q = bind(q, r);
+        }
+        out.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
+}
+
+/// The next chunk of `rest` (a power of two rows, at most `max`) and its statement.
+fn values_chunk<'a, T>(
+    head: &str,
+    row: &str,
+    tail: &str,
+    max: usize,
+    rest: &mut &'a [T],
+) -> (String, &'a [T]) {
+    let n = rest.len().min(max);
+    // Largest power of two not above n.
+    let n = 1 << (usize::BITS - 1 - n.leading_zeros());
+    let (chunk, tail_rows) = rest.split_at(n);
+    *rest = tail_rows;
+    let mut sql = String::with_capacity(head.len() + n * (row.len() + 2) + tail.len());
+    sql.push_str(head);
+    for i in 0..n {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(row);
+    }
+    sql.push_str(tail);
+    (sql, chunk)
 }
 
 struct WriteError {
