@@ -23,7 +23,7 @@ echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(n
 "$bin" --output json provision --batch "$work/pallet.csv" --days 30 --out "$work/out" | tail -n 1 \
     | python3 -c 'import json,sys; s=json.load(sys.stdin); print("provisioned %d devices in %.1fs" % (s["issued"], s["elapsed_seconds"]))' >&2
 "$bin" --output json rotate --within 60d | tee "$work/rotate.json" \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("rotation sweep: %d due, %d replacements issued in %.2fs = %.0f rotations/s (failed %d)" % (r["opened"], r["issued"], r["seconds"], r["issued_per_second"], r["failed"]))'
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); p=r["phases"]; print("rotation sweep: %d due, %d replacements issued in %.2fs = %.0f rotations/s (failed %d); open %.2fs, claim %.2fs, sign+seal %.2fs, commit %.2fs" % (r["opened"], r["issued"], r["seconds"], r["issued_per_second"], r["failed"], p["open_seconds"], p["claim_seconds"], p["sign_seconds"], p["commit_seconds"]))'
 python3 - "$work/data/registry.db" <<'PY'
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1])

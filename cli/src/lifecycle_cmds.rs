@@ -97,6 +97,12 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
             "failed": report.failed,
             "seconds": report.seconds,
             "issued_per_second": rate,
+            "phases": {
+                "open_seconds": report.open_seconds,
+                "claim_seconds": report.claim_seconds,
+                "sign_seconds": report.sign_seconds,
+                "commit_seconds": report.commit_seconds,
+            },
         }));
     } else {
         out.line(format!(

@@ -158,6 +158,11 @@ pub struct SweepReport {
     /// Failed attempts (they are retried by later sweeps up to the attempt limit).
     pub failed: u64,
     pub seconds: f64,
+    /// Where the time went: opening rotations, claiming, signing + sealing, committing.
+    pub open_seconds: f64,
+    pub claim_seconds: f64,
+    pub sign_seconds: f64,
+    pub commit_seconds: f64,
 }
 
 /// The rotation worker.
@@ -242,18 +247,22 @@ impl Rotator {
             .registry
             .open_due_rotations(now, self.expiring_before(now))
             .await?;
+        report.open_seconds = started.elapsed().as_secs_f64();
         RotationStats::add(&self.stats.due, report.opened);
         progress(&report);
         let lease = self.settings.lease.as_secs().max(1) as i64;
         loop {
             let now = self.clock.now();
+            let phase = Instant::now();
             let claims = self
                 .registry
                 .claim_rotations(&self.owner, now, lease, self.settings.batch.max(1))
                 .await?;
+            report.claim_seconds += phase.elapsed().as_secs_f64();
             if claims.is_empty() {
                 break;
             }
+            let phase = Instant::now();
             let issuance = self.issuance.clone();
             let sealer = self.sealer.clone();
             let signed = tokio::task::spawn_blocking(move || {
@@ -264,6 +273,8 @@ impl Rotator {
             })
             .await
             .map_err(|e| LifecycleError::BadInput(format!("signing task failed: {e}")))?;
+            report.sign_seconds += phase.elapsed().as_secs_f64();
+            let phase = Instant::now();
             let mut ready = Vec::with_capacity(signed.len());
             for outcome in signed {
                 match outcome {
@@ -294,6 +305,7 @@ impl Rotator {
                 report.lost_leases += committed.len() as u64 - issued;
                 RotationStats::add(&self.stats.issued, issued);
             }
+            report.commit_seconds += phase.elapsed().as_secs_f64();
             report.seconds = started.elapsed().as_secs_f64();
             progress(&report);
         }

@@ -1258,9 +1258,9 @@ impl PgRegistry {
             return Ok(None);
         };
         let confirmed = sqlx::query(
-            "UPDATE rotations SET state = 'confirmed', new_serial = COALESCE(new_serial, $2), \
-                sealed_key = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $3 \
-             WHERE old_serial = $1 AND state IN ('due', 'issued', 'delivered')",
+            "UPDATE rotations SET state = 'confirmed', new_serial = $2, sealed_key = NULL, \
+                lease_owner = NULL, lease_until = NULL, updated_at = $3 \
+             WHERE old_serial = $1 AND state NOT IN ('confirmed', 'cancelled')",
         )
         .bind(&old)
         .bind(serial)
@@ -1394,15 +1394,18 @@ impl PgRegistry {
                 serial: Some(entry.serial.clone()),
                 detail: common::revoked_detail(&rev.reason, with),
             });
-            if cancelled.contains(&entry.serial) {
-                events.push(NewEvent {
-                    at: rev.at,
-                    kind: EVENT_ROTATION_CANCELLED,
-                    thing_name: Some(entry.thing_name.clone()),
-                    serial: Some(entry.serial.clone()),
-                    detail: common::rotation_cancelled_detail(&rev.reason),
-                });
-            }
+        }
+        for (entry, _) in revoked
+            .iter()
+            .filter(|(e, _)| cancelled.contains(&e.serial))
+        {
+            events.push(NewEvent {
+                at: rev.at,
+                kind: EVENT_ROTATION_CANCELLED,
+                thing_name: Some(entry.thing_name.clone()),
+                serial: Some(entry.serial.clone()),
+                detail: common::rotation_cancelled_detail(&rev.reason),
+            });
         }
         insert_events(&mut tx, &events)
             .await
@@ -2472,36 +2475,6 @@ mod tests {
             "{states:?}"
         );
 
-        eprintln!(
-            "STATES {:?}",
-            states
-                .iter()
-                .fold(std::collections::BTreeMap::new(), |mut m, r| {
-                    *m.entry(r.state.as_str()).or_insert(0) += 1;
-                    m
-                })
-        );
-        if std::env::var("FORCE_DEADLOCK").is_ok() {
-            let mut t1 = reg.pool.begin().await.unwrap();
-            let mut t2 = reg.pool.begin().await.unwrap();
-            sqlx::query("SELECT 1 FROM things WHERE name = 'mix-000' FOR UPDATE")
-                .execute(&mut *t1)
-                .await
-                .unwrap();
-            sqlx::query("SELECT 1 FROM things WHERE name = 'mix-001' FOR UPDATE")
-                .execute(&mut *t2)
-                .await
-                .unwrap();
-            let (r1, r2) = tokio::join!(
-                sqlx::query("SELECT 1 FROM things WHERE name = 'mix-001' FOR UPDATE")
-                    .execute(&mut *t1),
-                sqlx::query("SELECT 1 FROM things WHERE name = 'mix-000' FOR UPDATE")
-                    .execute(&mut *t2),
-            );
-            eprintln!("FORCED {:?} {:?}", r1.is_ok(), r2.is_ok());
-            drop(t1);
-            drop(t2);
-        }
         // PostgreSQL counts the deadlocks it broke (flushed when the sessions end).
         reg.pool.close().await;
         let mut conn = PgConnectOptions::from_str(&url)
