@@ -185,13 +185,14 @@ const SQL_ROTATION_DUE_EVENTS: &str = "INSERT INTO events (at, kind, thing_name,
         json_object('origin', c.origin, 'renew_at', c.renew_at, 'not_after', c.not_after) \
      FROM json_each(?1) AS j CROSS JOIN certificates c ON c.serial = j.value \
      ORDER BY j.key";
-/// Claimable rotations (?1 now), in claim order, at most ?2.
-const SQL_CLAIMABLE: &str = "SELECT old_serial FROM rotations \
-     WHERE state = 'due' AND origin = 'generated' \
-       AND (lease_until IS NULL OR lease_until < ?1) \
-     ORDER BY due_at, old_serial LIMIT ?2";
-const SQL_LEASE: &str = "UPDATE rotations SET lease_owner = ?2, lease_until = ?3 \
-     WHERE old_serial IN (SELECT value FROM json_each(?1))";
+/// Leases (owner ?1, until ?2) up to ?4 claimable rotations (at ?3 now), taken in claim
+/// order; returns (due_at, old_serial) (in no particular order).
+const SQL_CLAIM: &str = "UPDATE rotations SET lease_owner = ?1, lease_until = ?2 \
+     WHERE old_serial IN (SELECT old_serial FROM rotations \
+        WHERE state = 'due' AND origin = 'generated' \
+          AND (lease_until IS NULL OR lease_until < ?3) \
+        ORDER BY due_at, old_serial LIMIT ?4) \
+     RETURNING due_at, old_serial";
 /// The certificates of ?1 (JSON array of serials) with their thing's template, in order.
 const SQL_CLAIMED: &str = concat!(
     "SELECT ",
@@ -201,13 +202,32 @@ const SQL_CLAIMED: &str = concat!(
      JOIN things t ON t.name = c.thing_name \
      ORDER BY j.key"
 );
-/// Of the rotations of ?1 (JSON array of old serials), those still `due` and leased by
-/// ?2, with the old certificate's thing and registration time.
-const SQL_COMPLETABLE: &str = "SELECT r.old_serial, c.thing_name, c.registered_at \
-     FROM json_each(?1) AS j \
-     CROSS JOIN rotations r ON r.old_serial = j.value \
-     JOIN certificates c ON c.serial = r.old_serial \
-     WHERE +r.state = 'due' AND r.lease_owner = ?2";
+/// `complete_rotations`, around a multi-row `VALUES` list of (old serial, new serial,
+/// sealed key, at, owner): the rotations still `due` and leased by the owner become
+/// `issued`; returns their old serial, thing and the old certificate's registration
+/// time. (`new_serial` refers to a certificate inserted later in the transaction: the
+/// caller defers foreign key checks to the commit.)
+const SQL_ISSUE_HEAD: &str = "UPDATE rotations SET state = 'issued', new_serial = v.column2, \
+        sealed_key = v.column3, lease_owner = NULL, lease_until = NULL, \
+        updated_at = v.column4 FROM (VALUES ";
+const SQL_ISSUE_TAIL: &str = ") AS v WHERE rotations.old_serial = v.column1 \
+        AND +rotations.state = 'due' AND rotations.lease_owner = v.column5 \
+     RETURNING old_serial, thing_name, \
+        (SELECT c.registered_at FROM certificates c WHERE c.serial = rotations.old_serial)";
+/// `certificate.issued` (kind ?2) and `rotation.issued` (kind ?3) for each replacement
+/// of ?1 (a JSON array of new serials), in that order per replacement; details as
+/// `common::replacement_issued_detail` and `common::rotation_detail` write them.
+const SQL_ROTATION_ISSUED_EVENTS: &str = "INSERT INTO events \
+        (at, kind, thing_name, serial, detail) \
+     SELECT n.created_at, CASE k.column1 WHEN 0 THEN ?2 ELSE ?3 END, n.thing_name, \
+        CASE k.column1 WHEN 0 THEN n.serial ELSE n.replaces END, \
+        CASE k.column1 WHEN 0 THEN json_object('fingerprint_sha256', n.fingerprint_sha256, \
+            'issuer', n.issuer, 'key_algorithm', n.key_algorithm, 'not_after', n.not_after, \
+            'not_before', n.not_before, 'origin', n.origin, 'replaces', n.replaces) \
+        ELSE json_object('new_serial', n.serial) END \
+     FROM json_each(?1) AS j CROSS JOIN certificates n ON n.serial = j.value \
+        CROSS JOIN (VALUES (0), (1)) AS k \
+     ORDER BY j.key, k.column1";
 /// Copies policy attachments: ?1 is a JSON array of `[from, to, at]`.
 const SQL_COPY_ATTACHMENTS: &str = "INSERT INTO policy_attachments \
         (policy_name, serial, attached_at) \
@@ -402,12 +422,59 @@ impl SqliteRegistry {
             .map_err(|e| self.err("reading rotations", e))
     }
 
-    /// The writes of [`Registry::complete_rotations`] for the items that still hold
-    /// their lease, inside the caller's transaction.
+    /// The writes of [`Registry::complete_rotations`], inside the caller's transaction:
+    /// the old serials of the rotations completed (none: nothing written).
     async fn complete_in(
         conn: &mut SqliteConnection,
-        chosen: &[Completion<'_>],
-    ) -> Result<(), WriteError> {
+        owner: &str,
+        items: &[&PreparedReplacement],
+    ) -> Result<HashSet<String>, WriteError> {
+        // The rotation rows name certificates inserted below.
+        sqlx::query("PRAGMA defer_foreign_keys = ON")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("deferring foreign keys", e))?;
+        let rows = fetch_rows(
+            conn,
+            SQL_ISSUE_HEAD,
+            "(?, ?, ?, ?, ?)",
+            5,
+            SQL_ISSUE_TAIL,
+            items,
+            |q, i| {
+                q.bind(&i.old_serial)
+                    .bind(&i.new.serial)
+                    .bind(&i.sealed_key)
+                    .bind(i.at)
+                    .bind(owner.to_owned())
+            },
+        )
+        .await
+        .map_err(|e| WriteError::new("updating rotations", e))?;
+        let mut issued: HashMap<String, (String, Option<i64>)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            use sqlx::Row;
+            let decoded = (|| -> sqlx::Result<_> {
+                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+            })()
+            .map_err(|e| WriteError::new("updating rotations", e))?;
+            let (old, thing, registered_at): (String, String, Option<i64>) = decoded;
+            issued.insert(old, (thing, registered_at));
+        }
+        if issued.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let chosen: Vec<Completion<'_>> = items
+            .iter()
+            .filter_map(|item| {
+                let (thing_name, old_registered_at) = issued.get(&item.old_serial)?;
+                Some(Completion {
+                    item,
+                    thing_name: thing_name.clone(),
+                    registered_at: old_registered_at.map(|_| item.at),
+                })
+            })
+            .collect();
         insert_rows(
             conn,
             "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
@@ -416,7 +483,7 @@ impl SqliteRegistry {
             "(?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             14,
             "",
-            chosen,
+            &chosen,
             |q, c| {
                 let n = &c.item.new;
                 q.bind(&n.serial)
@@ -452,46 +519,14 @@ impl SqliteRegistry {
             .execute(&mut *conn)
             .await
             .map_err(|e| WriteError::new("copying policy attachments", e))?;
-        // A multi-row VALUES list joined to the rotations by key.
-        insert_rows(
-            conn,
-            "UPDATE rotations SET state = 'issued', new_serial = v.column2, \
-                sealed_key = v.column3, lease_owner = NULL, lease_until = NULL, \
-                updated_at = v.column4 FROM (VALUES ",
-            "(?, ?, ?, ?)",
-            4,
-            ") AS v WHERE rotations.old_serial = v.column1",
-            chosen,
-            |q, c| {
-                q.bind(&c.item.old_serial)
-                    .bind(&c.item.new.serial)
-                    .bind(&c.item.sealed_key)
-                    .bind(c.item.at)
-            },
-        )
-        .await
-        .map_err(|e| WriteError::new("updating rotations", e))?;
-        let mut events = Vec::with_capacity(chosen.len() * 2);
-        for c in chosen {
-            let (old, new) = (&c.item.old_serial, &c.item.new);
-            events.push(NewEvent {
-                at: c.item.at,
-                kind: EVENT_CERT_ISSUED,
-                thing_name: Some(c.thing_name.clone()),
-                serial: Some(new.serial.clone()),
-                detail: common::replacement_issued_detail(new, old),
-            });
-            events.push(NewEvent {
-                at: c.item.at,
-                kind: common::EVENT_ROTATION_ISSUED,
-                thing_name: Some(c.thing_name.clone()),
-                serial: Some(old.clone()),
-                detail: common::rotation_detail(&new.serial),
-            });
-        }
-        insert_events(conn, &events)
+        sqlx::query(SQL_ROTATION_ISSUED_EVENTS)
+            .bind(json(chosen.iter().map(|c| &c.item.new.serial)))
+            .bind(EVENT_CERT_ISSUED)
+            .bind(common::EVENT_ROTATION_ISSUED)
+            .execute(&mut *conn)
             .await
-            .map_err(|e| WriteError::new("appending events", e))
+            .map_err(|e| WriteError::new("appending events", e))?;
+        Ok(issued.into_keys().collect())
     }
 
     /// The body of [`Registry::replace_certificate`], inside the caller's transaction.
@@ -1788,26 +1823,23 @@ impl Registry for SqliteRegistry {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        let serials: Vec<String> = sqlx::query_scalar(SQL_CLAIMABLE)
+        let mut leased: Vec<(i64, String)> = sqlx::query_as(SQL_CLAIM)
+            .bind(owner)
+            .bind(now.saturating_add(lease_secs))
             .bind(now)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await
-            .map_err(|e| self.err("reading claimable rotations", e))?;
-        if serials.is_empty() {
+            .map_err(|e| self.err("leasing rotations", e))?;
+        if leased.is_empty() {
             tx.rollback()
                 .await
                 .map_err(|e| self.err("ending a transaction", e))?;
             return Ok(Vec::new());
         }
-        let serials = to_json(&serials);
-        sqlx::query(SQL_LEASE)
-            .bind(&serials)
-            .bind(owner)
-            .bind(now.saturating_add(lease_secs))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err("leasing rotations", e))?;
+        // Claim order: (due_at, old_serial).
+        leased.sort_unstable();
+        let serials = json(leased.iter().map(|(_, serial)| serial));
         let rows = sqlx::query(SQL_CLAIMED)
             .bind(&serials)
             .fetch_all(&mut *tx)
@@ -1839,52 +1871,39 @@ impl Registry for SqliteRegistry {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
-        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(SQL_COMPLETABLE)
-            .bind(json(items.iter().map(|i| &i.old_serial)))
-            .bind(owner)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| self.err("reading leased rotations", e))?;
-        let mut completable: HashMap<String, (String, Option<i64>)> = rows
-            .into_iter()
-            .map(|(old, thing, registered_at)| (old, (thing, registered_at)))
+        // An old serial given twice completes once (its first item).
+        let mut seen = HashSet::with_capacity(items.len());
+        let firsts: Vec<&PreparedReplacement> = items
+            .iter()
+            .filter(|i| seen.insert(i.old_serial.as_str()))
             .collect();
-        let mut done = Vec::with_capacity(items.len());
-        let mut chosen = Vec::with_capacity(items.len());
-        for item in items {
-            // `remove`: an old serial given twice completes once.
-            match completable.remove(&item.old_serial) {
-                Some((thing_name, old_registered_at)) => {
-                    done.push(true);
-                    chosen.push(Completion {
-                        item,
-                        thing_name,
-                        registered_at: old_registered_at.map(|_| item.at),
-                    });
+        let mut tx = self.begin().await?;
+        let mut completed = match Self::complete_in(&mut tx, owner, &firsts).await {
+            Ok(completed) => completed,
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                if common::is_unique_violation(&error) {
+                    let certs = || firsts.iter().map(|i| &i.new);
+                    let taken = self.taken(certs()).await?;
+                    return Err(common::duplicate_among(certs(), &taken, &error.to_string()));
                 }
-                None => done.push(false),
+                return Err(self.err(context, error));
             }
-        }
-        if chosen.is_empty() {
+        };
+        if completed.is_empty() {
             tx.rollback()
                 .await
                 .map_err(|e| self.err("ending a transaction", e))?;
-            return Ok(done);
+        } else {
+            tx.commit()
+                .await
+                .map_err(|e| self.err("committing replacements", e))?;
         }
-        if let Err(WriteError { context, error }) = Self::complete_in(&mut tx, &chosen).await {
-            let _ = tx.rollback().await;
-            if common::is_unique_violation(&error) {
-                let certs = || chosen.iter().map(|c| &c.item.new);
-                let taken = self.taken(certs()).await?;
-                return Err(common::duplicate_among(certs(), &taken, &error.to_string()));
-            }
-            return Err(self.err(context, error));
-        }
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing replacements", e))?;
-        Ok(done)
+        // `remove`: a repeated old serial is `false` after its first item.
+        Ok(items
+            .iter()
+            .map(|i| completed.remove(&i.old_serial))
+            .collect())
     }
 
     async fn fail_rotation(
@@ -2246,22 +2265,19 @@ mod tests {
         }
         // Rotation, revocation and CRL statements: the same rule, and the claim and the
         // chunks of `open_due_rotations` come in index order (no sort).
-        let completion_update = "UPDATE rotations SET state = 'issued', \
-            new_serial = v.column2, sealed_key = v.column3, updated_at = v.column4 \
-            FROM (VALUES (?, ?, ?, ?), (?, ?, ?, ?)) AS v \
-            WHERE rotations.old_serial = v.column1";
+        let completion_update =
+            format!("{SQL_ISSUE_HEAD}(?, ?, ?, ?, ?), (?, ?, ?, ?, ?){SQL_ISSUE_TAIL}");
         for (sql, ints, sorted) in [
             (SQL_DUE_CERTIFICATES, 2, true),
             (SQL_DUE_BY_RENEWAL, 3, false),
             (SQL_DUE_BY_EXPIRY, 3, false),
             (SQL_OPEN_ROTATIONS, 1, true),
             (SQL_ROTATION_DUE_EVENTS, 2, true),
-            (SQL_CLAIMABLE, 1, false),
-            (SQL_LEASE, 2, true),
+            (SQL_CLAIM, 3, false),
             (SQL_CLAIMED, 0, true),
-            (SQL_COMPLETABLE, 1, true),
+            (completion_update.as_str(), 9, true),
             (SQL_COPY_ATTACHMENTS, 0, true),
-            (completion_update, 7, true),
+            (SQL_ROTATION_ISSUED_EVENTS, 2, true),
             (SQL_FAIL_ROTATION, 4, true),
             (SQL_REPLACE_AUTH, 0, true),
             (SQL_KEY_HOLDER, 1, true),

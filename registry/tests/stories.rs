@@ -2011,7 +2011,7 @@ async fn lease_expiry_and_late_complete(url: &str) {
     let stolen = reg.claim_rotations("b", NOW + 61, 60, 10).await.unwrap();
     assert_eq!(
         serials_of(&stolen.iter().map(|c| c.old.clone()).collect::<Vec<_>>()),
-        [x.clone()]
+        std::slice::from_ref(&x)
     );
     let leased = rotation(&reg, &x).await;
     assert_eq!(
