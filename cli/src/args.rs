@@ -88,7 +88,7 @@ pub struct RotateArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Rotations claimed, signed and committed together.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch: u32,
     /// How long a claim on a batch is exclusive; a worker killed mid-sweep holds its
     /// batch this long before another sweep takes it over.

@@ -78,7 +78,6 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             if credentials.issued { "issued now" } else { "reused" }
         ));
     }
-    let upkeep = tokio::spawn(jitp.clone().run_upkeep());
     let worker = (!args.no_rotation_worker).then(|| {
         let rotator = Arc::new(Rotator::new(
             registry,
@@ -91,7 +90,6 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         tokio::spawn(rotator.run(args.rotation_interval))
     });
     server.run(shutdown_signal()).await;
-    upkeep.abort();
     if let Some(worker) = worker {
         worker.abort();
     }

@@ -113,7 +113,8 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
-    /// finish (up to [`Limits::shutdown_grace`]).
+    /// finish (up to [`Limits::shutdown_grace`]). Runs the JITP upkeep (revocation view,
+    /// CRL publishing, connection records) meanwhile.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             device_listener,
@@ -126,6 +127,8 @@ impl Server {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), jitp.clone()));
+        // Revocation view, CRL, connection records: kept fresh while serving.
+        let upkeep = tokio::spawn(jitp.clone().run_upkeep());
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -208,6 +211,7 @@ impl Server {
             }
         }
         admin.abort();
+        upkeep.abort();
         jitp.flush().await;
     }
 }
