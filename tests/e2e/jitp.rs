@@ -573,9 +573,10 @@ fn an_expired_certificate_is_refused_at_the_handshake() {
     );
 }
 
-/// A revocation recorded in the registry reaches the running server's handshake within
-/// seconds, without a restart. (`fleetcert revoke` comes with rotation; here the registry
-/// row is changed directly.)
+/// A revocation recorded in the registry by anything — here the row is changed directly,
+/// as another server sharing the database would — reaches the running server's
+/// handshake within seconds, without a restart. (`fleetcert revoke` itself is tested in
+/// rotation.rs.)
 #[test]
 fn a_revocation_takes_effect_on_a_running_server() {
     let env = Env::new();
