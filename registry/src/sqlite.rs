@@ -6,6 +6,12 @@
 //! and updates take their keys as one JSON array (`json_each`), inserts are multi-row
 //! `VALUES` lists in power-of-two chunks (so few distinct statements get prepared and
 //! cached per connection).
+//!
+//! Rotation works the same way: rotations are opened in chunks (`INSERT … SELECT` after
+//! an index-ordered cursor), claimed with one `UPDATE … RETURNING` through the
+//! `rotations_claim` index, and a batch of replacements is completed with a fixed
+//! handful of statements (certificates as a `VALUES` list, the rotations by
+//! `UPDATE … FROM (VALUES …)`, attachments and events by `INSERT … SELECT`).
 
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
@@ -193,27 +199,28 @@ const SQL_CLAIM: &str = "UPDATE rotations SET lease_owner = ?1, lease_until = ?2
           AND (lease_until IS NULL OR lease_until < ?3) \
         ORDER BY due_at, old_serial LIMIT ?4) \
      RETURNING due_at, old_serial";
-/// The certificates of ?1 (JSON array of serials) with their thing's template, in order.
+/// The certificates of ?1 (JSON array of serials) with their thing's template (in no
+/// particular order).
 const SQL_CLAIMED: &str = concat!(
     "SELECT ",
     cert_columns!(c),
     ", t.template FROM json_each(?1) AS j \
      CROSS JOIN certificates c ON c.serial = j.value \
-     JOIN things t ON t.name = c.thing_name \
-     ORDER BY j.key"
+     JOIN things t ON t.name = c.thing_name"
 );
-/// `complete_rotations`, around a multi-row `VALUES` list of (old serial, new serial,
-/// sealed key, at, owner): the rotations still `due` and leased by the owner become
-/// `issued`; returns their old serial, thing and the old certificate's registration
-/// time. (`new_serial` refers to a certificate inserted later in the transaction: the
-/// caller defers foreign key checks to the commit.)
+/// Of the rotations of ?1 (JSON array of old serials), those still `due` and leased by
+/// ?2, with the old certificate's thing and registration time.
+const SQL_COMPLETABLE: &str = "SELECT r.old_serial, c.thing_name, c.registered_at \
+     FROM json_each(?1) AS j \
+     CROSS JOIN rotations r ON r.old_serial = j.value \
+     JOIN certificates c ON c.serial = r.old_serial \
+     WHERE +r.state = 'due' AND r.lease_owner = ?2";
+/// Around a multi-row `VALUES` list of (old serial, new serial, sealed key, at): the
+/// rotations become `issued`.
 const SQL_ISSUE_HEAD: &str = "UPDATE rotations SET state = 'issued', new_serial = v.column2, \
         sealed_key = v.column3, lease_owner = NULL, lease_until = NULL, \
         updated_at = v.column4 FROM (VALUES ";
-const SQL_ISSUE_TAIL: &str = ") AS v WHERE rotations.old_serial = v.column1 \
-        AND +rotations.state = 'due' AND rotations.lease_owner = v.column5 \
-     RETURNING old_serial, thing_name, \
-        (SELECT c.registered_at FROM certificates c WHERE c.serial = rotations.old_serial)";
+const SQL_ISSUE_TAIL: &str = ") AS v WHERE rotations.old_serial = v.column1";
 /// `certificate.issued` (kind ?2) and `rotation.issued` (kind ?3) for each replacement
 /// of ?1 (a JSON array of new serials), in that order per replacement; details as
 /// `common::replacement_issued_detail` and `common::rotation_detail` write them.
@@ -365,8 +372,7 @@ impl SqliteRegistry {
                     .journal_mode(SqliteJournalMode::Wal);
                 // One direct connection first: it gives a clear error (a pool would only
                 // say it timed out) and runs the migrations.
-                let mut conn = options
-                    .connect()
+                let mut conn = connect_waiting(&options)
                     .await
                     .map_err(|e| unreachable(format!("{}: {e}", path.display())))?;
                 let migrated = migrate(&mut conn).await;
@@ -433,45 +439,23 @@ impl SqliteRegistry {
         owner: &str,
         items: &[&PreparedReplacement],
     ) -> Result<HashSet<String>, WriteError> {
-        // The rotation rows name certificates inserted below.
-        sqlx::query("PRAGMA defer_foreign_keys = ON")
-            .execute(&mut *conn)
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(SQL_COMPLETABLE)
+            .bind(json(items.iter().map(|i| &i.old_serial)))
+            .bind(owner)
+            .fetch_all(&mut *conn)
             .await
-            .map_err(|e| WriteError::new("deferring foreign keys", e))?;
-        let rows = fetch_rows(
-            conn,
-            SQL_ISSUE_HEAD,
-            "(?, ?, ?, ?, ?)",
-            5,
-            SQL_ISSUE_TAIL,
-            items,
-            |q, i| {
-                q.bind(&i.old_serial)
-                    .bind(&i.new.serial)
-                    .bind(&i.sealed_key)
-                    .bind(i.at)
-                    .bind(owner.to_owned())
-            },
-        )
-        .await
-        .map_err(|e| WriteError::new("updating rotations", e))?;
-        let mut issued: HashMap<String, (String, Option<i64>)> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            use sqlx::Row;
-            let decoded = (|| -> sqlx::Result<_> {
-                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
-            })()
-            .map_err(|e| WriteError::new("updating rotations", e))?;
-            let (old, thing, registered_at): (String, String, Option<i64>) = decoded;
-            issued.insert(old, (thing, registered_at));
-        }
-        if issued.is_empty() {
+            .map_err(|e| WriteError::new("reading leased rotations", e))?;
+        let leased: HashMap<String, (String, Option<i64>)> = rows
+            .into_iter()
+            .map(|(old, thing, registered_at)| (old, (thing, registered_at)))
+            .collect();
+        if leased.is_empty() {
             return Ok(HashSet::new());
         }
         let chosen: Vec<Completion<'_>> = items
             .iter()
             .filter_map(|item| {
-                let (thing_name, old_registered_at) = issued.get(&item.old_serial)?;
+                let (thing_name, old_registered_at) = leased.get(&item.old_serial)?;
                 Some(Completion {
                     item,
                     thing_name: thing_name.clone(),
@@ -523,6 +507,23 @@ impl SqliteRegistry {
             .execute(&mut *conn)
             .await
             .map_err(|e| WriteError::new("copying policy attachments", e))?;
+        // (After the certificates: `new_serial` refers to them.)
+        insert_rows(
+            conn,
+            SQL_ISSUE_HEAD,
+            "(?, ?, ?, ?)",
+            4,
+            SQL_ISSUE_TAIL,
+            &chosen,
+            |q, c| {
+                q.bind(&c.item.old_serial)
+                    .bind(&c.item.new.serial)
+                    .bind(&c.item.sealed_key)
+                    .bind(c.item.at)
+            },
+        )
+        .await
+        .map_err(|e| WriteError::new("updating rotations", e))?;
         sqlx::query(SQL_ROTATION_ISSUED_EVENTS)
             .bind(json(chosen.iter().map(|c| &c.item.new.serial)))
             .bind(EVENT_CERT_ISSUED)
@@ -530,7 +531,7 @@ impl SqliteRegistry {
             .execute(&mut *conn)
             .await
             .map_err(|e| WriteError::new("appending events", e))?;
-        Ok(issued.into_keys().collect())
+        Ok(leased.into_keys().collect())
     }
 
     /// The body of [`Registry::replace_certificate`], inside the caller's transaction.
@@ -1130,6 +1131,29 @@ impl SqliteRegistry {
     }
 }
 
+/// Connects, waiting (up to [`BUSY_TIMEOUT`]) while another process holds the lock that
+/// switching a new file to WAL takes: that lock is not waited for by the busy timeout,
+/// so several processes opening a new registry at once would otherwise fail.
+async fn connect_waiting(options: &SqliteConnectOptions) -> sqlx::Result<SqliteConnection> {
+    let started = std::time::Instant::now();
+    loop {
+        match options.connect().await {
+            Err(sqlx::Error::Database(e))
+                if is_busy(e.code().as_deref()) && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// True for SQLITE_BUSY (or one of its extended codes).
+fn is_busy(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| c & 0xff == 5)
+}
+
 /// Applies pending migrations inside one `BEGIN IMMEDIATE` transaction, so two
 /// processes opening a new file at once do not both try to create the schema.
 async fn migrate(conn: &mut SqliteConnection) -> Result<(), RegistryError> {
@@ -1186,7 +1210,20 @@ async fn insert_rows<T>(
     let max = MAX_ROWS_PER_INSERT.min(32_766 / binds_per_row);
     let mut rest = rows;
     while !rest.is_empty() {
-        let (sql, chunk) = values_chunk(head, row, tail, max, &mut rest);
+        let n = rest.len().min(max);
+        // Largest power of two not above n.
+        let n = 1 << (usize::BITS - 1 - n.leading_zeros());
+        let (chunk, tail_rows) = rest.split_at(n);
+        rest = tail_rows;
+        let mut sql = String::with_capacity(head.len() + n * (row.len() + 2) + tail.len());
+        sql.push_str(head);
+        for i in 0..n {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(row);
+        }
+        sql.push_str(tail);
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for r in chunk {
             q = bind(q, r);
@@ -1194,56 +1231,6 @@ async fn insert_rows<T>(
         q.execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// [`insert_rows`] for a statement with a `RETURNING` clause (or any statement around a
-/// multi-row `VALUES` list, such as `UPDATE … FROM (VALUES …)`): the rows it returns.
-async fn fetch_rows<T>(
-    conn: &mut SqliteConnection,
-    head: &str,
-    row: &str,
-    binds_per_row: usize,
-    tail: &str,
-    rows: &[T],
-    bind: impl for<'q> Fn(SqliteQuery<'q>, &'q T) -> SqliteQuery<'q>,
-) -> sqlx::Result<Vec<SqliteRow>> {
-    let max = MAX_ROWS_PER_INSERT.min(32_766 / binds_per_row);
-    let mut out = Vec::with_capacity(rows.len());
-    let mut rest = rows;
-    while !rest.is_empty() {
-        let (sql, chunk) = values_chunk(head, row, tail, max, &mut rest);
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for r in chunk {
-            q = bind(q, r);
-        }
-        out.extend(q.fetch_all(&mut *conn).await?);
-    }
-    Ok(out)
-}
-
-/// The next chunk of `rest` (a power of two rows, at most `max`) and its statement.
-fn values_chunk<'a, T>(
-    head: &str,
-    row: &str,
-    tail: &str,
-    max: usize,
-    rest: &mut &'a [T],
-) -> (String, &'a [T]) {
-    let n = rest.len().min(max);
-    // Largest power of two not above n.
-    let n = 1 << (usize::BITS - 1 - n.leading_zeros());
-    let (chunk, tail_rows) = rest.split_at(n);
-    *rest = tail_rows;
-    let mut sql = String::with_capacity(head.len() + n * (row.len() + 2) + tail.len());
-    sql.push_str(head);
-    for i in 0..n {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(row);
-    }
-    sql.push_str(tail);
-    (sql, chunk)
 }
 
 struct WriteError {
@@ -1849,7 +1836,7 @@ impl Registry for SqliteRegistry {
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| self.err("reading claimed certificates", e))?;
-        let claims = rows
+        let mut claims = rows
             .iter()
             .map(|row| -> sqlx::Result<RotationClaim> {
                 use sqlx::Row;
@@ -1860,6 +1847,13 @@ impl Registry for SqliteRegistry {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err("reading claimed certificates", e))?;
+        // In claim order (sorting here rather than in SQL, where the rows are wide).
+        let position: HashMap<&str, usize> = leased
+            .iter()
+            .enumerate()
+            .map(|(i, (_, serial))| (serial.as_str(), i))
+            .collect();
+        claims.sort_unstable_by_key(|c| position.get(c.old.serial.as_str()).copied());
         tx.commit()
             .await
             .map_err(|e| self.err("committing leases", e))?;
@@ -2270,7 +2264,7 @@ mod tests {
         // Rotation, revocation and CRL statements: the same rule, and the claim and the
         // chunks of `open_due_rotations` come in index order (no sort).
         let completion_update =
-            format!("{SQL_ISSUE_HEAD}(?, ?, ?, ?, ?), (?, ?, ?, ?, ?){SQL_ISSUE_TAIL}");
+            format!("{SQL_ISSUE_HEAD}(?, ?, ?, ?), (?, ?, ?, ?){SQL_ISSUE_TAIL}");
         for (sql, ints, sorted) in [
             (SQL_DUE_CERTIFICATES, 2, true),
             (SQL_DUE_BY_RENEWAL, 3, false),
@@ -2278,8 +2272,9 @@ mod tests {
             (SQL_OPEN_ROTATIONS, 1, true),
             (SQL_ROTATION_DUE_EVENTS, 2, true),
             (SQL_CLAIM, 3, false),
-            (SQL_CLAIMED, 0, true),
-            (completion_update.as_str(), 9, true),
+            (SQL_CLAIMED, 0, false),
+            (SQL_COMPLETABLE, 1, true),
+            (completion_update.as_str(), 7, true),
             (SQL_COPY_ATTACHMENTS, 0, true),
             (SQL_ROTATION_ISSUED_EVENTS, 2, true),
             (SQL_FAIL_ROTATION, 4, true),
