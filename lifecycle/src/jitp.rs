@@ -206,6 +206,8 @@ struct Known {
 const KNOWN_TTL: Duration = Duration::from_secs(5);
 const KNOWN_CAPACITY: usize = 100_000;
 const REVOCATION_REFRESH: Duration = Duration::from_secs(2);
+/// After a revocation made here, how long to wait for more before refreshing.
+const REVOCATION_DEBOUNCE: Duration = Duration::from_millis(200);
 const CONNECTION_FLUSH: Duration = Duration::from_secs(1);
 /// Connection records buffered before new ones are dropped (counted) rather than growing
 /// memory without bound while the registry is slow.
@@ -347,7 +349,11 @@ impl Jitp {
         loop {
             tokio::select! {
                 _ = revocations.tick() => {}
-                _ = self.revoked.notified() => {}
+                _ = self.revoked.notified() => {
+                    // A burst of confirmations (a fleet rotating) becomes one new CRL,
+                    // not one per device.
+                    tokio::time::sleep(REVOCATION_DEBOUNCE).await;
+                }
                 _ = flushes.tick() => {
                     self.flush().await;
                     continue;
