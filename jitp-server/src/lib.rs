@@ -7,6 +7,8 @@
 //!
 //! Defaults, and why:
 //! - TLS 1.2 and 1.3 only, ring's ECDHE + AEAD suites only (AWS IoT's recommended set).
+//! - No TLS session resumption: every connection's client certificate is verified
+//!   (resumption would skip the revocation check).
 //! - Client certificates must chain to the fleet's *issuing* CA (it is the trust anchor,
 //!   so devices that send only their leaf certificate work) and must not be revoked; the
 //!   revocation view is refreshed from the registry every couple of seconds, so a

@@ -167,5 +167,10 @@ pub fn server_tls_config(
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips client-certificate verification,
+    // so a certificate revoked (or expired) since the first handshake would keep
+    // getting in. Every connection is verified against the current revocation view.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
