@@ -192,10 +192,12 @@ pub struct ProvisionArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Device listener (mutual TLS): POST /v1/connect.
+    /// Device listener (mutual TLS): POST /v1/connect, EST re-enrollment
+    /// (/.well-known/est/simplereenroll, /cacerts), POST /v1/replacement, GET /crl.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub listen: std::net::SocketAddr,
-    /// Admin listener (plain HTTP): GET /healthz, GET /metrics. Keep it on loopback.
+    /// Admin listener (plain HTTP): GET /healthz, GET /metrics, GET /crl (the CRL
+    /// Distribution Point relying parties fetch). Keep it on loopback or behind a proxy.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub admin_listen: std::net::SocketAddr,
     /// Template for first connects of things provisioned without one.
