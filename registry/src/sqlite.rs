@@ -425,6 +425,32 @@ impl SqliteRegistry {
             .map_err(|e| self.err("starting a transaction", e))
     }
 
+    /// Ends a transaction whose body found something to do (`Some`: commit) or not
+    /// (`None`, or an error: roll back).
+    async fn finish_if_some<T>(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        outcome: Result<Option<T>, WriteError>,
+        commit_context: &'static str,
+    ) -> Result<Option<T>, RegistryError> {
+        match outcome {
+            Ok(Some(value)) => {
+                tx.commit().await.map_err(|e| self.err(commit_context, e))?;
+                Ok(Some(value))
+            }
+            Ok(None) => {
+                tx.rollback()
+                    .await
+                    .map_err(|e| self.err("ending a transaction", e))?;
+                Ok(None)
+            }
+            Err(WriteError { context, error }) => {
+                let _ = tx.rollback().await;
+                Err(self.err(context, error))
+            }
+        }
+    }
+
     fn rotations(&self, rows: &[SqliteRow]) -> Result<Vec<RotationRecord>, RegistryError> {
         rows.iter()
             .map(common::rotation_from_row)
@@ -1980,24 +2006,9 @@ impl Registry for SqliteRegistry {
         at: i64,
     ) -> Result<Option<TakenReplacement>, RegistryError> {
         let mut tx = self.begin().await?;
-        match Self::take_in(&mut tx, old_serial, at).await {
-            Ok(Some(taken)) => {
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a delivery", e))?;
-                Ok(Some(taken))
-            }
-            Ok(None) => {
-                tx.rollback()
-                    .await
-                    .map_err(|e| self.err("ending a transaction", e))?;
-                Ok(None)
-            }
-            Err(WriteError { context, error }) => {
-                let _ = tx.rollback().await;
-                Err(self.err(context, error))
-            }
-        }
+        let taken = Self::take_in(&mut tx, old_serial, at).await;
+        self.finish_if_some(tx, taken, "committing a delivery")
+            .await
     }
 
     async fn confirm_replacement(
@@ -2015,24 +2026,9 @@ impl Registry for SqliteRegistry {
             return Ok(None);
         }
         let mut tx = self.begin().await?;
-        match Self::confirm_in(&mut tx, serial, at).await {
-            Ok(Some(old)) => {
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a confirmation", e))?;
-                Ok(Some(old))
-            }
-            Ok(None) => {
-                tx.rollback()
-                    .await
-                    .map_err(|e| self.err("ending a transaction", e))?;
-                Ok(None)
-            }
-            Err(WriteError { context, error }) => {
-                let _ = tx.rollback().await;
-                Err(self.err(context, error))
-            }
-        }
+        let confirmed = Self::confirm_in(&mut tx, serial, at).await;
+        self.finish_if_some(tx, confirmed, "committing a confirmation")
+            .await
     }
 
     async fn get_rotation(

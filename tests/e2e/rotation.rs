@@ -1092,18 +1092,7 @@ fn a_sweep_killed_mid_run_is_finished_by_the_next_one() {
     let env = Env::new();
     env.init_ca();
     let devices = 3000;
-    let csv = env.path("pallet.csv");
-    let body: String = (0..devices).map(|i| format!("rot-{i:05}\n")).collect();
-    std::fs::write(&csv, format!("thing_name\n{body}")).unwrap();
-    env.ok(&[
-        "provision",
-        "--batch",
-        csv.to_str().unwrap(),
-        "--days",
-        "30",
-        "--out",
-        "out",
-    ]);
+    env.provision_pallet("rot", devices, 30);
     assert_eq!(env.certs().len(), devices);
 
     let mut child = env

@@ -167,18 +167,7 @@ fn two_workers_on_postgresql_rotate_each_certificate_once() {
     env.database_url = Some(db.url.clone());
     env.init_ca();
     let devices = 2000;
-    let csv = env.path("pallet.csv");
-    let body: String = (0..devices).map(|i| format!("pg-rot-{i:05}\n")).collect();
-    std::fs::write(&csv, format!("thing_name\n{body}")).unwrap();
-    env.ok(&[
-        "provision",
-        "--batch",
-        csv.to_str().unwrap(),
-        "--days",
-        "30",
-        "--out",
-        "out",
-    ]);
+    env.provision_pallet("pg-rot", devices, 30);
     assert_eq!(env.certs().len(), devices);
 
     let workers: Vec<std::process::Child> = (0..2)

@@ -91,6 +91,23 @@ impl Env {
         self.ok(&["ca", "init", "--crl-url", "http://127.0.0.1:9090/crl"]);
     }
 
+    /// Provisions `devices` generated-key things named `<prefix>-00000`… by batch, with
+    /// `days` of validity, into `out/`.
+    pub fn provision_pallet(&self, prefix: &str, devices: usize, days: u32) {
+        let csv = self.path(&format!("{prefix}.csv"));
+        let body: String = (0..devices).map(|i| format!("{prefix}-{i:05}\n")).collect();
+        std::fs::write(&csv, format!("thing_name\n{body}")).unwrap();
+        self.ok(&[
+            "provision",
+            "--batch",
+            csv.to_str().unwrap(),
+            "--days",
+            &days.to_string(),
+            "--out",
+            "out",
+        ]);
+    }
+
     /// All certificates in the registry.
     pub fn certs(&self) -> Vec<serde_json::Value> {
         self.json(&["certs", "list"]).as_array().unwrap().clone()
