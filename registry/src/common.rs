@@ -3,9 +3,9 @@
 
 use crate::{
     CertStatus, CertificateRecord, ConnectionRecord, EventRecord, IssueOutcome, IssueRecord,
-    MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyRecord, Registration, RegistryError,
-    ReplaceOutcome, Replacement, RevokedEntry, RotationRecord, StoredCrl, ThingDetails,
-    ThingRecord,
+    MAX_CONNECTIONS_PER_CERTIFICATE, MirrorOp, MirrorSettings, NewCertificate, PolicyRecord,
+    Registration, RegistryError, ReplaceOutcome, Replacement, RevokedEntry, RotationRecord,
+    StoredCrl, ThingDetails, ThingRecord,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{ColumnIndex, Decode, Row, SqlSafeStr, Type};
@@ -27,6 +27,11 @@ pub(crate) const EVENT_ROTATION_DELIVERED: &str = "rotation.delivered";
 pub(crate) const EVENT_ROTATION_CONFIRMED: &str = "rotation.confirmed";
 pub(crate) const EVENT_ROTATION_FAILED: &str = "rotation.failed";
 pub(crate) const EVENT_ROTATION_CANCELLED: &str = "rotation.cancelled";
+
+pub(crate) const EVENT_MIRROR_ENABLED: &str = "mirror.enabled";
+pub(crate) const EVENT_MIRROR_DISABLED: &str = "mirror.disabled";
+pub(crate) const EVENT_MIRROR_CA: &str = "mirror.ca_registered";
+pub(crate) const EVENT_MIRROR_PARKED: &str = "mirror.parked";
 
 /// Most rotations `open_due_rotations` opens in one transaction.
 pub(crate) const OPEN_CHUNK: usize = 2_048;
@@ -59,6 +64,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "rotation",
         sql: include_str!("../../migrations/sqlite/0003_rotation.sql"),
     },
+    EmbeddedMigration {
+        version: 4,
+        description: "mirror",
+        sql: include_str!("../../migrations/sqlite/0004_mirror.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -77,6 +87,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 3,
         description: "rotation",
         sql: include_str!("../../migrations/postgres/0003_rotation.sql"),
+    },
+    EmbeddedMigration {
+        version: 4,
+        description: "mirror",
+        sql: include_str!("../../migrations/postgres/0004_mirror.sql"),
     },
 ];
 
@@ -1126,4 +1141,94 @@ mod tests {
         assert!(keep.windows(2).all(|w| w[0].at < w[1].at));
         assert_eq!(keep.last().unwrap().at, 199);
     }
+}
+
+/// Columns of a mirror operation, in the order [`mirror_op_from_row`] reads them.
+pub(crate) const MIRROR_OP_COLUMNS: &str =
+    "id, queue, kind, subject, state, created_at, not_before, attempts, last_error";
+
+pub(crate) fn mirror_op_from_row<'r, R>(row: &'r R) -> Result<MirrorOp, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let kind: String = row.try_get(2)?;
+    Ok(MirrorOp {
+        id: row.try_get(0)?,
+        queue: row.try_get(1)?,
+        kind: kind.parse().map_err(decode_error)?,
+        subject: row.try_get(3)?,
+        state: row.try_get(4)?,
+        created_at: row.try_get(5)?,
+        not_before: row.try_get(6)?,
+        attempts: row.try_get(7)?,
+        last_error: row.try_get(8)?,
+    })
+}
+
+/// Columns of the settings row, in the order [`mirror_settings_from_row`] reads them
+/// (`enabled` as an integer 0/1 on both backends).
+pub(crate) const MIRROR_SETTINGS_COLUMNS: &str = "region, endpoint_url, ca_mode, rotated_status, \
+     ca_certificate_id, arn_prefix, updated_at";
+
+pub(crate) fn mirror_settings_from_row<'r, R>(
+    row: &'r R,
+    enabled: bool,
+) -> Result<MirrorSettings, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(MirrorSettings {
+        enabled,
+        region: row.try_get(0)?,
+        endpoint_url: row.try_get(1)?,
+        ca_mode: row.try_get(2)?,
+        rotated_status: row.try_get(3)?,
+        ca_certificate_id: row.try_get(4)?,
+        arn_prefix: row.try_get(5)?,
+        updated_at: row.try_get(6)?,
+    })
+}
+
+/// Refuses settings the schema would refuse, with a message naming the field.
+pub(crate) fn validate_mirror_settings(s: &MirrorSettings) -> Result<(), RegistryError> {
+    if !matches!(s.ca_mode.as_str(), "default" | "sni-only") {
+        return Err(RegistryError::InvalidValue(format!(
+            "mirror CA mode {:?} (expected default or sni-only)",
+            s.ca_mode
+        )));
+    }
+    if !matches!(s.rotated_status.as_str(), "REVOKED" | "INACTIVE") {
+        return Err(RegistryError::InvalidValue(format!(
+            "mirror status for rotated certificates {:?} (expected REVOKED or INACTIVE)",
+            s.rotated_status
+        )));
+    }
+    if s.region.trim().is_empty() {
+        return Err(RegistryError::InvalidValue(
+            "mirror region is empty".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn mirror_enabled_detail(s: &MirrorSettings, queued: u64) -> String {
+    to_json(&serde_json::json!({
+        "region": s.region,
+        "endpoint_url": s.endpoint_url,
+        "ca_mode": s.ca_mode,
+        "rotated_status": s.rotated_status,
+        "queued": queued,
+    }))
+}
+
+pub(crate) fn mirror_parked_detail(op: i64, kind: &str, subject: &str, error: &str) -> String {
+    to_json(&serde_json::json!({ "op": op, "kind": kind, "subject": subject, "error": error }))
 }

@@ -478,6 +478,129 @@ pub struct RegistryCounts {
     pub events: u64,
 }
 
+/// How the AWS IoT Core mirror reaches AWS and what it does; one row, stored by
+/// `aws enable`. The mirror worker reads it on every run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MirrorSettings {
+    pub enabled: bool,
+    pub region: String,
+    pub endpoint_url: Option<String>,
+    /// `default` (registered with a verification certificate) or `sni-only`.
+    pub ca_mode: String,
+    /// What a certificate replaced by a confirmed rotation becomes in AWS:
+    /// `REVOKED` (default) or `INACTIVE`.
+    pub rotated_status: String,
+    /// The issuing CA's AWS id, once registered.
+    pub ca_certificate_id: Option<String>,
+    /// `arn:PARTITION:iot:REGION:ACCOUNT:`, learnt when the CA was registered; a
+    /// certificate's ARN is this + `cert/` + its id (the SHA-256 of its DER).
+    pub arn_prefix: Option<String>,
+    pub updated_at: i64,
+}
+
+/// What a mirror operation makes AWS match: the subject's current registry state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MirrorOpKind {
+    /// The thing (type, attributes, groups). Subject: thing name.
+    Thing,
+    /// The certificate: registered with its status, its policies attached, attached
+    /// to its thing (or detached once a rotation retired it). Subject: serial.
+    Certificate,
+    /// The policy document. Subject: policy name.
+    Policy,
+    /// The issuing CA certificate. Subject: `ca`.
+    Ca,
+}
+
+text_enum!(MirrorOpKind { Thing => "thing", Certificate => "certificate", Policy => "policy", Ca => "ca" });
+
+/// An operation to queue. Operations of one `queue` apply in order; a thing's
+/// operations share the queue `thing:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMirrorOp {
+    pub queue: String,
+    pub kind: MirrorOpKind,
+    pub subject: String,
+}
+
+impl NewMirrorOp {
+    pub fn thing(name: &str) -> Self {
+        NewMirrorOp {
+            queue: format!("thing:{name}"),
+            kind: MirrorOpKind::Thing,
+            subject: name.to_owned(),
+        }
+    }
+    pub fn certificate(thing_name: &str, serial: &str) -> Self {
+        NewMirrorOp {
+            queue: format!("thing:{thing_name}"),
+            kind: MirrorOpKind::Certificate,
+            subject: serial.to_owned(),
+        }
+    }
+    pub fn policy(name: &str) -> Self {
+        NewMirrorOp {
+            queue: format!("policy:{name}"),
+            kind: MirrorOpKind::Policy,
+            subject: name.to_owned(),
+        }
+    }
+    pub fn ca() -> Self {
+        NewMirrorOp {
+            queue: "ca".to_owned(),
+            kind: MirrorOpKind::Ca,
+            subject: "ca".to_owned(),
+        }
+    }
+}
+
+/// A queued (or parked) mirror operation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MirrorOp {
+    pub id: i64,
+    pub queue: String,
+    pub kind: MirrorOpKind,
+    pub subject: String,
+    /// `pending` or `parked`.
+    pub state: String,
+    pub created_at: i64,
+    pub not_before: i64,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+}
+
+/// How applying a claimed operation went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    /// Done: the operation is removed from the outbox.
+    Applied,
+    /// Try again, not before `not_before`.
+    Retry { error: String, not_before: i64 },
+    /// Failed for good: kept as `parked` with its error, out of the way of the others.
+    Park { error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorResult {
+    pub id: i64,
+    pub outcome: MirrorOutcome,
+}
+
+/// The outbox at a glance, for `aws status` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MirrorBacklog {
+    /// Operations waiting (including those in backoff and in flight).
+    pub pending: i64,
+    /// Of those, waiting for a retry after an error.
+    pub retrying: i64,
+    pub oldest_pending: Option<MirrorOp>,
+    pub parked: i64,
+    /// The oldest parked operations (at most the limit asked for).
+    pub parked_ops: Vec<MirrorOp>,
+}
+
 /// The one storage interface. Both backends implement it identically; the story tests
 /// in `tests/` run against each.
 #[async_trait]
@@ -714,6 +837,69 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// nothing written: another publisher was first; re-read and retry), and prunes all
     /// but the newest [`CRLS_KEPT`].
     async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError>;
+
+    /// Policies attached to one certificate, by name.
+    async fn policies_of_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Vec<PolicyRecord>, RegistryError>;
+
+    /// The AWS mirror settings, if `aws enable` ever ran.
+    async fn mirror_settings(&self) -> Result<Option<MirrorSettings>, RegistryError>;
+
+    /// Stores `settings` with `enabled = true` (event `mirror.enabled`). If the mirror
+    /// was not enabled before, queues in the same transaction the CA, every thing and
+    /// every certificate that has not expired at `at`, so an existing registry is
+    /// mirrored whole. Returns the operations queued.
+    async fn enable_mirror(&self, settings: &MirrorSettings, at: i64)
+    -> Result<u64, RegistryError>;
+
+    /// Stops queueing mirror operations (event `mirror.disabled`); queued ones stay.
+    /// `false` if it was not enabled.
+    async fn disable_mirror(&self, at: i64) -> Result<bool, RegistryError>;
+
+    /// Records the issuing CA's AWS id and the account's ARN prefix.
+    async fn record_mirror_ca(
+        &self,
+        ca_certificate_id: &str,
+        arn_prefix: &str,
+        at: i64,
+    ) -> Result<(), RegistryError>;
+
+    /// Queues operations (reconcile), in order, in one transaction. An operation whose
+    /// subject already has one of its kind waiting (queued, not in flight) is not
+    /// queued again. Returns how many were queued.
+    async fn queue_mirror_ops(&self, ops: &[NewMirrorOp], at: i64) -> Result<u64, RegistryError>;
+
+    /// Leases up to `limit` operations that are at the head of their queue (no earlier
+    /// pending one), not in backoff at `now` (unless `ignore_backoff`) and not leased
+    /// to a live owner, until `now + lease_secs`. In id order.
+    async fn claim_mirror_ops(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+        ignore_backoff: bool,
+    ) -> Result<Vec<MirrorOp>, RegistryError>;
+
+    /// Records how claimed operations went, in one transaction: applied ones are
+    /// deleted, retried ones get their error and backoff, parked ones are parked (event
+    /// `mirror.parked`). Results for operations no longer leased to `owner` are
+    /// ignored. Returns how many results were recorded.
+    async fn finish_mirror_ops(
+        &self,
+        owner: &str,
+        results: &[MirrorResult],
+        at: i64,
+    ) -> Result<u64, RegistryError>;
+
+    /// Counts and the oldest pending operation; at most `parked_limit` parked ones.
+    async fn mirror_backlog(&self, parked_limit: u32) -> Result<MirrorBacklog, RegistryError>;
+
+    /// Puts parked operations back in their queues (attempts reset), e.g. after the
+    /// cause was fixed. Returns how many.
+    async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError>;
 }
 
 /// Opens (creating if needed) and migrates the registry at `url`:

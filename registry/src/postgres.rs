@@ -41,6 +41,8 @@ use crate::{
     RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement, ThingFilter,
     ThingRecord,
 };
+mod mirror;
+
 use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres};
@@ -2187,6 +2189,79 @@ impl Registry for PgRegistry {
             Err((_, e)) if common::is_unique_violation(&e) => Ok(false),
             Err((context, e)) => Err(self.err(context, e)),
         }
+    }
+
+    async fn policies_of_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Vec<PolicyRecord>, RegistryError> {
+        self.policies_of_certificate_impl(serial).await
+    }
+
+    async fn mirror_settings(&self) -> Result<Option<crate::MirrorSettings>, RegistryError> {
+        self.mirror_settings_impl().await
+    }
+
+    async fn enable_mirror(
+        &self,
+        settings: &crate::MirrorSettings,
+        at: i64,
+    ) -> Result<u64, RegistryError> {
+        self.enable_mirror_impl(settings, at).await
+    }
+
+    async fn disable_mirror(&self, at: i64) -> Result<bool, RegistryError> {
+        self.disable_mirror_impl(at).await
+    }
+
+    async fn record_mirror_ca(
+        &self,
+        ca_certificate_id: &str,
+        arn_prefix: &str,
+        at: i64,
+    ) -> Result<(), RegistryError> {
+        self.record_mirror_ca_impl(ca_certificate_id, arn_prefix, at)
+            .await
+    }
+
+    async fn queue_mirror_ops(
+        &self,
+        ops: &[crate::NewMirrorOp],
+        at: i64,
+    ) -> Result<u64, RegistryError> {
+        self.queue_mirror_ops_impl(ops, at).await
+    }
+
+    async fn claim_mirror_ops(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+        ignore_backoff: bool,
+    ) -> Result<Vec<crate::MirrorOp>, RegistryError> {
+        self.claim_mirror_ops_impl(owner, now, lease_secs, limit, ignore_backoff)
+            .await
+    }
+
+    async fn finish_mirror_ops(
+        &self,
+        owner: &str,
+        results: &[crate::MirrorResult],
+        at: i64,
+    ) -> Result<u64, RegistryError> {
+        self.finish_mirror_ops_impl(owner, results, at).await
+    }
+
+    async fn mirror_backlog(
+        &self,
+        parked_limit: u32,
+    ) -> Result<crate::MirrorBacklog, RegistryError> {
+        self.mirror_backlog_impl(parked_limit).await
+    }
+
+    async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError> {
+        self.requeue_parked_mirror_ops_impl(at).await
     }
 }
 

@@ -26,6 +26,8 @@ use crate::{
     RevokedEntry, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
     ThingFilter, ThingRecord,
 };
+mod mirror;
+
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -2134,6 +2136,79 @@ impl Registry for SqliteRegistry {
             .await
             .map_err(|e| self.err("committing a CRL", e))?;
         Ok(true)
+    }
+
+    async fn policies_of_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Vec<PolicyRecord>, RegistryError> {
+        self.policies_of_certificate_impl(serial).await
+    }
+
+    async fn mirror_settings(&self) -> Result<Option<crate::MirrorSettings>, RegistryError> {
+        self.mirror_settings_impl().await
+    }
+
+    async fn enable_mirror(
+        &self,
+        settings: &crate::MirrorSettings,
+        at: i64,
+    ) -> Result<u64, RegistryError> {
+        self.enable_mirror_impl(settings, at).await
+    }
+
+    async fn disable_mirror(&self, at: i64) -> Result<bool, RegistryError> {
+        self.disable_mirror_impl(at).await
+    }
+
+    async fn record_mirror_ca(
+        &self,
+        ca_certificate_id: &str,
+        arn_prefix: &str,
+        at: i64,
+    ) -> Result<(), RegistryError> {
+        self.record_mirror_ca_impl(ca_certificate_id, arn_prefix, at)
+            .await
+    }
+
+    async fn queue_mirror_ops(
+        &self,
+        ops: &[crate::NewMirrorOp],
+        at: i64,
+    ) -> Result<u64, RegistryError> {
+        self.queue_mirror_ops_impl(ops, at).await
+    }
+
+    async fn claim_mirror_ops(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_secs: i64,
+        limit: u32,
+        ignore_backoff: bool,
+    ) -> Result<Vec<crate::MirrorOp>, RegistryError> {
+        self.claim_mirror_ops_impl(owner, now, lease_secs, limit, ignore_backoff)
+            .await
+    }
+
+    async fn finish_mirror_ops(
+        &self,
+        owner: &str,
+        results: &[crate::MirrorResult],
+        at: i64,
+    ) -> Result<u64, RegistryError> {
+        self.finish_mirror_ops_impl(owner, results, at).await
+    }
+
+    async fn mirror_backlog(
+        &self,
+        parked_limit: u32,
+    ) -> Result<crate::MirrorBacklog, RegistryError> {
+        self.mirror_backlog_impl(parked_limit).await
+    }
+
+    async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError> {
+        self.requeue_parked_mirror_ops_impl(at).await
     }
 }
 

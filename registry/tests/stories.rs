@@ -5,11 +5,12 @@
 
 use fleetcert_registry::{
     CRLS_KEPT, CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, EventFilter,
-    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
-    PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryError,
-    ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry, RotationFilter,
-    RotationRecord, RotationState, StoredCrl, ThingDetails, ThingFilter, ThingRecord, open,
-    testing,
+    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, MirrorBacklog,
+    MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings, NewCertificate,
+    NewMirrorOp, PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry,
+    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
+    RotationFilter, RotationRecord, RotationState, StoredCrl, ThingDetails, ThingFilter,
+    ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -2929,6 +2930,284 @@ async fn failed_and_cancelled_not_claimed(url: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
+// AWS mirror outbox
+
+fn mirror_settings() -> MirrorSettings {
+    MirrorSettings {
+        enabled: true,
+        region: "eu-west-1".to_owned(),
+        endpoint_url: Some("http://127.0.0.1:5000".to_owned()),
+        ca_mode: "sni-only".to_owned(),
+        rotated_status: "REVOKED".to_owned(),
+        ca_certificate_id: None,
+        arn_prefix: None,
+        updated_at: 0,
+    }
+}
+
+async fn backlog(reg: &Arc<dyn Registry>) -> MirrorBacklog {
+    reg.mirror_backlog(10).await.unwrap()
+}
+
+fn subjects(ops: &[MirrorOp]) -> Vec<(MirrorOpKind, String)> {
+    ops.iter().map(|o| (o.kind, o.subject.clone())).collect()
+}
+
+fn applied(ops: &[MirrorOp]) -> Vec<MirrorResult> {
+    ops.iter()
+        .map(|o| MirrorResult {
+            id: o.id,
+            outcome: MirrorOutcome::Applied,
+        })
+        .collect()
+}
+
+async fn mirror_outbox_follows_changes(url: &str) {
+    let reg = open(url).await.unwrap();
+    // Nothing is queued while the mirror is off.
+    let t1 = provisioned(&reg, "m1").await;
+    assert_eq!(reg.mirror_settings().await.unwrap(), None);
+    assert_eq!(backlog(&reg).await.pending, 0);
+
+    // Enabling queues what exists: the CA, the thing, then its certificate.
+    assert_eq!(reg.enable_mirror(&mirror_settings(), AT).await.unwrap(), 3);
+    let stored = reg.mirror_settings().await.unwrap().unwrap();
+    assert!(stored.enabled);
+    assert_eq!(stored.region, "eu-west-1");
+    assert_eq!(reg.enable_mirror(&mirror_settings(), AT).await.unwrap(), 0);
+    reg.record_mirror_ca("cafe", "arn:aws:iot:eu-west-1:123456789012:", AT)
+        .await
+        .unwrap();
+    let stored = reg.mirror_settings().await.unwrap().unwrap();
+    assert_eq!(stored.ca_certificate_id.as_deref(), Some("cafe"));
+
+    // A change queues in its own transaction (trigger): thing + certificate.
+    let t2 = provisioned(&reg, "m2").await;
+    assert_eq!(backlog(&reg).await.pending, 5);
+    // Changes to subjects that already wait add nothing.
+    let state = reg
+        .device_state(&t1.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    let r = registration(
+        &t1,
+        state.thing.version,
+        vec![policy("telemetry", Some(document("topic/m1")))],
+    );
+    assert_eq!(reg.register(&r).await.unwrap(), registered(&["telemetry"]));
+    assert_eq!(backlog(&reg).await.pending, 5);
+    assert_eq!(
+        reg.policies_of_certificate(serial(&t1))
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["telemetry"]
+    );
+
+    // Only heads of queues are handed out, once.
+    let first = reg.claim_mirror_ops("a", AT, 60, 100, false).await.unwrap();
+    assert_eq!(
+        subjects(&first),
+        [
+            (MirrorOpKind::Ca, "ca".to_owned()),
+            (MirrorOpKind::Thing, "m1".to_owned()),
+            (MirrorOpKind::Thing, "m2".to_owned()),
+        ]
+    );
+    assert!(
+        reg.claim_mirror_ops("b", AT, 60, 100, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A change to a subject in flight queues a new operation (the one in flight may
+    // have read the old state).
+    assert_eq!(
+        reg.queue_mirror_ops(&[NewMirrorOp::thing("m1"), NewMirrorOp::thing("m1")], AT)
+            .await
+            .unwrap(),
+        1
+    );
+    let results = vec![
+        MirrorResult {
+            id: first[0].id,
+            outcome: MirrorOutcome::Applied,
+        },
+        MirrorResult {
+            id: first[1].id,
+            outcome: MirrorOutcome::Applied,
+        },
+        MirrorResult {
+            id: first[2].id,
+            outcome: MirrorOutcome::Retry {
+                error: "throttled".to_owned(),
+                not_before: AT + 60,
+            },
+        },
+    ];
+    assert_eq!(reg.finish_mirror_ops("a", &results, AT).await.unwrap(), 3);
+    let b = backlog(&reg).await;
+    assert_eq!((b.pending, b.retrying, b.parked), (4, 1, 0));
+    assert_eq!(
+        b.oldest_pending.as_ref().map(|o| o.subject.as_str()),
+        Some(serial(&t1))
+    );
+
+    // m2 waits in backoff (and blocks its queue); m1's certificate is next.
+    let second = reg
+        .claim_mirror_ops("a", AT + 1, 60, 100, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        subjects(&second),
+        [(MirrorOpKind::Certificate, serial(&t1).to_owned())]
+    );
+    // `aws sync` ignores backoff.
+    let forced = reg
+        .claim_mirror_ops("s", AT + 1, 60, 100, true)
+        .await
+        .unwrap();
+    assert_eq!(subjects(&forced), [(MirrorOpKind::Thing, "m2".to_owned())]);
+    assert_eq!(forced[0].attempts, 1);
+    assert_eq!(forced[0].last_error.as_deref(), Some("throttled"));
+    reg.finish_mirror_ops("s", &applied(&forced), AT + 1)
+        .await
+        .unwrap();
+
+    // Parking one does not block its queue or the others.
+    let park = vec![MirrorResult {
+        id: second[0].id,
+        outcome: MirrorOutcome::Park {
+            error: "InvalidRequest: bad".to_owned(),
+        },
+    }];
+    assert_eq!(reg.finish_mirror_ops("a", &park, AT + 2).await.unwrap(), 1);
+    let b = backlog(&reg).await;
+    assert_eq!(b.parked, 1);
+    assert_eq!(
+        b.parked_ops[0].last_error.as_deref(),
+        Some("InvalidRequest: bad")
+    );
+    assert_eq!(b.parked_ops[0].state, "parked");
+    assert!(
+        kinds_of(&reg, serial(&t1))
+            .await
+            .contains(&"mirror.parked".to_owned())
+    );
+    let third = reg
+        .claim_mirror_ops("a", AT + 3, 60, 100, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        subjects(&third),
+        [
+            (MirrorOpKind::Certificate, serial(&t2).to_owned()),
+            (MirrorOpKind::Thing, "m1".to_owned()),
+        ]
+    );
+    reg.finish_mirror_ops("a", &applied(&third), AT + 3)
+        .await
+        .unwrap();
+
+    // A revocation queues the certificate again (a parked one does not absorb it).
+    reg.revoke(&Revocation {
+        target: RevocationTarget::Serial(serial(&t1).to_owned()),
+        reason: "keyCompromise".to_owned(),
+        at: AT + 4,
+    })
+    .await
+    .unwrap();
+    let fourth = reg
+        .claim_mirror_ops("a", AT + 4, 60, 100, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        subjects(&fourth),
+        [(MirrorOpKind::Certificate, serial(&t1).to_owned())]
+    );
+    reg.finish_mirror_ops("a", &applied(&fourth), AT + 4)
+        .await
+        .unwrap();
+    assert_eq!(reg.requeue_parked_mirror_ops(AT + 5).await.unwrap(), 1);
+    let b = backlog(&reg).await;
+    assert_eq!((b.pending, b.parked), (1, 0));
+
+    // Disabled: changes queue nothing; what waits stays.
+    assert!(reg.disable_mirror(AT + 6).await.unwrap());
+    assert!(!reg.disable_mirror(AT + 6).await.unwrap());
+    provisioned(&reg, "m3").await;
+    assert_eq!(backlog(&reg).await.pending, 1);
+    assert!(!reg.mirror_settings().await.unwrap().unwrap().enabled);
+    // Enabling again queues everything (the account may have changed meanwhile).
+    assert!(reg.enable_mirror(&mirror_settings(), AT + 7).await.unwrap() >= 6);
+}
+
+async fn mirror_outbox_leases_and_rollback(url: &str) {
+    let reg = open(url).await.unwrap();
+    reg.enable_mirror(&mirror_settings(), AT).await.unwrap();
+    let ca = reg.claim_mirror_ops("a", AT, 10, 10, false).await.unwrap();
+    reg.finish_mirror_ops("a", &applied(&ca), AT).await.unwrap();
+
+    // A rolled-back change queues nothing.
+    let a = provisioned(&reg, "l1").await;
+    let before = backlog(&reg).await.pending;
+    let mut dup = record("l2", AT + 1);
+    dup.certificate.serial = a.certificate.serial.clone();
+    reg.record_issued(&[dup]).await.unwrap_err();
+    assert_eq!(backlog(&reg).await.pending, before);
+
+    // A lease that ran out goes to the next worker; the late owner's result is ignored.
+    let mine = reg.claim_mirror_ops("a", AT, 10, 10, false).await.unwrap();
+    assert_eq!(subjects(&mine), [(MirrorOpKind::Thing, "l1".to_owned())]);
+    assert!(
+        reg.claim_mirror_ops("b", AT + 5, 10, 10, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let theirs = reg
+        .claim_mirror_ops("b", AT + 11, 10, 10, false)
+        .await
+        .unwrap();
+    assert_eq!(theirs[0].id, mine[0].id);
+    assert_eq!(
+        reg.finish_mirror_ops("a", &applied(&mine), AT + 12)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        reg.finish_mirror_ops("b", &applied(&theirs), AT + 12)
+            .await
+            .unwrap(),
+        1
+    );
+    let next = reg
+        .claim_mirror_ops("b", AT + 12, 10, 10, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        subjects(&next),
+        [(MirrorOpKind::Certificate, serial(&a).to_owned())]
+    );
+
+    // Many queues at once: every thing's first operation, in order.
+    for i in 0..50 {
+        provisioned(&reg, &format!("bulk{i:02}")).await;
+    }
+    let heads = reg
+        .claim_mirror_ops("c", AT + 13, 10, 1000, false)
+        .await
+        .unwrap();
+    assert_eq!(heads.len(), 50);
+    assert!(heads.iter().all(|o| o.kind == MirrorOpKind::Thing));
+    assert!(heads.windows(2).all(|w| w[0].id < w[1].id));
+}
+
+// ---------------------------------------------------------------------------------------
 // Backends
 
 /// A database for one test: a file in a temporary directory, or a fresh PostgreSQL
@@ -3030,6 +3309,8 @@ stories!(
     revoke_cascade_and_entries,
     crl_store_and_prune,
     failed_and_cancelled_not_claimed,
+    mirror_outbox_follows_changes,
+    mirror_outbox_leases_and_rollback,
 );
 
 // ---------------------------------------------------------------------------------------
