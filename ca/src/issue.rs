@@ -266,3 +266,44 @@ pub(crate) fn issue_server(
         private_key: Some(g.private),
     })
 }
+
+/// A certificate proving possession of the CA key to AWS IoT (RegisterCACertificate):
+/// CN = the account's registration code, a throwaway P-256 key, one day of validity.
+pub(crate) fn issue_verification(
+    ca: &IssuingCa,
+    registration_code: &str,
+    now: OffsetDateTime,
+) -> Result<IssuedCertificate, CaError> {
+    if registration_code.is_empty() || registration_code.len() > 64 {
+        return Err(CaError::InvalidProfile(format!(
+            "registration code {registration_code:?} is empty or too long"
+        )));
+    }
+    let (not_before, not_after) = validity(now, time::Duration::minutes(5), 1)?;
+    let g = keys::generate(KeyAlgorithm::P256)?;
+    let serial = random_serial(&ca.inner.rng)?;
+    let mut params = CertificateParams::default();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.distinguished_name = common_name(registration_code);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    params.key_identifier_method = keys::key_identifier(&g.public);
+    let cert = params
+        .signed_by(&g.public, &ca.inner.issuer)
+        .map_err(|e| CaError::Signing(e.to_string()))?;
+    let der = cert.der().to_vec();
+    Ok(IssuedCertificate {
+        serial_hex: hex::encode(serial),
+        pem: cert.pem(),
+        fingerprint_sha256_hex: sha256_hex(&der),
+        public_key_sha256_hex: sha256_hex(&g.public.subject_public_key_info()),
+        der,
+        not_before,
+        not_after,
+        key_algorithm: KeyAlgorithm::P256,
+        private_key: None,
+    })
+}

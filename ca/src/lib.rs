@@ -343,6 +343,18 @@ impl IssuingCa {
         issue::issue_server(self, names, validity_days, now)
     }
 
+    /// Issues the verification certificate AWS IoT asks for when registering this CA
+    /// (RegisterCACertificate, default mode): CN = `registration_code` (from
+    /// GetRegistrationCode), a throwaway P-256 key, one day of validity, signed by this
+    /// CA. The key is discarded: AWS checks only the signature.
+    pub fn issue_verification_certificate(
+        &self,
+        registration_code: &str,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, CaError> {
+        issue::issue_verification(self, registration_code, now)
+    }
+
     /// Issues a device certificate: CN = thing name, EKU clientAuth, KU digitalSignature
     /// (+ keyEncipherment for RSA), CA:FALSE, SKI, AKI, CRL DP from the profile,
     /// random 128-bit serial, validity from the profile with backdated notBefore.

@@ -76,6 +76,92 @@ pub enum Command {
     Crl(CrlArgs),
     /// Run the lifecycle end to end in a temporary data directory and print a summary.
     Demo(DemoArgs),
+    /// Mirror the registry into AWS IoT Core: things, certificates, policies,
+    /// attachments and status changes, through an outbox that survives outages.
+    #[command(subcommand)]
+    Aws(AwsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AwsCommand {
+    /// Register the issuing CA with AWS IoT, store the mirror settings and queue
+    /// everything the registry holds. From then on every change is queued in the same
+    /// transaction as the change; `serve` (or `aws sync`) applies the queue.
+    /// Credentials come from the standard AWS chain (environment, profile,
+    /// web identity, ECS/EC2 roles).
+    Enable(AwsEnableArgs),
+    /// Stop queueing changes (what is queued stays; `aws enable` resumes and queues
+    /// everything again).
+    Disable,
+    /// The outbox: pending and retrying operations, the oldest one, parked ones with
+    /// their errors.
+    Status(AwsStatusArgs),
+    /// Apply the queued operations now, including those waiting out a backoff; exits 1
+    /// if anything is left (AWS unreachable, or parked operations).
+    Sync(AwsSyncArgs),
+    /// Compare the registry with AWS IoT (CA, things, certificates and their status,
+    /// thing attachments, policies and their attachments) and queue what is missing or
+    /// different; then `aws sync` (or `serve`) applies it.
+    Reconcile(AwsReconcileArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CaModeArg {
+    /// Register with a verification certificate (CN = the account's registration
+    /// code) signed by the CA: proves possession of the CA key.
+    Default,
+    /// certificateMode SNI_ONLY: no verification certificate; devices must send SNI.
+    SniOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RotatedStatusArg {
+    Revoked,
+    Inactive,
+}
+
+#[derive(Debug, Args)]
+pub struct AwsEnableArgs {
+    /// AWS region of the IoT Core account, e.g. eu-west-1.
+    #[arg(long, env = "AWS_REGION")]
+    pub region: String,
+    /// Another endpoint for the AWS IoT API (a VPC endpoint, or moto for tests).
+    #[arg(long)]
+    pub endpoint_url: Option<String>,
+    #[arg(long, value_enum, default_value_t = CaModeArg::Default)]
+    pub ca_mode: CaModeArg,
+    /// What a certificate replaced by a confirmed rotation becomes in AWS (it is also
+    /// detached from its thing). Revoked certificates (`fleetcert revoke`) are always
+    /// REVOKED.
+    #[arg(long, value_enum, default_value_t = RotatedStatusArg::Revoked)]
+    pub rotated_status: RotatedStatusArg,
+    /// Do not contact AWS now: the CA registration is queued like everything else.
+    #[arg(long)]
+    pub no_register: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AwsStatusArgs {
+    /// Parked operations to list.
+    #[arg(long, default_value_t = 20)]
+    pub parked: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AwsSyncArgs {
+    /// Put parked operations back in their queues first (after fixing their cause).
+    #[arg(long)]
+    pub retry_parked: bool,
+    /// Operations applied at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct AwsReconcileArgs {
+    /// Report the drift only; queue nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +314,13 @@ pub struct ServeArgs {
     /// Do not run the rotation worker in this process (e.g. when cron runs `rotate`).
     #[arg(long)]
     pub no_rotation_worker: bool,
+    /// How often the AWS mirror worker (run when `aws enable` was used) applies the
+    /// outbox.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub mirror_interval: std::time::Duration,
+    /// Do not run the AWS mirror worker in this process (e.g. when cron runs `aws sync`).
+    #[arg(long)]
+    pub no_mirror_worker: bool,
     /// A device whose certificate expired at most this long ago (e.g. 30d) may still
     /// re-enroll with it (EST or replacement fetch, nothing else). Default: no window.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]

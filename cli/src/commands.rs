@@ -130,6 +130,7 @@ pub async fn run(cli: Cli) -> CmdResult {
         Command::Rotate(args) => crate::lifecycle_cmds::rotate(&ctx, args).await,
         Command::Revoke(args) => crate::lifecycle_cmds::revoke(&ctx, args).await,
         Command::Crl(args) => crate::lifecycle_cmds::crl(&ctx, args).await,
+        Command::Aws(cmd) => crate::aws_cmd::run(&ctx, cmd).await,
         Command::Demo(args) => crate::commands::demo(&ctx, args).await,
     }
 }

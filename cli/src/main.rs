@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod aws_cmd;
 mod commands;
 mod demo;
 mod lifecycle_cmds;

@@ -40,6 +40,9 @@ pub enum LifecycleError {
     BadInput(String),
     #[error("template {name:?} not found in {dir}")]
     TemplateNotFound { name: String, dir: PathBuf },
+    /// AWS IoT refused or could not be reached (reconcile, CA registration).
+    #[error("AWS IoT: {0}")]
+    Aws(String),
 }
 
 impl LifecycleError {

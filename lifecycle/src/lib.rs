@@ -10,6 +10,7 @@ mod datadir;
 mod error;
 mod fsio;
 pub mod jitp;
+pub mod mirror;
 pub mod provision;
 pub mod renewal;
 pub mod revocation;
