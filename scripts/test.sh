@@ -20,4 +20,4 @@ for tool in openssl psql; do
     command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
 done
 
-exec scripts/with-postgres.sh cargo test --workspace --locked -- --include-ignored "$@"
+exec scripts/with-moto.sh scripts/with-postgres.sh cargo test --workspace --locked -- --include-ignored "$@"

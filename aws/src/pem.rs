@@ -53,8 +53,11 @@ mod tests {
     #[test]
     fn reads_first_block_ignoring_line_breaks() {
         // base64 of "hello world!" split over lines, then a second block that must be ignored.
-        let pem = "junk\n-----BEGIN CERTIFICATE-----\naGVsbG8g\r\nd29ybGQh\n-----END CERTIFICATE-----\n\
-                   -----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let pem = concat!(
+            "junk\n-----BEGIN CERTIFICATE-----\naGVsbG8g\r\nd29ybGQh\n",
+            "-----END CERTIFICATE-----\n",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
         assert_eq!(
             first_certificate_der(pem).as_deref(),
             Some(&b"hello world!"[..])

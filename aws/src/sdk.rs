@@ -8,6 +8,9 @@ use aws_config::Region;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_iot::Client;
+use aws_sdk_iot::operation::register_ca_certificate::RegisterCACertificateError;
+use aws_sdk_iot::operation::register_certificate::RegisterCertificateError;
+use aws_sdk_iot::types::error::ResourceAlreadyExistsException;
 use aws_sdk_iot::types::{AttributePayload, CertificateMode, CertificateStatus, PolicyVersion};
 use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -466,12 +469,12 @@ impl IotApi for SdkIot {
                 })
             }
             Err(err) => {
-                let existing = err.as_service_error().and_then(|service| match service {
-                    aws_sdk_iot::operation::register_ca_certificate::RegisterCACertificateError::ResourceAlreadyExistsException(e) => {
-                        Some((e.resource_id().map(str::to_owned), e.resource_arn().map(str::to_owned)))
+                let existing = match err.as_service_error() {
+                    Some(RegisterCACertificateError::ResourceAlreadyExistsException(e)) => {
+                        Some(existing_ids(e))
                     }
                     _ => None,
-                });
+                };
                 let Some((existing_id, existing_arn)) = existing else {
                     return Err(classify(OP, err));
                 };
@@ -540,12 +543,12 @@ impl IotApi for SdkIot {
                 })
             }
             Err(err) => {
-                let existing = err.as_service_error().and_then(|service| match service {
-                    aws_sdk_iot::operation::register_certificate::RegisterCertificateError::ResourceAlreadyExistsException(e) => {
-                        Some((e.resource_id().map(str::to_owned), e.resource_arn().map(str::to_owned)))
+                let existing = match err.as_service_error() {
+                    Some(RegisterCertificateError::ResourceAlreadyExistsException(e)) => {
+                        Some(existing_ids(e))
                     }
                     _ => None,
-                });
+                };
                 let Some((existing_id, existing_arn)) = existing else {
                     return Err(classify(OP, err));
                 };
@@ -855,6 +858,12 @@ impl IotApi for SdkIot {
 /// `true` if AWS answered ResourceAlreadyExistsException.
 fn already_exists<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
     matches!(err, SdkError::ServiceError(_)) && err.code() == Some("ResourceAlreadyExistsException")
+}
+
+/// The resource id and ARN a ResourceAlreadyExistsException names, if it does.
+fn existing_ids(e: &ResourceAlreadyExistsException) -> (Option<String>, Option<String>) {
+    let non_empty = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
+    (non_empty(e.resource_id()), non_empty(e.resource_arn()))
 }
 
 /// The token for the next page, `None` after the last one. A service handing back the token it

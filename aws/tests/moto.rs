@@ -387,9 +387,15 @@ async fn put_thing_creates_and_updates() {
 }
 
 fn policy_doc(topic: &str) -> String {
-    format!(
-        r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/{topic}"}}]}}"#
-    )
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Action": "iot:Publish",
+            "Resource": format!("arn:aws:iot:*:*:topic/{topic}"),
+        }],
+    })
+    .to_string()
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@ use crate::args::ServeArgs;
 use crate::commands::{CliError, Ctx, failed, passphrase};
 use fleetcert_jitp::{ClientAuth, Limits, Server, server_tls_config};
 use fleetcert_lifecycle::jitp::{Jitp, JitpOptions};
+use fleetcert_lifecycle::mirror::{self, Mirror, MirrorOptions};
 use fleetcert_lifecycle::renewal::clock_from_env;
 use fleetcert_lifecycle::rotation::{RotationSettings, RotationStats, Rotator};
 use std::process::ExitCode;
@@ -57,9 +58,28 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         max_connections: args.max_connections as usize,
         ..Limits::default()
     };
-    let server = Server::bind(args.listen, args.admin_listen, tls, jitp.clone(), limits)
+    let mut server = Server::bind(args.listen, args.admin_listen, tls, jitp.clone(), limits)
         .await
         .map_err(|e| failed(e.to_string()))?;
+    // The AWS mirror runs when `aws enable` was used (and not disabled).
+    let mirror = match registry.mirror_settings().await? {
+        Some(settings) if settings.enabled && !args.no_mirror_worker => {
+            let api = mirror::connect(&settings.region, settings.endpoint_url.as_deref()).await?;
+            let worker = Arc::new(
+                Mirror::new(
+                    registry.clone(),
+                    api,
+                    ca.clone(),
+                    clock.clone(),
+                    MirrorOptions::default(),
+                )
+                .await?,
+            );
+            server = server.with_mirror(worker.clone());
+            Some(worker)
+        }
+        _ => None,
+    };
     let (device_addr, admin_addr) = server.local_addrs().map_err(|e| failed(e.to_string()))?;
     let out = ctx.out();
     if out.is_json() {
@@ -70,6 +90,7 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             "server_certificate_issued": credentials.issued,
             "template": args.template,
             "rotation_worker": !args.no_rotation_worker,
+            "mirror_worker": mirror.is_some(),
         }));
     } else {
         out.note(format!(
@@ -89,9 +110,17 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         ));
         tokio::spawn(rotator.run(args.rotation_interval))
     });
+    let (stop_mirror, mirror_stopped) = tokio::sync::watch::channel(false);
+    let mirror_task = mirror.map(|m| tokio::spawn(m.run(args.mirror_interval, mirror_stopped)));
     server.run(shutdown_signal()).await;
     if let Some(worker) = worker {
         worker.abort();
+    }
+    let _ = stop_mirror.send(true);
+    if let Some(task) = mirror_task {
+        // A round in flight finishes (its results are recorded) or is cut short after a
+        // grace period; unfinished operations stay leased and are retried after the lease.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
     }
     out.note("fleetcert serve: stopped");
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,7 @@
 use crate::Metrics;
 use bytes::Bytes;
 use fleetcert_lifecycle::jitp::Jitp;
+use fleetcert_lifecycle::mirror::Mirror;
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -11,7 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, jitp: Arc<Jitp>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    jitp: Arc<Jitp>,
+    mirror: Option<Arc<Mirror>>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -19,11 +25,13 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, jitp: Ar
         };
         let metrics = metrics.clone();
         let jitp = jitp.clone();
+        let mirror = mirror.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let jitp = jitp.clone();
+                    let mirror = mirror.clone();
                     async move {
                         if req.method() == Method::GET && req.uri().path() == "/crl" {
                             return Ok::<_, std::convert::Infallible>(crate::crl_response(&jitp));
@@ -39,6 +47,15 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, jitp: Ar
                             },
                             (&Method::GET, "/metrics") => {
                                 metrics.sync_rotations(&jitp.stats());
+                                if let Some(mirror) = &mirror
+                                    && let Ok(backlog) = mirror.backlog().await
+                                {
+                                    metrics.sync_mirror(
+                                        &mirror.stats(),
+                                        &backlog,
+                                        fleetcert_lifecycle::unix_now(),
+                                    );
+                                }
                                 (
                                     StatusCode::OK,
                                     "application/openmetrics-text; version=1.0.0; charset=utf-8",

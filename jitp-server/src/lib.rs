@@ -75,6 +75,7 @@ pub struct Server {
     jitp: Arc<Jitp>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    mirror: Option<Arc<fleetcert_lifecycle::mirror::Mirror>>,
 }
 
 impl Server {
@@ -99,7 +100,15 @@ impl Server {
             jitp,
             metrics: Arc::new(Metrics::new()),
             limits,
+            mirror: None,
         })
+    }
+
+    /// Exports this AWS mirror worker's counters and the outbox backlog on `/metrics`
+    /// (the caller runs the worker).
+    pub fn with_mirror(mut self, mirror: Arc<fleetcert_lifecycle::mirror::Mirror>) -> Self {
+        self.mirror = Some(mirror);
+        self
     }
 
     /// (device listener, admin listener) addresses actually bound.
@@ -125,10 +134,16 @@ impl Server {
             jitp,
             metrics,
             limits,
+            mirror,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(limits.max_connections));
-        let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), jitp.clone()));
+        let admin = tokio::spawn(admin::serve(
+            admin_listener,
+            metrics.clone(),
+            jitp.clone(),
+            mirror,
+        ));
         // Revocation view, CRL, connection records: kept fresh while serving.
         let upkeep = tokio::spawn(jitp.clone().run_upkeep());
         tokio::pin!(shutdown);

@@ -2,6 +2,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::time::Duration;
@@ -49,6 +50,14 @@ pub struct Metrics {
     connect_seconds: Family<StatusLabel, Histogram>,
     rotations: Family<StageLabel, Counter>,
     requests: Family<EndpointLabel, Counter>,
+    mirror_operations: Family<ResultLabel, Counter>,
+    mirror_backlog: Family<StateLabel, Gauge>,
+    mirror_oldest_pending_seconds: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
 }
 
 impl Default for Metrics {
@@ -108,6 +117,24 @@ impl Metrics {
                 stage: stage.into(),
             });
         }
+        let mirror_operations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "mirror_operations",
+            "AWS IoT mirror operations by result (applied, retried, parked), since start",
+            mirror_operations.clone(),
+        );
+        let mirror_backlog = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "mirror_backlog",
+            "AWS IoT mirror outbox: operations pending (all), retrying (after an error), parked",
+            mirror_backlog.clone(),
+        );
+        let mirror_oldest_pending_seconds = Gauge::default();
+        registry.register(
+            "mirror_oldest_pending_seconds",
+            "Age of the oldest pending AWS IoT mirror operation (0 when none)",
+            mirror_oldest_pending_seconds.clone(),
+        );
         Metrics {
             registry,
             handshakes,
@@ -117,6 +144,9 @@ impl Metrics {
             connect_seconds,
             rotations,
             requests,
+            mirror_operations,
+            mirror_backlog,
+            mirror_oldest_pending_seconds,
         }
     }
 
@@ -206,6 +236,46 @@ impl Metrics {
                 counter.inc_by(total - seen);
             }
         }
+    }
+
+    /// Brings the mirror counters up to the worker's totals and sets the backlog gauges.
+    pub fn sync_mirror(
+        &self,
+        stats: &fleetcert_lifecycle::mirror::MirrorStats,
+        backlog: &fleetcert_lifecycle::mirror::MirrorBacklog,
+        now: i64,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (result, total) in [
+            ("applied", stats.applied.load(Relaxed)),
+            ("retried", stats.retried.load(Relaxed)),
+            ("parked", stats.parked.load(Relaxed)),
+        ] {
+            let counter = self.mirror_operations.get_or_create(&ResultLabel {
+                result: result.into(),
+            });
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        }
+        for (state, value) in [
+            ("pending", backlog.pending),
+            ("retrying", backlog.retrying),
+            ("parked", backlog.parked),
+        ] {
+            self.mirror_backlog
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(value);
+        }
+        self.mirror_oldest_pending_seconds.set(
+            backlog
+                .oldest_pending
+                .as_ref()
+                .map_or(0, |op| (now - op.created_at).max(0)),
+        );
     }
 
     /// Prometheus text exposition format.

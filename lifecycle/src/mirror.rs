@@ -18,6 +18,7 @@ use crate::{LifecycleError, unix_now};
 pub use fleetcert_aws::CaMode;
 use fleetcert_aws::{AwsError, CertStatus as AwsStatus, IotApi, ThingSpec};
 use fleetcert_ca::IssuingCa;
+pub use fleetcert_registry::MirrorBacklog;
 use fleetcert_registry::{
     CertStatus, CertificateFilter, CertificateRecord, MirrorOp, MirrorOpKind, MirrorOutcome,
     MirrorResult, MirrorSettings, NewMirrorOp, Registry, ThingFilter,

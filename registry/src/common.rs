@@ -996,6 +996,96 @@ pub(crate) fn key_reused(rep: &Replacement, holder: &str) -> ReplaceOutcome {
     }
 }
 
+/// Columns of a mirror operation, in the order [`mirror_op_from_row`] reads them.
+pub(crate) const MIRROR_OP_COLUMNS: &str =
+    "id, queue, kind, subject, state, created_at, not_before, attempts, last_error";
+
+pub(crate) fn mirror_op_from_row<'r, R>(row: &'r R) -> Result<MirrorOp, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let kind: String = row.try_get(2)?;
+    Ok(MirrorOp {
+        id: row.try_get(0)?,
+        queue: row.try_get(1)?,
+        kind: kind.parse().map_err(decode_error)?,
+        subject: row.try_get(3)?,
+        state: row.try_get(4)?,
+        created_at: row.try_get(5)?,
+        not_before: row.try_get(6)?,
+        attempts: row.try_get(7)?,
+        last_error: row.try_get(8)?,
+    })
+}
+
+/// Columns of the settings row, in the order [`mirror_settings_from_row`] reads them
+/// (`enabled` as an integer 0/1 on both backends).
+pub(crate) const MIRROR_SETTINGS_COLUMNS: &str = "region, endpoint_url, ca_mode, rotated_status, \
+     ca_certificate_id, arn_prefix, updated_at";
+
+pub(crate) fn mirror_settings_from_row<'r, R>(
+    row: &'r R,
+    enabled: bool,
+) -> Result<MirrorSettings, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(MirrorSettings {
+        enabled,
+        region: row.try_get(0)?,
+        endpoint_url: row.try_get(1)?,
+        ca_mode: row.try_get(2)?,
+        rotated_status: row.try_get(3)?,
+        ca_certificate_id: row.try_get(4)?,
+        arn_prefix: row.try_get(5)?,
+        updated_at: row.try_get(6)?,
+    })
+}
+
+/// Refuses settings the schema would refuse, with a message naming the field.
+pub(crate) fn validate_mirror_settings(s: &MirrorSettings) -> Result<(), RegistryError> {
+    if !matches!(s.ca_mode.as_str(), "default" | "sni-only") {
+        return Err(RegistryError::InvalidValue(format!(
+            "mirror CA mode {:?} (expected default or sni-only)",
+            s.ca_mode
+        )));
+    }
+    if !matches!(s.rotated_status.as_str(), "REVOKED" | "INACTIVE") {
+        return Err(RegistryError::InvalidValue(format!(
+            "mirror status for rotated certificates {:?} (expected REVOKED or INACTIVE)",
+            s.rotated_status
+        )));
+    }
+    if s.region.trim().is_empty() {
+        return Err(RegistryError::InvalidValue(
+            "mirror region is empty".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn mirror_enabled_detail(s: &MirrorSettings, queued: u64) -> String {
+    to_json(&serde_json::json!({
+        "region": s.region,
+        "endpoint_url": s.endpoint_url,
+        "ca_mode": s.ca_mode,
+        "rotated_status": s.rotated_status,
+        "queued": queued,
+    }))
+}
+
+pub(crate) fn mirror_parked_detail(op: i64, kind: &str, subject: &str, error: &str) -> String {
+    to_json(&serde_json::json!({ "op": op, "kind": kind, "subject": subject, "error": error }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1141,94 +1231,4 @@ mod tests {
         assert!(keep.windows(2).all(|w| w[0].at < w[1].at));
         assert_eq!(keep.last().unwrap().at, 199);
     }
-}
-
-/// Columns of a mirror operation, in the order [`mirror_op_from_row`] reads them.
-pub(crate) const MIRROR_OP_COLUMNS: &str =
-    "id, queue, kind, subject, state, created_at, not_before, attempts, last_error";
-
-pub(crate) fn mirror_op_from_row<'r, R>(row: &'r R) -> Result<MirrorOp, sqlx::Error>
-where
-    R: Row,
-    usize: ColumnIndex<R>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
-{
-    let kind: String = row.try_get(2)?;
-    Ok(MirrorOp {
-        id: row.try_get(0)?,
-        queue: row.try_get(1)?,
-        kind: kind.parse().map_err(decode_error)?,
-        subject: row.try_get(3)?,
-        state: row.try_get(4)?,
-        created_at: row.try_get(5)?,
-        not_before: row.try_get(6)?,
-        attempts: row.try_get(7)?,
-        last_error: row.try_get(8)?,
-    })
-}
-
-/// Columns of the settings row, in the order [`mirror_settings_from_row`] reads them
-/// (`enabled` as an integer 0/1 on both backends).
-pub(crate) const MIRROR_SETTINGS_COLUMNS: &str = "region, endpoint_url, ca_mode, rotated_status, \
-     ca_certificate_id, arn_prefix, updated_at";
-
-pub(crate) fn mirror_settings_from_row<'r, R>(
-    row: &'r R,
-    enabled: bool,
-) -> Result<MirrorSettings, sqlx::Error>
-where
-    R: Row,
-    usize: ColumnIndex<R>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
-{
-    Ok(MirrorSettings {
-        enabled,
-        region: row.try_get(0)?,
-        endpoint_url: row.try_get(1)?,
-        ca_mode: row.try_get(2)?,
-        rotated_status: row.try_get(3)?,
-        ca_certificate_id: row.try_get(4)?,
-        arn_prefix: row.try_get(5)?,
-        updated_at: row.try_get(6)?,
-    })
-}
-
-/// Refuses settings the schema would refuse, with a message naming the field.
-pub(crate) fn validate_mirror_settings(s: &MirrorSettings) -> Result<(), RegistryError> {
-    if !matches!(s.ca_mode.as_str(), "default" | "sni-only") {
-        return Err(RegistryError::InvalidValue(format!(
-            "mirror CA mode {:?} (expected default or sni-only)",
-            s.ca_mode
-        )));
-    }
-    if !matches!(s.rotated_status.as_str(), "REVOKED" | "INACTIVE") {
-        return Err(RegistryError::InvalidValue(format!(
-            "mirror status for rotated certificates {:?} (expected REVOKED or INACTIVE)",
-            s.rotated_status
-        )));
-    }
-    if s.region.trim().is_empty() {
-        return Err(RegistryError::InvalidValue(
-            "mirror region is empty".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn mirror_enabled_detail(s: &MirrorSettings, queued: u64) -> String {
-    to_json(&serde_json::json!({
-        "region": s.region,
-        "endpoint_url": s.endpoint_url,
-        "ca_mode": s.ca_mode,
-        "rotated_status": s.rotated_status,
-        "queued": queued,
-    }))
-}
-
-pub(crate) fn mirror_parked_detail(op: i64, kind: &str, subject: &str, error: &str) -> String {
-    to_json(&serde_json::json!({ "op": op, "kind": kind, "subject": subject, "error": error }))
 }

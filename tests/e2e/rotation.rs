@@ -71,7 +71,7 @@ fn csr_device(env: &Env, name: &str, days: u32) -> (PathBuf, PathBuf) {
 }
 
 /// A device whose key fleetcert generated, provisioned for `days`.
-fn generated_device(env: &Env, name: &str, days: u32) -> (PathBuf, PathBuf) {
+pub(crate) fn generated_device(env: &Env, name: &str, days: u32) -> (PathBuf, PathBuf) {
     env.ok(&[
         "provision",
         name,
@@ -177,18 +177,18 @@ fn est_body(der: &Path) -> PathBuf {
 
 /// An HTTP answer as curl saw it; status 0 means no answer (e.g. refused at the TLS
 /// handshake).
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     content_type: String,
     body: Vec<u8>,
 }
 
 impl Reply {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("HTTP {}: not JSON ({e}): {}", self.status, self.text()))
     }
@@ -222,7 +222,7 @@ fn curl(env: &Env, mut cmd: Command) -> Reply {
 
 /// curl as a device on the mutual-TLS listener: `method path`, optionally with a CSR body
 /// read from a file.
-fn device_request(
+pub(crate) fn device_request(
     env: &Env,
     served: &Served,
     method: &str,
