@@ -227,6 +227,7 @@ impl Mirror {
             }
             report.rounds += 1;
             let results = self.apply_all(ops).await;
+            let applied_before = report.applied;
             for (result, error) in &results {
                 match &result.outcome {
                     MirrorOutcome::Applied => report.applied += 1,
@@ -243,6 +244,11 @@ impl Mirror {
             self.registry
                 .finish_mirror_ops(&self.owner, &results, self.clock.now())
                 .await?;
+            if report.applied == applied_before {
+                // Nothing went through (AWS down, or everything refused): stop here
+                // rather than chase short backoffs; the next run picks it up.
+                break;
+            }
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -423,9 +429,18 @@ impl Mirror {
             other => other?,
         };
         if !registered.created {
-            self.api
+            match self
+                .api
                 .update_certificate(&registered.id, desired.status)
-                .await?;
+                .await
+            {
+                // REVOKED is final in AWS: a retired certificate that is already
+                // REVOKED there stays so whatever the rotated-status setting says now.
+                Err(AwsError::Permanent { code, .. })
+                    if desired.status != AwsStatus::Active && code.contains("CertificateState") => {
+                }
+                other => other?,
+            }
         }
         if desired.policies {
             let policies = self
@@ -578,10 +593,16 @@ impl Mirror {
                 let mut drift = Vec::new();
                 match remote_certs.get(&cert.fingerprint_sha256) {
                     None => drift.push(("certificate_missing", String::new())),
-                    Some(status) if status != want.status.as_aws_str() => drift.push((
-                        "certificate_status",
-                        format!("{status} in AWS, {} here", want.status.as_aws_str()),
-                    )),
+                    // REVOKED is final in AWS and satisfies any retired state.
+                    Some(status)
+                        if status != want.status.as_aws_str()
+                            && !(status == "REVOKED" && want.status != AwsStatus::Active) =>
+                    {
+                        drift.push((
+                            "certificate_status",
+                            format!("{status} in AWS, {} here", want.status.as_aws_str()),
+                        ))
+                    }
                     Some(_) => {}
                 }
                 if let Some(arn) = &arn {
