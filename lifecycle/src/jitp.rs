@@ -1,8 +1,9 @@
 //! Just-in-time provisioning: what a device's mutual-TLS connection means.
 //!
 //! The first time a certificate connects, the thing is registered from its template in
-//! one registry transaction (details, policies, attachments, events) and the device gets
-//! `provisioned` in that same connection. Later connections are `known` and answered from
+//! one registry transaction (details, policies, attachments, events; on SQLite shared
+//! with the first connects arriving at the same moment, see `group_commit`) and the
+//! device gets `provisioned` in that same connection. Later connections are `known` and answered from
 //! a small cache after one indexed lookup. Refusals carry a reason code a device can log.
 use crate::LifecycleError;
 use crate::datadir::DataDir;
@@ -216,6 +217,7 @@ const CONNECTION_BUFFER: usize = 50_000;
 /// The JITP use case, shared by every connection.
 pub struct Jitp {
     registry: Arc<dyn Registry>,
+    registrations: crate::group_commit::Registrations,
     templates: crate::templates::TemplateSet,
     default_template: String,
     known: RwLock<HashMap<String, Known>>,
@@ -284,6 +286,7 @@ impl Jitp {
         let cacerts_pkcs7 = fleetcert_ca::pkcs7_certs_only(&[&issuing, &root]);
         let jitp = Jitp {
             crl: CrlPublisher::new(registry.clone(), ca, options.clock.clone()),
+            registrations: crate::group_commit::Registrations::new(registry.clone()),
             registry,
             templates,
             default_template: options.default_template,
@@ -533,8 +536,8 @@ impl Jitp {
             }
             let registration = self.plan_registration(&state, &identity)?;
             match self
-                .registry
-                .register(&registration)
+                .registrations
+                .register(registration)
                 .await
                 .map_err(ConnectRefusal::unavailable)?
             {

@@ -9,6 +9,7 @@
 mod datadir;
 mod error;
 mod fsio;
+mod group_commit;
 pub mod jitp;
 pub mod mirror;
 pub mod provision;

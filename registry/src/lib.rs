@@ -664,6 +664,34 @@ pub trait Registry: Send + Sync + fmt::Debug {
         registration: &Registration,
     ) -> Result<RegistrationOutcome, RegistryError>;
 
+    /// Several registrations in one transaction and one durable commit (group commit):
+    /// each applies entirely or not at all, exactly as [`Registry::register`] would one
+    /// after another, and the outcomes come back in order. A database error fails the
+    /// whole group and writes nothing; the caller may then register one by one.
+    ///
+    /// The default registers one after another (each its own transaction); backends
+    /// whose commits are serialised override it (see
+    /// [`Registry::registration_group_size`]).
+    async fn register_batch(
+        &self,
+        registrations: &[Registration],
+    ) -> Result<Vec<RegistrationOutcome>, RegistryError> {
+        let mut outcomes = Vec::with_capacity(registrations.len());
+        for registration in registrations {
+            outcomes.push(self.register(registration).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// How many concurrent first connects are worth grouping into one
+    /// [`Registry::register_batch`]. 1 (the default) means: call
+    /// [`Registry::register`] concurrently, the database runs them in parallel
+    /// (PostgreSQL). SQLite has one writer and one fsync per commit, so grouping is what
+    /// lets its registrations keep up with the handshakes.
+    fn registration_group_size(&self) -> usize {
+        1
+    }
+
     /// The certificate with this fingerprint, its thing and its attached policies; the
     /// hot path of every returning connection (one indexed query).
     async fn device_state(

@@ -40,6 +40,10 @@ use std::time::Duration;
 
 /// How long a writer waits for another writer (possibly another process) to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// First connects grouped into one transaction (one fsync). Large enough to absorb every
+/// handshake finishing while the previous group commits; small enough that a group's
+/// latency stays a few milliseconds.
+const REGISTRATION_GROUP: usize = 64;
 
 /// What an `sqlite:` URL or plain path names.
 #[derive(Debug, Clone)]
@@ -1634,6 +1638,56 @@ impl Registry for SqliteRegistry {
                 Err(self.err(context, error))
             }
         }
+    }
+
+    async fn register_batch(
+        &self,
+        registrations: &[Registration],
+    ) -> Result<Vec<RegistrationOutcome>, RegistryError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err("starting a transaction", e))?;
+        let mut outcomes = Vec::with_capacity(registrations.len());
+        for registration in registrations {
+            let requested = match common::requested_policies(registration) {
+                Ok(requested) => requested,
+                Err(reason) => {
+                    outcomes.push(RegistrationOutcome::Refused { reason });
+                    continue;
+                }
+            };
+            // A savepoint per registration: one that is refused (or loses to a change
+            // of its thing earlier in the group) leaves no trace, the others stay.
+            let mut one = sqlx::Acquire::begin(&mut tx)
+                .await
+                .map_err(|e| self.err("starting a savepoint", e))?;
+            let result = match Self::register_in(&mut one, registration, &requested).await {
+                Ok((outcome, true)) => one.commit().await.map(|()| outcome),
+                Ok((outcome, false)) => one.rollback().await.map(|()| outcome),
+                Err(WriteError { context, error }) => {
+                    drop(one);
+                    let _ = tx.rollback().await;
+                    return Err(self.err(context, error));
+                }
+            };
+            match result {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err(self.err("ending a savepoint", e));
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(|e| self.err("committing a group of registrations", e))?;
+        Ok(outcomes)
+    }
+
+    fn registration_group_size(&self) -> usize {
+        REGISTRATION_GROUP
     }
 
     async fn device_state(

@@ -1394,6 +1394,62 @@ async fn registration_refusals(url: &str) {
     }
 }
 
+/// A group of registrations in one transaction (group commit): each applies entirely or
+/// not at all, in order, as if made one after another.
+async fn register_batch_isolates_each(url: &str) {
+    let reg = open(url).await.unwrap();
+    assert!(reg.register_batch(&[]).await.unwrap().is_empty());
+    let a = provisioned(&reg, "t1").await;
+    let b = provisioned(&reg, "t2").await;
+    let c = provisioned(&reg, "t3").await;
+    let d = provisioned(&reg, "t4").await;
+    let p = || policy("p", Some(document("p")));
+
+    let mut unknown = registration(&a, 1, vec![p()]);
+    unknown.serial = "ffffffffffffffffffffffffffffffff".to_owned();
+    // Creates `q`, then is refused: `p` exists (from the first) with another document.
+    let conflicting = registration(
+        &d,
+        1,
+        vec![
+            policy("q", Some(document("q"))),
+            policy("p", Some(document("x"))),
+        ],
+    );
+    let group = [
+        registration(&a, 1, vec![p()]),
+        unknown,
+        registration(&b, 1, vec![p()]),
+        registration(&a, 1, vec![p()]),
+        registration(&c, 7, vec![p()]),
+        conflicting,
+    ];
+    let outcomes = reg.register_batch(&group).await.unwrap();
+    assert_eq!(outcomes.len(), group.len());
+    assert_eq!(outcomes[0], registered(&["p"]));
+    refused_because(&outcomes[1], &["ffffffffffffffffffffffffffffffff"]);
+    assert_eq!(outcomes[2], registered(&["p"]));
+    assert_eq!(outcomes[3], already(&["p"]));
+    assert_eq!(outcomes[4], RegistrationOutcome::ThingChanged);
+    refused_because(&outcomes[5], &["\"p\""]);
+
+    for (r, is_registered) in [(&a, true), (&b, true), (&c, false), (&d, false)] {
+        let cert = reg.get_certificate(serial(r)).await.unwrap().unwrap();
+        assert_eq!(
+            cert.registered_at.is_some(),
+            is_registered,
+            "{}",
+            r.thing_name
+        );
+        let thing = reg.get_thing(&r.thing_name).await.unwrap().unwrap();
+        assert_eq!(thing.version, if is_registered { 2 } else { 1 });
+    }
+    // The refused registration's policy creation was rolled back with it.
+    assert_eq!(reg.get_policy("q").await.unwrap(), None);
+    assert_eq!(count_kind(&reg, "certificate.registered").await, 2);
+    assert_eq!(count_kind(&reg, "policy.created").await, 1);
+}
+
 /// Ten concurrent first connects of one device (through ten registries, as ten server
 /// processes would): exactly one registration.
 async fn concurrent_registration_once(url: &str) {
@@ -3299,6 +3355,7 @@ stories!(
     thing_changed_on_version_mismatch,
     registration_refusals,
     concurrent_registration_once,
+    register_batch_isolates_each,
     connections_are_pruned,
     revoked_serials_exclude_expired,
     due_selection_and_idempotent_open,
