@@ -13,7 +13,8 @@
 #    server certificate and CA, ssl_verify_client on, a static 200 — the ceiling for a
 #    mutual-TLS server on this machine. Measured at peak and at half of its peak.
 # 5. A markdown table on stdout (progress on stderr). KEEP_WORK=1 keeps the temp dir
-#    (the generator's JSON documents are in it).
+#    (the generator's JSON documents are in it); SUMMARY_JSON=FILE also writes the
+#    figures as one JSON object (bench/compare.sh reads it).
 #
 # Every request is a new TCP connection + full TLS handshake (no resumption) + one
 # HTTP/1.1 POST /v1/connect + the response + close. Everything listens on 127.0.0.1 and
@@ -223,4 +224,18 @@ bad = [n for n, r in [("first", first), ("returning", returning), ("half", half)
 bad += [n for n, r in [("nginx", nginx), ("nginx-half", nginx_half)] if r["errors_total"]]
 if bad:
     print(f'- WARNING: errors or counter mismatches in: {", ".join(bad)}')
+if os.environ.get("SUMMARY_JSON"):
+    pick = lambda r: {k: r[k] for k in ("requests_per_second", "ok", "errors_total", "latency_ms",
+                                        "server_counted", "server_counted_matches_ok")}
+    json.dump({
+        "nginx_version": nginx_version,
+        "devices": int(devices), "seconds": float(seconds), "concurrency": int(concurrency),
+        "first": pick(first), "returning": pick(returning), "half": pick(half),
+        "nginx": pick(nginx), "nginx_half": pick(nginx_half),
+        "first_vs_nginx": first["requests_per_second"] / peak,
+        "returning_vs_nginx": returning["requests_per_second"] / peak,
+        "p99_at_half_ms": p99,
+        "serve_peak_rss_kib": int(serve_rss),
+        "problems": bad,
+    }, open(os.environ["SUMMARY_JSON"], "w"), indent=2)
 EOF

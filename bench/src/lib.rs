@@ -5,9 +5,15 @@
 //!   server asking for client certificates, so the same tool measures fleetcert and its
 //!   peers; cross-checked against the server's Prometheus counters when it has them.
 //! - [`issuance`]: in-process issuance throughput and the crypto floor in the same run.
+//! - [`csrs`]: N P-256 device CSRs and a `provision --batch` pallet naming them, the
+//!   input of the CSR-issuance comparison (`bench/compare-issuance.sh`).
+//! - [`hold`]: many idle mutual-TLS keep-alive connections open at once (for a server's
+//!   memory with N devices connected), with early closes by the server counted.
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod csrs;
+pub mod hold;
 pub mod issuance;
 pub mod jitp;
 pub mod metrics;

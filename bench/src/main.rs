@@ -26,6 +26,14 @@ enum Command {
     Jitp(JitpArgs),
     /// In-process issuance throughput (generated keys and CSRs) and the crypto floor.
     Issuance(IssuanceArgs),
+    /// Many idle connections at once: opens --connections mutual-TLS connections (device
+    /// certificates from --certs, round-robin), one keep-alive request on each, then holds
+    /// them all open for --seconds (for measuring a server's memory); counts early closes.
+    Hold(fleetcert_bench::hold::HoldArgs),
+    /// Device CSRs for issuance benchmarks: --count fresh P-256 keys and PKCS#10 requests
+    /// as <out>/<prefix>-<index>.csr, optionally a `provision --batch` pallet naming them.
+    /// Prints a one-line JSON summary.
+    Csrs(fleetcert_bench::csrs::CsrsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -96,6 +104,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Jitp(args) => run_jitp(args),
+        Command::Hold(args) => fleetcert_bench::hold::run_cli(args),
+        Command::Csrs(args) => fleetcert_bench::csrs::run_cli(args),
         Command::Issuance(args) => {
             let threads = args.threads.unwrap_or_else(|| {
                 std::thread::available_parallelism()
