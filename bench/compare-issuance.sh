@@ -15,7 +15,10 @@
 # 5. CSRs: `fleetcert-bench csrs` makes DEVICES P-256 keys + CSRs (not timed); a second
 #    fresh data directory and `provision --batch` of those CSRs; cfssl `/api/v1/cfssl/sign`
 #    driven by wrk with the first SIGN_CSRS (500) of the same CSRs (bench/wrk/sign.lua).
-# 6. A markdown table on stdout (progress on stderr); SUMMARY_JSON=FILE also writes every
+# 6. Where the time goes (context, not goals): (a) again with the device files on tmpfs
+#    (/dev/shm; the registry stays on disk), and `fleetcert-bench issuance` (signing
+#    alone, in process, against ring's floor).
+# 7. A markdown table on stdout (progress on stderr); SUMMARY_JSON=FILE also writes every
 #    figure as one JSON object; KEEP_WORK=1 keeps the temp dir.
 #
 # fleetcert rows are timed as whole commands (process start to exit: CSV and CSR files
@@ -71,6 +74,7 @@ cleanup() {
     for p in "${pids[@]}"; do
         wait "$p" 2>/dev/null || true
     done
+    if [ -n "${tmpfs_dir:-}" ]; then rm -rf "$tmpfs_dir"; fi
     if [ "${KEEP_WORK:-0}" = 1 ]; then note "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -110,9 +114,9 @@ wait_for_port() { # PORT WHAT PID
 
 # `fleetcert provision --batch` into a fresh data directory, timed as a whole command.
 # Writes NAME.json: fleetcert's summary line + wall-clock seconds + file counts.
-provision_timed() { # NAME PALLET EXPECT_KEYS(0|1)
+provision_timed() { # NAME PALLET EXPECT_KEYS(0|1) [OUT_BASE]
     local name=$1 pallet=$2 expect_keys=$3
-    local data=$work/data-$name out=$work/out-$name
+    local data=$work/data-$name out=${4:-$work}/out-$name
     "$fleetcert" --data-dir "$data" ca init --key-algorithm p256 >/dev/null
     # Flush what earlier steps left dirty (the build, the CSR files): fleetcert syncs its
     # file system per group and would otherwise pay for writing them back.
@@ -308,6 +312,24 @@ check_cfssl_answer sign sign "$work/sign-check.json" csr-device-0000001 "$work/c
 note "cfssl: /api/v1/cfssl/sign ($sign_csrs CSRs in turn), wrk -t$wrk_threads -c$wrk_connections, ${seconds}s"
 wrk_timed sign "$wrkdir/sign.lua" "$cfssl_url/sign" -- "$work/sign-bodies.jsonl"
 
+# --- (e) where fleetcert's time goes -------------------------------------------------------
+# The same generated-keys run with the device files on tmpfs (the registry stays durable on
+# disk): the difference to (a) is the disk file system's cost of creating, syncing and
+# renaming two files per device. And the signing alone, in process, against ring's floor.
+tmpfs_dir=
+if [ "$(stat -f -c %T /dev/shm 2>/dev/null)" = tmpfs ] && [ -w /dev/shm ]; then
+    tmpfs_dir=$(mktemp -d /dev/shm/fleetcert-compare-issuance.XXXXXX)
+    note "fleetcert: provision --batch, $devices generated keys, device files on tmpfs ($tmpfs_dir)"
+    provision_timed tmpfs "$work/pallet.csv" 1 "$tmpfs_dir"
+    rm -rf "$tmpfs_dir"
+    tmpfs_dir=
+else
+    note "no writable tmpfs at /dev/shm: skipping the files-on-tmpfs run"
+    echo null >"$work/tmpfs.json"
+fi
+note "fleetcert-bench issuance: signing alone, in process ($devices of each kind, best of 3)"
+run "$bench" issuance --devices "$devices" --rounds 3 --quiet >"$work/inprocess.json"
+
 cfssl_rss=$(awk '/VmHWM/ {print $2}' "/proc/$cfssl_pid/status" 2>/dev/null || echo 0)
 cfssl_version=$(cfssl version 2>/dev/null | awk -F': ' '/^Version/ {v=$2} /^Runtime/ {r=$2} END {print v " (" r ")"}')
 openssl_version=$(openssl version | awk '{print $1 " " $2}')
@@ -324,6 +346,7 @@ devices, seconds, openssl_devices, sign_csrs = int(devices), int(seconds), int(o
 openssl_seconds = float(openssl_seconds)
 load = lambda name: json.load(open(os.path.join(work, name + ".json")))
 gen, csr, newcert, sign = load("gen"), load("csr"), load("newcert"), load("sign")
+tmpfs, inprocess = load("tmpfs"), load("inprocess")
 openssl_rate = openssl_devices / openssl_seconds
 
 def wrk_problems(w):
@@ -374,6 +397,20 @@ print(f'| openssl ecparam + req + x509 -req, sequential script | {openssl_rate:,
 print(f'| fleetcert `provision --batch`, device CSRs | {csr["per_second"]:,.0f} | {x(r_csr)} cfssl sign | {fc_counted(csr)} |')
 print(f'| cfssl `/api/v1/cfssl/sign` ({sign_csrs} CSRs in turn) | {ref_sign:,.0f} | {x(r_sign)} cfssl newcert | {wrk_counted(sign)} |')
 print()
+print("Where fleetcert's time goes (same run; not the goals' figures):")
+print()
+print("| measurement | rate/s | ratio | counted |")
+print("|---|---:|---:|---|")
+if tmpfs:
+    print(f'| fleetcert `provision --batch`, generated keys, device files on tmpfs (registry durable on disk) '
+          f'| {tmpfs["per_second"]:,.0f} | {x(ratio(tmpfs["per_second"], ref_newcert))} cfssl newcert | {fc_counted(tmpfs)} |')
+ig, ic = inprocess["generated"]["per_second"], inprocess["csr"]["per_second"]
+print(f'| signing alone, in process: key generation + certificate (`fleetcert-bench issuance`) | {ig:,.0f} '
+      f'| {x(ratio(ig, ref_newcert))} cfssl newcert | best of {inprocess["rounds"]} rounds on {inprocess["threads"]} threads; '
+      f'ring floor {inprocess["floor_keygen_sign"]["per_second"]:,.0f}/s ({inprocess["ratio_generated_to_floor"]:.2f}×) |')
+print(f'| signing alone, in process: CSR parse + verify + certificate | {ic:,.0f} | {x(ratio(ic, ref_sign))} cfssl sign '
+      f'| ring floor {inprocess["floor_verify_sign"]["per_second"]:,.0f}/s ({inprocess["ratio_csr_to_floor"]:.2f}×) |')
+print()
 goals = [("batch_provisioning_vs_cfssl_newcert", "batch provisioning ≥ 8× cfssl newcert", r_gen, 8.0),
          ("csr_issuance_vs_cfssl_sign", "CSR issuance ≥ 5× cfssl sign", r_csr, 5.0)]
 for _, name, value, want in goals:
@@ -394,6 +431,8 @@ if summary_path:
         "cfssl_newcert": newcert,
         "cfssl_sign": dict(sign, csrs_cycled=sign_csrs),
         "openssl_script": {"devices": openssl_devices, "seconds": openssl_seconds, "per_second": openssl_rate},
+        "fleetcert_generated_files_on_tmpfs": tmpfs,
+        "in_process_signing": inprocess,
         "rates": {"fleetcert_generated": gen["per_second"], "fleetcert_csr": csr["per_second"],
                   "cfssl_newcert": ref_newcert, "cfssl_sign": ref_sign, "openssl_script": openssl_rate},
         "ratios": {"fleetcert_generated_vs_cfssl_newcert": r_gen, "fleetcert_csr_vs_cfssl_sign": r_csr,

@@ -425,12 +425,13 @@ async fn deliver(
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         // Sequential on purpose: creations in one directory serialise on its inode lock,
         // and parallel creators only spin on it.
+        let staging = writer.staging()?;
         let staged: Vec<Staged> = files
             .iter()
-            .map(|(name, contents, mode)| writer.stage(name, contents, *mode))
+            .map(|(name, contents, mode)| staging.stage(name, contents, *mode))
             .collect::<Result<_, _>>()?;
         let staged_at = started.elapsed();
-        writer.publish(staged)?;
+        writer.publish(staging, staged)?;
         tracing::debug!(files = files.len(), ?staged_at, published_at = ?started.elapsed(), "group files written");
         Ok(())
     })
