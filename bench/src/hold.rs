@@ -11,18 +11,16 @@
 //! long it had been idle), and so is the largest number of connections open at the same
 //! moment (`max_open`), kept with an atomic.
 use crate::certs;
-use crate::jitp::ErrorKind;
+use crate::jitp::{ErrorKind, Failure, Target, after_handshake, describe, resolve};
 use crate::metrics;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::Method;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -173,105 +171,8 @@ pub struct HoldMetrics {
 const HANDSHAKES: &str = "fleetcert_tls_handshakes_total";
 const MAX_SAMPLES: usize = 8;
 
-/// Where connections go, resolved once.
-#[derive(Debug)]
-struct Target {
-    addr: SocketAddr,
-    server_name: ServerName<'static>,
-    authority: String,
-    path: String,
-    method: Method,
-}
-
-// Copied from jitp.rs (private there): URL parsing and resolution.
-async fn resolve(opts: &HoldOptions) -> Result<Target> {
-    let uri: hyper::Uri = opts
-        .url
-        .parse()
-        .with_context(|| format!("bad URL {:?}", opts.url))?;
-    if uri.scheme_str() != Some("https") {
-        bail!("the URL must be https://host:port/path, got {:?}", opts.url);
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| anyhow!("no host in {:?}", opts.url))?
-        .trim_matches(['[', ']'])
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(443);
-    let addr = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .with_context(|| format!("cannot resolve {host}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{host} has no address"))?;
-    let name = opts.server_name.clone().unwrap_or(host);
-    let server_name =
-        ServerName::try_from(name.clone()).map_err(|e| anyhow!("server name {name:?}: {e}"))?;
-    Ok(Target {
-        addr,
-        server_name,
-        authority: uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default(),
-        path: uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into()),
-        method: opts.method.clone(),
-    })
-}
-
-// Copied from jitp.rs (private there).
-/// Does the error, or anything it wraps, come from rustls?
-fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<rustls::Error>() {
-            return true;
-        }
-        // io::Error::source() skips the error it wraps; look at it directly.
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            && is_tls_error(inner)
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
-}
-
-// Copied from jitp.rs (private there).
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        next = e.source();
-    }
-    text
-}
-
-type Failure = (ErrorKind, String);
-
-fn after_handshake(e: impl std::error::Error + 'static) -> Failure {
-    let kind = if is_tls_error(&e) {
-        ErrorKind::Tls
-    } else {
-        ErrorKind::Http
-    };
-    (kind, describe(&e))
-}
-
 fn kind_of_status(status: u16) -> Option<ErrorKind> {
-    match status {
-        200..=299 => None,
-        400..=499 => Some(ErrorKind::Http4xx),
-        500..=599 => Some(ErrorKind::Http5xx),
-        _ => Some(ErrorKind::HttpOther),
-    }
+    ErrorKind::of_status(status)
 }
 
 /// The task driving one hyper client connection; aborted if dropped unfinished, so a
@@ -544,7 +445,7 @@ pub async fn run(opts: &HoldOptions) -> Result<HoldReport> {
     if opts.parallelism == 0 {
         bail!("parallelism must be at least 1");
     }
-    let target = resolve(opts).await?;
+    let target = resolve(&opts.url, opts.server_name.as_deref(), &opts.method).await?;
     let roots = certs::read_roots(&opts.ca)?;
     let devices = certs::list_devices(&opts.certs)?;
     let devices_used = devices.len().min(opts.connections);

@@ -114,7 +114,7 @@ impl ErrorKind {
         }
     }
 
-    fn of_status(status: u16) -> Option<ErrorKind> {
+    pub(crate) fn of_status(status: u16) -> Option<ErrorKind> {
         match status {
             200..=299 => None,
             400..=499 => Some(ErrorKind::Http4xx),
@@ -171,41 +171,44 @@ pub struct MetricsScrape {
     pub after: f64,
 }
 
-/// Where requests go, resolved once.
+/// Where requests go, resolved once (shared with `hold`).
 #[derive(Debug)]
-struct Target {
-    addr: SocketAddr,
-    server_name: ServerName<'static>,
-    authority: String,
-    path: String,
-    method: Method,
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) authority: String,
+    pub(crate) path: String,
+    pub(crate) method: Method,
 }
 
-fn parse_target(opts: &JitpOptions) -> Result<(hyper::Uri, String, u16)> {
-    let uri: hyper::Uri = opts
-        .url
-        .parse()
-        .with_context(|| format!("bad URL {:?}", opts.url))?;
+fn parse_target(url: &str) -> Result<(hyper::Uri, String, u16)> {
+    let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     if uri.scheme_str() != Some("https") {
-        bail!("the URL must be https://host:port/path, got {:?}", opts.url);
+        bail!("the URL must be https://host:port/path, got {url:?}");
     }
     let host = uri
         .host()
-        .ok_or_else(|| anyhow!("no host in {:?}", opts.url))?
+        .ok_or_else(|| anyhow!("no host in {url:?}"))?
         .trim_matches(['[', ']'])
         .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     Ok((uri, host, port))
 }
 
-async fn resolve(opts: &JitpOptions) -> Result<Target> {
-    let (uri, host, port) = parse_target(opts)?;
+/// Parses `https://HOST:PORT/PATH` and resolves HOST; the TLS server name is
+/// `server_name` or else HOST.
+pub(crate) async fn resolve(
+    url: &str,
+    server_name: Option<&str>,
+    method: &Method,
+) -> Result<Target> {
+    let (uri, host, port) = parse_target(url)?;
     let addr = tokio::net::lookup_host((host.as_str(), port))
         .await
         .with_context(|| format!("cannot resolve {host}"))?
         .next()
         .ok_or_else(|| anyhow!("{host} has no address"))?;
-    let name = opts.server_name.clone().unwrap_or(host);
+    let name = server_name.map(str::to_owned).unwrap_or(host);
     let server_name =
         ServerName::try_from(name.clone()).map_err(|e| anyhow!("server name {name:?}: {e}"))?;
     Ok(Target {
@@ -219,12 +222,12 @@ async fn resolve(opts: &JitpOptions) -> Result<Target> {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into()),
-        method: opts.method.clone(),
+        method: method.clone(),
     })
 }
 
 /// Does the error, or anything it wraps, come from rustls?
-fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
         if e.is::<rustls::Error>() {
@@ -243,7 +246,7 @@ fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut next = error.source();
     while let Some(e) = next {
@@ -254,7 +257,7 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-type Failure = (ErrorKind, String);
+pub(crate) type Failure = (ErrorKind, String);
 
 /// `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full`: what was negotiated, so a comparison
 /// between servers can show it compared like with like.
@@ -278,7 +281,7 @@ fn describe_session(conn: &rustls::ClientConnection) -> String {
     format!("{version} {suite} {group} {kind}")
 }
 
-fn after_handshake(e: impl std::error::Error + 'static) -> Failure {
+pub(crate) fn after_handshake(e: impl std::error::Error + 'static) -> Failure {
     let kind = if is_tls_error(&e) {
         ErrorKind::Tls
     } else {
@@ -449,7 +452,7 @@ pub async fn run(opts: &JitpOptions) -> Result<JitpReport> {
     {
         bail!("rate must be a positive number of requests per second");
     }
-    let target = resolve(opts).await?;
+    let target = resolve(&opts.url, opts.server_name.as_deref(), &opts.method).await?;
     let roots = certs::read_roots(&opts.ca)?;
     let devices: Vec<DeviceFiles> = certs::list_devices(&opts.certs)?;
     // One client configuration per device, built before the clock starts.
@@ -620,10 +623,8 @@ mod tests {
 
     #[test]
     fn only_https_urls() {
-        let mut opts = JitpOptions::new("http://127.0.0.1:1/", "x", "y");
-        assert!(parse_target(&opts).is_err());
-        opts.url = "https://[::1]:8443/v1/connect".into();
-        let (uri, host, port) = parse_target(&opts).unwrap();
+        assert!(parse_target("http://127.0.0.1:1/").is_err());
+        let (uri, host, port) = parse_target("https://[::1]:8443/v1/connect").unwrap();
         assert_eq!(
             (host.as_str(), port, uri.path()),
             ("::1", 8443, "/v1/connect")
