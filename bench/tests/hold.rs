@@ -151,6 +151,12 @@ async fn holds_connections_open_at_once_and_counts_failures_and_early_closes() {
     assert_eq!(m.handshakes_during_ramp, Some(20), "{m:#?}");
     assert!(m.after.unwrap() >= m.before + 20.0, "{m:#?}");
     assert!(m.scrape_errors.is_empty(), "{m:#?}");
+    // The server's own count of open connections agrees while they are held.
+    assert_eq!(
+        m.open_connection_gauges.get("fleetcert_open_connections"),
+        Some(&20.0),
+        "{m:#?}"
+    );
 
     // Devices of another fleet: refused in the TLS handshake, nothing held.
     let mut strangers = options(addr_a, a.path());

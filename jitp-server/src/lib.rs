@@ -171,8 +171,9 @@ impl Server {
             let metrics = metrics.clone();
             let limits = limits.clone();
             let watcher = graceful.watcher();
+            let open = metrics.connection_opened();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _held = (permit, open);
                 let started = Instant::now();
                 let stream =
                     match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {

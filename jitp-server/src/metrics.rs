@@ -53,6 +53,17 @@ pub struct Metrics {
     mirror_operations: Family<ResultLabel, Counter>,
     mirror_backlog: Family<StateLabel, Gauge>,
     mirror_oldest_pending_seconds: Gauge,
+    open_connections: Gauge,
+}
+
+/// Counts one device connection as open until dropped (see [`Metrics::connection_opened`]).
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,6 +86,12 @@ impl Metrics {
         let handshake_seconds = latency_buckets();
         let connect_seconds =
             Family::<StatusLabel, Histogram>::new_with_constructor(latency_buckets as fn() -> _);
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "device connections accepted and not yet closed (in the handshake or serving)",
+            open_connections.clone(),
+        );
         registry.register(
             "tls_handshakes",
             "mutual-TLS handshakes on the device listener, by result",
@@ -147,7 +164,14 @@ impl Metrics {
             mirror_operations,
             mirror_backlog,
             mirror_oldest_pending_seconds,
+            open_connections,
         }
+    }
+
+    /// Counts a device connection as open until the returned guard is dropped.
+    pub(crate) fn connection_opened(&self) -> OpenConnection {
+        self.open_connections.inc();
+        OpenConnection(self.open_connections.clone())
     }
 
     pub(crate) fn handshake_ok(&self, took: Duration) {
