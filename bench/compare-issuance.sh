@@ -30,6 +30,7 @@
 # process started here is killed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 usage() { echo "usage: bench/compare-issuance.sh [DEVICES] [SECONDS]     (defaults: 20000 10)" >&2; }
 note() { echo "compare-issuance: $*" >&2; }
@@ -94,23 +95,7 @@ run() {
 now() { echo "$EPOCHREALTIME"; }
 elapsed() { python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.6f}")' "$1" "$2"; }
 
-port_cfssl=$(python3 - <<'EOF'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-EOF
-)
-
-wait_for_port() { # PORT WHAT PID
-    for _ in $(seq 1 200); do
-        if ! kill -0 "$3" 2>/dev/null; then note "$2 exited"; return 1; fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    note "$2 is not listening on port $1"
-    return 1
-}
+port_cfssl=$(free_ports 1)
 
 # `fleetcert provision --batch` into a fresh data directory, timed as a whole command.
 # Writes NAME.json: fleetcert's summary line + wall-clock seconds + file counts.

@@ -21,6 +21,7 @@
 # every process started here is killed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 devices=${1:-3000}
 seconds=${2:-10}
 concurrency=${3:-32}
@@ -34,7 +35,6 @@ bench=$PWD/target/release/fleetcert-bench
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fleetcert-compare-jitp.XXXXXX")
 pids=()
-added_policy_rc=0
 cleanup() {
     local p
     for p in "${pids[@]}"; do
@@ -49,24 +49,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r port_tls port_admin port_nginx < <(python3 - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-
-wait_for_port() { # PORT WHAT PID
-    for _ in $(seq 1 200); do
-        if ! kill -0 "$3" 2>/dev/null; then note "$2 exited"; return 1; fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    note "$2 is not listening on port $1"
-    return 1
-}
+read -r port_tls port_admin port_nginx < <(free_ports 3)
 
 # --- fleetcert: CA, devices, server -------------------------------------------------
 data=$work/data
@@ -103,17 +86,7 @@ generate "$work/fc-returning.json" "$fc_url" --duration "$seconds" --metrics-url
 
 # --- nginx --------------------------------------------------------------------------
 if ! command -v nginx >/dev/null 2>&1; then
-    note "installing Debian nginx-light"
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        # Keep the package's post-install from starting a system nginx on port 80.
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        added_policy_rc=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq nginx-light >&2
-    if [ "$added_policy_rc" = 1 ]; then rm -f /usr/sbin/policy-rc.d; added_policy_rc=0; fi
+    install_debian_packages nginx-light
 fi
 ngx=$work/nginx
 mkdir -p "$ngx/tmp"

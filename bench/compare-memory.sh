@@ -25,6 +25,7 @@
 # Everything listens on 127.0.0.1 and every process started here is killed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 devices=${1:-2000}
 connections=${2:-1000}
 seconds=${3:-10}
@@ -67,24 +68,7 @@ if [ "$fd_limit" != unlimited ] && [ "$fd_limit" -lt $((connections + 256)) ]; t
 fi
 note "open-file limit: $fd_limit"
 
-read -r port_tls port_admin < <(python3 - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-
-wait_for_port() { # PORT WHAT PID
-    for _ in $(seq 1 200); do
-        if ! kill -0 "$3" 2>/dev/null; then note "$2 exited"; return 1; fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    note "$2 is not listening on port $1"
-    return 1
-}
+read -r port_tls port_admin < <(free_ports 2)
 
 # Fields of /proc/PID/status as one JSON object: {"VmRSS": kB, "VmHWM": kB, ...}.
 snapshot() { # PID OUT.json

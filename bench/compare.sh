@@ -23,6 +23,7 @@
 # Missing tools (cfssl, wrk, nginx) are installed from Debian's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 note() { echo "compare: $*" >&2; }
@@ -69,18 +70,8 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
-    note "installing Debian packages: ${missing[*]}"
-    added_policy_rc=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        # Keep nginx's post-install from starting a system nginx on port 80.
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        added_policy_rc=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq "${missing[@]}" >&2
-    if [ "$added_policy_rc" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    trap '[ "$added_policy_rc" = 1 ] && rm -f /usr/sbin/policy-rc.d' EXIT
+    install_debian_packages "${missing[@]}"
 fi
 
 note "building release binaries"
