@@ -1,0 +1,1 @@
+//! Issue 12 regression tests: see the module's tests.
