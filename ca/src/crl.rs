@@ -2,8 +2,10 @@
 
 use crate::hierarchy::to_cert_time;
 use crate::x509::{looks_like_pem, nom_reason, rfc4514};
-use crate::{CaError, CrlEntry, CrlSummary, IssuingCa, RevocationReason, SignedCrl, der};
-use pkcs8::der::pem::LineEnding;
+use crate::signer::signing_error;
+use crate::{CaError, CrlEntry, CrlSummary, IssuingCa, RevocationReason, SignedCrl};
+use der::pem::LineEnding;
+use der::{Encode as _, Header, Reader as _, SliceReader, Tag};
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 use std::collections::HashSet;
 use time::OffsetDateTime;
@@ -97,7 +99,7 @@ pub(crate) fn sign(
         rcgen::Error::IssuerNotCrlSigner => CaError::MalformedCertificate(
             "the issuing CA certificate's key usage does not allow cRLSign".into(),
         ),
-        e => CaError::Signing(e.to_string()),
+        e => signing_error(e),
     })?;
     let der = crl.der().to_vec();
 
@@ -110,7 +112,7 @@ pub(crate) fn sign(
         )));
     }
 
-    let pem = pkcs8::der::pem::encode_string("X509 CRL", LineEnding::LF, &der)
+    let pem = der::pem::encode_string("X509 CRL", LineEnding::LF, &der)
         .expect("PEM encoding of a freshly signed CRL");
     Ok(SignedCrl { der, pem })
 }
@@ -118,25 +120,33 @@ pub(crate) fn sign(
 /// The issuer Name TLV of a CertificateList: SEQUENCE { SEQUENCE { version INTEGER,
 /// signature AlgorithmIdentifier, issuer Name, ... } ... }.
 fn issuer_name(crl: &[u8]) -> Option<&[u8]> {
-    let (0x30, header, _) = der::read_header(crl)? else {
-        return None;
-    };
-    let tbs = &crl[header..];
-    let (0x30, header, _) = der::read_header(tbs)? else {
-        return None;
-    };
-    let mut rest = &tbs[header..];
-    for expected in [0x02, 0x30] {
-        let (tag, header, len) = der::read_header(rest)?;
-        if tag != expected {
-            return None;
+    fn tbs_issuer<'a>(tbs: &mut SliceReader<'a>) -> der::Result<&'a [u8]> {
+        for skipped in [Tag::Integer, Tag::Sequence] {
+            Header::peek(tbs)?.tag().assert_eq(skipped)?;
+            tbs.tlv_bytes()?;
         }
-        rest = &rest[header + len..];
+        Header::peek(tbs)?.tag().assert_eq(Tag::Sequence)?;
+        let issuer = tbs.tlv_bytes()?;
+        tbs.drain(tbs.remaining_len())?;
+        Ok(issuer)
     }
-    let (0x30, header, len) = der::read_header(rest)? else {
-        return None;
-    };
-    Some(&rest[..header + len])
+    let mut reader = SliceReader::new(crl).ok()?;
+    reader
+        .sequence(|list| {
+            let issuer = list.sequence(tbs_issuer)?;
+            list.drain(list.remaining_len())?;
+            Ok::<_, der::Error>(issuer)
+        })
+        .ok()
+}
+
+/// Whether `input` starts with a well-formed header whose content runs past the end:
+/// the data was cut short.
+fn is_truncated(input: &[u8]) -> bool {
+    SliceReader::new(input)
+        .and_then(|reader| Header::peek(&reader))
+        .and_then(|header| header.encoded_len()? + header.length())
+        .is_ok_and(|total| usize::try_from(total).is_ok_and(|total| total > input.len()))
 }
 
 pub(crate) fn describe(input: &[u8]) -> Result<CrlSummary, CaError> {
@@ -158,7 +168,7 @@ pub(crate) fn describe(input: &[u8]) -> Result<CrlSummary, CaError> {
     };
     let (rest, crl) = CertificateRevocationList::from_der(der).map_err(|e| {
         // x509-parser reports a cut-short CRL as a plain EOF error; say what it means.
-        if der.first() == Some(&0x30) && der::is_truncated(der) {
+        if der.first() == Some(&0x30) && is_truncated(der) {
             malformed("truncated: the data ends before the structure does".into())
         } else {
             malformed(nom_reason(e))

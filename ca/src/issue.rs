@@ -2,8 +2,9 @@
 
 use crate::hierarchy::{MAX_DAYS, common_name, random_serial, validity};
 use crate::x509::{cert_der, parse_cert, rfc4514, sha256_hex};
+use crate::signer::{RcgenSigner, signing_error};
 use crate::{
-    CaError, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, KeyAlgorithm, PrivateKey,
+    CaError, CaSigner, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, KeyAlgorithm,
     ThingName, keys,
 };
 use pkcs8::der::pem::LineEnding;
@@ -18,7 +19,7 @@ use x509_parser::extensions::ParsedExtension;
 
 /// Everything issuance needs, parsed once.
 pub(crate) struct Loaded {
-    pub(crate) issuer: Issuer<'static, rcgen::KeyPair>,
+    pub(crate) issuer: Issuer<'static, RcgenSigner>,
     pub(crate) issuing_cert_pem: String,
     pub(crate) root_cert_pem: String,
     pub(crate) subject: String,
@@ -39,7 +40,7 @@ fn canonical_pem(der: &[u8]) -> String {
 
 pub(crate) fn load(
     issuing_cert_pem: &str,
-    issuing_key: &PrivateKey,
+    signer: Box<dyn CaSigner>,
     root_cert_pem: &str,
 ) -> Result<Loaded, CaError> {
     let in_cert = |what: &'static str| {
@@ -55,8 +56,7 @@ pub(crate) fn load(
     let issuing = parse_cert(&issuing_der).map_err(in_cert("issuing CA"))?;
     let root = parse_cert(&root_der).map_err(in_cert("root CA"))?;
 
-    let signer = keys::signing_key(issuing_key)?;
-    if issuing.public_key().subject_public_key.data.as_ref() != signer.der_bytes() {
+    if issuing.public_key().subject_public_key.data.as_ref() != signer.public_key() {
         return Err(CaError::KeyMismatch);
     }
 
@@ -103,6 +103,7 @@ pub(crate) fn load(
             _ => None,
         })
         .unwrap_or_else(|| keys::key_id(&issuing.public_key().subject_public_key.data));
+    let signer = RcgenSigner::new(signer);
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(issuing_der.as_slice()), signer)
         .map_err(|e| CaError::MalformedCertificate(format!("issuing CA certificate: {e}")))?;
     Ok(Loaded {
@@ -198,7 +199,7 @@ pub(crate) fn issue(
 
     let cert = params
         .signed_by(public, &ca.inner.issuer)
-        .map_err(|e| CaError::Signing(e.to_string()))?;
+        .map_err(signing_error)?;
     let der = cert.der().to_vec();
     Ok(IssuedCertificate {
         serial_hex: hex::encode(serial),
@@ -252,7 +253,7 @@ pub(crate) fn issue_server(
     params.key_identifier_method = keys::key_identifier(&g.public);
     let cert = params
         .signed_by(&g.public, &ca.inner.issuer)
-        .map_err(|e| CaError::Signing(e.to_string()))?;
+        .map_err(signing_error)?;
     let der = cert.der().to_vec();
     Ok(IssuedCertificate {
         serial_hex: hex::encode(serial),
@@ -293,7 +294,7 @@ pub(crate) fn issue_verification(
     params.key_identifier_method = keys::key_identifier(&g.public);
     let cert = params
         .signed_by(&g.public, &ca.inner.issuer)
-        .map_err(|e| CaError::Signing(e.to_string()))?;
+        .map_err(signing_error)?;
     let der = cert.der().to_vec();
     Ok(IssuedCertificate {
         serial_hex: hex::encode(serial),

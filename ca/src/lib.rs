@@ -32,11 +32,13 @@ mod keys;
 mod name;
 mod pkcs7;
 mod reason;
+mod signer;
 mod x509;
 
 pub use error::CaError;
 pub use name::ThingName;
 pub use reason::RevocationReason;
+pub use signer::{CaSigner, SoftwareSigner};
 
 use std::fmt;
 use std::str::FromStr;
@@ -281,7 +283,8 @@ pub struct IssuedCertificate {
     pub private_key: Option<PrivateKey>,
 }
 
-/// The issuing CA, loaded and ready to sign. `Send + Sync`: share one across threads.
+/// The issuing CA, loaded and ready to sign through its [`CaSigner`]. `Send + Sync`:
+/// share one across threads.
 pub struct IssuingCa {
     inner: issue::Loaded,
 }
@@ -299,13 +302,30 @@ impl IssuingCa {
     /// Errors: [`CaError::MalformedCertificate`] for unreadable certificates, a root
     /// that is not self-signed or an issuing certificate that is not a CA;
     /// [`CaError::KeyMismatch`]; [`CaError::BrokenChain`].
+    ///
+    /// The key signs in this process ([`SoftwareSigner`]); this is
+    /// [`IssuingCa::with_signer`] with a `SoftwareSigner` for `issuing_key`.
     pub fn load(
         issuing_cert_pem: &str,
         issuing_key: &PrivateKey,
         root_cert_pem: &str,
     ) -> Result<Self, CaError> {
+        let signer = SoftwareSigner::new(issuing_key)?;
+        Self::with_signer(issuing_cert_pem, Box::new(signer), root_cert_pem)
+    }
+    /// Loads the issuing CA with its key behind `signer` (a key in memory, an HSM, a
+    /// cloud KMS: see [`CaSigner`]). Every certificate and CRL this CA issues is
+    /// signed through it, from as many threads as call it.
+    ///
+    /// Checks and errors as [`IssuingCa::load`]; [`CaError::KeyMismatch`] if the
+    /// signer's public key is not the issuing certificate's.
+    pub fn with_signer(
+        issuing_cert_pem: &str,
+        signer: Box<dyn CaSigner>,
+        root_cert_pem: &str,
+    ) -> Result<Self, CaError> {
         Ok(IssuingCa {
-            inner: issue::load(issuing_cert_pem, issuing_key, root_cert_pem)?,
+            inner: issue::load(issuing_cert_pem, signer, root_cert_pem)?,
         })
     }
     /// The issuing certificate, re-encoded as one canonical PEM block.
