@@ -1,8 +1,8 @@
 //! Signing and describing certificate revocation lists.
 
 use crate::hierarchy::to_cert_time;
-use crate::x509::{looks_like_pem, nom_reason, rfc4514};
 use crate::signer::signing_error;
+use crate::x509::{looks_like_pem, nom_reason, rfc4514};
 use crate::{CaError, CrlEntry, CrlSummary, IssuingCa, RevocationReason, SignedCrl};
 use der::pem::LineEnding;
 use der::{Encode as _, Header, Reader as _, SliceReader, Tag};

@@ -1,8 +1,8 @@
 //! Loading the issuing CA and issuing device certificates.
 
 use crate::hierarchy::{MAX_DAYS, common_name, random_serial, validity};
-use crate::x509::{cert_der, parse_cert, rfc4514, sha256_hex};
 use crate::signer::{RcgenSigner, signing_error};
+use crate::x509::{cert_der, parse_cert, rfc4514, sha256_hex};
 use crate::{
     CaError, CaSigner, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, KeyAlgorithm,
     ThingName, keys,

@@ -24,7 +24,6 @@
 
 mod crl;
 mod csr;
-mod der;
 mod error;
 mod hierarchy;
 mod issue;

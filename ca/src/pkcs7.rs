@@ -1,58 +1,61 @@
 //! The degenerate ("certs-only") CMS SignedData that EST (RFC 7030) answers with.
 
-use crate::der::{header_len, push_header};
+use der::asn1::ObjectIdentifier;
+use der::{Encode, Header, Length, Tag, TagNumber};
 
-/// id-signedData, 1.2.840.113549.1.7.2, as a complete OBJECT IDENTIFIER TLV.
-const OID_SIGNED_DATA: [u8; 11] = [
-    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02,
-];
-/// id-data, 1.2.840.113549.1.7.1.
-const OID_DATA: [u8; 11] = [
-    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01,
-];
-/// version CMSVersion (1).
-const VERSION_1: [u8; 3] = [0x02, 0x01, 0x01];
+/// id-signedData.
+const ID_SIGNED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.2");
+/// id-data.
+const ID_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
 /// An empty SET (digestAlgorithms, signerInfos).
+#[cfg(test)]
 const EMPTY_SET: [u8; 2] = [0x31, 0x00];
+
+/// `[0]`, constructed: the EXPLICIT content of ContentInfo and the IMPLICIT
+/// certificates SET OF of SignedData.
+const CONTEXT_0: Tag = Tag::ContextSpecific {
+    constructed: true,
+    number: TagNumber(0),
+};
+
+/// A TLV: `tag`, the DER length, then the content parts in order.
+fn tlv(tag: Tag, parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let length = Length::try_from(len).expect("a certs-only bundle under 256 MiB");
+    let mut out = Header::new(tag, length)
+        .to_der()
+        .expect("a header of a valid length encodes");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
+}
 
 /// ContentInfo { id-signedData, [0] EXPLICIT SignedData { 1, {}, { id-data },
 /// [0] IMPLICIT certificates, {} } }.
+///
+/// The certificates SET OF keeps the caller's order (EST clients and the tests read
+/// the issuing CA first), so it is written here rather than through `der`'s
+/// `SetOfVec`, which sorts its elements.
 pub(crate) fn certs_only(certs: &[&[u8]]) -> Vec<u8> {
-    let certs_len: usize = certs.iter().map(|c| c.len()).sum();
+    let oid = |oid: ObjectIdentifier| oid.to_der().expect("a constant OID encodes");
+    let version = 1u8.to_der().expect("INTEGER 1 encodes");
+    let empty_set = tlv(Tag::Set, &[]);
+    let encap = tlv(Tag::Sequence, &[&oid(ID_DATA)]);
     // certificates [0] IMPLICIT CertificateSet OPTIONAL: left out when empty.
-    let certs_field = if certs.is_empty() {
-        0
+    let certificates = if certs.is_empty() {
+        Vec::new()
     } else {
-        header_len(certs_len) + certs_len
+        tlv(CONTEXT_0, certs)
     };
-    let encap_len = OID_DATA.len();
-    let signed_len = VERSION_1.len()
-        + EMPTY_SET.len()
-        + header_len(encap_len)
-        + encap_len
-        + certs_field
-        + EMPTY_SET.len();
-    let explicit_len = header_len(signed_len) + signed_len;
-    let info_len = OID_SIGNED_DATA.len() + header_len(explicit_len) + explicit_len;
-
-    let mut out = Vec::with_capacity(header_len(info_len) + info_len);
-    push_header(&mut out, 0x30, info_len); // ContentInfo
-    out.extend_from_slice(&OID_SIGNED_DATA); // contentType
-    push_header(&mut out, 0xa0, explicit_len); // content [0] EXPLICIT
-    push_header(&mut out, 0x30, signed_len); // SignedData
-    out.extend_from_slice(&VERSION_1);
-    out.extend_from_slice(&EMPTY_SET); // digestAlgorithms
-    push_header(&mut out, 0x30, encap_len); // encapContentInfo, no eContent
-    out.extend_from_slice(&OID_DATA);
-    if !certs.is_empty() {
-        push_header(&mut out, 0xa0, certs_len); // certificates [0] IMPLICIT SET OF
-        for cert in certs {
-            out.extend_from_slice(cert);
-        }
-    }
-    out.extend_from_slice(&EMPTY_SET); // signerInfos
-    debug_assert_eq!(out.len(), out.capacity());
-    out
+    let signed_data = tlv(
+        Tag::Sequence,
+        &[&version, &empty_set, &encap, &certificates, &empty_set],
+    );
+    tlv(
+        Tag::Sequence,
+        &[&oid(ID_SIGNED_DATA), &tlv(CONTEXT_0, &[&signed_data])],
+    )
 }
 
 #[cfg(test)]
@@ -87,9 +90,11 @@ mod tests {
         assert_eq!(&out[at + 4..at + 7], &a);
         assert_eq!(&out[at + 7..at + 307], &b[..]);
         assert_eq!(&out[at + 307..], &EMPTY_SET);
+        // One SEQUENCE with a two-octet length spanning the rest.
+        assert_eq!(&out[..2], [0x30, 0x82]);
         assert_eq!(
-            crate::der::read_header(&out),
-            Some((0x30, 4, out.len() - 4))
+            usize::from(u16::from_be_bytes([out[2], out[3]])),
+            out.len() - 4
         );
     }
 }

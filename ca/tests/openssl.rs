@@ -721,3 +721,117 @@ fn crls_from_an_openssl_made_issuing_ca() {
         "{e:?}"
     );
 }
+
+/// A second `CaSigner`: counts signatures and can be told to fail.
+struct CountingSigner {
+    inner: fleetcert_ca::SoftwareSigner,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    fail: bool,
+}
+
+impl fleetcert_ca::CaSigner for CountingSigner {
+    fn algorithm(&self) -> KeyAlgorithm {
+        self.inner.algorithm()
+    }
+    fn public_key(&self) -> &[u8] {
+        self.inner.public_key()
+    }
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, fleetcert_ca::CaError> {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.fail {
+            return Err(fleetcert_ca::CaError::Signing("HSM session closed".into()));
+        }
+        self.inner.sign(message)
+    }
+}
+
+/// Certificates and CRLs are signed through the `CaSigner` the CA was loaded with,
+/// and what it signs verifies with OpenSSL; a signer's error comes back unchanged.
+#[test]
+fn certificates_and_crls_are_signed_through_the_signer() {
+    use fleetcert_ca::{CaSigner, IssuingCa, SoftwareSigner};
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for alg in [
+        KeyAlgorithm::P256,
+        KeyAlgorithm::Ed25519,
+        KeyAlgorithm::Rsa2048,
+    ] {
+        let (h, _) = hierarchy(alg);
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let signer = CountingSigner {
+            inner: SoftwareSigner::new(&h.issuing_key).unwrap(),
+            count: count.clone(),
+            fail: false,
+        };
+        assert_eq!(signer.algorithm(), alg);
+        let ca = IssuingCa::with_signer(&h.issuing_cert_pem, Box::new(signer), &h.root_cert_pem)
+            .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 0, "loading signs nothing");
+        let now = OffsetDateTime::now_utc();
+        let device = ca
+            .issue(&thing("hsm-device"), DeviceKey::Generate, &profile(), now)
+            .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 1, "{alg}: one certificate");
+        let crl = ca
+            .sign_crl(
+                1,
+                now,
+                now + Duration::days(1),
+                &[CrlEntry {
+                    serial_hex: device.serial_hex.clone(),
+                    revoked_at: now,
+                    reason: RevocationReason::KeyCompromise,
+                }],
+            )
+            .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2, "{alg}: then one CRL");
+
+        std::fs::write(d.join("root.pem"), &h.root_cert_pem).unwrap();
+        std::fs::write(d.join("issuing.pem"), &h.issuing_cert_pem).unwrap();
+        std::fs::write(d.join("device.pem"), &device.pem).unwrap();
+        std::fs::write(d.join("ca.crl"), &crl.pem).unwrap();
+        let chain = ["-CAfile", "root.pem", "-untrusted", "issuing.pem"];
+        let out = openssl(d, &[&["verify"][..], &chain, &["device.pem"]].concat());
+        assert_eq!(text(&out).trim(), "device.pem: OK", "{alg}");
+        openssl(
+            d,
+            &["crl", "-in", "ca.crl", "-CAfile", "issuing.pem", "-noout"],
+        );
+        // The CRL's signature verifies and it revokes the device.
+        openssl_fails(
+            d,
+            &[
+                &["verify", "-crl_check", "-CRLfile", "ca.crl"][..],
+                &chain,
+                &["device.pem"],
+            ]
+            .concat(),
+        );
+
+        // A failing signer: its error, not a generic one.
+        let failing = CountingSigner {
+            inner: SoftwareSigner::new(&h.issuing_key).unwrap(),
+            count: count.clone(),
+            fail: true,
+        };
+        let ca = IssuingCa::with_signer(&h.issuing_cert_pem, Box::new(failing), &h.root_cert_pem)
+            .unwrap();
+        let err = ca
+            .issue(&thing("hsm-device"), DeviceKey::Generate, &profile(), now)
+            .unwrap_err();
+        assert!(err.to_string().contains("HSM session closed"), "{err}");
+        let err = ca
+            .sign_crl(2, now, now + Duration::days(1), &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("HSM session closed"), "{err}");
+
+        // A signer whose key is not the issuing certificate's is refused.
+        let wrong = SoftwareSigner::new(&h.root_key).unwrap();
+        assert!(matches!(
+            IssuingCa::with_signer(&h.issuing_cert_pem, Box::new(wrong), &h.root_cert_pem),
+            Err(fleetcert_ca::CaError::KeyMismatch)
+        ));
+    }
+}
