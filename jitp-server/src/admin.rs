@@ -30,8 +30,8 @@ pub(crate) async fn serve(
         let jitp = jitp.clone();
         let mirror = mirror.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let jitp = jitp.clone();
                     let mirror = mirror.clone();
@@ -92,7 +92,8 @@ pub(crate) async fn serve(
                                 .expect("valid response"),
                         )
                     }
-                });
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))

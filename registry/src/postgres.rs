@@ -38,8 +38,8 @@ use crate::{
     EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
     PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement, ThingFilter,
-    ThingRecord,
+    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
+    ThingFilter, ThingRecord,
 };
 mod mirror;
 

@@ -1211,7 +1211,12 @@ fn private_database_files(path: &Path) -> Result<(), String> {
         };
         if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
-                |e| format!("{}: cannot make it private (mode 0600): {e}", file.display()),
+                |e| {
+                    format!(
+                        "{}: cannot make it private (mode 0600): {e}",
+                        file.display()
+                    )
+                },
             )?;
         }
     }

@@ -9,8 +9,8 @@ use fleetcert_registry::{
     MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings, NewCertificate,
     NewMirrorOp, PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, ThingDetails, ThingFilter,
-    ThingRecord, open, testing,
+    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, ThingDetails,
+    ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;

@@ -19,7 +19,13 @@ impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .unwrap_or_else(|e| panic!("cannot run mount(8): {e}"));
@@ -68,14 +74,16 @@ fn device_files(env: &Env, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// Fills the file system holding `dir` with `dd`, as an operator's runaway log would;
-/// returns the filler.
+/// Fills the file system holding `dir` with `dd` (appending to one filler file), as an
+/// operator's runaway log would; returns the filler. Called again before every check:
+/// fleetcert itself frees space now and then (a SQLite connection closed as the last one
+/// checkpoints and deletes the WAL), which a runaway writer would take at once.
 fn fill_disk(dir: &Path) -> PathBuf {
     let filler = dir.join("filler");
     let out = Command::new("dd")
         .arg("if=/dev/zero")
         .arg(format!("of={}", filler.display()))
-        .arg("bs=16k")
+        .args(["bs=16k", "oflag=append", "conv=notrunc"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -118,13 +126,19 @@ fn serve_recovers_after_a_full_disk_and_healthz_tells_the_truth() {
 
     first_connect(&[201]);
     let (status, body) = healthz(&served);
-    assert_eq!((status, body.trim()), (200, "ok"), "before the disk fills up");
+    assert_eq!(
+        (status, body.trim()),
+        (200, "ok"),
+        "before the disk fills up"
+    );
 
-    let filler = fill_disk(&env.data_dir());
+    let mut filler = PathBuf::new();
     for _ in 0..5 {
+        filler = fill_disk(&env.data_dir());
         let (_, body) = first_connect(&[503]);
         assert!(body.contains("registry_unavailable"), "{body}");
     }
+    fill_disk(&env.data_dir());
     let (status, body) = healthz(&served);
     assert_eq!(status, 503, "/healthz while first connects fail: {body}");
     assert!(body.starts_with("unhealthy:"), "{body}");
@@ -201,7 +215,11 @@ fn registry_files_are_readable_by_their_owner_only() {
 
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     env.ok(&["things", "list"]);
-    assert_eq!(mode_of(&db), "600", "registry.db left 0644 by an older version");
+    assert_eq!(
+        mode_of(&db),
+        "600",
+        "registry.db left 0644 by an older version"
+    );
 }
 
 /// `sqlite3` on the registry (a reader beside fleetcert): the first column of the first
@@ -315,8 +333,8 @@ fn rotate_reports_rotations_leased_by_a_killed_worker() {
     assert!(
         stdout.contains("0 replacements issued (0/s), 0 failed, 0 lost to another worker")
             && stdout.contains(&format!(
-            "; open rotations: {leased} leased by another worker until {until}"
-        )),
+                "; open rotations: {leased} leased by another worker until {until}"
+            )),
         "{stdout}"
     );
 
