@@ -66,7 +66,8 @@ pub enum Command {
     Certs(CertsCommand),
     /// One rotation sweep (for cron): open rotations for certificates past their renewal
     /// point and issue replacements for keys fleetcert generated. `serve` runs the same
-    /// sweep on an interval.
+    /// sweep on an interval. Also reports the open rotations it could not take: leased by
+    /// another worker (and until when), or waiting for devices to re-enroll.
     Rotate(RotateArgs),
     /// Revoke a certificate (by serial) or every certificate of a thing, and publish a
     /// new CRL. A running server refuses the certificate within seconds.
@@ -170,7 +171,8 @@ pub struct RotateArgs {
     /// whatever its renewal point.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub within: Option<std::time::Duration>,
-    /// List the certificates that are due, change nothing.
+    /// List the certificates that are due and count the open rotations not issued yet
+    /// (leased by another worker, waiting); change nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Rotations claimed, signed and committed together.

@@ -6,7 +6,7 @@ use fleetcert_ca::RevocationReason;
 use fleetcert_lifecycle::renewal::clock_from_env;
 use fleetcert_lifecycle::revocation::{self, CrlPublisher, crl_pem};
 use fleetcert_lifecycle::rotation::{RotationSettings, RotationStats, Rotator, SweepReport};
-use fleetcert_registry::RevocationTarget;
+use fleetcert_registry::{RevocationTarget, RotationBacklog};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -26,12 +26,15 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
         let due = registry
             .due_certificates(now, expiring_before, None)
             .await?;
+        let backlog = registry.rotation_backlog(now).await?;
         if out.is_json() {
-            out.json(&json!({
+            let mut doc = json!({
                 "dry_run": true,
                 "due": due.len(),
                 "certificates": due.iter().map(cert_json).collect::<Vec<_>>(),
-            }));
+            });
+            add_backlog(&mut doc, &backlog);
+            out.json(&doc);
         } else {
             out.line("SERIAL                           THING                            ORIGIN    RENEW_AT              NOT_AFTER");
             for c in &due {
@@ -45,8 +48,9 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
                 ));
             }
             out.note(format!(
-                "{} certificates due for rotation (dry run: nothing changed)",
-                due.len()
+                "{} certificates due for rotation{} (dry run: nothing changed)",
+                due.len(),
+                backlog_text(&backlog)
             ));
         }
         return Ok(ExitCode::SUCCESS);
@@ -83,13 +87,14 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
     if show_progress {
         eprintln!();
     }
+    let backlog = rotator.backlog().await?;
     let rate = if report.seconds > 0.0 {
         report.issued as f64 / report.seconds
     } else {
         0.0
     };
     if out.is_json() {
-        out.json(&json!({
+        let mut doc = json!({
             "worker": rotator.owner(),
             "opened": report.opened,
             "issued": report.issued,
@@ -103,11 +108,19 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
                 "sign_seconds": report.sign_seconds,
                 "commit_seconds": report.commit_seconds,
             },
-        }));
+        });
+        add_backlog(&mut doc, &backlog);
+        out.json(&doc);
     } else {
         out.line(format!(
-            "rotation sweep: {} came due, {} replacements issued ({:.0}/s), {} failed, {} lost to another worker, {:.2} s",
-            report.opened, report.issued, rate, report.failed, report.lost_leases, report.seconds
+            "rotation sweep: {} came due, {} replacements issued ({:.0}/s), {} failed, {} lost to another worker, {:.2} s{}",
+            report.opened,
+            report.issued,
+            rate,
+            report.failed,
+            report.lost_leases,
+            report.seconds,
+            backlog_text(&backlog)
         ));
         out.note(
             "devices with their own keys re-enroll through EST; generated-key devices fetch their replacement; old certificates are revoked once the new one is used",
@@ -118,6 +131,46 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The open rotations a sweep did not (or a dry run would not) issue, as JSON fields:
+/// `leased` (under another worker's unexpired lease) with `leased_until` (when the last
+/// lease expires), `claimable` (the next sweep takes them), `awaiting_devices` (devices
+/// with their own keys that have not re-enrolled yet).
+fn add_backlog(doc: &mut serde_json::Value, backlog: &RotationBacklog) {
+    doc["leased"] = json!(backlog.leased);
+    doc["leased_until"] = json!(backlog.leased_until.map(timestamp));
+    doc["claimable"] = json!(backlog.claimable);
+    doc["awaiting_devices"] = json!(backlog.awaiting_devices);
+}
+
+/// The same for people: empty when nothing is open, else `; open rotations: …`.
+fn backlog_text(backlog: &RotationBacklog) -> String {
+    let mut parts = Vec::new();
+    if backlog.leased > 0 {
+        parts.push(format!(
+            "{} leased by another worker until {} (a later sweep takes them over)",
+            backlog.leased,
+            backlog
+                .leased_until
+                .map(timestamp)
+                .unwrap_or_else(|| "?".into())
+        ));
+    }
+    if backlog.claimable > 0 {
+        parts.push(format!("{} waiting for the next sweep", backlog.claimable));
+    }
+    if backlog.awaiting_devices > 0 {
+        parts.push(format!(
+            "{} waiting for their devices to re-enroll",
+            backlog.awaiting_devices
+        ));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; open rotations: {}", parts.join(", "))
+    }
 }
 
 /// A serial as `certs list` prints it: hex, case-insensitive, optional `:` separators.

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// How long `/healthz` waits for the registry's write probe.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -27,8 +30,8 @@ pub(crate) async fn serve(
         let jitp = jitp.clone();
         let mirror = mirror.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let jitp = jitp.clone();
                     let mirror = mirror.clone();
@@ -37,14 +40,27 @@ pub(crate) async fn serve(
                             return Ok::<_, std::convert::Infallible>(crate::crl_response(&jitp));
                         }
                         let (status, content_type, body) = match (req.method(), req.uri().path()) {
-                            (&Method::GET, "/healthz") => match jitp.health().await {
-                                Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                                Err(e) => (
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "text/plain",
-                                    format!("unhealthy: {e}\n"),
-                                ),
-                            },
+                            // What first connects would see: a write through the
+                            // registry pool (see `Jitp::health`), bounded in time so a
+                            // stuck database answers 503 rather than nothing.
+                            (&Method::GET, "/healthz") => {
+                                match tokio::time::timeout(HEALTH_TIMEOUT, jitp.health()).await {
+                                    Ok(Ok(())) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                                    Ok(Err(e)) => (
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "text/plain",
+                                        format!("unhealthy: {e}\n"),
+                                    ),
+                                    Err(_) => (
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "text/plain",
+                                        format!(
+                                            "unhealthy: the registry did not take a write within {} s\n",
+                                            HEALTH_TIMEOUT.as_secs()
+                                        ),
+                                    ),
+                                }
+                            }
                             (&Method::GET, "/metrics") => {
                                 metrics.sync_rotations(&jitp.stats());
                                 if let Some(mirror) = &mirror
@@ -76,7 +92,8 @@ pub(crate) async fn serve(
                                 .expect("valid response"),
                         )
                     }
-                });
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))

@@ -379,9 +379,11 @@ impl Jitp {
         }
     }
 
-    /// Registry reachability, for `/healthz`.
+    /// For `/healthz`: whether the registry takes a durable write now, through the pool
+    /// first connects use (see [`Registry::probe_writes`]), so health fails when first
+    /// connects would (a full disk) and recovers when they do.
     pub async fn health(&self) -> Result<(), LifecycleError> {
-        Ok(self.registry.ping().await?)
+        Ok(self.registry.probe_writes().await?)
     }
 
     fn remember_connection(&self, state_fp: &str, thing: &str, peer: SocketAddr) {

@@ -24,7 +24,8 @@ use fleetcert_ca::{
     DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, KeyAlgorithm, ThingName,
 };
 use fleetcert_registry::{
-    CertOrigin, CertificateRecord, NewCertificate, PreparedReplacement, Registry, RotationClaim,
+    CertOrigin, CertificateRecord, NewCertificate, PreparedReplacement, Registry, RotationBacklog,
+    RotationClaim,
 };
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -234,6 +235,14 @@ impl Rotator {
             .registry
             .due_certificates(now, self.expiring_before(now), limit)
             .await?)
+    }
+
+    /// The open rotations not issued yet: claimable, under a lease (after a sweep:
+    /// another worker's — a killed `rotate` holds its batch until the lease expires),
+    /// or waiting for devices to re-enroll. A sweep that found "0 due" reports these
+    /// instead of saying nothing is waiting.
+    pub async fn backlog(&self) -> Result<RotationBacklog, LifecycleError> {
+        Ok(self.registry.rotation_backlog(self.clock.now()).await?)
     }
 
     /// One sweep; `progress` is called after every committed batch.

@@ -4,8 +4,8 @@
 use crate::{
     CertStatus, CertificateRecord, ConnectionRecord, EventRecord, IssueOutcome, IssueRecord,
     MAX_CONNECTIONS_PER_CERTIFICATE, MirrorOp, MirrorSettings, NewCertificate, PolicyRecord,
-    Registration, RegistryError, ReplaceOutcome, Replacement, RevokedEntry, RotationRecord,
-    StoredCrl, ThingDetails, ThingRecord,
+    Registration, RegistryError, ReplaceOutcome, Replacement, RevokedEntry, RotationBacklog,
+    RotationRecord, StoredCrl, ThingDetails, ThingRecord,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{ColumnIndex, Decode, Row, SqlSafeStr, Type};
@@ -38,6 +38,81 @@ pub(crate) const OPEN_CHUNK: usize = 2_048;
 
 /// How many names one `active_certificates` query carries.
 pub(crate) const NAME_CHUNK: usize = 10_000;
+
+/// How long a successful write probe answers for the probes that follow it.
+pub(crate) const PROBE_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Serialises write probes ([`crate::Registry::probe_writes`]) and reuses a recent
+/// success, so a health checker polling hard costs at most a few commits a second.
+/// Failures are never reused: the next probe tries again (that is how recovery shows).
+#[derive(Debug, Default)]
+pub(crate) struct ProbeGate {
+    last_ok: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ProbeGate {
+    pub(crate) async fn run<F>(&self, probe: F) -> Result<(), RegistryError>
+    where
+        F: std::future::Future<Output = Result<(), RegistryError>>,
+    {
+        let mut last_ok = self.last_ok.lock().await;
+        if last_ok.is_some_and(|at| at.elapsed() < PROBE_REUSE) {
+            return Ok(());
+        }
+        let outcome = probe.await;
+        *last_ok = outcome.is_ok().then(std::time::Instant::now);
+        outcome
+    }
+}
+
+/// Whether a pooled connection may go back to (or out of) the pool: not if it is still
+/// inside a transaction. A COMMIT that fails on a full disk is rolled back by SQLite
+/// itself, the ROLLBACK sqlx then sends fails ("no transaction is active"), and sqlx's
+/// transaction depth stays at 1: every later `BEGIN` on that connection would fail with
+/// "attempted to call begin_with at non-zero transaction depth", for ever. Such a
+/// connection is closed instead (closing rolls back whatever is open) and the pool
+/// opens a fresh one.
+pub(crate) fn reusable<C: sqlx::Connection>(conn: &C, when: &str) -> bool {
+    if conn.is_in_transaction() {
+        tracing::warn!(
+            "closing a registry database connection {when} inside a transaction \
+             (a COMMIT or ROLLBACK failed); the pool opens a new one"
+        );
+        return false;
+    }
+    true
+}
+
+/// [`crate::Registry::rotation_backlog`], SQLite placeholders (?1: now).
+pub(crate) const SQLITE_ROTATION_BACKLOG: &str = "SELECT \
+        coalesce(sum(CASE WHEN origin = 'generated' \
+            AND (lease_until IS NULL OR lease_until < ?1) THEN 1 ELSE 0 END), 0), \
+        coalesce(sum(CASE WHEN origin = 'generated' AND lease_until >= ?1 \
+            THEN 1 ELSE 0 END), 0), \
+        max(CASE WHEN origin = 'generated' AND lease_until >= ?1 THEN lease_until END), \
+        coalesce(sum(CASE WHEN origin = 'csr' THEN 1 ELSE 0 END), 0) \
+     FROM rotations WHERE state = 'due'";
+
+/// The same, PostgreSQL placeholders.
+pub(crate) const POSTGRES_ROTATION_BACKLOG: &str = "SELECT \
+        coalesce(sum(CASE WHEN origin = 'generated' \
+            AND (lease_until IS NULL OR lease_until < $1) THEN 1 ELSE 0 END), 0)::bigint, \
+        coalesce(sum(CASE WHEN origin = 'generated' AND lease_until >= $1 \
+            THEN 1 ELSE 0 END), 0)::bigint, \
+        max(CASE WHEN origin = 'generated' AND lease_until >= $1 THEN lease_until END), \
+        coalesce(sum(CASE WHEN origin = 'csr' THEN 1 ELSE 0 END), 0)::bigint \
+     FROM rotations WHERE state = 'due'";
+
+/// Decodes the row of the backlog query.
+pub(crate) fn rotation_backlog(row: (i64, i64, Option<i64>, i64)) -> RotationBacklog {
+    let (claimable, leased, leased_until, awaiting_devices) = row;
+    RotationBacklog {
+        claimable: claimable.max(0) as u64,
+        leased: leased.max(0) as u64,
+        leased_until,
+        awaiting_devices: awaiting_devices.max(0) as u64,
+    }
+}
 
 /// One migration file, embedded at compile time.
 pub(crate) struct EmbeddedMigration {

@@ -322,6 +322,23 @@ pub struct RotationFilter {
     pub limit: Option<u32>,
 }
 
+/// Open rotations that are not issued yet, for `rotate` to report what a sweep could
+/// not take (see [`Registry::rotation_backlog`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RotationBacklog {
+    /// Rotations of generated keys in state `due` whose lease is free or expired: the
+    /// next sweep claims them.
+    pub claimable: u64,
+    /// Rotations of generated keys in state `due` under an unexpired lease (a worker is
+    /// on them, or one was killed and its leases have not expired yet).
+    pub leased: u64,
+    /// When the last of those leases expires (`None` if there are none).
+    pub leased_until: Option<i64>,
+    /// Rotations of devices with their own keys (origin `csr`) in state `due`: waiting
+    /// for the device to re-enroll.
+    pub awaiting_devices: u64,
+}
+
 /// A due rotation claimed by one worker (see [`Registry::claim_rotations`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RotationClaim {
@@ -643,8 +660,16 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Result<Vec<CertificateRecord>, RegistryError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError>;
     async fn counts(&self) -> Result<RegistryCounts, RegistryError>;
-    /// A cheap round trip to the database, for health checks.
+    /// A cheap round trip to the database (a read).
     async fn ping(&self) -> Result<(), RegistryError>;
+
+    /// Whether the database takes a durable write now, through the same pool and the
+    /// same kind of transaction as a registration (SQLite: `BEGIN IMMEDIATE`, a header
+    /// write, a synchronous commit; PostgreSQL: a transaction that gets an id and
+    /// commits). A full disk, a read-only database or a pool of broken connections fail
+    /// it; for `/healthz`. Probes are serialised and a success is reused for a fraction
+    /// of a second, so polling cannot turn into a stream of commits.
+    async fn probe_writes(&self) -> Result<(), RegistryError>;
 
     /// Registers a certificate on its first connection, in ONE transaction that is safe
     /// under concurrency (of ten concurrent calls for one certificate exactly one gets
@@ -841,6 +866,10 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         filter: &RotationFilter,
     ) -> Result<Vec<RotationRecord>, RegistryError>;
+
+    /// Counts the open rotations (state `due`) at `now`: claimable, under an unexpired
+    /// lease (and when the last lease expires), waiting for devices. One indexed query.
+    async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError>;
 
     // ---- revocation and CRL --------------------------------------------------------
 

@@ -38,8 +38,8 @@ use crate::{
     EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
     PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement, ThingFilter,
-    ThingRecord,
+    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
+    ThingFilter, ThingRecord,
 };
 mod mirror;
 
@@ -222,6 +222,7 @@ pub(crate) struct PgRegistry {
     pool: PgPool,
     /// Redacted URL, for messages.
     url: String,
+    probes: common::ProbeGate,
 }
 
 /// Why a group-commit attempt failed.
@@ -261,10 +262,20 @@ impl PgRegistry {
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(CONNECT_TIMEOUT)
+            // A dropped transaction queues its ROLLBACK and leaves depth 0 (the pool's
+            // ping on release sends it; a broken connection fails the ping and is
+            // closed); this only catches a connection whose depth is still not 0.
+            .after_release(|conn, _| {
+                Box::pin(async move { Ok(common::reusable(conn, "returned to the pool")) })
+            })
+            .before_acquire(|conn, _| {
+                Box::pin(async move { Ok(common::reusable(conn, "taken from the pool")) })
+            })
             .connect_lazy_with(options);
         Ok(PgRegistry {
             pool,
             url: redacted,
+            probes: common::ProbeGate::default(),
         })
     }
 
@@ -1747,6 +1758,27 @@ impl Registry for PgRegistry {
         Ok(())
     }
 
+    async fn probe_writes(&self) -> Result<(), RegistryError> {
+        self.probes
+            .run(async {
+                // A transaction that gets an id must write and flush its commit record:
+                // a read-only server (a standby) refuses it, a full WAL disk fails it.
+                let mut tx = self
+                    .pool
+                    .begin()
+                    .await
+                    .map_err(|e| self.err("starting a transaction", e))?;
+                let _: i64 = sqlx::query_scalar("SELECT txid_current()")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| self.err("probing writes", e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a write probe", e))
+            })
+            .await
+    }
+
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
         // One repeatable-read snapshot, so the three numbers agree with each other.
         let mut tx = self
@@ -2142,6 +2174,15 @@ impl Registry for PgRegistry {
             .map(common::rotation_from_row)
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("reading rotations", e))
+    }
+
+    async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError> {
+        let row = sqlx::query_as(common::POSTGRES_ROTATION_BACKLOG)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err("counting open rotations", e))?;
+        Ok(common::rotation_backlog(row))
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {

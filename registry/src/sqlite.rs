@@ -23,8 +23,8 @@ use crate::{
     EventFilter, EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE,
     NewCertificate, PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry,
     RegistryCounts, RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget,
-    RevokedEntry, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
-    ThingFilter, ThingRecord,
+    RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl,
+    TakenReplacement, ThingFilter, ThingRecord,
 };
 mod mirror;
 
@@ -35,7 +35,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long a writer waits for another writer (possibly another process) to finish.
@@ -329,6 +329,7 @@ pub(crate) struct SqliteRegistry {
     pool: SqlitePool,
     /// Redacted URL, for messages.
     url: String,
+    probes: common::ProbeGate,
 }
 
 impl SqliteRegistry {
@@ -372,6 +373,7 @@ impl SqliteRegistry {
                         parent.display()
                     )));
                 }
+                private_database_files(&path).map_err(&unreachable)?;
                 let options = base
                     .filename(&path)
                     .create_if_missing(true)
@@ -387,10 +389,27 @@ impl SqliteRegistry {
                 SqlitePoolOptions::new()
                     .max_connections(4)
                     .acquire_timeout(Duration::from_secs(60))
+                    // Never hand out or take back a connection still inside a
+                    // transaction (see `common::reusable`). The ping first lets a
+                    // rollback that a dropped transaction queued run on the
+                    // connection's worker, so only a connection really stuck is closed.
+                    .after_release(|conn, _| {
+                        Box::pin(async move {
+                            conn.ping().await?;
+                            Ok(common::reusable(conn, "returned to the pool"))
+                        })
+                    })
+                    .before_acquire(|conn, _| {
+                        Box::pin(async move { Ok(common::reusable(conn, "taken from the pool")) })
+                    })
                     .connect_lazy_with(options)
             }
         };
-        let registry = SqliteRegistry { pool, url };
+        let registry = SqliteRegistry {
+            pool,
+            url,
+            probes: common::ProbeGate::default(),
+        };
         if memory {
             // In memory: migrate through the pool's only connection.
             let mut conn = registry
@@ -1163,6 +1182,47 @@ impl SqliteRegistry {
     }
 }
 
+/// The database file and its `-wal` and `-shm` companions are readable by their owner
+/// only, like the CA keys: the registry holds every certificate, the sealed replacement
+/// keys and the event log. A new file is created with mode 0600 (SQLite gives the
+/// companions the database file's mode); an existing one readable by others (made by an
+/// older version) is narrowed to 0600.
+fn private_database_files(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let mut companions = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        companions.push(PathBuf::from(name));
+    }
+    for file in companions {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| {
+                    format!(
+                        "{}: cannot make it private (mode 0600): {e}",
+                        file.display()
+                    )
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Connects, waiting (up to [`BUSY_TIMEOUT`]) while another process holds the lock that
 /// switching a new file to WAL takes: that lock is not waited for by the busy timeout,
 /// so several processes opening a new registry at once would otherwise fail.
@@ -1576,6 +1636,28 @@ impl Registry for SqliteRegistry {
             .await
             .map_err(|e| self.err("pinging the database", e))?;
         Ok(())
+    }
+
+    async fn probe_writes(&self) -> Result<(), RegistryError> {
+        self.probes
+            .run(async {
+                // Rewriting `user_version` with its own value changes nothing anyone
+                // reads, yet it dirties the header page: the commit appends a WAL frame
+                // and syncs it, exactly the I/O a registration's commit needs.
+                let mut tx = self.begin().await?;
+                let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| self.err("probing writes", e))?;
+                sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {version}")))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err("probing writes", e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| self.err("committing a write probe", e))
+            })
+            .await
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
@@ -2109,6 +2191,15 @@ impl Registry for SqliteRegistry {
             .await
             .map_err(|e| self.err("listing rotations", e))?;
         self.rotations(&rows)
+    }
+
+    async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError> {
+        let row = sqlx::query_as(common::SQLITE_ROTATION_BACKLOG)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err("counting open rotations", e))?;
+        Ok(common::rotation_backlog(row))
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {

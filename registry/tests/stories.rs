@@ -9,8 +9,8 @@ use fleetcert_registry::{
     MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings, NewCertificate,
     NewMirrorOp, PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationFilter, RotationRecord, RotationState, StoredCrl, ThingDetails, ThingFilter,
-    ThingRecord, open, testing,
+    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, ThingDetails,
+    ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -3313,6 +3313,63 @@ impl Db {
     }
 }
 
+/// The backlog `rotate` reports: rotations claimable now, under an unexpired lease (and
+/// when the last one expires), waiting for devices; issued ones leave it. And the write
+/// probe `/healthz` runs succeeds on a healthy database, again and again.
+async fn rotation_backlog_and_write_probe(url: &str) {
+    let reg = open(url).await.unwrap();
+    reg.probe_writes().await.unwrap();
+    reg.probe_writes().await.unwrap();
+    assert_eq!(
+        reg.rotation_backlog(NOW).await.unwrap(),
+        RotationBacklog::default()
+    );
+    due_fleet(&reg, "bg", 3, AT + 50 * DAY, CertOrigin::Generated).await;
+    due_fleet(&reg, "bc", 2, AT + 50 * DAY, CertOrigin::Csr).await;
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 5);
+    let backlog = |claimable, leased, leased_until, awaiting_devices| RotationBacklog {
+        claimable,
+        leased,
+        leased_until,
+        awaiting_devices,
+    };
+    assert_eq!(
+        reg.rotation_backlog(NOW).await.unwrap(),
+        backlog(3, 0, None, 2)
+    );
+
+    let claimed = reg.claim_rotations("a", NOW, 60, 2).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let later = reg.claim_rotations("b", NOW + 10, 60, 1).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(
+        reg.rotation_backlog(NOW + 10).await.unwrap(),
+        backlog(0, 3, Some(NOW + 70), 2)
+    );
+    // A lease counts until it expires (claims take it over from lease_until + 1).
+    assert_eq!(
+        reg.rotation_backlog(NOW + 60).await.unwrap(),
+        backlog(0, 3, Some(NOW + 70), 2)
+    );
+    assert_eq!(
+        reg.rotation_backlog(NOW + 61).await.unwrap(),
+        backlog(2, 1, Some(NOW + 70), 2)
+    );
+
+    let done = replacement_for(&later[0].old.serial, NOW + 11);
+    assert_eq!(
+        reg.complete_rotations("b", std::slice::from_ref(&done))
+            .await
+            .unwrap(),
+        [true]
+    );
+    assert_eq!(
+        reg.rotation_backlog(NOW + 11).await.unwrap(),
+        backlog(0, 2, Some(NOW + 60), 2)
+    );
+    reg.probe_writes().await.unwrap();
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -3368,6 +3425,7 @@ stories!(
     failed_and_cancelled_not_claimed,
     mirror_outbox_follows_changes,
     mirror_outbox_leases_and_rollback,
+    rotation_backlog_and_write_probe,
 );
 
 // ---------------------------------------------------------------------------------------
