@@ -168,8 +168,7 @@ impl Server {
         let upkeep = tokio::spawn(jitp.clone().run_upkeep());
         // Connections by certificate: the per-certificate cap, and the connections of a
         // certificate revoked since their handshake closed once the view has it.
-        let by_certificate =
-            Arc::new(OpenConnections::new(limits.max_connections_per_certificate));
+        let by_certificate = Arc::new(OpenConnections::new(limits.max_connections_per_certificate));
         let sweeper = tokio::spawn({
             let open = by_certificate.clone();
             let revocation = jitp.revocation();

@@ -51,11 +51,9 @@ fn open(served: &Served, config: &Arc<rustls::ClientConfig>) -> Tls {
     let tcp = TcpStream::connect(&served.device).unwrap();
     tcp.set_nodelay(true).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let conn = rustls::ClientConnection::new(
-        config.clone(),
-        ServerName::try_from("localhost").unwrap(),
-    )
-    .unwrap();
+    let conn =
+        rustls::ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap())
+            .unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock).unwrap();
@@ -227,7 +225,10 @@ fn a_dripped_request_is_cut_off_at_the_request_deadline() {
         }
     }
     let took = started.elapsed();
-    assert!(closed, "dripped headers kept the connection open for {took:?}");
+    assert!(
+        closed,
+        "dripped headers kept the connection open for {took:?}"
+    );
     assert!(took < Duration::from_secs(10), "{took:?}");
     // Counted as a request that did not arrive in time (an idle connection is not).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -306,7 +307,7 @@ fn one_certificate_cannot_hold_every_connection_slot() {
     assert_eq!(rejections(&served, "certificate_connection_limit"), 4.0);
     let closed = held
         .iter_mut()
-        .filter(|tls| wait_closed(tls, Duration::from_millis(300)).is_some())
+        .filter_map(|tls| wait_closed(tls, Duration::from_millis(300)))
         .count();
     assert_eq!(closed, 4, "connections of the hog closed by the server");
     // Those the certificate kept still work (the closed ones cannot be answered).
@@ -341,7 +342,7 @@ fn one_certificate_cannot_hold_every_connection_slot() {
     let mut held: Vec<Tls> = (0..4).map(|_| open(&served, &config)).collect();
     let closed = held
         .iter_mut()
-        .filter(|tls| wait_closed(tls, Duration::from_millis(500)).is_some())
+        .filter_map(|tls| wait_closed(tls, Duration::from_millis(500)))
         .count();
     assert_eq!(closed, 2);
 }
