@@ -301,15 +301,27 @@ pub struct ServeArgs {
     /// Time a device has to complete the TLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: std::time::Duration,
-    /// Time a device has to send its request headers.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Time a device has to send a whole request, headers and body, from its first byte
+    /// (then 408 and the connection is closed); a keep-alive connection idle this long
+    /// is closed too. From 1ms to 1h.
+    #[arg(long, default_value = "10s", value_parser = parse_request_timeout)]
     pub request_timeout: std::time::Duration,
-    /// Largest request body accepted (bytes).
-    #[arg(long, default_value_t = 65536)]
-    pub max_body_bytes: usize,
+    /// Largest request body accepted (bytes); a larger Content-Length is refused with
+    /// 413 before any of the body is read.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub max_body_bytes: u64,
+    /// Largest request line plus headers accepted (bytes); more gets 431 and the
+    /// connection is closed.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
+    pub max_header_bytes: u32,
     /// Concurrent device connections; more are closed at once.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
+    /// Connections one certificate may hold open at once, so that one device (or one
+    /// stolen key) cannot take every slot; more are closed right after the handshake
+    /// (counted as fleetcert_rejections_total{reason="certificate_connection_limit"}).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_certificate: u32,
     /// How often the built-in rotation worker sweeps (as `fleetcert rotate` does).
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     pub rotation_interval: std::time::Duration,
@@ -394,4 +406,17 @@ pub struct DemoArgs {
     /// Keep the demo data directory (its path is printed) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// `serve --request-timeout`: a humantime duration from 1 ms to 1 h (0 would refuse every
+/// request; days would let slow clients hold connections).
+fn parse_request_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(1) {
+        return Err("must be at least 1ms (0 would refuse every request)".into());
+    }
+    if d > std::time::Duration::from_secs(3600) {
+        return Err("must be at most 1h".into());
+    }
+    Ok(d)
 }

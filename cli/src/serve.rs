@@ -54,8 +54,10 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
     let limits = Limits {
         handshake_timeout: args.handshake_timeout,
         request_timeout: args.request_timeout,
-        max_body_bytes: args.max_body_bytes,
+        max_body_bytes: usize::try_from(args.max_body_bytes).unwrap_or(usize::MAX),
+        max_header_bytes: args.max_header_bytes as usize,
         max_connections: args.max_connections as usize,
+        max_connections_per_certificate: args.max_connections_per_certificate as usize,
         ..Limits::default()
     };
     let mut server = Server::bind(args.listen, args.admin_listen, tls, jitp.clone(), limits)

@@ -19,12 +19,20 @@
 //!   replacement key + certificate made by fleetcert), `GET /crl`.
 //! - A certificate that expired less than the renew-after-expiry window ago (default: no
 //!   window) passes the handshake but may only re-enroll or fetch its replacement.
-//! - Limits: 10 s to finish the handshake, 10 s to send a request, 64 KiB bodies, 4,096
-//!   concurrent connections; on shutdown, requests in flight finish (up to 10 s).
+//! - Limits: 10 s to finish the handshake; 10 s to send a whole request, headers and body,
+//!   counted from its first byte (408 and the connection closed after that; a keep-alive
+//!   connection idle that long is closed too); 16 KiB of request headers (431); 64 KiB
+//!   bodies (a larger `Content-Length` is refused with 413 before any of the body is
+//!   read); 4,096 concurrent connections, at most 16 of them by one certificate (more
+//!   are closed right after the handshake); on shutdown, requests in flight finish (up
+//!   to 10 s).
+//! - The open connections of a certificate revoked while they are open are closed within
+//!   a few seconds of the revocation reaching the revocation view.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod client;
+mod conns;
 mod metrics;
 mod tls;
 
@@ -33,7 +41,10 @@ pub use metrics::Metrics;
 pub use tls::{ClientAuth, TlsError, server_tls_config};
 
 use bytes::Bytes;
-use fleetcert_lifecycle::jitp::{ConnectOutcome, EST_REENROLL_PATH, FETCH_REPLACEMENT_PATH, Jitp};
+use conns::{OpenConnections, RequestClock, TimedIo};
+use fleetcert_lifecycle::jitp::{
+    ConnectOutcome, EST_REENROLL_PATH, FETCH_REPLACEMENT_PATH, Jitp, RevocationView,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -49,9 +60,16 @@ use tokio::sync::Semaphore;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub handshake_timeout: Duration,
+    /// For a whole request, headers and body, from its first byte; also how long a
+    /// keep-alive connection may stay idle.
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Request line plus headers, in bytes (more: 431).
+    pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Connections one certificate may hold open at once (more: closed after the
+    /// handshake).
+    pub max_connections_per_certificate: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -61,7 +79,9 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
             max_connections: 4096,
+            max_connections_per_certificate: 16,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -146,6 +166,21 @@ impl Server {
         ));
         // Revocation view, CRL, connection records: kept fresh while serving.
         let upkeep = tokio::spawn(jitp.clone().run_upkeep());
+        // Connections by certificate: the per-certificate cap, and the connections of a
+        // certificate revoked since their handshake closed once the view has it.
+        let by_certificate = Arc::new(OpenConnections::new(limits.max_connections_per_certificate));
+        let sweeper = tokio::spawn({
+            let open = by_certificate.clone();
+            let revocation = jitp.revocation();
+            async move {
+                let mut tick = tokio::time::interval(REVOKED_SWEEP);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    open.close_revoked(|serial| revocation.is_serial_revoked(serial));
+                }
+            }
+        });
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -170,6 +205,7 @@ impl Server {
             let jitp = jitp.clone();
             let metrics = metrics.clone();
             let limits = limits.clone();
+            let by_certificate = by_certificate.clone();
             let watcher = graceful.watcher();
             let open = metrics.connection_opened();
             tokio::spawn(async move {
@@ -200,24 +236,73 @@ impl Server {
                     metrics.rejected("no_client_certificate");
                     return;
                 };
+                let Some(serial) = RevocationView::serial_of(&cert) else {
+                    // The verifier parsed it; this cannot happen either.
+                    metrics.rejected("certificate_invalid");
+                    return;
+                };
+                let Some(registration) = by_certificate.register(serial) else {
+                    metrics.rejected("certificate_connection_limit");
+                    tracing::info!(
+                        %peer,
+                        limit = limits.max_connections_per_certificate,
+                        "closed a connection: its certificate already holds the most connections one certificate may"
+                    );
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio::io::AsyncWriteExt::shutdown(&mut stream),
+                    )
+                    .await;
+                    return;
+                };
                 let cert = Arc::new(cert);
-                let service = hyper::service::service_fn(move |req| {
-                    let jitp = jitp.clone();
+                let clock = Arc::new(RequestClock::default());
+                let service = hyper::service::service_fn({
+                    let clock = clock.clone();
                     let metrics = metrics.clone();
-                    let cert = cert.clone();
-                    let max_body = limits.max_body_bytes;
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            handle(req, &jitp, &metrics, &cert, peer, max_body).await,
-                        )
+                    let limits = RequestLimits {
+                        max_body: limits.max_body_bytes,
+                        timeout: limits.request_timeout,
+                    };
+                    move |req| {
+                        let jitp = jitp.clone();
+                        let metrics = metrics.clone();
+                        let cert = cert.clone();
+                        let clock = clock.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                handle(req, &jitp, &metrics, &cert, peer, limits, &clock).await,
+                            )
+                        }
                     }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
+                    // Starts when the connection waits for a request (so it also bounds
+                    // keep-alive idleness); the body's share is bounded in `handle`.
                     .header_read_timeout(limits.request_timeout)
-                    .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(%peer, "connection ended: {e}");
+                    .max_header_size(limits.max_header_bytes)
+                    .serve_connection(TokioIo::new(TimedIo::new(stream, clock.clone())), service);
+                tokio::select! {
+                    served = watcher.watch(conn) => if let Err(e) = served {
+                        if e.is_parse_too_large() {
+                            metrics.rejected("headers_too_large");
+                        } else if e.is_timeout() && clock.started().is_some() {
+                            // Part of a request came, not all of it in time (an idle
+                            // keep-alive connection closed is no refusal).
+                            metrics.rejected("request_timeout");
+                        }
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    },
+                    _ = registration.closed() => {
+                        metrics.rejected("revoked_while_connected");
+                        tracing::info!(
+                            %peer,
+                            serial = registration.serial(),
+                            "closed a connection: its certificate was revoked"
+                        );
+                    }
                 }
             });
         }
@@ -230,11 +315,32 @@ impl Server {
         }
         admin.abort();
         upkeep.abort();
+        sweeper.abort();
         jitp.flush().await;
     }
 }
 
+/// How often open connections are checked against the revocation view (which itself
+/// follows the registry every couple of seconds).
+const REVOKED_SWEEP: Duration = Duration::from_millis(500);
+
 type Body = Full<Bytes>;
+
+/// What [`handle`] enforces on one request.
+#[derive(Debug, Clone, Copy)]
+struct RequestLimits {
+    max_body: usize,
+    timeout: Duration,
+}
+
+/// A refusal after which the connection is closed (the rest of the request is not read).
+fn closing(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    response
+}
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     Response::builder()
@@ -257,30 +363,59 @@ async fn handle(
     metrics: &Metrics,
     cert: &[u8],
     peer: SocketAddr,
-    max_body: usize,
+    limits: RequestLimits,
+    clock: &RequestClock,
 ) -> Response<Body> {
     let started = Instant::now();
+    let max_body = limits.max_body;
     let (parts, mut body) = req.into_parts();
+    // A declared length over the limit is refused before any of the body is read.
+    if hyper::body::Body::size_hint(&body).lower() > max_body as u64 {
+        metrics.rejected("body_too_large");
+        return closing(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("request bodies are limited to {max_body} bytes"),
+        ));
+    }
+    // One deadline for the whole request: from its first byte (headers included).
+    let deadline = clock.started().unwrap_or(started) + limits.timeout;
     // Read (and bound) the body even where it is ignored, so a client cannot stream
     // without limit. An oversized body is still drained up to a bound, so that the
     // client, still sending, reads the 413 instead of a reset connection.
     let mut received = 0usize;
     let mut collected: Option<Vec<u8>> = None;
     let drain_limit = max_body.saturating_mul(16).max(1 << 20);
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
-        if let Some(data) = frame.data_ref() {
-            received += data.len();
-            if received <= max_body {
-                collected
-                    .get_or_insert_with(Vec::new)
-                    .extend_from_slice(data);
+    let read = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                received += data.len();
+                if received <= max_body {
+                    collected
+                        .get_or_insert_with(Vec::new)
+                        .extend_from_slice(data);
+                }
+            }
+            if received > drain_limit {
+                break;
             }
         }
-        if received > drain_limit {
-            break;
-        }
+    })
+    .await;
+    if read.is_err() {
+        metrics.rejected("request_timeout");
+        return closing(error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            &format!(
+                "a request (headers and body) must arrive within {} ms of its first byte",
+                limits.timeout.as_millis()
+            ),
+        ));
     }
+    // The whole request is in: the next byte starts the next one.
+    clock.reset();
     if received > max_body {
         metrics.rejected("body_too_large");
         return error_response(

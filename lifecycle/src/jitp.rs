@@ -180,6 +180,24 @@ impl RevocationView {
         }
     }
 
+    /// True if this serial (lowercase hex, as the registry keeps it) is in the current
+    /// revoked set: how a server finds the open connections of a certificate revoked
+    /// after their handshake.
+    pub fn is_serial_revoked(&self, serial_hex: &str) -> bool {
+        self.revoked_serials
+            .read()
+            .expect("revocation view poisoned")
+            .contains(serial_hex)
+    }
+
+    /// The certificate's serial (lowercase hex, as the registry keeps it), or None if it
+    /// cannot be parsed.
+    pub fn serial_of(cert_der: &[u8]) -> Option<String> {
+        fleetcert_ca::device_identity(cert_der)
+            .ok()
+            .map(|id| id.certificate_serial_hex)
+    }
+
     /// The certificate's notAfter (Unix seconds), for the renew-after-expiry check.
     pub fn not_after(cert_der: &[u8]) -> Option<i64> {
         fleetcert_ca::device_identity(cert_der)
