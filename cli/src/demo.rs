@@ -275,7 +275,7 @@ async fn jitp_round_trips(
 ) -> Result<JitpFigures, CliError> {
     use fleetcert_jitp::{DeviceClient, Limits, Server, server_tls_config};
     let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    let credentials = data.server_credentials(ca, &names)?;
+    let credentials = data.server_credentials(ca, &names, None)?;
     let options = fleetcert_lifecycle::jitp::JitpOptions::new(data, ca.clone(), "default")?;
     let rotator = fleetcert_lifecycle::rotation::Rotator::new(
         registry.clone(),

@@ -55,9 +55,10 @@ pub async fn rotate(ctx: &Ctx, args: RotateArgs) -> CmdResult {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase().as_deref())?);
+    let passphrase = passphrase();
+    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase.as_deref())?);
     let issuance = Arc::new(ctx.data().issuance(ca)?);
-    let sealer = Arc::new(ctx.data().sealer()?);
+    let sealer = Arc::new(ctx.data().sealer(passphrase.as_deref())?);
     let settings = RotationSettings {
         lease: args.lease,
         batch: args.batch,

@@ -15,10 +15,11 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         message: e.to_string(),
     })?;
     let clock = clock_from_env()?;
-    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase().as_deref())?);
+    let passphrase = passphrase();
+    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase.as_deref())?);
     let registry = ctx.registry(false).await?;
     let issuance = Arc::new(ctx.data().issuance(ca.clone())?);
-    let sealer = Arc::new(ctx.data().sealer()?);
+    let sealer = Arc::new(ctx.data().sealer(passphrase.as_deref())?);
     let stats = Arc::new(RotationStats::default());
     let mut names = args.server_names.clone();
     for default in ["localhost", "127.0.0.1"] {
@@ -26,7 +27,9 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             names.push(default.to_owned());
         }
     }
-    let credentials = ctx.data().server_credentials(&ca, &names)?;
+    let credentials = ctx
+        .data()
+        .server_credentials(&ca, &names, passphrase.as_deref())?;
     let renew_after_expiry_secs = i64::try_from(args.renew_after_expiry.as_secs()).unwrap_or(0);
     let jitp = Arc::new(
         Jitp::new(

@@ -4,7 +4,10 @@
 //! <data-dir>/                 mode 0700
 //!   ca/ca.json                metadata: key algorithm, CRL URL, whether keys are encrypted
 //!   ca/root.crt  ca/root.key  self-signed root (key mode 0600)
+//!   (with FLEETCERT_CA_PASSPHRASE, every key file here is encrypted under it)
 //!   ca/issuing.crt ca/issuing.key   issuing intermediate (key mode 0600)
+//!   ca/sealing.key            seals replacement keys held for devices (mode 0600)
+//!   server/server.crt server/server.key   the JITP server's TLS certificate (key mode 0600)
 //!   registry.db               the SQLite registry (unless --database-url says otherwise)
 //!   templates/<name>.yaml|yml|json  provisioning templates
 //! ```
@@ -271,35 +274,65 @@ impl DataDir {
 
     /// The JITP server's certificate for `names`: reused if it exists, names the same
     /// hosts and is not about to expire; otherwise issued by `ca` and stored (key mode
-    /// 0600).
+    /// 0600). With a `passphrase` the key is stored as encrypted PKCS#8 under it (as the
+    /// CA keys are; a plain key found is encrypted in place), without one it is plain
+    /// PKCS#8. The returned key is plain PEM, for the TLS stack.
     pub fn server_credentials(
         &self,
         ca: &IssuingCa,
         names: &[String],
+        passphrase: Option<&str>,
     ) -> Result<ServerCredentials, LifecycleError> {
         let dir = self.server_dir();
         let cert_path = dir.join(SERVER_CERT);
         let key_path = dir.join(SERVER_KEY);
-        if let (Ok(cert_pem), Ok(key_pem)) = (
-            fs::read_to_string(&cert_path),
-            fs::read_to_string(&key_path),
-        ) && let Ok(summary) = describe_certificate(cert_pem.as_bytes())
+        let stored_key = match fs::read_to_string(&key_path) {
+            Ok(text) => Some(zeroize::Zeroizing::new(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(LifecycleError::read(&key_path, e)),
+        };
+        if let (Ok(cert_pem), Some(key_text)) = (fs::read_to_string(&cert_path), &stored_key)
+            && let Ok(summary) = describe_certificate(cert_pem.as_bytes())
         {
-            {
-                let stored_names: Vec<String> = fs::read_to_string(dir.join("names.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or_default();
-                let fresh = summary.not_after.unix_timestamp() - unix_now() > SERVER_RENEW_BEFORE;
-                if fresh && stored_names == names && summary.issuer == ca.subject() {
-                    return Ok(ServerCredentials {
-                        chain_pem: format!("{}{}", ensure_newline(cert_pem), ca.issuing_cert_pem()),
-                        key_pem: zeroize::Zeroizing::new(key_pem),
-                        names: names.to_vec(),
-                        not_after: summary.not_after.unix_timestamp(),
-                        issued: false,
-                    });
+            let stored_names: Vec<String> = fs::read_to_string(dir.join("names.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let fresh = summary.not_after.unix_timestamp() - unix_now() > SERVER_RENEW_BEFORE;
+            if fresh && stored_names == names && summary.issuer == ca.subject() {
+                // An encrypted key needs the passphrase: without it (or with a wrong
+                // one) this fails rather than quietly issuing a plain key in its place.
+                let key = PrivateKey::from_pem(key_text, passphrase).map_err(|e| match e {
+                    fleetcert_ca::CaError::PassphraseRequired => LifecycleError::KeyLocked {
+                        path: key_path.clone(),
+                        reason: format!("the server key is encrypted: set {PASSPHRASE_ENV}"),
+                    },
+                    fleetcert_ca::CaError::WrongPassphrase => LifecycleError::KeyLocked {
+                        path: key_path.clone(),
+                        reason: format!("wrong passphrase ({PASSPHRASE_ENV}) for the server key"),
+                    },
+                    other => LifecycleError::BadFile {
+                        path: key_path.clone(),
+                        reason: other.to_string(),
+                    },
+                })?;
+                if let Some(p) = passphrase
+                    && !is_encrypted_pem(key_text)
+                {
+                    write_file_atomic(&key_path, key.to_encrypted_pem(p)?.as_bytes(), SECRET_MODE)
+                        .map_err(|e| LifecycleError::write(&key_path, e))?;
+                    tracing::info!(
+                        path = %key_path.display(),
+                        "the server key is now encrypted with {PASSPHRASE_ENV}"
+                    );
                 }
+                return Ok(ServerCredentials {
+                    chain_pem: format!("{}{}", ensure_newline(cert_pem), ca.issuing_cert_pem()),
+                    key_pem: key.to_pem(),
+                    names: names.to_vec(),
+                    not_after: summary.not_after.unix_timestamp(),
+                    issued: false,
+                });
             }
         }
         let issued = ca.issue_server_certificate(
@@ -307,17 +340,21 @@ impl DataDir {
             SERVER_VALIDITY_DAYS,
             time::OffsetDateTime::now_utc(),
         )?;
-        let key_pem = issued
+        let key = issued
             .private_key
             .as_ref()
-            .expect("server certificates come with a generated key")
-            .to_pem();
+            .expect("server certificates come with a generated key");
+        let key_pem = key.to_pem();
+        let stored: zeroize::Zeroizing<Vec<u8>> = zeroize::Zeroizing::new(match passphrase {
+            Some(p) => key.to_encrypted_pem(p)?.into_bytes(),
+            None => key_pem.as_bytes().to_vec(),
+        });
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(|e| LifecycleError::write(&dir, e))?;
-        write_file_atomic(&key_path, key_pem.as_bytes(), SECRET_MODE)
+        write_file_atomic(&key_path, &stored, SECRET_MODE)
             .map_err(|e| LifecycleError::write(&key_path, e))?;
         write_file_atomic(&cert_path, issued.pem.as_bytes(), PUBLIC_MODE)
             .map_err(|e| LifecycleError::write(&cert_path, e))?;
@@ -366,10 +403,13 @@ impl DataDir {
     }
 
     /// The key that seals replacement private keys at rest (`ca/sealing.key`, created on
-    /// first use; see [`crate::sealing`]).
-    pub fn sealer(&self) -> Result<crate::sealing::KeySealer, LifecycleError> {
+    /// first use, encrypted under `passphrase` if one is given; see [`crate::sealing`]).
+    pub fn sealer(
+        &self,
+        passphrase: Option<&str>,
+    ) -> Result<crate::sealing::KeySealer, LifecycleError> {
         self.ca_info()?;
-        crate::sealing::KeySealer::load_or_create(&self.ca_dir().join("sealing.key"))
+        crate::sealing::KeySealer::load_or_create(&self.ca_dir().join("sealing.key"), passphrase)
     }
 
     /// Everything rotation and re-enrollment need to issue: the loaded issuing CA, this
@@ -428,6 +468,10 @@ impl DataDir {
             dir,
         })
     }
+}
+
+fn is_encrypted_pem(text: &str) -> bool {
+    text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
 }
 
 fn ensure_newline(mut s: String) -> String {

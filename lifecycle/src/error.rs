@@ -36,6 +36,10 @@ pub enum LifecycleError {
     Write { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
+    /// A key file encrypted under `FLEETCERT_CA_PASSPHRASE` that cannot be opened
+    /// (passphrase missing or wrong).
+    #[error("{path}: {reason}")]
+    KeyLocked { path: PathBuf, reason: String },
     #[error("{0}")]
     BadInput(String),
     #[error("template {name:?} not found in {dir}")]

@@ -26,10 +26,17 @@ use time::format_description::well_known::Rfc3339;
 pub const EST_REENROLL_PATH: &str = "/.well-known/est/simplereenroll";
 /// Where a device whose key fleetcert generated fetches its replacement.
 pub const FETCH_REPLACEMENT_PATH: &str = "/v1/replacement";
+/// How many replacements one certificate may get (EST re-enrollments, keys generated on
+/// demand, a pre-issued one): a device that lost its replacement may ask again, but a
+/// stolen or looping certificate cannot have certificates issued (and the CRL grown)
+/// without limit. Beyond it: `409 replacement_limit`. A fetched replacement does not
+/// count again: until it is used, a fetch hands out the same key and certificate.
+pub const MAX_REPLACEMENTS_PER_CERTIFICATE: u32 = 3;
 
 impl JitpOptions {
-    /// Defaults for a data directory: its device profile and sealing key, the system
-    /// clock, no renew-after-expiry window, overly permissive templates refused.
+    /// Defaults for a data directory whose keys are not encrypted (no
+    /// `FLEETCERT_CA_PASSPHRASE`): its device profile and sealing key, the system clock,
+    /// no renew-after-expiry window, overly permissive templates refused.
     pub fn new(
         data: &DataDir,
         ca: Arc<fleetcert_ca::IssuingCa>,
@@ -39,7 +46,7 @@ impl JitpOptions {
             default_template: default_template.to_owned(),
             allow_overly_permissive: false,
             issuance: Arc::new(data.issuance(ca)?),
-            sealer: Arc::new(data.sealer()?),
+            sealer: Arc::new(data.sealer(None)?),
             clock: Arc::new(crate::renewal::SystemClock::default()),
             renew_after_expiry_secs: 0,
             stats: Arc::new(RotationStats::default()),
@@ -545,6 +552,16 @@ impl Jitp {
                 self.remember_connection(&fingerprint, &reply.thing_name, peer);
                 return Ok(ConnectOutcome::Known(reply));
             }
+            if state.certificate.status == CertStatus::Superseded {
+                // A rotation never strands a device: a superseded certificate keeps
+                // working until its replacement is used (that revokes it), even if it
+                // never connected before. It is not registered now — its replacement
+                // is, on first use — and the reply says where to get the replacement.
+                let reply = self.reply(&state, "known", state.policies.clone());
+                self.cache(fingerprint.clone(), reply.clone());
+                self.remember_connection(&fingerprint, &reply.thing_name, peer);
+                return Ok(ConnectOutcome::Known(reply));
+            }
             if state.certificate.status != CertStatus::Active {
                 return Err(ConnectRefusal::new(
                     "certificate_not_active",
@@ -642,19 +659,27 @@ impl Jitp {
             .issuance
             .replacement(&state.certificate, DeviceKey::Csr(&csr), self.clock.now())
             .map_err(|e| ConnectRefusal::internal("issuance_failed", e))?;
-        self.record_replacement(&state, new).await?;
+        self.record_replacement(&state, new, None).await?;
         Ok(issued.der)
     }
 
+    /// Commits a replacement handed out in this exchange (at most
+    /// [`MAX_REPLACEMENTS_PER_CERTIFICATE`] per certificate). A generated key comes with
+    /// its `sealed_key`, kept until the replacement is used so it can be handed out
+    /// again; such a replacement is refused with `replacement_pending` while another one
+    /// waits (the caller takes that one).
     async fn record_replacement(
         &self,
         state: &DeviceState,
         new: fleetcert_registry::NewCertificate,
+        sealed_key: Option<Vec<u8>>,
     ) -> Result<(), ConnectRefusal> {
         let replacement = Replacement {
             authenticated_serial: state.certificate.serial.clone(),
             thing_name: state.thing.name.clone(),
             new,
+            sealed_key,
+            max_replacements: Some(MAX_REPLACEMENTS_PER_CERTIFICATE),
             at: self.clock.now(),
         };
         match self
@@ -672,6 +697,21 @@ impl Jitp {
                 self.forget(&state.certificate.fingerprint_sha256);
                 Ok(())
             }
+            ReplaceOutcome::Refused {
+                code: code @ "replacement_pending",
+                reason,
+            } => Err(ConnectRefusal::new(code, reason).with_status(409)),
+            ReplaceOutcome::Refused {
+                code: code @ "replacement_limit",
+                reason,
+            } => {
+                tracing::warn!(
+                    thing = %state.thing.name,
+                    serial = %state.certificate.serial,
+                    "replacement refused: {reason}"
+                );
+                Err(ConnectRefusal::new(code, reason).with_status(409))
+            }
             ReplaceOutcome::Refused { code, reason } => {
                 RotationStats::add(&self.stats.failed, 1);
                 Err(ConnectRefusal::new(code, reason))
@@ -680,9 +720,10 @@ impl Jitp {
     }
 
     /// `POST /v1/replacement`: for a device whose key fleetcert generated, the
-    /// replacement key and certificate — the one the worker issued ahead of time (its
-    /// sealed key is deleted as it is handed out), or, if none is waiting and rotation
-    /// is due, a new one issued now.
+    /// replacement key and certificate — the one the worker issued ahead of time, or one
+    /// issued now if none is waiting and rotation is due. Until the replacement is used
+    /// (which revokes this certificate), every fetch hands out the same key and
+    /// certificate: a lost reply is fetched again, and concurrent fetches get one key.
     pub async fn fetch_replacement(
         &self,
         cert_der: &[u8],
@@ -701,59 +742,82 @@ impl Jitp {
         }
         let now = self.clock.now();
         let chain_pem = self.issuance.ca.chain_pem();
-        if let Some(taken) = self
-            .registry
-            .take_replacement(&state.certificate.serial, now)
-            .await
-            .map_err(ConnectRefusal::unavailable)?
-        {
-            let key = self
+        // A concurrent fetch may commit its replacement between our look and our
+        // commit; ours is then refused (`replacement_pending`, nothing written, our key
+        // never leaves) and we hand out that one. Twice in a row would need a third
+        // party replacing it in between: give up then.
+        for _ in 0..3 {
+            if let Some(taken) = self
+                .registry
+                .take_replacement(&state.certificate.serial, now)
+                .await
+                .map_err(ConnectRefusal::unavailable)?
+            {
+                let key = self
+                    .sealer
+                    .open(&taken.certificate.serial, &taken.sealed_key)
+                    .map_err(|e| ConnectRefusal::internal("replacement_unreadable", e))?;
+                let key = fleetcert_ca::PrivateKey::from_pkcs8_der(&key)
+                    .map_err(|e| ConnectRefusal::internal("replacement_unreadable", e))?;
+                if !taken.again {
+                    RotationStats::add(&self.stats.delivered, 1);
+                }
+                self.forget(&state.certificate.fingerprint_sha256);
+                return Ok(FetchedCredentials {
+                    thing_name: state.thing.name.clone(),
+                    certificate_serial: taken.certificate.serial.clone(),
+                    certificate_not_after: rfc3339(taken.certificate.not_after),
+                    certificate_pem: pem::encode(&pem::Pem::new(
+                        "CERTIFICATE",
+                        taken.certificate.der.clone(),
+                    )),
+                    private_key_pem: key.to_pem().to_string(),
+                    chain_pem,
+                });
+            }
+            if !rotation_due(&state, now) {
+                return Err(ConnectRefusal::new(
+                    "rotation_not_due",
+                    format!(
+                        "certificate {} is not due for rotation before {}",
+                        state.certificate.serial,
+                        rfc3339(state.certificate.renew_at)
+                    ),
+                )
+                .with_status(409));
+            }
+            let (issued, new) = self
+                .issuance
+                .replacement(&state.certificate, DeviceKey::Generate, now)
+                .map_err(|e| ConnectRefusal::internal("issuance_failed", e))?;
+            let key = issued
+                .private_key
+                .as_ref()
+                .expect("a generated key comes with its private key");
+            let sealed = self
                 .sealer
-                .open(&taken.certificate.serial, &taken.sealed_key)
-                .map_err(|e| ConnectRefusal::internal("replacement_unreadable", e))?;
-            let key = fleetcert_ca::PrivateKey::from_pkcs8_der(&key)
-                .map_err(|e| ConnectRefusal::internal("replacement_unreadable", e))?;
-            RotationStats::add(&self.stats.delivered, 1);
-            self.forget(&state.certificate.fingerprint_sha256);
-            return Ok(FetchedCredentials {
-                thing_name: state.thing.name.clone(),
-                certificate_serial: taken.certificate.serial.clone(),
-                certificate_not_after: rfc3339(taken.certificate.not_after),
-                certificate_pem: pem::encode(&pem::Pem::new(
-                    "CERTIFICATE",
-                    taken.certificate.der.clone(),
-                )),
-                private_key_pem: key.to_pem().to_string(),
-                chain_pem,
-            });
+                .seal(&new.serial, key.pkcs8_der())
+                .map_err(|e| ConnectRefusal::internal("sealing_failed", e))?;
+            match self.record_replacement(&state, new, Some(sealed)).await {
+                Ok(()) => {
+                    return Ok(FetchedCredentials {
+                        thing_name: state.thing.name.clone(),
+                        certificate_serial: issued.serial_hex.clone(),
+                        certificate_not_after: rfc3339(issued.not_after.unix_timestamp()),
+                        certificate_pem: issued.pem.clone(),
+                        private_key_pem: key.to_pem().to_string(),
+                        chain_pem,
+                    });
+                }
+                Err(refusal) if refusal.code == "replacement_pending" => continue,
+                Err(refusal) => return Err(refusal),
+            }
         }
-        if !rotation_due(&state, now) {
-            return Err(ConnectRefusal::new(
-                "rotation_not_due",
-                format!(
-                    "certificate {} is not due for rotation before {}",
-                    state.certificate.serial,
-                    rfc3339(state.certificate.renew_at)
-                ),
-            )
-            .with_status(409));
-        }
-        let (issued, new) = self
-            .issuance
-            .replacement(&state.certificate, DeviceKey::Generate, now)
-            .map_err(|e| ConnectRefusal::internal("issuance_failed", e))?;
-        self.record_replacement(&state, new).await?;
-        let key = issued
-            .private_key
-            .as_ref()
-            .expect("a generated key comes with its private key");
-        Ok(FetchedCredentials {
-            thing_name: state.thing.name.clone(),
-            certificate_serial: issued.serial_hex.clone(),
-            certificate_not_after: rfc3339(issued.not_after.unix_timestamp()),
-            certificate_pem: issued.pem.clone(),
-            private_key_pem: key.to_pem().to_string(),
-            chain_pem,
+        Err(ConnectRefusal {
+            code: "registry_busy",
+            message: "the replacement kept changing; try again".into(),
+            retryable: true,
+            status: 503,
         })
     }
 
@@ -777,10 +841,10 @@ impl Jitp {
             CertOrigin::Generated => RotationAdvice {
                 method: "fetch",
                 endpoint: FETCH_REPLACEMENT_PATH,
-                replacement_ready: state
-                    .rotation
-                    .as_ref()
-                    .is_some_and(|r| r.state == RotationState::Issued),
+                // Issued ahead of time, or handed out and not used yet (fetched again).
+                replacement_ready: state.rotation.as_ref().is_some_and(|r| {
+                    matches!(r.state, RotationState::Issued | RotationState::Delivered)
+                }),
             },
             _ => RotationAdvice {
                 method: "est",

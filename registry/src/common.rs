@@ -1059,6 +1059,32 @@ pub(crate) fn check_replacement(
     Ok(())
 }
 
+/// The refusal when a replacement of the authenticated certificate (`pending`) can be
+/// handed out: the caller takes that one instead of issuing another key.
+pub(crate) fn replacement_pending(rep: &Replacement, pending: &str) -> ReplaceOutcome {
+    ReplaceOutcome::Refused {
+        code: "replacement_pending",
+        reason: format!(
+            "certificate {} already has replacement {pending} waiting to be handed out",
+            rep.authenticated_serial
+        ),
+    }
+}
+
+/// The refusal when the authenticated certificate already has `count` replacements.
+pub(crate) fn replacement_limit(rep: &Replacement, count: i64) -> ReplaceOutcome {
+    ReplaceOutcome::Refused {
+        code: "replacement_limit",
+        reason: format!(
+            "certificate {} has been replaced {count} times already (at most {} per \
+             certificate): use the newest replacement, or have an operator revoke this \
+             certificate and provision the device again",
+            rep.authenticated_serial,
+            rep.max_replacements.unwrap_or_default()
+        ),
+    }
+}
+
 /// The refusal when certificate `holder` of the thing already has the new public key.
 pub(crate) fn key_reused(rep: &Replacement, holder: &str) -> ReplaceOutcome {
     ReplaceOutcome::Refused {

@@ -367,6 +367,13 @@ pub struct Replacement {
     pub authenticated_serial: String,
     pub thing_name: String,
     pub new: NewCertificate,
+    /// For a key generated on demand: the new private key, encrypted by the caller, kept
+    /// (like a pre-issued one) so the replacement can be handed out again until it is
+    /// first used. `None` for EST (the device holds its key).
+    pub sealed_key: Option<Vec<u8>>,
+    /// Refuse (`replacement_limit`) if the authenticated certificate already has this
+    /// many replacements, in any status. `None`: no limit.
+    pub max_replacements: Option<u32>,
     pub at: i64,
 }
 
@@ -379,15 +386,18 @@ pub enum ReplaceOutcome {
         revoked: Vec<String>,
     },
     /// Nothing written. `code` is stable: `unknown_certificate`, `wrong_thing`,
-    /// `certificate_revoked`, `key_reused`.
+    /// `certificate_revoked`, `key_reused`, `replacement_pending` (a sealed replacement
+    /// can be handed out: take it instead), `replacement_limit`.
     Refused { code: &'static str, reason: String },
 }
 
-/// A pre-issued replacement handed to the device (see [`Registry::take_replacement`]).
+/// A replacement handed to the device (see [`Registry::take_replacement`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TakenReplacement {
     pub certificate: CertificateRecord,
     pub sealed_key: Vec<u8>,
+    /// True if it had been handed out before (nothing was written this time).
+    pub again: bool,
 }
 
 /// What to revoke.
@@ -819,6 +829,12 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ///   `thing_name` (`wrong_thing`) and not be revoked (`certificate_revoked`);
     /// - no certificate of the thing, in any status, may have the new public key
     ///   (`key_reused`);
+    /// - with a `sealed_key`: no replacement of the authenticated certificate may be
+    ///   waiting to be handed out (rotation `issued` or `delivered` with its sealed key,
+    ///   new certificate `active`): `replacement_pending` (concurrent fetches get one
+    ///   key, not one each);
+    /// - with `max_replacements`: fewer certificates than that may already replace the
+    ///   authenticated one (`replacement_limit`);
     /// - `new` is inserted `active`, `delivered_at = at`, `replaces =
     ///   authenticated_serial`, `registered_at = at` if the authenticated certificate
     ///   was registered; its policy attachments are copied (event `certificate.issued`);
@@ -827,7 +843,8 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// - other `active` certificates that replace the authenticated one (replacements
     ///   never used) are revoked, reason `superseded` (event `certificate.revoked`);
     /// - the authenticated certificate's rotation row is created or updated to
-    ///   `delivered` with `new_serial`, sealed key cleared (event `rotation.delivered`).
+    ///   `delivered` with `new_serial` and `sealed_key` (cleared if `None`) (event
+    ///   `rotation.delivered`).
     ///
     /// `Refused` writes nothing. A duplicate serial fails with `DuplicateSerial`.
     async fn replace_certificate(
@@ -835,12 +852,16 @@ pub trait Registry: Send + Sync + fmt::Debug {
         replacement: &Replacement,
     ) -> Result<ReplaceOutcome, RegistryError>;
 
-    /// Hands out a pre-issued replacement of `old_serial`, in ONE transaction: if its
-    /// rotation is `issued`, the rotation becomes `delivered` and its sealed key is
-    /// deleted, the new certificate gets `delivered_at = at` (event
+    /// Hands out the replacement of `old_serial` whose sealed key is held, in ONE
+    /// transaction: if its rotation is `issued`, the rotation becomes `delivered` (the
+    /// sealed key is kept until the replacement's first use confirms the rotation, or the
+    /// rotation is cancelled), the new certificate gets `delivered_at = at` (event
     /// `certificate.delivered`), the old one becomes `superseded` (event
-    /// `certificate.superseded`), event `rotation.delivered`. Returns the new
-    /// certificate and the sealed key; `None` (nothing written) otherwise.
+    /// `certificate.superseded`), event `rotation.delivered`. If it is `delivered`
+    /// already, with its sealed key and the new certificate still `active`, the same
+    /// certificate and key are returned again (`again`, nothing written): a device that
+    /// lost the reply, or several concurrent requests, get one key. `None` (nothing
+    /// written) otherwise.
     async fn take_replacement(
         &self,
         old_serial: &str,

@@ -1030,6 +1030,33 @@ impl PgRegistry {
         if let Some(holder) = holder {
             return Ok(common::key_reused(rep, &holder));
         }
+        // Under the certificate's lock: concurrent replacements of it queue here.
+        if rep.sealed_key.is_some() {
+            let pending: Option<String> = sqlx::query_scalar(
+                "SELECT r.new_serial::text FROM rotations r \
+                 JOIN certificates n ON n.serial = r.new_serial \
+                 WHERE r.old_serial = $1 AND r.state IN ('issued', 'delivered') \
+                    AND r.sealed_key IS NOT NULL AND n.status = 'active'",
+            )
+            .bind(old)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(step("looking for a pending replacement"))?;
+            if let Some(pending) = pending {
+                return Ok(common::replacement_pending(rep, &pending));
+            }
+        }
+        if let Some(max) = rep.max_replacements {
+            let count: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM certificates WHERE replaces = $1")
+                    .bind(old)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(step("counting replacements"))?;
+            if count >= i64::from(max) {
+                return Ok(common::replacement_limit(rep, count));
+            }
+        }
 
         sqlx::query(SQL_INSERT_REPLACEMENTS)
             .bind([new.serial.as_str()])
@@ -1080,17 +1107,18 @@ impl PgRegistry {
         revoked.sort();
         sqlx::query(
             "INSERT INTO rotations (old_serial, thing_name, origin, state, due_at, new_serial, \
-                updated_at) \
-             VALUES ($1, $2, $3, 'delivered', $5, $4, $5) \
+                updated_at, sealed_key) \
+             VALUES ($1, $2, $3, 'delivered', $5, $4, $5, $6) \
              ON CONFLICT (old_serial) DO UPDATE SET state = 'delivered', \
-                new_serial = EXCLUDED.new_serial, sealed_key = NULL, lease_owner = NULL, \
-                lease_until = NULL, updated_at = EXCLUDED.updated_at",
+                new_serial = EXCLUDED.new_serial, sealed_key = EXCLUDED.sealed_key, \
+                lease_owner = NULL, lease_until = NULL, updated_at = EXCLUDED.updated_at",
         )
         .bind(old)
         .bind(&rep.thing_name)
         .bind(&origin)
         .bind(&new.serial)
         .bind(rep.at)
+        .bind(rep.sealed_key.as_deref())
         .execute(&mut *tx)
         .await
         .map_err(step("recording the rotation"))?;
@@ -1151,7 +1179,7 @@ impl PgRegistry {
         .await
         .map_err(step("reading the rotation"))?;
         let Some((thing, Some(new))) = waiting else {
-            return Ok(None);
+            return self.take_again(old).await;
         };
         let mut tx = self
             .pool
@@ -1182,7 +1210,9 @@ impl PgRegistry {
         .await
         .map_err(step("locking the rotation"))?;
         let Some(sealed_key) = sealed_key else {
-            return Ok(None);
+            // Delivered by a concurrent request meanwhile: hand out the same.
+            drop(tx);
+            return self.take_again(old).await;
         };
         // A replacement revoked meanwhile is not handed out.
         let row = sqlx::query(concat!(
@@ -1205,8 +1235,9 @@ impl PgRegistry {
         .map_err(step("superseding the certificate"))?
         .rows_affected()
             > 0;
+        // The sealed key stays until the first use confirms the rotation.
         sqlx::query(
-            "UPDATE rotations SET state = 'delivered', sealed_key = NULL, lease_owner = NULL, \
+            "UPDATE rotations SET state = 'delivered', lease_owner = NULL, \
                 lease_until = NULL, updated_at = $2 \
              WHERE old_serial = $1",
         )
@@ -1242,6 +1273,33 @@ impl PgRegistry {
         Ok(Some(TakenReplacement {
             certificate,
             sealed_key,
+            again: false,
+        }))
+    }
+
+    /// A replacement of `old` handed out before and not used yet (rotation `delivered`
+    /// with its sealed key, new certificate `active`): the same again, in one statement,
+    /// nothing written.
+    async fn take_again(&self, old: &str) -> Result<Option<TakenReplacement>, StepError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            cert_columns!(c),
+            ", r.sealed_key FROM rotations r JOIN certificates c ON c.serial = r.new_serial \
+             WHERE r.old_serial = $1 AND r.state = 'delivered' \
+                AND r.sealed_key IS NOT NULL AND c.status = 'active'"
+        ))
+        .bind(old)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(step("reading the replacement"))?;
+        let Some(row) = row else { return Ok(None) };
+        let sealed_key: Vec<u8> = sqlx::Row::try_get(&row, common::CERT_COLUMN_COUNT)
+            .map_err(step("reading the replacement"))?;
+        let certificate = common::cert_from_row(&row).map_err(step("reading the replacement"))?;
+        Ok(Some(TakenReplacement {
+            certificate,
+            sealed_key,
+            again: true,
         }))
     }
 
@@ -2437,6 +2495,8 @@ mod tests {
                         authenticated_serial: old.clone(),
                         thing_name: thing(i),
                         new: cert(CertOrigin::Csr, NOW + 100 * 86_400),
+                        sealed_key: None,
+                        max_replacements: None,
                         at: NOW + 2,
                     };
                     match reg.replace_certificate(&rep).await.unwrap() {

@@ -266,23 +266,34 @@ const SQL_REVOKE_UNUSED: &str = "UPDATE certificates SET status = 'revoked', \
      RETURNING serial";
 /// The authenticated certificate's rotation: created or moved to `delivered`.
 const SQL_ROTATION_DELIVERED: &str = "INSERT INTO rotations \
-        (old_serial, thing_name, origin, state, due_at, new_serial, updated_at) \
-     VALUES (?1, ?2, ?3, 'delivered', ?5, ?4, ?5) \
+        (old_serial, thing_name, origin, state, due_at, new_serial, updated_at, sealed_key) \
+     VALUES (?1, ?2, ?3, 'delivered', ?5, ?4, ?5, ?6) \
      ON CONFLICT (old_serial) DO UPDATE SET state = 'delivered', \
-        new_serial = excluded.new_serial, sealed_key = NULL, lease_owner = NULL, \
-        lease_until = NULL, updated_at = excluded.updated_at";
+        new_serial = excluded.new_serial, sealed_key = excluded.sealed_key, \
+        lease_owner = NULL, lease_until = NULL, updated_at = excluded.updated_at";
+/// The replacement of ?1 waiting to be handed out (sealed key held, new certificate
+/// active), if any.
+const SQL_PENDING_REPLACEMENT: &str = "SELECT r.new_serial FROM rotations r \
+     JOIN certificates n ON n.serial = r.new_serial \
+     WHERE r.old_serial = ?1 AND +r.state IN ('issued', 'delivered') \
+       AND r.sealed_key IS NOT NULL AND +n.status = 'active'";
+/// How many certificates replace ?1.
+const SQL_REPLACEMENT_COUNT: &str = "SELECT count(*) FROM certificates WHERE replaces = ?1";
 /// Open rotations of the certificates of ?1 (JSON array) become `cancelled` at ?2.
 const SQL_CANCEL_ROTATIONS: &str = "UPDATE rotations SET state = 'cancelled', \
         sealed_key = NULL, lease_owner = NULL, lease_until = NULL, updated_at = ?2 \
      WHERE old_serial IN (SELECT value FROM json_each(?1)) \
        AND +state IN ('due', 'issued', 'delivered') \
      RETURNING old_serial, thing_name";
-/// A pre-issued replacement of ?1 ready to hand out (its certificate still active).
-const SQL_TAKEABLE: &str = "SELECT r.new_serial, r.sealed_key, r.thing_name \
+/// The replacement of ?1 ready to hand out (sealed key held, certificate still
+/// active): pre-issued (`issued`) or handed out before and not used yet (`delivered`).
+const SQL_TAKEABLE: &str = "SELECT r.new_serial, r.sealed_key, r.thing_name, r.state \
      FROM rotations r JOIN certificates n ON n.serial = r.new_serial \
-     WHERE r.old_serial = ?1 AND +r.state = 'issued' AND +n.status = 'active'";
+     WHERE r.old_serial = ?1 AND +r.state IN ('issued', 'delivered') \
+       AND r.sealed_key IS NOT NULL AND +n.status = 'active'";
+/// The sealed key stays until the first use confirms the rotation.
 const SQL_ROTATION_TAKEN: &str = "UPDATE rotations SET state = 'delivered', \
-        sealed_key = NULL, updated_at = ?2 \
+        updated_at = ?2 \
      WHERE old_serial = ?1";
 const SQL_DELIVER_ONE: &str = "UPDATE certificates SET delivered_at = ?2 \
      WHERE serial = ?1 AND delivered_at IS NULL";
@@ -619,6 +630,26 @@ impl SqliteRegistry {
         if let Some(holder) = holder {
             return Ok(Err(common::key_reused(rep, &holder)));
         }
+        if rep.sealed_key.is_some() {
+            let pending: Option<String> = sqlx::query_scalar(SQL_PENDING_REPLACEMENT)
+                .bind(auth)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("looking for a pending replacement", e))?;
+            if let Some(pending) = pending {
+                return Ok(Err(common::replacement_pending(rep, &pending)));
+            }
+        }
+        if let Some(max) = rep.max_replacements {
+            let count: i64 = sqlx::query_scalar(SQL_REPLACEMENT_COUNT)
+                .bind(auth)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("counting replacements", e))?;
+            if count >= i64::from(max) {
+                return Ok(Err(common::replacement_limit(rep, count)));
+            }
+        }
 
         let new = &rep.new;
         sqlx::query(
@@ -711,6 +742,7 @@ impl SqliteRegistry {
             .bind(&origin)
             .bind(&new.serial)
             .bind(rep.at)
+            .bind(rep.sealed_key.as_deref())
             .execute(&mut *conn)
             .await
             .map_err(|e| WriteError::new("recording the rotation", e))?;
@@ -725,20 +757,47 @@ impl SqliteRegistry {
         Ok(Ok(ReplaceOutcome::Replaced { revoked }))
     }
 
+    /// One certificate, read inside the caller's transaction.
+    async fn certificate_in(
+        conn: &mut SqliteConnection,
+        serial: &str,
+    ) -> Result<CertificateRecord, WriteError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            cert_columns!(),
+            " FROM certificates WHERE serial = ?1"
+        ))
+        .bind(serial)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| WriteError::new("reading the replacement", e))?;
+        common::cert_from_row(&row).map_err(|e| WriteError::new("reading the replacement", e))
+    }
+
     /// The body of [`Registry::take_replacement`], inside the caller's transaction.
     async fn take_in(
         conn: &mut SqliteConnection,
         old_serial: &str,
         at: i64,
     ) -> Result<Option<TakenReplacement>, WriteError> {
-        let row: Option<(String, Option<Vec<u8>>, String)> = sqlx::query_as(SQL_TAKEABLE)
-            .bind(old_serial)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("reading the rotation", e))?;
-        let Some((new_serial, sealed_key, thing_name)) = row else {
+        let row: Option<(String, Option<Vec<u8>>, String, String)> =
+            sqlx::query_as(SQL_TAKEABLE)
+                .bind(old_serial)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| WriteError::new("reading the rotation", e))?;
+        let Some((new_serial, sealed_key, thing_name, state)) = row else {
             return Ok(None);
         };
+        if state == "delivered" {
+            // Handed out before and not used yet: the same again, nothing written.
+            let certificate = Self::certificate_in(conn, &new_serial).await?;
+            return Ok(Some(TakenReplacement {
+                certificate,
+                sealed_key: sealed_key.unwrap_or_default(),
+                again: true,
+            }));
+        }
         sqlx::query(SQL_ROTATION_TAKEN)
             .bind(old_serial)
             .bind(at)
@@ -784,20 +843,11 @@ impl SqliteRegistry {
         insert_events(conn, &events)
             .await
             .map_err(|e| WriteError::new("appending events", e))?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            cert_columns!(),
-            " FROM certificates WHERE serial = ?1"
-        ))
-        .bind(&new_serial)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| WriteError::new("reading the replacement", e))?;
-        let certificate = common::cert_from_row(&row)
-            .map_err(|e| WriteError::new("reading the replacement", e))?;
+        let certificate = Self::certificate_in(conn, &new_serial).await?;
         Ok(Some(TakenReplacement {
             certificate,
             sealed_key: sealed_key.unwrap_or_default(),
+            again: false,
         }))
     }
 

@@ -9,7 +9,8 @@ use fleetcert_registry::{
     MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings, NewCertificate,
     NewMirrorOp, PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, ThingDetails,
+    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, TakenReplacement,
+    ThingDetails,
     ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
@@ -1667,6 +1668,8 @@ fn est(auth: &str, thing: &str, at: i64) -> Replacement {
         authenticated_serial: auth.to_owned(),
         thing_name: thing.to_owned(),
         new,
+        sealed_key: None,
+        max_replacements: None,
         at,
     }
 }
@@ -2176,8 +2179,8 @@ async fn lease_expiry_and_late_complete(url: &str) {
     );
 }
 
-/// A pre-issued replacement is fetched once (key handed out, then deleted) and
-/// confirmed by its first use: old active → superseded → revoked, rotation issued →
+/// A pre-issued replacement is fetched (the same key and certificate again until it is
+/// used; the sealed key deleted at its first use) and confirmed by its first use: old active → superseded → revoked, rotation issued →
 /// delivered → confirmed; policies follow the certificate.
 async fn take_then_confirm(url: &str) {
     let reg = open(url).await.unwrap();
@@ -2247,6 +2250,7 @@ async fn take_then_confirm(url: &str) {
         .unwrap()
         .expect("a replacement to take");
     assert_eq!(taken.sealed_key, item.sealed_key);
+    assert!(!taken.again);
     assert_eq!(taken.certificate.serial, new.serial);
     assert_eq!(taken.certificate.delivered_at, Some(NOW + 2));
     assert_eq!(
@@ -2258,19 +2262,35 @@ async fn take_then_confirm(url: &str) {
     assert_eq!(delivered.state, RotationState::Delivered);
     assert_eq!(delivered.new_serial.as_deref(), Some(new.serial.as_str()));
     assert_eq!(delivered.updated_at, NOW + 2);
+    // The sealed key is kept until the replacement's first use: a device that lost the
+    // reply (or a burst of concurrent fetches) gets the same key and certificate again,
+    // and nothing is written.
     assert_eq!(
         sealed_keys(url).await,
-        0,
-        "the sealed key outlived its delivery"
+        1,
+        "the sealed key went before the replacement's first use"
     );
     let before = full_snapshot(&reg).await;
     assert_eq!(
         reg.take_replacement(serial(&old), NOW + 3).await.unwrap(),
-        None
+        Some(TakenReplacement {
+            again: true,
+            ..taken.clone()
+        })
     );
     assert_eq!(
         reg.take_replacement(&new.serial, NOW + 3).await.unwrap(),
         None
+    );
+    assert_eq!(full_snapshot(&reg).await, before);
+    // An on-demand key is refused while this one waits: take it instead.
+    let mut on_demand = est(serial(&old), &thing, NOW + 3);
+    on_demand.new.origin = CertOrigin::Generated;
+    on_demand.sealed_key = Some(b"another sealed key".to_vec());
+    refused_with(
+        &reg.replace_certificate(&on_demand).await.unwrap(),
+        "replacement_pending",
+        &[serial(&old), &new.serial],
     );
     assert_eq!(full_snapshot(&reg).await, before);
     assert!(
@@ -2299,6 +2319,11 @@ async fn take_then_confirm(url: &str) {
     let confirmed = rotation(&reg, serial(&old)).await;
     assert_eq!(confirmed.state, RotationState::Confirmed);
     assert_eq!(confirmed.updated_at, NOW + 5);
+    assert_eq!(
+        sealed_keys(url).await,
+        0,
+        "the sealed key outlived the replacement's first use"
+    );
     assert_eq!(confirmed.new_serial.as_deref(), Some(new.serial.as_str()));
     let before = full_snapshot(&reg).await;
     assert_eq!(
@@ -2515,6 +2540,17 @@ async fn replace_refusals_and_second_replace(url: &str) {
     ));
     assert_eq!(full_snapshot(&reg).await, before);
 
+    // A budget: `a` has two replacements; with at most two allowed, a third is refused
+    // and nothing is written.
+    let mut b3 = est(serial(&a), "t1", NOW + 12);
+    b3.max_replacements = Some(2);
+    refused_with(
+        &reg.replace_certificate(&b3).await.unwrap(),
+        "replacement_limit",
+        &[serial(&a), "2 times"],
+    );
+    assert_eq!(full_snapshot(&reg).await, before);
+
     // Eight servers see the first use at once: confirmed once.
     let mut registries = Vec::new();
     for _ in 0..8 {
@@ -2609,7 +2645,8 @@ async fn revoke_cascade_and_entries(url: &str) {
             .unwrap()
             .is_some()
     );
-    assert_eq!(sealed_keys(url).await, 2);
+    // Two waiting, one handed out but not used yet (its key is kept until then).
+    assert_eq!(sealed_keys(url).await, 3);
 
     // By serial: the certificate and its undelivered replacement.
     let entries = reg
@@ -2643,7 +2680,7 @@ async fn revoke_cascade_and_entries(url: &str) {
         (cancelled.state, cancelled.updated_at),
         (RotationState::Cancelled, NOW + 5)
     );
-    assert_eq!(sealed_keys(url).await, 1);
+    assert_eq!(sealed_keys(url).await, 2);
     assert_eq!(
         reg.take_replacement(serial(&fleet[0]), NOW + 6)
             .await

@@ -63,7 +63,7 @@ pub async fn serve(
 ) {
     let (data, ca, registry) = fleet(base, devices).await;
     let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    let credentials = data.server_credentials(&ca, &names).unwrap();
+    let credentials = data.server_credentials(&ca, &names, None).unwrap();
     let options =
         fleetcert_lifecycle::jitp::JitpOptions::new(&data, ca.clone(), "default").unwrap();
     let jitp = Arc::new(
