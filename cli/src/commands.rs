@@ -400,11 +400,7 @@ fn note_validity_cap(ctx: &Ctx, cap: Option<&provision::ValidityCap>) {
     }
 }
 
-async fn provision_batch_cmd(
-    ctx: &Ctx,
-    args: &ProvisionArgs,
-    path: &std::path::Path,
-) -> CmdResult {
+async fn provision_batch_cmd(ctx: &Ctx, args: &ProvisionArgs, path: &std::path::Path) -> CmdResult {
     let out = ctx.out;
     let print = |report: &DeviceReport| {
         if out.is_json() {

@@ -388,7 +388,10 @@ mod tests {
         std::os::unix::fs::symlink("/dev/zero", base.join("dev-link")).unwrap();
         fs::write(base.join("big"), vec![b'x'; 100]).unwrap();
         let dir = InputDir::confined(&base).unwrap();
-        assert_eq!(dir.read_regular(Path::new("sub/a.csr"), 64).unwrap(), b"csr");
+        assert_eq!(
+            dir.read_regular(Path::new("sub/a.csr"), 64).unwrap(),
+            b"csr"
+        );
         assert_eq!(dir.read_regular(Path::new("in-link"), 64).unwrap(), b"csr");
         assert_eq!(
             dir.read_regular(Path::new("sub/../sub/a.csr"), 64).unwrap(),
@@ -412,7 +415,10 @@ mod tests {
             Err(InputFileError::TooLarge(64))
         ));
         let anywhere = InputDir::anywhere(&base);
-        assert_eq!(anywhere.read_regular(Path::new("../secret"), 64).unwrap(), b"secret");
+        assert_eq!(
+            anywhere.read_regular(Path::new("../secret"), 64).unwrap(),
+            b"secret"
+        );
         assert!(matches!(
             anywhere.read_regular(Path::new("dev-link"), 64),
             Err(InputFileError::NotRegular("a character device"))

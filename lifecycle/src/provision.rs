@@ -229,14 +229,12 @@ fn parse_name(name: &str) -> Result<ThingName, fleetcert_ca::CaError> {
 /// Reads and checks one CSR file: a regular file of at most [`CSR_MAX_BYTES`], found
 /// through `dir`. The error names the path (an excerpt) and the problem.
 fn read_csr(dir: &InputDir, path: &Path) -> Result<DeviceCsr, String> {
-    let bytes = dir
-        .read_regular(path, CSR_MAX_BYTES)
-        .map_err(|e| match e {
-            InputFileError::Io(e) => {
-                format!("cannot read CSR file {}: {e}", path_excerpt(path))
-            }
-            other => format!("CSR file {}: {other}", path_excerpt(path)),
-        })?;
+    let bytes = dir.read_regular(path, CSR_MAX_BYTES).map_err(|e| match e {
+        InputFileError::Io(e) => {
+            format!("cannot read CSR file {}: {e}", path_excerpt(path))
+        }
+        other => format!("CSR file {}: {other}", path_excerpt(path)),
+    })?;
     DeviceCsr::parse(&bytes).map_err(|e| format!("CSR file {}: {e}", path_excerpt(path)))
 }
 
@@ -398,9 +396,9 @@ fn validate_row(
     let thing = parse_name(name).map_err(|e| DeviceReport::failed(line, &excerpt(name), e))?;
     let csr = match csr {
         None => None,
-        Some(path) => Some(
-            read_csr(dir, Path::new(path)).map_err(|e| DeviceReport::failed(line, name, e))?,
-        ),
+        Some(path) => {
+            Some(read_csr(dir, Path::new(path)).map_err(|e| DeviceReport::failed(line, name, e))?)
+        }
     };
     Ok(PreparedDevice { line, thing, csr })
 }
@@ -477,7 +475,9 @@ pub fn validate_batch_csv(
         InputDir::confined(base).map_err(|e| LifecycleError::read(base, e))?
     });
     let reopen = |file: &std::fs::File| -> Result<CsvRows, LifecycleError> {
-        let mut file = file.try_clone().map_err(|e| LifecycleError::read(path, e))?;
+        let mut file = file
+            .try_clone()
+            .map_err(|e| LifecycleError::read(path, e))?;
         std::io::Seek::rewind(&mut file).map_err(|e| LifecycleError::read(path, e))?;
         CsvRows::open(path, file)
     };
@@ -799,7 +799,8 @@ impl Delivery {
     ) {
         let file = format!("{}.crt", device.thing);
         let pem = pem::encode(&pem::Pem::new("CERTIFICATE", record.der.clone()));
-        self.files.push((file.clone(), pem.into_bytes(), PUBLIC_MODE));
+        self.files
+            .push((file.clone(), pem.into_bytes(), PUBLIC_MODE));
         self.serials.push(record.serial.clone());
         self.staged_reports.push(DeviceReport::Redelivered {
             line: device.line,
@@ -866,7 +867,11 @@ fn issuing_ca_not_after(ca: &IssuingCa) -> Result<time::OffsetDateTime, Lifecycl
 }
 
 /// Whole days from `now` until `ca_not_after`, at most `requested`.
-fn capped_days(requested: u32, now: time::OffsetDateTime, ca_not_after: time::OffsetDateTime) -> u32 {
+fn capped_days(
+    requested: u32,
+    now: time::OffsetDateTime,
+    ca_not_after: time::OffsetDateTime,
+) -> u32 {
     let left = (ca_not_after - now).whole_days().max(0);
     u32::try_from(left).map_or(requested, |left| left.min(requested))
 }

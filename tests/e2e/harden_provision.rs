@@ -138,7 +138,10 @@ fn csr_paths_that_leave_the_csv_directory_are_refused() {
     // /etc/passwd is a regular file but not a CSR.
     let error = failure_at(&lines, 3);
     assert!(error.contains("CSR"), "{error}");
-    assert!(!error.contains("root:"), "no file contents in errors: {error}");
+    assert!(
+        !error.contains("root:"),
+        "no file contents in errors: {error}"
+    );
 }
 
 #[test]
@@ -198,7 +201,10 @@ fn special_and_oversized_csr_files_are_refused_without_hanging() {
         let out = output_within(cmd, LIMIT);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{csr}: {stderr}");
-        assert!(stderr.contains(expect) && stderr.contains(csr), "{csr}: {stderr}");
+        assert!(
+            stderr.contains(expect) && stderr.contains(csr),
+            "{csr}: {stderr}"
+        );
     }
     assert!(!env.out_dir().join("single.crt").exists());
 }
@@ -231,8 +237,14 @@ fn a_ten_megabyte_field_is_not_echoed_in_errors() {
             all.len()
         );
         let text = String::from_utf8_lossy(&all);
-        assert!(text.contains("line 2") || text.contains("\"line\":2"), "{text}");
-        assert!(text.contains("line 3") || text.contains("\"line\":3"), "{text}");
+        assert!(
+            text.contains("line 2") || text.contains("\"line\":2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("line 3") || text.contains("\"line\":3"),
+            "{text}"
+        );
         assert!(text.contains("invalid thing name"), "{text}");
         assert!(text.contains(&format!("{}…", &huge[..64])), "{text}");
     }
@@ -245,11 +257,21 @@ impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(at)
             .status()
             .unwrap();
-        assert!(status.success(), "mounting a tmpfs at {} (root needed)", at.display());
+        assert!(
+            status.success(),
+            "mounting a tmpfs at {} (root needed)",
+            at.display()
+        );
         Tmpfs(at.to_path_buf())
     }
 
@@ -325,7 +347,10 @@ fn a_full_out_directory_leaves_no_staging_folders_and_reports_what_was_delivered
         String::from_utf8_lossy(&out.stderr)
     );
     let files = files_in(&out_dir);
-    assert_eq!(files.iter().filter(|f| f.ends_with(".crt")).count(), devices);
+    assert_eq!(
+        files.iter().filter(|f| f.ends_with(".crt")).count(),
+        devices
+    );
     assert!(!files.iter().any(|f| f.contains("staging")), "{files:?}");
 }
 
@@ -341,19 +366,28 @@ fn days_are_capped_at_the_issuing_cas_not_after() {
         "http://127.0.0.1:9090/crl",
     ]);
     let (_, issuing) = env.chain_files();
-    let ca_not_after =
-        fleetcert_ca::describe_certificate(&std::fs::read(&issuing).unwrap())
-            .unwrap()
-            .not_after;
+    let ca_not_after = fleetcert_ca::describe_certificate(&std::fs::read(&issuing).unwrap())
+        .unwrap()
+        .not_after;
 
     let out = env.run(&[
-        "--output", "json", "provision", "long-lived", "--days", "36500", "--out", "out",
+        "--output",
+        "json",
+        "provision",
+        "long-lived",
+        "--days",
+        "36500",
+        "--out",
+        "out",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("would outlive the issuing CA"), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["validity_capped"]["requested_days"], 36500, "{report}");
+    assert_eq!(
+        report["validity_capped"]["requested_days"], 36500,
+        "{report}"
+    );
     let days = report["validity_capped"]["days"].as_u64().unwrap();
     assert!((28..=30).contains(&days), "{report}");
     let cert = fleetcert_ca::describe_certificate(
@@ -379,7 +413,10 @@ fn days_are_capped_at_the_issuing_cas_not_after() {
     assert_eq!(out.status.code(), Some(0));
     let lines = json_lines(&out.stdout);
     let summary = lines.last().unwrap();
-    assert_eq!(summary["validity_capped"]["requested_days"], 36500, "{summary}");
+    assert_eq!(
+        summary["validity_capped"]["requested_days"], 36500,
+        "{summary}"
+    );
     for name in ["batch-1", "batch-2"] {
         let cert = fleetcert_ca::describe_certificate(
             &std::fs::read(env.out_dir().join(format!("{name}.crt"))).unwrap(),
