@@ -249,17 +249,18 @@ pub struct ProvisionArgs {
     /// Thing name ([a-zA-Z0-9:_-]{1,128}); becomes the certificate's common name.
     pub thing_name: Option<String>,
     /// CSV file with a header row: thing_name (required), csr (optional path, relative to
-    /// the CSV file).
+    /// the CSV file's directory and inside it; see --allow-absolute-csr-paths).
     #[arg(long, conflicts_with_all = ["thing_name", "csr"])]
     pub batch: Option<PathBuf>,
-    /// The device's CSR (PEM or DER). Without it, fleetcert generates a P-256 key and
-    /// writes it next to the certificate (mode 0600).
+    /// The device's CSR (PEM or DER; a regular file of at most 64 KiB). Without it,
+    /// fleetcert generates a P-256 key and writes it next to the certificate (mode 0600).
     #[arg(long)]
     pub csr: Option<PathBuf>,
     /// Template recorded on the thing (a file stem in <data-dir>/templates/, or `default`).
     #[arg(long)]
     pub template: Option<String>,
-    /// Certificate validity in days.
+    /// Certificate validity in days (cut to the issuing CA's remaining lifetime, with a
+    /// note on stderr, if it would outlive it).
     #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub days: u32,
     /// Output directory for <thing>.crt, <thing>.key and chain.pem.
@@ -276,6 +277,11 @@ pub struct ProvisionArgs {
     /// Accept a --template whose policy fails the least-privilege lint.
     #[arg(long)]
     pub allow_overly_permissive: bool,
+    /// Let the CSV's csr column name files outside the CSV file's directory (absolute
+    /// paths, `..`, symbolic links leading out). Either way a CSR must be a regular file
+    /// of at most 64 KiB.
+    #[arg(long, requires = "batch")]
+    pub allow_absolute_csr_paths: bool,
 }
 
 #[derive(Debug, Args)]

@@ -343,75 +343,111 @@ async fn provision_cmd(ctx: &Ctx, args: ProvisionArgs) -> CmdResult {
         ctx.data
             .load_template(template, args.allow_overly_permissive)?;
     }
-    let batch_mode = args.batch.is_some();
-    let requests = match (&args.batch, &args.thing_name) {
-        (Some(path), _) => provision::read_batch_csv(path)?,
-        (None, Some(name)) => {
-            ThingName::parse(name)?;
-            vec![Ok(DeviceRequest {
-                line: None,
-                thing_name: name.clone(),
-                csr_path: args.csr.clone(),
-            })]
-        }
-        (None, None) => unreachable!("clap requires THING_NAME or --batch"),
+    if let Some(path) = &args.batch {
+        return provision_batch_cmd(ctx, &args, path).await;
+    }
+    let Some(name) = &args.thing_name else {
+        unreachable!("clap requires THING_NAME or --batch")
     };
-    let prepared = provision::prepare(requests);
-    if !batch_mode && let Some(Err(DeviceReport::Failed { error, .. })) = prepared.first() {
+    ThingName::parse(name)?;
+    let prepared = provision::prepare(vec![Ok(DeviceRequest {
+        line: None,
+        thing_name: name.clone(),
+        csr_path: args.csr.clone(),
+    })]);
+    if let Some(Err(DeviceReport::Failed { error, .. })) = prepared.first() {
         return Err(bad_input(error.clone()));
     }
     // 2. CA and registry.
     let settings = settings_for(ctx, &args)?;
     let ca = Arc::new(ctx.data.load_issuing_ca(passphrase().as_deref())?);
+    let cap = provision::validity_cap(&ca, &settings.profile)?;
+    note_validity_cap(ctx, cap.as_ref());
     let registry = ctx.registry(false).await?;
 
-    // 3. Run, reporting as devices complete.
-    let total = prepared.len() as u64;
-    let progress = if batch_mode {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(total),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} devices ({per_sec}, eta {eta})",
-            )
-            .expect("valid template"),
-        );
-        Some(bar)
-    } else {
-        None
-    };
+    // 3. Run.
     let out = ctx.out;
     let mut single: Option<DeviceReport> = None;
-    let mut on_report = |report: &DeviceReport| {
-        if let Some(bar) = &progress {
-            bar.inc(1);
-            if out.is_json() {
-                out.json(report);
-            } else if !matches!(report, DeviceReport::Issued { .. }) {
-                bar.suspend(|| eprintln!("{}", report_text(report)));
-            }
-        } else {
-            single = Some(report.clone());
-        }
-    };
-    let summary = provision::provision(ca, registry, prepared, &settings, &mut on_report).await;
-    if let Some(bar) = &progress {
-        bar.finish_and_clear();
-    }
-    let summary = summary?;
-    if batch_mode {
-        print_batch_summary(ctx, &summary);
-    } else if let Some(report) = &single {
+    let mut on_report = |report: &DeviceReport| single = Some(report.clone());
+    let summary = provision::provision(ca, registry, prepared, &settings, &mut on_report).await?;
+    if let Some(report) = &single {
         if out.is_json() {
-            out.json(report);
+            let mut value = serde_json::to_value(report).expect("report serialises");
+            if let Some(cap) = &summary.validity_capped {
+                value["validity_capped"] = json!(cap);
+            }
+            out.json(&value);
         } else if report.is_failure() {
             out.note(report_text(report));
         } else {
             out.line(report_text(report));
         }
     }
+    Ok(if summary.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Says on stderr that `--days` was cut to the issuing CA's lifetime.
+fn note_validity_cap(ctx: &Ctx, cap: Option<&provision::ValidityCap>) {
+    if let Some(cap) = cap {
+        ctx.out.note(format!(
+            "note: --days {} would outlive the issuing CA (valid until {}): certificates are issued for {} days instead",
+            cap.requested_days, cap.issuing_ca_not_after, cap.days
+        ));
+    }
+}
+
+async fn provision_batch_cmd(ctx: &Ctx, args: &ProvisionArgs, path: &std::path::Path) -> CmdResult {
+    let out = ctx.out;
+    let print = |report: &DeviceReport| {
+        if out.is_json() {
+            out.json(report);
+        } else if !matches!(report, DeviceReport::Issued { .. }) {
+            eprintln!("{}", report_text(report));
+        }
+    };
+    // 1. Every row is checked (streaming) before anything is signed; bad rows are
+    //    reported now.
+    let options = provision::BatchOptions {
+        allow_outside_csr_paths: args.allow_absolute_csr_paths,
+    };
+    let batch = provision::validate_batch_csv(path, &options, &mut |r| print(r))?;
+    // 2. CA and registry.
+    let settings = settings_for(ctx, args)?;
+    let ca = Arc::new(ctx.data.load_issuing_ca(passphrase().as_deref())?);
+    let cap = provision::validity_cap(&ca, &settings.profile)?;
+    note_validity_cap(ctx, cap.as_ref());
+    let registry = ctx.registry(false).await?;
+
+    // 3. Run, reporting as devices complete.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(batch.rows()),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} devices ({per_sec}, eta {eta})",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(batch.failures());
+    let mut on_report = |report: &DeviceReport| {
+        bar.inc(1);
+        bar.suspend(|| print(report));
+    };
+    let outcome = provision::provision_batch(ca, registry, batch, &settings, &mut on_report).await;
+    bar.finish_and_clear();
+    let mut summary = outcome.summary;
+    // The devices already delivered were reported; the summary says how far the run got.
+    if let Some(error) = outcome.error {
+        summary.error = Some(error.to_string());
+        print_batch_summary(ctx, &summary);
+        return Err(error.into());
+    }
+    print_batch_summary(ctx, &summary);
     Ok(if summary.failed > 0 {
         ExitCode::from(1)
     } else {

@@ -73,15 +73,17 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             failures.push(r.clone());
         }
     };
-    let requests = provision::prepare(provision::read_batch_csv(&batch)?);
-    let first = provision::provision(
+    let options = provision::BatchOptions::default();
+    let validated = provision::validate_batch_csv(&batch, &options, &mut on_report)?;
+    let first = provision::provision_batch(
         ca.clone(),
         registry.clone(),
-        requests,
+        validated,
         &settings,
         &mut on_report,
     )
-    .await?;
+    .await
+    .into_result()?;
     bar.finish_and_clear();
     out.note(format!(
         "demo: provisioned {} devices in {:.2}s ({:.0}/s)",
@@ -126,10 +128,12 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
     }
 
     // 4. Re-run the same pallet: nothing new is issued.
-    let requests = provision::prepare(provision::read_batch_csv(&batch)?);
+    let validated = provision::validate_batch_csv(&batch, &options, &mut |_| {})?;
     let ca_for_server = ca.clone();
     let second =
-        provision::provision(ca, registry.clone(), requests, &settings, &mut |_| {}).await?;
+        provision::provision_batch(ca, registry.clone(), validated, &settings, &mut |_| {})
+            .await
+            .into_result()?;
     // 5. Each device connects to the JITP server over real mutual TLS on loopback: the
     //    first connect registers it, the second is a returning device.
     let jitp_figures = jitp_round_trips(

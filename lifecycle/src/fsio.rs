@@ -54,10 +54,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes one file atomically and durably (temp, fsync, rename, fsync of the directory).
 pub(crate) fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let temp = temp_path_for(path);
-    let file = write_new(&temp, contents, mode)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temp, path)?;
+    let written = write_new(&temp, contents, mode)
+        .and_then(|file| file.sync_all())
+        .and_then(|()| fs::rename(&temp, path));
+    if let Err(e) = written {
+        // A full disk must not keep a half-written temporary file taking space.
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
@@ -79,6 +83,17 @@ pub(crate) struct GroupWriter {
 /// `strace -c` of a run staging next to its targets showed creations averaging 0.7 ms).
 pub(crate) struct Staging {
     dir: PathBuf,
+    published: bool,
+}
+
+/// A group that could not be published (a full disk, an I/O error) takes its staging
+/// directory and whatever it holds with it, so a failed run does not keep the disk full.
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 impl Staging {
@@ -149,12 +164,15 @@ impl GroupWriter {
             }
             other => other?,
         }
-        Ok(Staging { dir })
+        Ok(Staging {
+            dir,
+            published: false,
+        })
     }
 
     /// Makes a group of staged files durable, then visible: one `syncfs`, the renames
     /// into the output directory, one `fsync` of it; then drops the staging directory.
-    pub(crate) fn publish(&self, staging: Staging, staged: Vec<Staged>) -> io::Result<()> {
+    pub(crate) fn publish(&self, mut staging: Staging, staged: Vec<Staged>) -> io::Result<()> {
         let dir = File::open(&self.dir)?;
         if !staged.is_empty() {
             rustix::fs::syncfs(&dir)?;
@@ -163,7 +181,156 @@ impl GroupWriter {
             }
             dir.sync_all()?;
         }
-        fs::remove_dir(&staging.dir)
+        fs::remove_dir(&staging.dir)?;
+        staging.published = true;
+        Ok(())
+    }
+}
+
+/// Where the input files named in a batch (the CSV's `csr` column) may be read from.
+pub(crate) struct InputDir {
+    path: PathBuf,
+    /// The directory itself, opened once: paths are resolved beneath it by the kernel
+    /// (`openat2` with `RESOLVE_BENEATH`). `None`: anywhere (absolute paths, `..` and
+    /// symbolic links leading out are followed).
+    confined: Option<rustix::fd::OwnedFd>,
+}
+
+/// Why an input file was not read. Messages never include the file's contents.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InputFileError {
+    #[error(
+        "it is outside the CSV file's directory (an absolute path, `..` or a symbolic link leading out); pass --allow-absolute-csr-paths to allow that"
+    )]
+    Outside,
+    #[error("it is {0}, not a regular file")]
+    NotRegular(&'static str),
+    #[error("it is larger than {} KiB (a CSR is a few KiB)", .0 / 1024)]
+    TooLarge(u64),
+    #[error("it changed while being opened")]
+    Changed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<rustix::io::Errno> for InputFileError {
+    fn from(e: rustix::io::Errno) -> Self {
+        InputFileError::Io(e.into())
+    }
+}
+
+fn file_kind(meta: &fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    Some(if t.is_file() {
+        return None;
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    })
+}
+
+impl InputDir {
+    /// Files relative to `dir`, never leaving it.
+    pub(crate) fn confined(dir: &Path) -> io::Result<Self> {
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(InputDir {
+            path: dir.to_path_buf(),
+            confined: Some(fd),
+        })
+    }
+
+    /// Files relative to `dir`, or anywhere with an absolute path.
+    pub(crate) fn anywhere(dir: &Path) -> Self {
+        InputDir {
+            path: dir.to_path_buf(),
+            confined: None,
+        }
+    }
+
+    fn open(&self, rel: &Path, flags: rustix::fs::OFlags) -> Result<File, InputFileError> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::io::Errno;
+        let flags = flags | OFlags::CLOEXEC;
+        let Some(dir) = &self.confined else {
+            return Ok(File::from(rustix::fs::open(
+                self.path.join(rel),
+                flags,
+                Mode::empty(),
+            )?));
+        };
+        match rustix::fs::openat2(
+            dir,
+            rel,
+            flags,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(Errno::XDEV) => Err(InputFileError::Outside),
+            // No openat2 (a kernel before 5.6, or a seccomp filter): resolve in user
+            // space, then open the resolved path without following a final symlink.
+            Err(Errno::NOSYS | Errno::PERM) => {
+                if rel.is_absolute() {
+                    return Err(InputFileError::Outside);
+                }
+                let base = fs::canonicalize(&self.path)?;
+                let resolved = fs::canonicalize(self.path.join(rel))?;
+                if !resolved.starts_with(&base) {
+                    return Err(InputFileError::Outside);
+                }
+                Ok(File::from(rustix::fs::open(
+                    &resolved,
+                    flags | OFlags::NOFOLLOW,
+                    Mode::empty(),
+                )?))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads a regular file of at most `cap` bytes. The file type is checked before the
+    /// file is opened for reading (a device is never opened; a FIFO never blocks: the
+    /// read open is non-blocking and re-checked), and at most `cap + 1` bytes are read.
+    pub(crate) fn read_regular(&self, rel: &Path, cap: u64) -> Result<Vec<u8>, InputFileError> {
+        use rustix::fs::OFlags;
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let probe = self.open(rel, OFlags::PATH)?.metadata()?;
+        if let Some(kind) = file_kind(&probe) {
+            return Err(InputFileError::NotRegular(kind));
+        }
+        if probe.len() > cap {
+            return Err(InputFileError::TooLarge(cap));
+        }
+        let file = self.open(rel, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY)?;
+        let meta = file.metadata()?;
+        if let Some(kind) = file_kind(&meta) {
+            return Err(InputFileError::NotRegular(kind));
+        }
+        if (meta.dev(), meta.ino()) != (probe.dev(), probe.ino()) {
+            return Err(InputFileError::Changed);
+        }
+        let mut bytes = Vec::with_capacity(meta.len().min(cap) as usize + 1);
+        file.take(cap + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > cap {
+            return Err(InputFileError::TooLarge(cap));
+        }
+        Ok(bytes)
     }
 }
 
@@ -206,5 +373,59 @@ mod tests {
         write_file_atomic(&path, b"one", PUBLIC_MODE).unwrap();
         write_file_atomic(&path, b"two", PUBLIC_MODE).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
+    }
+
+    #[test]
+    fn confined_input_files_stay_in_their_directory_and_are_regular_and_small() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("csv");
+        fs::create_dir(&base).unwrap();
+        fs::create_dir(base.join("sub")).unwrap();
+        fs::write(base.join("sub/a.csr"), b"csr").unwrap();
+        fs::write(tmp.path().join("secret"), b"secret").unwrap();
+        std::os::unix::fs::symlink("../secret", base.join("out-link")).unwrap();
+        std::os::unix::fs::symlink("sub/a.csr", base.join("in-link")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", base.join("dev-link")).unwrap();
+        fs::write(base.join("big"), vec![b'x'; 100]).unwrap();
+        let dir = InputDir::confined(&base).unwrap();
+        assert_eq!(
+            dir.read_regular(Path::new("sub/a.csr"), 64).unwrap(),
+            b"csr"
+        );
+        assert_eq!(dir.read_regular(Path::new("in-link"), 64).unwrap(), b"csr");
+        assert_eq!(
+            dir.read_regular(Path::new("sub/../sub/a.csr"), 64).unwrap(),
+            b"csr"
+        );
+        for outside in ["../secret", "out-link", "/etc/passwd", "sub/../../secret"] {
+            assert!(
+                matches!(
+                    dir.read_regular(Path::new(outside), 64),
+                    Err(InputFileError::Outside)
+                ),
+                "{outside}"
+            );
+        }
+        assert!(matches!(
+            dir.read_regular(Path::new("sub"), 64),
+            Err(InputFileError::NotRegular("a directory"))
+        ));
+        assert!(matches!(
+            dir.read_regular(Path::new("big"), 64),
+            Err(InputFileError::TooLarge(64))
+        ));
+        let anywhere = InputDir::anywhere(&base);
+        assert_eq!(
+            anywhere.read_regular(Path::new("../secret"), 64).unwrap(),
+            b"secret"
+        );
+        assert!(matches!(
+            anywhere.read_regular(Path::new("dev-link"), 64),
+            Err(InputFileError::NotRegular("a character device"))
+        ));
+        assert!(matches!(
+            anywhere.read_regular(Path::new("/dev/zero"), 64),
+            Err(InputFileError::NotRegular("a character device"))
+        ));
     }
 }

@@ -1,26 +1,36 @@
 //! Factory-line provisioning: one device or a whole pallet.
 //!
 //! The pipeline, and why it is shaped this way:
-//! 1. **Validate everything first** ([`read_batch_csv`], [`prepare`]): names, duplicates
-//!    and CSRs (signature, key strength) are checked before any certificate is signed, so
-//!    bad input never leaves a trace in the registry.
-//! 2. **Plan against the registry**: a thing that already has a delivered active
-//!    certificate is skipped (re-running a batch is safe), unless `--reissue`.
-//! 3. **Sign on every core** (rayon), a group at a time.
+//! 1. **Validate everything first** ([`validate_batch_csv`], [`prepare`]): names,
+//!    duplicates and CSRs (signature, key strength) are checked before any certificate is
+//!    signed, so bad input never leaves a trace in the registry. A batch CSV is streamed:
+//!    the validation pass keeps one hash per name and one bit per row, and
+//!    [`provision_batch`] reads the file again a group at a time (checking each CSR file
+//!    again), so a million rows never sit in memory. CSR files must be regular files of at
+//!    most [`CSR_MAX_BYTES`], inside the CSV file's directory unless
+//!    [`BatchOptions::allow_outside_csr_paths`].
+//! 2. **Plan against the registry**, a group at a time: a thing that already has a
+//!    delivered active certificate is skipped (re-running a batch is safe), unless
+//!    `--reissue`.
+//! 3. **Sign on every core** (rayon), a group at a time; no certificate outlives the
+//!    issuing CA (`--days` is capped, see [`validity_cap`]).
 //! 4. **Commit the group in one transaction** — the certificate, its thing, the events.
 //!    Nothing leaves the process before this commit.
 //! 5. **Write the group's files** (temp + one `syncfs` + rename), then mark the group
-//!    delivered. Writing group N overlaps with signing and committing group N+1.
+//!    delivered. Writing group N overlaps with signing and committing group N+1. A group
+//!    that cannot be written (a full disk) removes its staging directory.
 //!
 //! A run killed at any point can be re-run: files on disk always have a committed record;
 //! a committed but undelivered certificate is delivered again (CSR: same certificate) or,
 //! when its generated key died with the process, revoked and replaced.
-use crate::fsio::{GroupWriter, PUBLIC_MODE, SECRET_MODE, Staged, write_file_atomic};
+use crate::fsio::{
+    GroupWriter, InputDir, InputFileError, PUBLIC_MODE, SECRET_MODE, Staged, write_file_atomic,
+};
 use crate::{LifecycleError, unix_now};
 use fleetcert_ca::{DeviceCsr, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, ThingName};
 use fleetcert_registry::{CertOrigin, CertificateRecord, IssueOutcome, IssueRecord, Registry};
 use rayon::prelude::*;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,6 +140,12 @@ pub struct ProvisionSummary {
     pub out_dir: PathBuf,
     /// True if `--fail-fast` stopped the run early.
     pub stopped_early: bool,
+    /// Set when `--days` would have outlived the issuing CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validity_capped: Option<ValidityCap>,
+    /// The error that stopped the run (what is counted above was done before it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl ProvisionSummary {
@@ -173,58 +189,150 @@ impl ProvisionSettings {
     }
 }
 
-/// Reads a batch CSV: a header row with a `thing_name` column and optionally a `csr`
-/// column (a path, relative to the CSV file's directory). Problems with the file as a
-/// whole are an error; problems with one row are a `Failed` report for that row.
-pub fn read_batch_csv(
-    path: &Path,
-) -> Result<Vec<Result<DeviceRequest, DeviceReport>>, LifecycleError> {
-    let bad = |reason: String| LifecycleError::BadFile {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let file = std::fs::File::open(path).map_err(|e| LifecycleError::read(path, e))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(false)
-        .trim(csv::Trim::All)
-        .comment(Some(b'#'))
-        .from_reader(std::io::BufReader::new(file));
-    let headers = reader
-        .headers()
-        .map_err(|e| bad(format!("unreadable header row: {e}")))?
-        .clone();
-    if headers.is_empty() || headers.iter().all(str::is_empty) {
-        return Err(bad(
-            "the file is empty: expected a header row with a thing_name column".into(),
-        ));
+/// Largest CSR file read (a CSR is a few KiB).
+pub const CSR_MAX_BYTES: u64 = 64 * 1024;
+
+/// Characters of an input value (a CSV field, a path) quoted in an error message.
+const EXCERPT_CHARS: usize = 64;
+
+/// Rows read and checked at a time (in parallel) while validating a batch.
+const VALIDATION_CHUNK: usize = 1024;
+
+/// Line numbers listed in a duplicate-name message.
+const DUPLICATE_LINES_SHOWN: usize = 10;
+
+/// `value`, cut to [`EXCERPT_CHARS`] characters (then "…") for an error message.
+pub fn excerpt(value: &str) -> String {
+    match value.char_indices().nth(EXCERPT_CHARS) {
+        None => value.to_owned(),
+        Some((cut, _)) => format!("{}…", &value[..cut]),
     }
-    let column = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
-    let name_col = column("thing_name").ok_or_else(|| {
-        bad(format!(
-            "no thing_name column in the header row (found: {})",
-            headers.iter().collect::<Vec<_>>().join(", ")
-        ))
+}
+
+fn path_excerpt(path: &Path) -> String {
+    excerpt(&path.to_string_lossy())
+}
+
+/// Parses a thing name; the error quotes at most an excerpt of it.
+fn parse_name(name: &str) -> Result<ThingName, fleetcert_ca::CaError> {
+    ThingName::parse(name).map_err(|e| match e {
+        fleetcert_ca::CaError::InvalidThingName { name, reason } => {
+            fleetcert_ca::CaError::InvalidThingName {
+                name: excerpt(&name),
+                reason,
+            }
+        }
+        other => other,
+    })
+}
+
+/// Reads and checks one CSR file: a regular file of at most [`CSR_MAX_BYTES`], found
+/// through `dir`. The error names the path (an excerpt) and the problem.
+fn read_csr(dir: &InputDir, path: &Path) -> Result<DeviceCsr, String> {
+    let bytes = dir.read_regular(path, CSR_MAX_BYTES).map_err(|e| match e {
+        InputFileError::Io(e) => {
+            format!("cannot read CSR file {}: {e}", path_excerpt(path))
+        }
+        other => format!("CSR file {}: {other}", path_excerpt(path)),
     })?;
-    let csr_col = column("csr");
-    let base = path.parent().unwrap_or(Path::new("."));
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        match record {
-            Ok(record) => {
-                let line = record.position().map(|p| p.line());
-                let thing_name = record.get(name_col).unwrap_or_default().to_owned();
-                let csr_path = csr_col
-                    .and_then(|c| record.get(c))
-                    .filter(|p| !p.is_empty())
-                    .map(|p| base.join(p));
-                rows.push(Ok(DeviceRequest {
-                    line,
-                    thing_name,
-                    csr_path,
-                }));
+    DeviceCsr::parse(&bytes).map_err(|e| format!("CSR file {}: {e}", path_excerpt(path)))
+}
+
+/// Options for reading a batch CSV.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    /// Let the `csr` column name files outside the CSV file's directory (absolute paths,
+    /// `..`, symbolic links leading out). Off by default: a CSV from a factory station
+    /// must not make fleetcert read arbitrary files.
+    pub allow_outside_csr_paths: bool,
+}
+
+/// The CSV's columns, found in its header row.
+struct Columns {
+    name: usize,
+    csr: Option<usize>,
+}
+
+/// One raw row of a batch CSV, by its position among the records.
+struct RawRow {
+    index: u64,
+    line: Option<u64>,
+    result: Result<(String, Option<String>), DeviceReport>,
+}
+
+/// A streaming reader of a batch CSV's rows.
+struct CsvRows {
+    path: PathBuf,
+    reader: csv::Reader<std::io::BufReader<std::fs::File>>,
+    columns: Columns,
+    record: csv::StringRecord,
+    next_index: u64,
+}
+
+impl CsvRows {
+    /// Opens the file (a regular file: it is read twice) and checks its header row.
+    fn open(path: &Path, file: std::fs::File) -> Result<Self, LifecycleError> {
+        let bad = |reason: String| LifecycleError::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .trim(csv::Trim::All)
+            .comment(Some(b'#'))
+            .from_reader(std::io::BufReader::new(file));
+        let headers = reader
+            .headers()
+            .map_err(|e| bad(format!("unreadable header row: {e}")))?
+            .clone();
+        if headers.is_empty() || headers.iter().all(str::is_empty) {
+            return Err(bad(
+                "the file is empty: expected a header row with a thing_name column".into(),
+            ));
+        }
+        let column = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+        let name = column("thing_name").ok_or_else(|| {
+            bad(format!(
+                "no thing_name column in the header row (found: {})",
+                excerpt(&headers.iter().collect::<Vec<_>>().join(", "))
+            ))
+        })?;
+        let csr = column("csr");
+        Ok(CsvRows {
+            path: path.to_path_buf(),
+            reader,
+            columns: Columns { name, csr },
+            record: csv::StringRecord::new(),
+            next_index: 0,
+        })
+    }
+
+    /// The next row, `None` at the end; an I/O error ends the file.
+    fn next_row(&mut self) -> Result<Option<RawRow>, LifecycleError> {
+        let index = self.next_index;
+        let row = match self.reader.read_record(&mut self.record) {
+            Ok(false) => return Ok(None),
+            Ok(true) => {
+                let record = &self.record;
+                let field = |c: usize| record.get(c).unwrap_or_default();
+                RawRow {
+                    index,
+                    line: record.position().map(|p| p.line()),
+                    result: Ok((
+                        field(self.columns.name).to_owned(),
+                        self.columns
+                            .csr
+                            .map(field)
+                            .filter(|p| !p.is_empty())
+                            .map(str::to_owned),
+                    )),
+                }
             }
             Err(e) => {
+                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                    return Err(LifecycleError::read(&self.path, e));
+                }
                 let line = e.position().map(|p| p.line());
                 let reason = match e.kind() {
                     csv::ErrorKind::UnequalLengths {
@@ -233,19 +341,296 @@ pub fn read_batch_csv(
                         format!("unreadable row: {len} fields where the header has {expected_len}")
                     }
                     csv::ErrorKind::Utf8 { .. } => "unreadable row: not valid UTF-8".to_owned(),
-                    _ => format!("unreadable row: {e}"),
+                    _ => format!("unreadable row: {}", excerpt(&e.to_string())),
                 };
-                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
-                    return Err(LifecycleError::read(path, e));
+                RawRow {
+                    index,
+                    line,
+                    result: Err(DeviceReport::failed(line, "", reason)),
                 }
-                rows.push(Err(DeviceReport::failed(line, "", reason)));
+            }
+        };
+        self.next_index += 1;
+        Ok(Some(row))
+    }
+
+    fn next_chunk(&mut self, max: usize) -> Result<Vec<RawRow>, LifecycleError> {
+        let mut rows = Vec::with_capacity(max);
+        while rows.len() < max {
+            match self.next_row()? {
+                Some(row) => rows.push(row),
+                None => break,
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Row positions, one bit each.
+#[derive(Default)]
+struct RowSet(Vec<u64>);
+
+impl RowSet {
+    fn insert(&mut self, i: u64) {
+        let word = (i / 64) as usize;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (i % 64);
+    }
+
+    fn contains(&self, i: u64) -> bool {
+        self.0
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+/// Validates one row: its name, and its CSR file if it names one.
+fn validate_row(
+    dir: &InputDir,
+    line: Option<u64>,
+    name: &str,
+    csr: Option<&str>,
+) -> Result<PreparedDevice, DeviceReport> {
+    let thing = parse_name(name).map_err(|e| DeviceReport::failed(line, &excerpt(name), e))?;
+    let csr = match csr {
+        None => None,
+        Some(path) => {
+            Some(read_csr(dir, Path::new(path)).map_err(|e| DeviceReport::failed(line, name, e))?)
+        }
+    };
+    Ok(PreparedDevice { line, thing, csr })
+}
+
+/// A batch CSV whose every row has been checked (pass 1 of [`validate_batch_csv`]);
+/// [`provision_batch`] reads it again, a group at a time, and provisions the rows that
+/// passed.
+pub struct ValidatedBatch {
+    path: PathBuf,
+    file: std::fs::File,
+    stamp: (u64, Option<std::time::SystemTime>),
+    dir: Arc<InputDir>,
+    failed_rows: RowSet,
+    rows: u64,
+    failures: u64,
+}
+
+impl std::fmt::Debug for ValidatedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidatedBatch")
+            .field("path", &self.path)
+            .field("rows", &self.rows)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ValidatedBatch {
+    /// Data rows in the file.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Rows that failed validation (each already reported).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+}
+
+fn file_stamp(meta: &std::fs::Metadata) -> (u64, Option<std::time::SystemTime>) {
+    (meta.len(), meta.modified().ok())
+}
+
+/// Pass 1 over a batch CSV: a header row with a `thing_name` column and optionally a
+/// `csr` column (a path relative to the CSV file's directory, see [`BatchOptions`]).
+/// Problems with the file as a whole are an error; each row that fails (unreadable row,
+/// invalid name, duplicate name, unreadable or invalid CSR) is passed to `report` as a
+/// `Failed` report naming its line. Streams: memory holds a chunk of rows, one 64-bit
+/// hash per name (for duplicates) and one bit per row, never the whole file.
+pub fn validate_batch_csv(
+    path: &Path,
+    options: &BatchOptions,
+    report: &mut dyn FnMut(&DeviceReport),
+) -> Result<ValidatedBatch, LifecycleError> {
+    let bad = |reason: String| LifecycleError::BadFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| LifecycleError::read(path, e))?;
+    let meta = file.metadata().map_err(|e| LifecycleError::read(path, e))?;
+    if !meta.is_file() {
+        return Err(bad(
+            "not a regular file (a batch is read twice: validated, then provisioned)".into(),
+        ));
+    }
+    let stamp = file_stamp(&meta);
+    let base = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = Arc::new(if options.allow_outside_csr_paths {
+        InputDir::anywhere(base)
+    } else {
+        InputDir::confined(base).map_err(|e| LifecycleError::read(base, e))?
+    });
+    let reopen = |file: &std::fs::File| -> Result<CsvRows, LifecycleError> {
+        let mut file = file
+            .try_clone()
+            .map_err(|e| LifecycleError::read(path, e))?;
+        std::io::Seek::rewind(&mut file).map_err(|e| LifecycleError::read(path, e))?;
+        CsvRows::open(path, file)
+    };
+    let mut rows = reopen(&file)?;
+    let hasher = std::collections::hash_map::RandomState::new();
+    let hash = |name: &str| std::hash::BuildHasher::hash_one(&hasher, name);
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut repeated: HashSet<u64> = HashSet::new();
+    let mut failed_rows = RowSet::default();
+    let mut failures = 0u64;
+    loop {
+        let chunk = rows.next_chunk(VALIDATION_CHUNK)?;
+        if chunk.is_empty() {
+            break;
+        }
+        // Duplicates: every valid name is hashed here; names whose hash repeats are
+        // confirmed (exactly) below, in a read that keeps only those names.
+        for row in &chunk {
+            if let Ok((name, _)) = &row.result
+                && ThingName::parse(name).is_ok()
+                && !seen.insert(hash(name))
+            {
+                repeated.insert(hash(name));
+            }
+        }
+        let dir = &dir;
+        let checked: Vec<(u64, Result<(), DeviceReport>)> = chunk
+            .into_par_iter()
+            .map(|row| {
+                let result = row.result.and_then(|(name, csr)| {
+                    validate_row(dir, row.line, &name, csr.as_deref()).map(|_| ())
+                });
+                (row.index, result)
+            })
+            .collect();
+        for (index, result) in checked {
+            if let Err(failure) = result {
+                failures += 1;
+                failed_rows.insert(index);
+                report(&failure);
             }
         }
     }
-    Ok(rows)
+    let total_rows = rows.next_index;
+    drop(seen);
+    if !repeated.is_empty() {
+        let mut lines_by_name: HashMap<String, Vec<(u64, Option<u64>)>> = HashMap::new();
+        let mut rows = reopen(&file)?;
+        while let Some(row) = rows.next_row()? {
+            if let Ok((name, _)) = row.result
+                && repeated.contains(&hash(&name))
+                && ThingName::parse(&name).is_ok()
+            {
+                lines_by_name
+                    .entry(name)
+                    .or_default()
+                    .push((row.index, row.line));
+            }
+        }
+        let mut duplicates: Vec<(u64, DeviceReport)> = Vec::new();
+        for (name, rows) in lines_by_name.into_iter().filter(|(_, r)| r.len() > 1) {
+            let mut where_ = rows
+                .iter()
+                .take(DUPLICATE_LINES_SHOWN)
+                .map(|(_, l)| l.map_or("?".to_owned(), |l| l.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if rows.len() > DUPLICATE_LINES_SHOWN {
+                where_.push_str(&format!(" and {} more", rows.len() - DUPLICATE_LINES_SHOWN));
+            }
+            let reason = format!(
+                "duplicate thing name {name:?} in this batch (lines {where_}); none of them was provisioned"
+            );
+            for (index, line) in rows {
+                if !failed_rows.contains(index) {
+                    duplicates.push((index, DeviceReport::failed(line, &name, &reason)));
+                }
+            }
+        }
+        duplicates.sort_by_key(|(index, _)| *index);
+        for (index, failure) in duplicates {
+            failures += 1;
+            failed_rows.insert(index);
+            report(&failure);
+        }
+    }
+    Ok(ValidatedBatch {
+        path: path.to_path_buf(),
+        file,
+        stamp,
+        dir,
+        failed_rows,
+        rows: total_rows,
+        failures,
+    })
+}
+
+/// Pass 2's source: the rows that passed validation, read (and their CSRs checked)
+/// again, a group at a time.
+struct BatchSource {
+    rows: CsvRows,
+    dir: Arc<InputDir>,
+    failed_rows: RowSet,
+}
+
+impl DeviceSource for BatchSource {
+    fn next_chunk(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<Result<PreparedDevice, DeviceReport>>, LifecycleError> {
+        let mut rows = Vec::with_capacity(max);
+        while rows.len() < max {
+            match self.rows.next_row()? {
+                None => break,
+                Some(row) if self.failed_rows.contains(row.index) => continue,
+                Some(row) => rows.push(row),
+            }
+        }
+        let dir = &self.dir;
+        Ok(rows
+            .into_par_iter()
+            .map(|row| {
+                let (name, csr) = row.result?;
+                validate_row(dir, row.line, &name, csr.as_deref())
+            })
+            .collect())
+    }
+}
+
+/// Where the pipeline takes its devices from, a group at a time (blocking: file reads
+/// and CSR checks). An empty chunk ends the run.
+trait DeviceSource: Send + 'static {
+    #[allow(clippy::result_large_err)]
+    fn next_chunk(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<Result<PreparedDevice, DeviceReport>>, LifecycleError>;
+}
+
+struct VecSource(std::vec::IntoIter<PreparedDevice>);
+
+impl DeviceSource for VecSource {
+    fn next_chunk(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<Result<PreparedDevice, DeviceReport>>, LifecycleError> {
+        Ok(self.0.by_ref().take(max).map(Ok).collect())
+    }
 }
 
 /// Validates names (and duplicates among them) and reads and checks CSRs, on all cores.
+/// A `csr_path` is read as given (relative to the working directory), but only if it is
+/// a regular file of at most [`CSR_MAX_BYTES`].
 // A failed row's report is moved once per row; boxing it would buy nothing.
 #[allow(clippy::result_large_err)]
 pub fn prepare(
@@ -269,32 +654,25 @@ pub fn prepare(
                 .join(", ");
             (
                 name.to_owned(),
-                format!("duplicate thing name {name:?} in this batch (lines {where_}); none of them was provisioned"),
+                format!("duplicate thing name {:?} in this batch (lines {where_}); none of them was provisioned", excerpt(name)),
             )
         })
         .collect();
+    let dir = InputDir::anywhere(Path::new("."));
     requests
         .into_par_iter()
         .map(|request| {
             let request = request?;
             let fail = |e: &dyn std::fmt::Display| {
-                DeviceReport::failed(request.line, &request.thing_name, e)
+                DeviceReport::failed(request.line, &excerpt(&request.thing_name), e)
             };
             if let Some(reason) = duplicates.get(&request.thing_name) {
                 return Err(fail(reason));
             }
-            let thing = ThingName::parse(&request.thing_name).map_err(|e| fail(&e))?;
+            let thing = parse_name(&request.thing_name).map_err(|e| fail(&e))?;
             let csr = match &request.csr_path {
                 None => None,
-                Some(path) => {
-                    let bytes = std::fs::read(path).map_err(|e| {
-                        fail(&format!("cannot read CSR file {}: {e}", path.display()))
-                    })?;
-                    Some(
-                        DeviceCsr::parse(&bytes)
-                            .map_err(|e| fail(&format!("CSR file {}: {e}", path.display())))?,
-                    )
-                }
+                Some(path) => Some(read_csr(&dir, path).map_err(|e| fail(&e))?),
             };
             Ok(PreparedDevice {
                 line: request.line,
@@ -404,10 +782,34 @@ fn issue_record(
 }
 
 /// One committed group on its way to disk.
+#[derive(Default)]
 struct Delivery {
     staged_reports: Vec<DeviceReport>,
     serials: Vec<String>,
     files: Vec<(String, Vec<u8>, u32)>,
+}
+
+impl Delivery {
+    /// A certificate committed by an interrupted run, to be written out again.
+    fn add_redelivery(
+        &mut self,
+        writer: &GroupWriter,
+        device: &PreparedDevice,
+        record: &CertificateRecord,
+    ) {
+        let file = format!("{}.crt", device.thing);
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", record.der.clone()));
+        self.files
+            .push((file.clone(), pem.into_bytes(), PUBLIC_MODE));
+        self.serials.push(record.serial.clone());
+        self.staged_reports.push(DeviceReport::Redelivered {
+            line: device.line,
+            thing_name: device.thing.to_string(),
+            serial: record.serial.clone(),
+            not_after: unix_to_rfc3339(record.not_after),
+            certificate: writer.path_of(&file),
+        });
+    }
 }
 
 async fn deliver(
@@ -449,6 +851,53 @@ async fn deliver(
     Ok(staged_reports)
 }
 
+/// Validity of the certificates of a run, cut short so that none outlives the issuing CA.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ValidityCap {
+    /// `--days` as asked.
+    pub requested_days: u32,
+    /// What the run issues (whole days before the issuing CA's notAfter, at the start).
+    pub days: u32,
+    /// The issuing CA's notAfter (RFC 3339).
+    pub issuing_ca_not_after: String,
+}
+
+fn issuing_ca_not_after(ca: &IssuingCa) -> Result<time::OffsetDateTime, LifecycleError> {
+    Ok(fleetcert_ca::describe_certificate(ca.issuing_cert_pem().as_bytes())?.not_after)
+}
+
+/// Whole days from `now` until `ca_not_after`, at most `requested`.
+fn capped_days(
+    requested: u32,
+    now: time::OffsetDateTime,
+    ca_not_after: time::OffsetDateTime,
+) -> u32 {
+    let left = (ca_not_after - now).whole_days().max(0);
+    u32::try_from(left).map_or(requested, |left| left.min(requested))
+}
+
+/// Checks the requested validity against the issuing CA's notAfter: `None` if it fits,
+/// the cap otherwise. An error if the CA expires within a day (nothing can be issued).
+pub fn validity_cap(
+    ca: &IssuingCa,
+    profile: &DeviceProfile,
+) -> Result<Option<ValidityCap>, LifecycleError> {
+    let ca_not_after = issuing_ca_not_after(ca)?;
+    let now = time::OffsetDateTime::now_utc();
+    let days = capped_days(profile.validity_days, now, ca_not_after);
+    if days == 0 {
+        return Err(LifecycleError::BadInput(format!(
+            "the issuing CA expires at {} (less than a day from now): no device certificate can be issued under it",
+            rfc3339(ca_not_after)
+        )));
+    }
+    Ok((days < profile.validity_days).then(|| ValidityCap {
+        requested_days: profile.validity_days,
+        days,
+        issuing_ca_not_after: rfc3339(ca_not_after),
+    }))
+}
+
 /// Provisions prepared devices: plan, sign, commit, write. `report` is called once per
 /// device, in completion order, from the calling task.
 pub async fn provision(
@@ -463,85 +912,86 @@ pub async fn provision(
         out_dir: settings.out_dir.clone(),
         ..ProvisionSummary::default()
     };
-    let mut emit = |summary: &mut ProvisionSummary, r: DeviceReport| {
-        summary.count(&r);
-        report(&r);
-    };
-
     let mut prepared = Vec::with_capacity(devices.len());
     for device in devices {
         match device {
             Ok(d) => prepared.push(d),
-            Err(failure) => emit(&mut summary, failure),
+            Err(failure) => {
+                summary.count(&failure);
+                report(&failure);
+            }
         }
     }
-    if settings.fail_fast && summary.failed > 0 {
-        summary.stopped_early = true;
-        return Ok(finish(summary, started));
-    }
+    let source = VecSource(prepared.into_iter());
+    let outcome = run(ca, registry, source, settings, summary, started, report).await;
+    outcome.into_result()
+}
 
-    let writer = Arc::new(
-        GroupWriter::open(&settings.out_dir)
-            .map_err(|e| LifecycleError::write(&settings.out_dir, e))?,
-    );
-    let chain_path = writer.path_of(CHAIN_FILE);
-    write_file_atomic(&chain_path, ca.chain_pem().as_bytes(), PUBLIC_MODE)
-        .map_err(|e| LifecycleError::write(&chain_path, e))?;
+/// A run's totals, and the error that stopped it if one did: the totals count what was
+/// done before it.
+#[derive(Debug)]
+pub struct ProvisionOutcome {
+    pub summary: ProvisionSummary,
+    pub error: Option<LifecycleError>,
+}
 
-    let names: Vec<String> = prepared.iter().map(|d| d.thing.to_string()).collect();
-    let mut active = registry.active_certificates(&names).await?;
-    drop(names);
-
-    let mut issue_plans = Vec::new();
-    let mut redeliveries = Vec::new();
-    for device in prepared {
-        let current = active.remove(device.thing.as_str());
-        match plan(device, current.as_ref(), settings.reissue) {
-            Plan::Skip(skip) => emit(&mut summary, skip),
-            Plan::Redeliver(device, record) => redeliveries.push((device, record)),
-            Plan::Issue(p) => issue_plans.push(p),
+impl ProvisionOutcome {
+    pub fn into_result(self) -> Result<ProvisionSummary, LifecycleError> {
+        match self.error {
+            None => Ok(self.summary),
+            Some(e) => Err(e),
         }
     }
+}
 
-    for group in redeliveries.chunks(settings.group_size.max(1)) {
-        let mut delivery = Delivery {
-            staged_reports: Vec::new(),
-            serials: Vec::new(),
-            files: Vec::new(),
-        };
-        for (device, record) in group {
-            let file = format!("{}.crt", device.thing);
-            let pem = pem::encode(&pem::Pem::new("CERTIFICATE", record.der.clone()));
-            delivery
-                .files
-                .push((file.clone(), pem.into_bytes(), PUBLIC_MODE));
-            delivery.serials.push(record.serial.clone());
-            delivery.staged_reports.push(DeviceReport::Redelivered {
-                line: device.line,
-                thing_name: device.thing.to_string(),
-                serial: record.serial.clone(),
-                not_after: unix_to_rfc3339(record.not_after),
-                certificate: writer.path_of(&file),
-            });
-        }
-        for r in deliver(writer.clone(), registry.clone(), delivery).await? {
-            emit(&mut summary, r);
-        }
+/// Pass 2 of a batch: reads the validated CSV again, a group at a time, and provisions
+/// the rows that passed validation (their CSR files are read and checked again). Rows
+/// that failed validation were reported by [`validate_batch_csv`] and are counted here.
+/// With `fail_fast`, any failed row stops the run before anything is issued.
+pub async fn provision_batch(
+    ca: Arc<IssuingCa>,
+    registry: Arc<dyn Registry>,
+    batch: ValidatedBatch,
+    settings: &ProvisionSettings,
+    report: &mut (dyn FnMut(&DeviceReport) + Send),
+) -> ProvisionOutcome {
+    let started = Instant::now();
+    let summary = ProvisionSummary {
+        out_dir: settings.out_dir.clone(),
+        failed: batch.failures,
+        ..ProvisionSummary::default()
+    };
+    let fail = |summary: ProvisionSummary, error: LifecycleError| ProvisionOutcome {
+        summary: finish(summary, started),
+        error: Some(error),
+    };
+    let changed = || LifecycleError::BadFile {
+        path: batch.path.clone(),
+        reason: "the file changed after it was validated; run the batch again".into(),
+    };
+    match batch.file.metadata() {
+        Ok(meta) if file_stamp(&meta) == batch.stamp => {}
+        Ok(_) => return fail(summary, changed()),
+        Err(e) => return fail(summary, LifecycleError::read(&batch.path, e)),
     }
-
-    if !issue_plans.is_empty() {
-        issue_all(
-            ca,
-            registry,
-            writer,
-            issue_plans,
-            settings,
-            &mut summary,
-            &mut emit,
-        )
-        .await?;
-    }
-    Ok(finish(summary, started))
+    let rows = match batch
+        .file
+        .try_clone()
+        .and_then(|mut f| std::io::Seek::rewind(&mut f).map(|()| f))
+    {
+        Ok(file) => CsvRows::open(&batch.path, file),
+        Err(e) => Err(LifecycleError::read(&batch.path, e)),
+    };
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => return fail(summary, e),
+    };
+    let source = BatchSource {
+        rows,
+        dir: batch.dir,
+        failed_rows: batch.failed_rows,
+    };
+    run(ca, registry, source, settings, summary, started, report).await
 }
 
 fn finish(mut summary: ProvisionSummary, started: Instant) -> ProvisionSummary {
@@ -552,19 +1002,155 @@ fn finish(mut summary: ProvisionSummary, started: Instant) -> ProvisionSummary {
     summary
 }
 
-async fn issue_all(
+/// What the planner and the signer hand to the committing task.
+enum Step {
+    Reports(Vec<DeviceReport>),
+    Redeliver(Delivery),
+    Signed(Vec<Signed>),
+    Failed(LifecycleError),
+}
+
+async fn run<S: DeviceSource>(
     ca: Arc<IssuingCa>,
     registry: Arc<dyn Registry>,
+    source: S,
+    settings: &ProvisionSettings,
+    mut summary: ProvisionSummary,
+    started: Instant,
+    report: &mut (dyn FnMut(&DeviceReport) + Send),
+) -> ProvisionOutcome {
+    let done = |summary: ProvisionSummary, error: Option<LifecycleError>| ProvisionOutcome {
+        summary: finish(summary, started),
+        error,
+    };
+    if settings.fail_fast && summary.failed > 0 {
+        summary.stopped_early = true;
+        return done(summary, None);
+    }
+    let ca_not_after = match issuing_ca_not_after(&ca) {
+        Ok(t) => t,
+        Err(e) => return done(summary, Some(e)),
+    };
+    match validity_cap(&ca, &settings.profile) {
+        Ok(cap) => summary.validity_capped = cap,
+        Err(e) => return done(summary, Some(e)),
+    }
+    let writer = match GroupWriter::open(&settings.out_dir) {
+        Ok(w) => Arc::new(w),
+        Err(e) => return done(summary, Some(LifecycleError::write(&settings.out_dir, e))),
+    };
+    let chain_path = writer.path_of(CHAIN_FILE);
+    if let Err(e) = write_file_atomic(&chain_path, ca.chain_pem().as_bytes(), PUBLIC_MODE) {
+        return done(summary, Some(LifecycleError::write(&chain_path, e)));
+    }
+    let mut emit = |summary: &mut ProvisionSummary, r: DeviceReport| {
+        summary.count(&r);
+        report(&r);
+    };
+    let error = pipeline(
+        ca,
+        ca_not_after,
+        registry,
+        writer,
+        source,
+        settings,
+        &mut summary,
+        &mut emit,
+    )
+    .await
+    .err();
+    done(summary, error)
+}
+
+/// Reads, plans and redelivers a group at a time (a task), hands the plans to the signer
+/// (a thread, signing on every core), then commits and writes each group (this task).
+#[allow(clippy::too_many_arguments)]
+async fn pipeline<S: DeviceSource>(
+    ca: Arc<IssuingCa>,
+    ca_not_after: time::OffsetDateTime,
+    registry: Arc<dyn Registry>,
     writer: Arc<GroupWriter>,
-    plans: Vec<IssuePlan>,
+    source: S,
     settings: &ProvisionSettings,
     summary: &mut ProvisionSummary,
     emit: &mut (dyn FnMut(&mut ProvisionSummary, DeviceReport) + Send),
 ) -> Result<(), LifecycleError> {
     let group_size = settings.group_size.max(1);
     let stop = Arc::new(AtomicBool::new(false));
-    // Two groups in flight: one being committed/written while the next is signed.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Signed>>(2);
+    // Two groups in flight between each stage: one being committed/written while the
+    // next is signed and the one after is read and planned.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Step>(2);
+    let (plan_tx, mut plan_rx) = tokio::sync::mpsc::channel::<Vec<IssuePlan>>(1);
+
+    let planner = {
+        let tx = tx.clone();
+        let registry = registry.clone();
+        let writer = writer.clone();
+        let reissue = settings.reissue;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut source = Some(source);
+            while !stop.load(Ordering::Relaxed) {
+                let mut s = source.take().expect("source is put back after each chunk");
+                let (s, chunk) = tokio::task::spawn_blocking(move || {
+                    let chunk = s.next_chunk(group_size);
+                    (s, chunk)
+                })
+                .await
+                .expect("batch reader panicked");
+                source = Some(s);
+                let chunk = match chunk {
+                    Ok(chunk) if chunk.is_empty() => break,
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        let _ = tx.send(Step::Failed(e)).await;
+                        break;
+                    }
+                };
+                let mut reports = Vec::new();
+                let mut devices = Vec::with_capacity(chunk.len());
+                for device in chunk {
+                    match device {
+                        Ok(d) => devices.push(d),
+                        Err(failure) => reports.push(failure),
+                    }
+                }
+                let names: Vec<String> = devices.iter().map(|d| d.thing.to_string()).collect();
+                let mut active = match registry.active_certificates(&names).await {
+                    Ok(active) => active,
+                    Err(e) => {
+                        let _ = tx.send(Step::Failed(e.into())).await;
+                        break;
+                    }
+                };
+                drop(names);
+                let mut plans = Vec::new();
+                let mut redelivery = Delivery::default();
+                for device in devices {
+                    let current = active.remove(device.thing.as_str());
+                    match plan(device, current.as_ref(), reissue) {
+                        Plan::Skip(skip) => reports.push(skip),
+                        Plan::Redeliver(device, record) => {
+                            redelivery.add_redelivery(&writer, &device, &record)
+                        }
+                        Plan::Issue(p) => plans.push(p),
+                    }
+                }
+                if !reports.is_empty() && tx.send(Step::Reports(reports)).await.is_err() {
+                    break;
+                }
+                if !redelivery.serials.is_empty()
+                    && tx.send(Step::Redeliver(redelivery)).await.is_err()
+                {
+                    break;
+                }
+                if !plans.is_empty() && plan_tx.send(plans).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
     let signer = {
         let ca = ca.clone();
         let profile = settings.profile.clone();
@@ -572,16 +1158,14 @@ async fn issue_all(
         std::thread::Builder::new()
             .name("fleetcert-signer".into())
             .spawn(move || {
-                let mut plans = plans.into_iter();
-                loop {
+                while let Some(group) = plan_rx.blocking_recv() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let group: Vec<IssuePlan> = plans.by_ref().take(group_size).collect();
-                    if group.is_empty() {
-                        break;
-                    }
                     let now = time::OffsetDateTime::now_utc();
+                    // No certificate outlives the issuing CA, however long the run.
+                    let mut profile = profile.clone();
+                    profile.validity_days = capped_days(profile.validity_days, now, ca_not_after);
                     let signed: Vec<Signed> = group
                         .into_par_iter()
                         .map(|plan| {
@@ -593,7 +1177,7 @@ async fn issue_all(
                             Signed { plan, result }
                         })
                         .collect();
-                    if tx.blocking_send(signed).is_err() {
+                    if tx.blocking_send(Step::Signed(signed)).is_err() {
                         break;
                     }
                 }
@@ -608,105 +1192,46 @@ async fn issue_all(
         tokio::task::JoinHandle<Result<Vec<DeviceReport>, LifecycleError>>,
     > = VecDeque::new();
     let mut outcome = Ok(());
-    while let Some(group) = rx.recv().await {
-        let at = unix_now();
-        let mut records = Vec::with_capacity(group.len());
-        let mut signed_ok = Vec::with_capacity(group.len());
-        for signed in group {
-            match signed.result {
-                Ok(cert) => {
-                    records.push(issue_record(
-                        &signed.plan,
-                        &cert,
-                        &issuer,
-                        &settings.template,
-                        at,
-                    ));
-                    signed_ok.push((signed.plan, cert));
-                }
-                Err(e) => {
-                    let d = &signed.plan.device;
-                    emit(summary, DeviceReport::failed(d.line, d.thing.as_str(), e));
-                }
+    while let Some(step) = rx.recv().await {
+        let delivery = match step {
+            Step::Reports(reports) => {
+                reports.into_iter().for_each(|r| emit(summary, r));
+                None
             }
-        }
-        let committing = Instant::now();
-        let committed = registry.record_issued(&records).await;
-        tracing::debug!(records = records.len(), took = ?committing.elapsed(), "group committed");
-        let outcomes = match committed {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                outcome = Err(e.into());
+            Step::Failed(e) => {
+                outcome = Err(e);
                 break;
             }
-        };
-        drop(records);
-        let mut delivery = Delivery {
-            staged_reports: Vec::with_capacity(signed_ok.len()),
-            serials: Vec::with_capacity(signed_ok.len()),
-            files: Vec::with_capacity(signed_ok.len() * 2),
-        };
-        for ((plan, cert), result) in signed_ok.into_iter().zip(outcomes) {
-            let thing = plan.device.thing.as_str();
-            match result {
-                IssueOutcome::Committed { .. } => {
-                    let crt = format!("{thing}.crt");
-                    let key_file = cert.private_key.as_ref().map(|key| {
-                        let name = format!("{thing}.key");
-                        delivery.files.push((
-                            name.clone(),
-                            key.to_pem().as_bytes().to_vec(),
-                            SECRET_MODE,
-                        ));
-                        writer.path_of(&name)
-                    });
-                    delivery
-                        .files
-                        .push((crt.clone(), cert.pem.clone().into_bytes(), PUBLIC_MODE));
-                    delivery.serials.push(cert.serial_hex.clone());
-                    delivery.staged_reports.push(DeviceReport::Issued {
-                        line: plan.device.line,
-                        thing_name: thing.to_owned(),
-                        serial: cert.serial_hex.clone(),
-                        not_after: rfc3339(cert.not_after),
-                        origin: if key_file.is_some() {
-                            CertOrigin::Generated
-                        } else {
-                            CertOrigin::Csr
-                        },
-                        certificate: writer.path_of(&crt),
-                        private_key: key_file,
-                        replaced: plan.expected_active.clone(),
-                    });
-                }
-                IssueOutcome::Conflict { current_active } => emit(
-                    summary,
-                    DeviceReport::failed(
-                        plan.device.line,
-                        thing,
-                        format!(
-                            "another provisioning run changed this thing's certificates at the same time (now active: {}); nothing was issued for it, re-run to pick up the current state",
-                            current_active.join(", ")
-                        ),
-                    ),
-                ),
-            }
-        }
-        if in_flight.len() >= DELIVERIES_IN_FLIGHT {
-            let oldest = in_flight.pop_front().expect("non-empty");
-            match oldest.await.expect("delivery task panicked") {
-                Ok(reports) => reports.into_iter().for_each(|r| emit(summary, r)),
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
+            Step::Redeliver(delivery) => Some(delivery),
+            Step::Signed(group) => {
+                match commit_group(group, &registry, &writer, &issuer, settings, summary, emit)
+                    .await
+                {
+                    Ok(delivery) => Some(delivery),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
                 }
             }
+        };
+        if let Some(delivery) = delivery {
+            if in_flight.len() >= DELIVERIES_IN_FLIGHT {
+                let oldest = in_flight.pop_front().expect("non-empty");
+                match oldest.await.expect("delivery task panicked") {
+                    Ok(reports) => reports.into_iter().for_each(|r| emit(summary, r)),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+            in_flight.push_back(tokio::spawn(deliver(
+                writer.clone(),
+                registry.clone(),
+                delivery,
+            )));
         }
-        in_flight.push_back(tokio::spawn(deliver(
-            writer.clone(),
-            registry.clone(),
-            delivery,
-        )));
         if settings.fail_fast && summary.failed > 0 {
             summary.stopped_early = true;
             break;
@@ -724,6 +1249,96 @@ async fn issue_all(
             }
         }
     }
+    let _ = planner.await;
     let _ = tokio::task::spawn_blocking(move || signer.join()).await;
     outcome
+}
+
+/// Commits one signed group in one transaction and returns its files to write.
+async fn commit_group(
+    group: Vec<Signed>,
+    registry: &Arc<dyn Registry>,
+    writer: &GroupWriter,
+    issuer: &str,
+    settings: &ProvisionSettings,
+    summary: &mut ProvisionSummary,
+    emit: &mut (dyn FnMut(&mut ProvisionSummary, DeviceReport) + Send),
+) -> Result<Delivery, LifecycleError> {
+    let at = unix_now();
+    let mut records = Vec::with_capacity(group.len());
+    let mut signed_ok = Vec::with_capacity(group.len());
+    for signed in group {
+        match signed.result {
+            Ok(cert) => {
+                records.push(issue_record(
+                    &signed.plan,
+                    &cert,
+                    issuer,
+                    &settings.template,
+                    at,
+                ));
+                signed_ok.push((signed.plan, cert));
+            }
+            Err(e) => {
+                let d = &signed.plan.device;
+                emit(summary, DeviceReport::failed(d.line, d.thing.as_str(), e));
+            }
+        }
+    }
+    let committing = Instant::now();
+    let outcomes = registry.record_issued(&records).await?;
+    tracing::debug!(records = records.len(), took = ?committing.elapsed(), "group committed");
+    drop(records);
+    let mut delivery = Delivery {
+        staged_reports: Vec::with_capacity(signed_ok.len()),
+        serials: Vec::with_capacity(signed_ok.len()),
+        files: Vec::with_capacity(signed_ok.len() * 2),
+    };
+    for ((plan, cert), result) in signed_ok.into_iter().zip(outcomes) {
+        let thing = plan.device.thing.as_str();
+        match result {
+            IssueOutcome::Committed { .. } => {
+                let crt = format!("{thing}.crt");
+                let key_file = cert.private_key.as_ref().map(|key| {
+                    let name = format!("{thing}.key");
+                    delivery.files.push((
+                        name.clone(),
+                        key.to_pem().as_bytes().to_vec(),
+                        SECRET_MODE,
+                    ));
+                    writer.path_of(&name)
+                });
+                delivery
+                    .files
+                    .push((crt.clone(), cert.pem.clone().into_bytes(), PUBLIC_MODE));
+                delivery.serials.push(cert.serial_hex.clone());
+                delivery.staged_reports.push(DeviceReport::Issued {
+                    line: plan.device.line,
+                    thing_name: thing.to_owned(),
+                    serial: cert.serial_hex.clone(),
+                    not_after: rfc3339(cert.not_after),
+                    origin: if key_file.is_some() {
+                        CertOrigin::Generated
+                    } else {
+                        CertOrigin::Csr
+                    },
+                    certificate: writer.path_of(&crt),
+                    private_key: key_file,
+                    replaced: plan.expected_active.clone(),
+                });
+            }
+            IssueOutcome::Conflict { current_active } => emit(
+                summary,
+                DeviceReport::failed(
+                    plan.device.line,
+                    thing,
+                    format!(
+                        "another provisioning run changed this thing's certificates at the same time (now active: {}); nothing was issued for it, re-run to pick up the current state",
+                        current_active.join(", ")
+                    ),
+                ),
+            ),
+        }
+    }
+    Ok(delivery)
 }

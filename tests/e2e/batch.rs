@@ -30,7 +30,9 @@ fn a_batch_reports_bad_rows_by_line_and_provisions_the_rest() {
              weak-dev,{}\n\
              ,\n",
             csr.file_name().unwrap().to_str().unwrap(),
-            weak.display()
+            // Relative to the CSV's directory: absolute paths need
+            // --allow-absolute-csr-paths.
+            weak.file_name().unwrap().to_str().unwrap()
         ),
     )
     .unwrap();
