@@ -2,6 +2,7 @@
 //! scripts and operators script against.
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -179,8 +180,8 @@ pub struct RotateArgs {
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch: u32,
     /// How long a claim on a batch is exclusive; a worker killed mid-sweep holds its
-    /// batch this long before another sweep takes it over.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    /// batch this long before another sweep takes it over (10s to 1d).
+    #[arg(long, default_value = "5m", value_parser = lease)]
     pub lease: std::time::Duration,
 }
 
@@ -304,8 +305,8 @@ pub struct ServeArgs {
     /// Load templates whose policies fail the least-privilege lint.
     #[arg(long)]
     pub allow_overly_permissive: bool,
-    /// Time a device has to complete the TLS handshake.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Time a device has to complete the TLS handshake (1s to 10m).
+    #[arg(long, default_value = "10s", value_parser = handshake_timeout)]
     pub handshake_timeout: std::time::Duration,
     /// Time a device has to send a whole request, headers and body, from its first byte
     /// (then 408 and the connection is closed); a keep-alive connection idle this long
@@ -328,22 +329,24 @@ pub struct ServeArgs {
     /// (counted as fleetcert_rejections_total{reason="certificate_connection_limit"}).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections_per_certificate: u32,
-    /// How often the built-in rotation worker sweeps (as `fleetcert rotate` does).
-    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    /// How often the built-in rotation worker sweeps, as `fleetcert rotate` does (1s
+    /// to 7d).
+    #[arg(long, default_value = "1m", value_parser = rotation_interval)]
     pub rotation_interval: std::time::Duration,
     /// Do not run the rotation worker in this process (e.g. when cron runs `rotate`).
     #[arg(long)]
     pub no_rotation_worker: bool,
     /// How often the AWS mirror worker (run when `aws enable` was used) applies the
-    /// outbox.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    /// outbox (100ms to 1h).
+    #[arg(long, default_value = "2s", value_parser = mirror_interval)]
     pub mirror_interval: std::time::Duration,
     /// Do not run the AWS mirror worker in this process (e.g. when cron runs `aws sync`).
     #[arg(long)]
     pub no_mirror_worker: bool,
     /// A device whose certificate expired at most this long ago (e.g. 30d) may still
-    /// re-enroll with it (EST or replacement fetch, nothing else). Default: no window.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    /// re-enroll with it (EST or replacement fetch, nothing else). Default: no window;
+    /// at most 3650d.
+    #[arg(long, default_value = "0s", value_parser = renew_after_expiry)]
     pub renew_after_expiry: std::time::Duration,
 }
 
@@ -414,15 +417,47 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-/// `serve --request-timeout`: a humantime duration from 1 ms to 1 h (0 would refuse every
-/// request; days would let slow clients hold connections).
-fn parse_request_timeout(text: &str) -> Result<std::time::Duration, String> {
+/// A duration (`humantime`: `90s`, `5m`, `1h30m`, `7d`) within `min..=max`: zero or an
+/// absurd value (a busy loop, a timeout nobody can meet) is refused with exit 2.
+fn duration_within(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if d < std::time::Duration::from_millis(1) {
-        return Err("must be at least 1ms (0 would refuse every request)".into());
-    }
-    if d > std::time::Duration::from_secs(3600) {
-        return Err("must be at most 1h".into());
+    if d < min || d > max {
+        return Err(format!(
+            "must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn handshake_timeout(text: &str) -> Result<Duration, String> {
+    duration_within(text, SECOND, 10 * MINUTE)
+}
+
+fn rotation_interval(text: &str) -> Result<Duration, String> {
+    duration_within(text, SECOND, 7 * DAY)
+}
+
+fn mirror_interval(text: &str) -> Result<Duration, String> {
+    duration_within(text, Duration::from_millis(100), HOUR)
+}
+
+fn renew_after_expiry(text: &str) -> Result<Duration, String> {
+    duration_within(text, Duration::ZERO, 3650 * DAY)
+}
+
+fn lease(text: &str) -> Result<Duration, String> {
+    duration_within(text, 10 * SECOND, DAY)
+}
+
+/// `serve --request-timeout`: 0 would refuse every request; days would let slow clients
+/// hold connections.
+fn parse_request_timeout(text: &str) -> Result<Duration, String> {
+    duration_within(text, Duration::from_millis(1), HOUR)
 }

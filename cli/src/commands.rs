@@ -61,6 +61,33 @@ pub fn failed(message: impl Into<String>) -> CliError {
 
 type CmdResult = Result<ExitCode, CliError>;
 
+/// Checks a thing name given on the command line (`[a-zA-Z0-9:_-]{1,128}`): a name that
+/// cannot exist is bad input (exit 2, "invalid thing name"); a valid name that is not in
+/// the registry is the command's own failure (exit 1). The message quotes at most 64
+/// characters of the name.
+pub fn check_thing_name(name: &str) -> Result<(), CliError> {
+    match ThingName::parse(name) {
+        Ok(_) => Ok(()),
+        Err(fleetcert_ca::CaError::InvalidThingName { reason, .. }) => Err(bad_input(format!(
+            "invalid thing name {:?}: {reason}",
+            fleetcert_templates::clip(name, fleetcert_templates::MAX_ECHO_CHARS)
+        ))),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Checks a policy name given on the command line: 1 to 128 characters (AWS IoT's
+/// limit), no control characters.
+fn check_policy_name(name: &str) -> Result<(), CliError> {
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+        return Err(bad_input(format!(
+            "invalid policy name {:?}: it must be 1 to 128 characters, without control characters",
+            fleetcert_templates::clip(name, fleetcert_templates::MAX_ECHO_CHARS)
+        )));
+    }
+    Ok(())
+}
+
 pub struct Ctx {
     data: DataDir,
     database_url: Option<String>,
@@ -262,7 +289,7 @@ fn ca_export(ctx: &Ctx, chain: bool) -> CmdResult {
         ctx.out
             .json(&json!({ if chain { "chain_pem" } else { "root_pem" }: pem }));
     } else {
-        print!("{pem}");
+        crate::output::write_stdout(pem.as_bytes());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -537,6 +564,7 @@ fn cert_row(c: &CertificateRecord) -> String {
 const CERT_HEADER: &str = "SERIAL                           THING                            STATUS     ORIGIN    NOT_AFTER";
 
 async fn things_show(ctx: &Ctx, name: &str) -> CmdResult {
+    check_thing_name(name)?;
     let registry = ctx.registry(false).await?;
     let thing = registry
         .get_thing(name)
@@ -610,6 +638,9 @@ async fn certs_list(
     expiring_within: Option<std::time::Duration>,
     limit: Option<u32>,
 ) -> CmdResult {
+    if let Some(thing) = &thing {
+        check_thing_name(thing)?;
+    }
     let status: Option<CertStatus> = status.map(|s| s.parse()).transpose()?;
     let expires_before = expiring_within.map(|d| {
         fleetcert_lifecycle::unix_now()
@@ -660,6 +691,10 @@ async fn policies_list(ctx: &Ctx) -> CmdResult {
 }
 
 async fn policies_show(ctx: &Ctx, name: &str, thing: Option<&str>) -> CmdResult {
+    check_policy_name(name)?;
+    if let Some(thing) = thing {
+        check_thing_name(thing)?;
+    }
     let registry = ctx.registry(false).await?;
     let policy = registry
         .get_policy(name)
@@ -668,7 +703,6 @@ async fn policies_show(ctx: &Ctx, name: &str, thing: Option<&str>) -> CmdResult 
     let document = match thing {
         None => policy.document.clone(),
         Some(thing) => {
-            ThingName::parse(thing)?;
             if registry.get_thing(thing).await?.is_none() {
                 return Err(failed(format!("no thing named {thing:?} in the registry")));
             }

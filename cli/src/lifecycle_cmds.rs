@@ -197,7 +197,7 @@ pub async fn revoke(ctx: &Ctx, args: RevokeArgs) -> CmdResult {
     let target = match (&args.serial, &args.thing) {
         (Some(serial), None) => RevocationTarget::Serial(normalise_serial(serial)?),
         (None, Some(thing)) => {
-            fleetcert_ca::ThingName::parse(thing).map_err(|e| bad_input(e.to_string()))?;
+            crate::commands::check_thing_name(thing)?;
             RevocationTarget::Thing(thing.clone())
         }
         _ => return Err(bad_input("give a SERIAL or --thing NAME")),
@@ -207,9 +207,11 @@ pub async fn revoke(ctx: &Ctx, args: RevokeArgs) -> CmdResult {
     let revoked = revocation::revoke(registry.as_ref(), target.clone(), reason, clock.now())
         .await
         .map_err(|e| match e {
+            // A well-formed serial or name that is not in the registry: the revocation
+            // failed (exit 1), as `things show` of an unknown thing does.
             fleetcert_lifecycle::LifecycleError::Registry(
                 fleetcert_registry::RegistryError::NotFound(what),
-            ) => bad_input(format!("no {what} in the registry")),
+            ) => failed(format!("no {what} in the registry")),
             other => other.into(),
         })?;
     // The revocation is committed; the CRL follows. A running server would publish it
@@ -273,11 +275,7 @@ pub async fn crl(ctx: &Ctx, args: CrlArgs) -> CmdResult {
     if let Some(path) = &args.out {
         write_atomically(path, &bytes)?;
     } else if !out.is_json() {
-        let mut stdout = std::io::stdout().lock();
-        stdout
-            .write_all(&bytes)
-            .and_then(|_| stdout.flush())
-            .map_err(|e| failed(format!("cannot write the CRL to stdout: {e}")))?;
+        crate::output::write_stdout(&bytes);
     }
     let summary = json!({
         "number": crl.number,
@@ -313,8 +311,9 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), CliError
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
+    // A missing or unwritable directory is an I/O failure (exit 1), not bad input.
     let mut temp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| bad_input(format!("cannot write to {}: {e}", path.display())))?;
+        .map_err(|e| failed(format!("cannot write to {}: {e}", path.display())))?;
     temp.write_all(bytes)
         .and_then(|_| temp.as_file().sync_all())
         .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;

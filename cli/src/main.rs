@@ -30,14 +30,22 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            output::write_stderr(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    let result = runtime.block_on(commands::run(cli));
+    // A reader that closed stdout early is not an error (see `output::write_stdout`);
+    // any other failure to write the results is.
+    let stdout_error = output::stdout_error();
+    if let Some(e) = &stdout_error {
+        output::write_stderr(&format!("error: cannot write to stdout: {e}"));
+    }
+    match result {
+        Ok(_) if stdout_error.is_some() => ExitCode::from(1),
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            output::write_stderr(&format!("error: {}", e.message));
             ExitCode::from(e.code)
         }
     }

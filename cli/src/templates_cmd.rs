@@ -21,8 +21,8 @@ pub fn lint(ctx: &Ctx, files: &[PathBuf]) -> Result<ExitCode, CliError> {
             .and_then(|s| s.to_str())
             .unwrap_or("template")
             .to_owned();
-        let outcome = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))
+        let outcome = fleetcert_lifecycle::read_template_path(file)
+            .map_err(|e| e.to_string())
             .and_then(|text| check(&name, &text));
         match &outcome {
             Ok(findings) if findings.is_empty() => {
@@ -65,7 +65,7 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode, CliError> {
     let mut entries: Vec<(String, Option<PathBuf>, Result<String, String>)> = files
         .into_iter()
         .map(|(name, path)| {
-            let text = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+            let text = ctx.data().read_template_file(&path).map_err(|e| e.to_string());
             (name, Some(path), text)
         })
         .collect();

@@ -378,28 +378,13 @@ impl DataDir {
 
     /// Template files in `<data-dir>/templates/`: (name, path), sorted by name.
     pub fn template_files(&self) -> Result<Vec<(String, PathBuf)>, LifecycleError> {
-        let dir = self.templates_dir();
-        let mut found = Vec::new();
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-            Err(e) => return Err(LifecycleError::read(&dir, e)),
-        };
-        for entry in entries {
-            let path = entry.map_err(|e| LifecycleError::read(&dir, e))?.path();
-            let ext = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .unwrap_or_default();
-            if let (Some(stem), true) = (
-                path.file_stem().and_then(|s| s.to_str()),
-                matches!(ext, "yaml" | "yml" | "json"),
-            ) {
-                found.push((stem.to_owned(), path.clone()));
-            }
-        }
-        found.sort();
-        Ok(found)
+        crate::templates::template_files(&self.templates_dir())
+    }
+
+    /// Reads one file of [`Self::template_files`]: a regular file inside the templates
+    /// directory (symbolic links out of it are not followed), size-capped.
+    pub fn read_template_file(&self, path: &Path) -> Result<String, LifecycleError> {
+        crate::templates::read_template_file(&self.templates_dir(), path)
     }
 
     /// The key that seals replacement private keys at rest (`ca/sealing.key`, created on
@@ -447,8 +432,9 @@ impl DataDir {
         let dir = self.templates_dir();
         for ext in ["yaml", "yml", "json"] {
             let path = dir.join(format!("{name}.{ext}"));
-            match fs::read_to_string(&path) {
-                Ok(text) => {
+            match fs::symlink_metadata(&path) {
+                Ok(_) => {
+                    let text = crate::templates::read_template_file(&dir, &path)?;
                     if allow_overly_permissive {
                         fleetcert_templates::Template::parse(name, &text)?;
                     } else {

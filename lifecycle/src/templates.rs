@@ -7,6 +7,100 @@ use fleetcert_ca::DeviceIdentity;
 use fleetcert_registry::{PolicyWrite, ThingDetails};
 use fleetcert_templates::{CertificateFields, OverrideAction, Template, TemplateError};
 use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Reads a template file of `<data-dir>/templates/` (`dir`): it must be a regular file
+/// inside `dir` — a symbolic link is followed only if it resolves inside the directory —
+/// of at most [`fleetcert_templates::MAX_TEMPLATE_BYTES`]. Never blocks on a FIFO or a
+/// device. Errors name the file and the problem, never its contents.
+pub fn read_template_file(dir: &Path, path: &Path) -> Result<String, LifecycleError> {
+    let real_dir = std::fs::canonicalize(dir).map_err(|e| LifecycleError::read(dir, e))?;
+    let real = std::fs::canonicalize(path).map_err(|e| LifecycleError::read(path, e))?;
+    if !real.starts_with(&real_dir) {
+        return Err(LifecycleError::BadFile {
+            path: path.to_owned(),
+            reason: "a symbolic link to a file outside the templates directory: not followed \
+                     (copy the template into the directory instead)"
+                .into(),
+        });
+    }
+    read_regular(&real, path, rustix::fs::OFlags::NOFOLLOW)
+}
+
+/// Reads a template file named on the command line (`templates lint FILE`): a regular
+/// file (symbolic links followed) of at most [`fleetcert_templates::MAX_TEMPLATE_BYTES`].
+pub fn read_template_path(path: &Path) -> Result<String, LifecycleError> {
+    read_regular(path, path, rustix::fs::OFlags::empty())
+}
+
+fn read_regular(
+    open: &Path,
+    shown: &Path,
+    extra: rustix::fs::OFlags,
+) -> Result<String, LifecycleError> {
+    use rustix::fs::{Mode, OFlags};
+    let bad = |reason: String| LifecycleError::BadFile {
+        path: shown.to_owned(),
+        reason,
+    };
+    // Non-blocking: opening a FIFO must not wait for a writer.
+    let fd = rustix::fs::open(
+        open,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | extra,
+        Mode::empty(),
+    )
+    .map_err(|e| LifecycleError::read(shown, std::io::Error::from(e)))?;
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| LifecycleError::read(shown, e))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let limit = fleetcert_templates::MAX_TEMPLATE_BYTES;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| LifecycleError::read(shown, e))?;
+    if bytes.len() > limit {
+        return Err(bad(format!(
+            "larger than {limit} bytes, the limit for a template"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        bad(format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// The template files of `dir` (`<stem>.yaml|yml|json`), sorted by name; none if the
+/// directory does not exist.
+pub fn template_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, LifecycleError> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(LifecycleError::read(dir, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| LifecycleError::read(dir, e))?.path();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default();
+        if let (Some(stem), true) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            matches!(ext, "yaml" | "yml" | "json"),
+        ) {
+            found.push((stem.to_owned(), path.clone()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
 
 pub(crate) struct TemplateSet {
     templates: HashMap<String, Template>,
@@ -30,23 +124,10 @@ impl TemplateSet {
             })
         };
         let dir = data.templates_dir();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries {
-                let path = entry.map_err(|e| LifecycleError::read(&dir, e))?.path();
-                let (Some(stem), Some(ext)) = (
-                    path.file_stem().and_then(|s| s.to_str()),
-                    path.extension().and_then(|s| s.to_str()),
-                ) else {
-                    continue;
-                };
-                if !matches!(ext, "yaml" | "yml" | "json") {
-                    continue;
-                }
-                fleetcert_templates::validate_name(stem)?;
-                let text =
-                    std::fs::read_to_string(&path).map_err(|e| LifecycleError::read(&path, e))?;
-                templates.insert(stem.to_owned(), parse(stem, &text)?);
-            }
+        for (stem, path) in template_files(&dir)? {
+            fleetcert_templates::validate_name(&stem)?;
+            let text = read_template_file(&dir, &path)?;
+            templates.insert(stem.clone(), parse(&stem, &text)?);
         }
         if !templates.contains_key(fleetcert_templates::DEFAULT_TEMPLATE_NAME) {
             templates.insert(

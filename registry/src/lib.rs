@@ -1028,8 +1028,27 @@ fn sqlite_target(url: &str) -> Result<sqlite::SqliteTarget, RegistryError> {
     }
 }
 
-/// `url` with any password replaced by `***`, for messages and logs.
+/// `url` with any password replaced by `***`, for messages and logs: the `user:pass@`
+/// form and the `password` / `sslpassword` query parameters (`?password=…`, as libpq and
+/// sqlx accept them; the parameter name may be percent-encoded or in any case).
 pub fn redact_url(url: &str) -> String {
+    // The userinfo first, on the whole URL (a stray '@' in the query masks more, never
+    // less), then the query parameters of what is left.
+    let url = redact_userinfo(url);
+    let Some((base, query)) = url.split_once('?') else {
+        return url;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if is_secret_parameter(key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
@@ -1045,6 +1064,33 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// `password`, `sslpassword` (any case, `+`/percent-encoding decoded).
+fn is_secret_parameter(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        decoded.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => decoded.push(b'%'),
+                }
+            }
+            b'+' => decoded.push(b' '),
+            b => decoded.push(b),
+        }
+        i += 1;
+    }
+    let key = String::from_utf8_lossy(&decoded).trim().to_ascii_lowercase();
+    key.contains("password")
 }
 
 #[cfg(test)]
@@ -1075,6 +1121,23 @@ mod tests {
         );
         assert_eq!(redact_url("/data/registry.db"), "/data/registry.db");
         assert_eq!(redact_url("/data/a@b/registry.db"), "/data/a@b/registry.db");
+    }
+
+    #[test]
+    fn redact_url_hides_query_passwords() {
+        assert_eq!(
+            redact_url("postgres://fleet@db/fleetcert?password=s3cret&sslmode=require"),
+            "postgres://fleet@db/fleetcert?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://db/f?user=u&PassWord=a&sslpassword=b&pass%77ord=c"),
+            "postgres://db/f?user=u&PassWord=***&sslpassword=***&pass%77ord=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@db/f?password=q"),
+            "postgres://u:***@db/f?password=***"
+        );
+        assert_eq!(redact_url("postgres://db/f?sslmode=disable"), "postgres://db/f?sslmode=disable");
     }
 
     #[test]

@@ -16,11 +16,13 @@
 #![forbid(unsafe_code)]
 
 mod expr;
+mod guard;
 mod model;
 mod policy;
 mod render;
 
 pub use expr::{Expr, SubPart};
+pub use guard::{MAX_ECHO_CHARS, MAX_FLOW_OPENINGS, MAX_NESTING_DEPTH, MAX_TEMPLATE_BYTES, clip};
 pub use model::{
     CertificateResource, CertificateStatus, Mappings, OverrideAction, Parameter, ParameterType,
     PolicyResource, Resource, ResourceKind, Template, ThingResource,
@@ -41,7 +43,8 @@ pub const DEFAULT_TEMPLATE_NAME: &str = "default";
 /// The built-in default template, in the AWS IoT provisioning-template grammar.
 pub const DEFAULT_TEMPLATE_YAML: &str = include_str!("default-template.yaml");
 
-/// Errors about templates.
+/// Errors about templates. Messages name where the problem is and what it is; any
+/// piece of the template they quote is cut to [`MAX_ECHO_CHARS`] characters.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TemplateError {

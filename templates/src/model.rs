@@ -745,7 +745,16 @@ impl Template {
     /// logical id and property named for an unknown resource type, a `Ref` to an unknown
     /// parameter, a malformed intrinsic, an invalid policy document… This does not run the
     /// least-privilege lint: see [`crate::load`] and [`crate::lint_template`].
+    ///
+    /// A text over [`crate::MAX_TEMPLATE_BYTES`] or nesting deeper than
+    /// [`crate::MAX_NESTING_DEPTH`] is refused before parsing; errors quote at most
+    /// [`crate::MAX_ECHO_CHARS`] characters of any input.
     pub fn parse(name: &str, text: &str) -> Result<Template, TemplateError> {
+        crate::guard::check_input(name, text)?;
+        Self::parse_document(name, text).map_err(TemplateError::bounded)
+    }
+
+    fn parse_document(name: &str, text: &str) -> Result<Template, TemplateError> {
         let syntax = |e: serde_yaml_ng::Error| TemplateError::Syntax {
             name: name.to_owned(),
             reason: e.to_string(),
