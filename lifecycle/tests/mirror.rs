@@ -999,6 +999,29 @@ async fn certificates_are_named_by_the_ids_aws_returns() {
     assert_eq!(fleet.aws.cert_count(), 3, "nothing registered twice");
     let check = mirror.reconcile(true).await.unwrap();
     assert!(check.drift.is_empty(), "{:?}", check.drift);
+
+    // The same region again keeps the ids; another account's ids mean nothing: a mirror
+    // pointed elsewhere forgets them.
+    fleet.enable("REVOKED").await;
+    assert_eq!(fleet.registry.mirrored_certificates().await.unwrap().len(), 3);
+    fleet
+        .registry
+        .enable_mirror(
+            &MirrorSettings {
+                enabled: true,
+                region: "us-east-1".into(),
+                endpoint_url: None,
+                ca_mode: "sni-only".into(),
+                rotated_status: "REVOKED".into(),
+                ca_certificate_id: None,
+                arn_prefix: None,
+                updated_at: fleet.clock.now(),
+            },
+            fleet.clock.now(),
+        )
+        .await
+        .unwrap();
+    assert!(fleet.registry.mirrored_certificates().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -475,10 +475,12 @@ fn the_aws_guide_templates_load_verbatim() {
     assert!(body.contains("AWS::IoT::Certificate::SerialNumber"), "{body}");
 }
 
-/// A TCP relay to moto that holds every chunk a client sends for `delay` before passing
-/// it on, so that a worker applying operations holds its leases long enough to be seen.
+/// A TCP relay to moto that holds every chunk a client sends for a while (adjustable)
+/// before passing it on, so that a worker applying operations holds its leases long
+/// enough to be seen.
 struct SlowRelay {
     port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -486,27 +488,34 @@ impl SlowRelay {
     fn start(upstream: u16, delay: Duration) -> SlowRelay {
         use std::io::{Read, Write};
         use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = stop.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
+        let (stopping, delays) = (stop.clone(), delay_ms.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
-                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                if stopping.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                let pipe = |mut from: TcpStream, mut to: TcpStream, delay: Duration| {
+                let pipe = |mut from: TcpStream, mut to: TcpStream, delay: Option<Arc<AtomicU64>>| {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 * 1024];
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
-                                    std::thread::sleep(delay);
+                                    if let Some(ms) = &delay {
+                                        std::thread::sleep(Duration::from_millis(
+                                            ms.load(Ordering::SeqCst),
+                                        ));
+                                    }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
@@ -516,11 +525,26 @@ impl SlowRelay {
                         let _ = to.shutdown(Shutdown::Write);
                     });
                 };
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), delay);
-                pipe(server, client, Duration::ZERO);
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Some(delays.clone()),
+                );
+                pipe(server, client, None);
             }
         });
-        SlowRelay { port, stop }
+        SlowRelay {
+            port,
+            delay_ms,
+            stop,
+        }
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     fn url(&self) -> String {
@@ -539,7 +563,7 @@ impl Drop for SlowRelay {
 #[ignore = "needs moto: run through scripts/test.sh"]
 fn aws_sync_waits_for_what_serve_is_applying() {
     let moto = Moto::start();
-    let relay = SlowRelay::start(moto.port, Duration::from_millis(150));
+    let relay = SlowRelay::start(moto.port, Duration::from_millis(300));
     let env = Env::new();
     env.init_ca();
     let reply = env.json(&[
@@ -587,6 +611,7 @@ fn aws_sync_waits_for_what_serve_is_applying() {
     // its leases stand until they expire): sync waits --timeout, then exits 1 saying
     // what is pending.
     drop(served);
+    relay.set_delay(Duration::from_secs(3));
     env.provision_pallet("stuck", 3, 30);
     let mut lease_holder = env
         .cmd()
