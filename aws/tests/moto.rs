@@ -761,7 +761,10 @@ async fn ids_are_the_ones_the_service_returns() {
     assert!(first.created);
     assert_ne!(first.id, sha256_hex(&der), "this moto hashes the PEM text");
     assert_eq!(first.id, sha256_hex(pem.as_bytes()));
-    assert!(first.arn.ends_with(&format!("cert/{}", first.id)), "{first:?}");
+    assert!(
+        first.arn.ends_with(&format!("cert/{}", first.id)),
+        "{first:?}"
+    );
     // "Already exists": the id and ARN come from the answer, not from the DER.
     let again = iot
         .register_certificate(&pem, &ca.pem(), CertStatus::Active)
@@ -784,8 +787,13 @@ async fn ids_are_the_ones_the_service_returns() {
     })
     .await
     .unwrap();
-    iot.attach_thing_principal(&thing, &first.arn).await.unwrap();
-    assert_eq!(iot.thing_principals(&thing).await.unwrap(), [first.arn.clone()]);
+    iot.attach_thing_principal(&thing, &first.arn)
+        .await
+        .unwrap();
+    assert_eq!(
+        iot.thing_principals(&thing).await.unwrap(),
+        [first.arn.clone()]
+    );
     let policy = unique("policy");
     iot.put_policy(&policy, &policy_doc("t/1")).await.unwrap();
     iot.attach_policy(&policy, &first.arn).await.unwrap();
@@ -795,7 +803,10 @@ async fn ids_are_the_ones_the_service_returns() {
         .unwrap();
     let listed = iot.list_certificates().await.unwrap();
     assert_eq!(
-        listed.iter().find(|c| c.id == first.id).map(|c| c.status.as_str()),
+        listed
+            .iter()
+            .find(|c| c.id == first.id)
+            .map(|c| c.status.as_str()),
         Some("REVOKED")
     );
 }

@@ -182,7 +182,10 @@ impl Mirror {
     pub async fn register_ca(&self) -> Result<String, AwsError> {
         let (known, prefix) = {
             let settings = self.settings.lock().await;
-            (settings.ca_certificate_id.clone(), settings.arn_prefix.clone())
+            (
+                settings.ca_certificate_id.clone(),
+                settings.arn_prefix.clone(),
+            )
         };
         if let (Some(id), Some(_)) = (known, prefix)
             && self.api.ca_status(&id).await?.is_some()
@@ -554,11 +557,7 @@ impl Mirror {
             }
         }
         if desired.attached {
-            match self
-                .api
-                .attach_thing_principal(&cert.thing_name, arn)
-                .await
-            {
+            match self.api.attach_thing_principal(&cert.thing_name, arn).await {
                 Err(AwsError::NotFound { .. }) => {
                     // The thing is missing in AWS: make it, then attach.
                     self.apply_thing(&cert.thing_name).await?;

@@ -1003,7 +1003,10 @@ async fn certificates_are_named_by_the_ids_aws_returns() {
     // The same region again keeps the ids; another account's ids mean nothing: a mirror
     // pointed elsewhere forgets them.
     fleet.enable("REVOKED").await;
-    assert_eq!(fleet.registry.mirrored_certificates().await.unwrap().len(), 3);
+    assert_eq!(
+        fleet.registry.mirrored_certificates().await.unwrap().len(),
+        3
+    );
     fleet
         .registry
         .enable_mirror(
@@ -1021,7 +1024,14 @@ async fn certificates_are_named_by_the_ids_aws_returns() {
         )
         .await
         .unwrap();
-    assert!(fleet.registry.mirrored_certificates().await.unwrap().is_empty());
+    assert!(
+        fleet
+            .registry
+            .mirrored_certificates()
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1041,7 +1051,10 @@ async fn sync_waits_for_operations_another_worker_holds() {
 
     // Without waiting: nothing this process may apply, everything still pending.
     let outcome = mirror
-        .sync(std::time::Duration::ZERO, std::time::Duration::from_millis(50))
+        .sync(
+            std::time::Duration::ZERO,
+            std::time::Duration::from_millis(50),
+        )
         .await
         .unwrap();
     assert!(outcome.timed_out, "{outcome:?}");

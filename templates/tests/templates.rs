@@ -1032,10 +1032,13 @@ fn aws_guide_fleet_provisioning_template_loads_verbatim_and_renders() {
 
 #[test]
 fn only_the_certificate_id_is_supplied_without_a_declaration() {
-    let thing = "Resources:\n  thing:\n    Type: AWS::IoT::Thing\n    Properties:\n      ThingName: ";
+    let thing =
+        "Resources:\n  thing:\n    Type: AWS::IoT::Thing\n    Properties:\n      ThingName: ";
     // The id, by Ref and in a Fn::Sub.
     parse(&format!("{thing}!Ref AWS::IoT::Certificate::Id\n"));
-    let t = parse(&format!("{thing}!Sub \"dev-${{AWS::IoT::Certificate::Id}}\"\n"));
+    let t = parse(&format!(
+        "{thing}!Sub \"dev-${{AWS::IoT::Certificate::Id}}\"\n"
+    ));
     let r = render(&t, &map(&[(params::ID, "beef")])).unwrap();
     assert_eq!(r.thing.name, "dev-beef");
     // Other certificate fields must be declared, as AWS requires for JITP.

@@ -421,7 +421,12 @@ fn the_aws_guide_templates_load_verbatim() {
     assert!(!text.contains(r#""AWS::IoT::Certificate::Id" : {"#));
     assert!(text.contains("\"BillingGroup\"") && text.contains("\"DeviceConfiguration\""));
 
-    let out = env.ok(&["templates", "lint", jitp.to_str().unwrap(), fleet.to_str().unwrap()]);
+    let out = env.ok(&[
+        "templates",
+        "lint",
+        jitp.to_str().unwrap(),
+        fleet.to_str().unwrap(),
+    ]);
     assert_eq!(out.matches(": ok").count(), 2, "{out}");
 
     // Both in the templates directory: serve loads them (all of them, at start) and
@@ -472,7 +477,10 @@ fn the_aws_guide_templates_load_verbatim() {
         &env.out_dir().join("jitp-1.key"),
     );
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("AWS::IoT::Certificate::SerialNumber"), "{body}");
+    assert!(
+        body.contains("AWS::IoT::Certificate::SerialNumber"),
+        "{body}"
+    );
 }
 
 /// A TCP relay to moto that holds every chunk a client sends for a while (adjustable)
@@ -504,27 +512,28 @@ impl SlowRelay {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                let pipe = |mut from: TcpStream, mut to: TcpStream, delay: Option<Arc<AtomicU64>>| {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        loop {
-                            match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if let Some(ms) = &delay {
-                                        std::thread::sleep(Duration::from_millis(
-                                            ms.load(Ordering::SeqCst),
-                                        ));
-                                    }
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        break;
+                let pipe =
+                    |mut from: TcpStream, mut to: TcpStream, delay: Option<Arc<AtomicU64>>| {
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 16 * 1024];
+                            loop {
+                                match from.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        if let Some(ms) = &delay {
+                                            std::thread::sleep(Duration::from_millis(
+                                                ms.load(Ordering::SeqCst),
+                                            ));
+                                        }
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
                                     }
                                 }
                             }
-                        }
-                        let _ = to.shutdown(Shutdown::Write);
-                    });
-                };
+                            let _ = to.shutdown(Shutdown::Write);
+                        });
+                    };
                 pipe(
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
@@ -605,7 +614,11 @@ fn aws_sync_waits_for_what_serve_is_applying() {
     assert!(started.elapsed() < Duration::from_secs(60));
     let state = moto.state();
     assert_eq!(state["things"].as_object().unwrap().len(), 25, "{state}");
-    assert_eq!(state["certificates"].as_object().unwrap().len(), 25, "{state}");
+    assert_eq!(
+        state["certificates"].as_object().unwrap().len(),
+        25,
+        "{state}"
+    );
 
     // Operations another worker holds and does not finish (serve killed mid-round:
     // its leases stand until they expire): sync waits --timeout, then exits 1 saying
@@ -717,7 +730,10 @@ fn the_mirror_uses_the_ids_aws_returns_against_moto_defaults() {
     env.ok(&["revoke", "--thing", "dm-2", "--reason", "keyCompromise"]);
     let synced = env.json(&["aws", "sync"]);
     assert_eq!(
-        (synced["pending_after"].as_i64(), synced["parked_after"].as_i64()),
+        (
+            synced["pending_after"].as_i64(),
+            synced["parked_after"].as_i64()
+        ),
         (Some(0), Some(0)),
         "{synced}"
     );

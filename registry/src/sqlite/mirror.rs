@@ -85,11 +85,12 @@ impl SqliteRegistry {
         common::validate_mirror_settings(settings)?;
         let ctx = "enabling the mirror";
         let mut tx = self.begin().await?;
-        let before: Option<(i64, String, Option<String>)> =
-            sqlx::query_as("SELECT enabled, region, endpoint_url FROM mirror_settings WHERE id = 1")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.err(ctx, e))?;
+        let before: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT enabled, region, endpoint_url FROM mirror_settings WHERE id = 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| self.err(ctx, e))?;
         let was_enabled = before.as_ref().map(|(enabled, _, _)| *enabled);
         if before.as_ref().is_some_and(|(_, region, endpoint)| {
             *region != settings.region || *endpoint != settings.endpoint_url
