@@ -10,12 +10,17 @@
 #   FLEETCERT_TEST_MOTO_URL=http://127.0.0.1:PORT  the endpoint URL of that server
 #   FLEETCERT_TEST_MOTO_BIN=/abs/path/moto_server  a moto_server (same arguments: -H HOST -p PORT)
 #                                                 for tests that start and kill their own servers
+#   FLEETCERT_TEST_MOTO_DEFAULT_BIN=/abs/path      moto_server as installed, default settings
+#                                                 (certificate ids = SHA-256 of the PEM text), for
+#                                                 the tests that the mirror works against moto and
+#                                                 LocalStack as they come
 #   AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_EC2_METADATA_DISABLED=true
 #
 # moto computes certificate ids as SHA-256 of the PEM text unless its `iot.use_valid_cert`
 # option is on; real AWS uses SHA-256 of the DER. moto 5.x's /moto-api/config endpoint ignores
 # the "iot" section, so the server is started through a small launcher that switches the option
-# on in-process before starting moto (FLEETCERT_TEST_MOTO_BIN is that launcher too).
+# on in-process before starting moto (FLEETCERT_TEST_MOTO_BIN is that launcher too). fleetcert
+# itself never relies on it: it uses the ids the service returns (tests run both ways).
 #
 # Runs the command (not exec, so the trap can stop moto afterwards), always stops moto and
 # removes the temporary directory, and exits with the command's status.
@@ -113,6 +118,7 @@ fi
 
 export FLEETCERT_TEST_MOTO_URL="http://127.0.0.1:$PORT"
 export FLEETCERT_TEST_MOTO_BIN=$BIN
+export FLEETCERT_TEST_MOTO_DEFAULT_BIN=$VENV/bin/moto_server
 export AWS_ACCESS_KEY_ID=testing
 export AWS_SECRET_ACCESS_KEY=testing
 export AWS_EC2_METADATA_DISABLED=true

@@ -83,9 +83,12 @@ impl std::fmt::Display for CertStatus {
 /// A certificate (or CA certificate) as registered with AWS IoT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
-    /// The AWS certificate id: lowercase hex SHA-256 of the certificate's DER.
+    /// The certificate id as the service returned it (or named it in its "already exists"
+    /// answer). AWS computes the SHA-256 of the DER; moto and LocalStack by default hash the
+    /// PEM text: callers must use this id, never one computed locally.
     pub id: String,
-    /// The certificate ARN (`arn:aws:iot:REGION:ACCOUNT:cert/ID` or `…:cacert/ID`).
+    /// The certificate ARN as the service returned it (`arn:aws:iot:REGION:ACCOUNT:cert/ID`
+    /// or `…:cacert/ID`).
     pub arn: String,
     /// `false` when the certificate was already registered (its status was then left as it was).
     pub created: bool,
@@ -138,7 +141,7 @@ pub struct RemoteThing {
 /// A device certificate as listed by AWS IoT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteCertificate {
-    /// The certificate id (lowercase hex SHA-256 of the DER).
+    /// The certificate id, as the service names it (AWS: the SHA-256 of the DER).
     pub id: String,
     /// The certificate ARN.
     pub arn: String,
@@ -238,8 +241,9 @@ pub trait IotApi: Send + Sync {
     /// DescribeCACertificate: `Some(status string)` or `None` if not found.
     async fn ca_status(&self, id: &str) -> Result<Option<String>, AwsError>;
 
-    /// RegisterCertificate(certificatePem, caCertificatePem, status). AlreadyExists →
-    /// `Ok(created=false)` with id/arn from the exception (the status is then not changed).
+    /// RegisterCertificate(certificatePem, caCertificatePem, status): the `certificateId` and
+    /// `certificateArn` the service returns. AlreadyExists → `Ok(created=false)` with the id
+    /// and ARN the exception names (the status is then not changed).
     async fn register_certificate(
         &self,
         pem: &str,

@@ -552,7 +552,17 @@ impl IotApi for SdkIot {
                 let Some((existing_id, existing_arn)) = existing else {
                     return Err(classify(OP, err));
                 };
-                let id = existing_id.unwrap_or(local_id);
+                // The id as the service names it: from the answer, else from the ARN it
+                // gave; only a service that names neither gets AWS's own (DER) id.
+                let id = existing_id
+                    .or_else(|| {
+                        existing_arn
+                            .as_deref()
+                            .and_then(|arn| arn.rsplit_once("cert/"))
+                            .map(|(_, id)| id.to_owned())
+                            .filter(|id| !id.is_empty())
+                    })
+                    .unwrap_or(local_id);
                 let arn = match existing_arn {
                     Some(arn) => arn,
                     None => self.certificate_arn(&id).await?,

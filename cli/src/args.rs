@@ -98,8 +98,11 @@ pub enum AwsCommand {
     /// The outbox: pending and retrying operations, the oldest one, parked ones with
     /// their errors.
     Status(AwsStatusArgs),
-    /// Apply the queued operations now, including those waiting out a backoff; exits 1
-    /// if anything is left (AWS unreachable, or parked operations).
+    /// Apply the queued operations now, including those waiting out a backoff. While
+    /// another process (`serve`) is applying operations under its lease, wait for them
+    /// (at most --timeout). Exits 0 once AWS has caught up; 1 if AWS is unreachable or
+    /// refuses something (parked operations), or if the time runs out, saying what is
+    /// still pending.
     Sync(AwsSyncArgs),
     /// Compare the registry with AWS IoT (CA, things, certificates and their status,
     /// thing attachments, policies and their attachments) and queue what is missing or
@@ -157,6 +160,10 @@ pub struct AwsSyncArgs {
     /// Operations applied at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+    /// How long to wait for operations that another process (`serve`) holds under its
+    /// lease; 0s does not wait. At most 24h.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

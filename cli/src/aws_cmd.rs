@@ -11,6 +11,7 @@ use fleetcert_registry::{MirrorOp, MirrorSettings, Registry};
 use serde_json::json;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 type CmdResult = Result<ExitCode, CliError>;
 
@@ -159,6 +160,7 @@ async fn status(ctx: &Ctx, args: AwsStatusArgs) -> CmdResult {
             "settings": settings,
             "pending": backlog.pending,
             "retrying": backlog.retrying,
+            "in_flight": backlog.in_flight,
             "parked": backlog.parked,
             "oldest_pending": backlog.oldest_pending.as_ref().map(|op| op_json(op, now)),
             "parked_operations": backlog.parked_ops.iter().map(|op| op_json(op, now)).collect::<Vec<_>>(),
@@ -183,8 +185,8 @@ async fn status(ctx: &Ctx, args: AwsStatusArgs) -> CmdResult {
         )),
     }
     out.line(format!(
-        "backlog: {} pending ({} retrying after errors), {} parked",
-        backlog.pending, backlog.retrying, backlog.parked
+        "backlog: {} pending ({} retrying after errors, {} being applied), {} parked",
+        backlog.pending, backlog.retrying, backlog.in_flight, backlog.parked
     ));
     if let Some(op) = &backlog.oldest_pending {
         out.line(format!(
@@ -234,7 +236,18 @@ async fn worker(
     ))
 }
 
+/// Longest `aws sync --timeout`.
+const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How often `aws sync` looks again while another process applies operations.
+const SYNC_POLL: Duration = Duration::from_millis(250);
+
 async fn sync(ctx: &Ctx, args: AwsSyncArgs) -> CmdResult {
+    if args.timeout > MAX_SYNC_TIMEOUT {
+        return Err(bad_input(format!(
+            "invalid --timeout {}: at most 24h",
+            humantime::format_duration(args.timeout)
+        )));
+    }
     let registry = ctx.registry(false).await?;
     let mirror = worker(ctx, registry.clone(), usize::from(args.concurrency)).await?;
     let clock = clock_from_env()?;
@@ -243,13 +256,14 @@ async fn sync(ctx: &Ctx, args: AwsSyncArgs) -> CmdResult {
     } else {
         0
     };
-    let report = mirror.drain(true).await?;
-    let backlog = registry.mirror_backlog(20).await?;
+    let outcome = mirror.sync(args.timeout, SYNC_POLL).await?;
+    let (report, backlog) = (&outcome.report, &outcome.backlog);
     let rate = if report.seconds > 0.0 {
         report.applied as f64 / report.seconds
     } else {
         0.0
     };
+    let now = clock.now();
     let out = ctx.out();
     if out.is_json() {
         out.json(&json!({
@@ -261,8 +275,11 @@ async fn sync(ctx: &Ctx, args: AwsSyncArgs) -> CmdResult {
             "seconds": report.seconds,
             "applied_per_second": rate,
             "errors": report.errors,
+            "timed_out": outcome.timed_out,
             "pending_after": backlog.pending,
+            "in_flight_after": backlog.in_flight,
             "parked_after": backlog.parked,
+            "oldest_pending": backlog.oldest_pending.as_ref().map(|op| op_json(op, now)),
         }));
     } else {
         out.line(format!(
@@ -272,6 +289,30 @@ async fn sync(ctx: &Ctx, args: AwsSyncArgs) -> CmdResult {
         for e in &report.errors {
             out.note(format!("  {e}"));
         }
+    }
+    if outcome.timed_out {
+        out.note(format!(
+            "aws sync: timed out after {}: {} operations still pending, {} of them in flight \
+             under another worker's lease{}",
+            humantime::format_duration(args.timeout),
+            backlog.pending,
+            backlog.in_flight,
+            backlog
+                .oldest_pending
+                .as_ref()
+                .map(|op| format!(
+                    "; oldest: #{} {} {} ({} attempts{})",
+                    op.id,
+                    op.kind,
+                    op.subject,
+                    op.attempts,
+                    op.last_error
+                        .as_deref()
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
+                ))
+                .unwrap_or_default()
+        ));
     }
     Ok(if backlog.pending > 0 || backlog.parked > 0 {
         ExitCode::from(1)

@@ -21,7 +21,7 @@ use fleetcert_ca::IssuingCa;
 pub use fleetcert_registry::MirrorBacklog;
 use fleetcert_registry::{
     CertStatus, CertificateFilter, CertificateRecord, MirrorOp, MirrorOpKind, MirrorOutcome,
-    MirrorResult, MirrorSettings, NewMirrorOp, Registry, ThingFilter,
+    MirrorResult, MirrorSettings, MirroredCertificate, NewMirrorOp, Registry, ThingFilter,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -77,6 +77,17 @@ pub struct SyncReport {
     pub seconds: f64,
     /// Errors of the operations retried or parked in this run (at most 20).
     pub errors: Vec<String>,
+}
+
+/// How `aws sync` ended ([`Mirror::sync`]).
+#[derive(Debug, Clone)]
+pub struct SyncOutcome {
+    /// What this process applied, retried and parked, over all its rounds.
+    pub report: SyncReport,
+    /// The outbox when it stopped.
+    pub backlog: MirrorBacklog,
+    /// It stopped because the time was up while other workers still held operations.
+    pub timed_out: bool,
 }
 
 /// A difference between the registry and AWS IoT.
@@ -166,8 +177,21 @@ impl Mirror {
         self.stats.clone()
     }
 
-    /// Registers the issuing CA with AWS and records its id and the ARN prefix.
+    /// Registers the issuing CA with AWS and records its id and the ARN prefix. A CA
+    /// already registered under the id recorded (the one AWS returned) is left as it is.
     pub async fn register_ca(&self) -> Result<String, AwsError> {
+        let (known, prefix) = {
+            let settings = self.settings.lock().await;
+            (
+                settings.ca_certificate_id.clone(),
+                settings.arn_prefix.clone(),
+            )
+        };
+        if let (Some(id), Some(_)) = (known, prefix)
+            && self.api.ca_status(&id).await?.is_some()
+        {
+            return Ok(id);
+        }
         let mode = ca_mode(&self.settings.lock().await.ca_mode);
         let (id, prefix) =
             register_issuing_ca(self.api.as_ref(), &self.ca, mode, self.clock.now()).await?;
@@ -252,6 +276,52 @@ impl Mirror {
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// `aws sync`: applies everything that is due now (including operations waiting out
+    /// a backoff), then, while operations remain that another worker holds under its
+    /// lease (`serve` applying them) or that queue behind those, waits for them, polling
+    /// every `poll`, until the outbox is empty or `timeout` has passed. It stops waiting
+    /// at once when one of its own rounds fails (AWS unreachable or refusing): waiting
+    /// would not help then.
+    pub async fn sync(
+        self: &Arc<Self>,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<SyncOutcome, LifecycleError> {
+        let started = Instant::now();
+        let deadline = started.checked_add(timeout);
+        let mut report = SyncReport::default();
+        let mut first = true;
+        loop {
+            let round = self.drain(first).await?;
+            first = false;
+            report.applied += round.applied;
+            report.retried += round.retried;
+            report.parked += round.parked;
+            report.rounds += round.rounds;
+            for e in round.errors {
+                if report.errors.len() < 20 {
+                    report.errors.push(e);
+                }
+            }
+            let backlog = self.registry.mirror_backlog(20).await?;
+            let now = Instant::now();
+            let timed_out = deadline.is_some_and(|d| now >= d);
+            if backlog.pending == 0 || round.retried > 0 || round.parked > 0 || timed_out {
+                report.seconds = started.elapsed().as_secs_f64();
+                return Ok(SyncOutcome {
+                    timed_out: backlog.pending > 0
+                        && round.retried == 0
+                        && round.parked == 0
+                        && timed_out,
+                    report,
+                    backlog,
+                });
+            }
+            let left = deadline.map_or(poll, |d| d.saturating_duration_since(now));
+            tokio::time::sleep(poll.min(left)).await;
+        }
     }
 
     /// Runs [`Self::drain`] every `interval` until `stop` resolves (inside `serve`).
@@ -411,8 +481,14 @@ impl Mirror {
             // Expired: AWS refuses to register it and no device can use it.
             return Ok(());
         };
-        let prefix = self.arn_prefix().await?;
-        let arn = certificate_arn(&prefix, &cert.fingerprint_sha256);
+        // The CA first: AWS registers a certificate only under a CA it knows.
+        self.arn_prefix().await?;
+        let known = self
+            .registry_read(
+                "reading a certificate's AWS id",
+                self.registry.mirrored_certificate(serial).await,
+            )
+            .await?;
         let pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.der.clone()));
         let registered = match self
             .api
@@ -428,6 +504,25 @@ impl Mirror {
             }
             other => other?,
         };
+        // From here on the certificate is named as AWS named it (its answer to
+        // RegisterCertificate, or the id in its "already exists" answer): AWS hashes the
+        // DER, moto and LocalStack by default the PEM text.
+        if known.as_ref().is_none_or(|k| {
+            k.certificate_id != registered.id || k.certificate_arn != registered.arn
+        }) {
+            let record = MirroredCertificate {
+                serial: serial.to_owned(),
+                certificate_id: registered.id.clone(),
+                certificate_arn: registered.arn.clone(),
+                recorded_at: self.clock.now(),
+            };
+            self.registry_read(
+                "recording a certificate's AWS id",
+                self.registry.record_mirrored_certificate(&record).await,
+            )
+            .await?;
+        }
+        let arn = registered.arn.as_str();
         if !registered.created {
             match self
                 .api
@@ -451,34 +546,30 @@ impl Mirror {
                 .await?;
             for policy in policies {
                 self.apply_policy(&policy.name, false).await?;
-                match self.api.attach_policy(&policy.name, &arn).await {
+                match self.api.attach_policy(&policy.name, arn).await {
                     Err(AwsError::NotFound { .. }) => {
                         // The policy vanished from AWS since we cached it.
                         self.apply_policy(&policy.name, true).await?;
-                        self.api.attach_policy(&policy.name, &arn).await?;
+                        self.api.attach_policy(&policy.name, arn).await?;
                     }
                     other => other?,
                 }
             }
         }
         if desired.attached {
-            match self
-                .api
-                .attach_thing_principal(&cert.thing_name, &arn)
-                .await
-            {
+            match self.api.attach_thing_principal(&cert.thing_name, arn).await {
                 Err(AwsError::NotFound { .. }) => {
                     // The thing is missing in AWS: make it, then attach.
                     self.apply_thing(&cert.thing_name).await?;
                     self.api
-                        .attach_thing_principal(&cert.thing_name, &arn)
+                        .attach_thing_principal(&cert.thing_name, arn)
                         .await?;
                 }
                 other => other?,
             }
         } else if cert.status == CertStatus::Revoked && is_rotated(&cert) {
             self.api
-                .detach_thing_principal(&cert.thing_name, &arn)
+                .detach_thing_principal(&cert.thing_name, arn)
                 .await?;
         }
         Ok(())
@@ -537,6 +628,15 @@ impl Mirror {
                 .push(c);
         }
         let prefix = settings.arn_prefix.clone();
+        // The ids AWS gave the certificates the mirror registered; a certificate it never
+        // registered is looked for under the id AWS computes (SHA-256 of the DER).
+        let aws_ids: HashMap<String, MirroredCertificate> = self
+            .registry
+            .mirrored_certificates()
+            .await?
+            .into_iter()
+            .map(|c| (c.serial.clone(), c))
+            .collect();
 
         for thing in &things {
             report.things_checked += 1;
@@ -587,11 +687,20 @@ impl Mirror {
                     continue;
                 };
                 report.certificates_checked += 1;
-                let arn = prefix
-                    .as_deref()
-                    .map(|p| certificate_arn(p, &cert.fingerprint_sha256));
+                let (aws_id, arn) = match aws_ids.get(&cert.serial) {
+                    Some(known) => (
+                        known.certificate_id.as_str(),
+                        Some(known.certificate_arn.clone()),
+                    ),
+                    None => (
+                        cert.fingerprint_sha256.as_str(),
+                        prefix
+                            .as_deref()
+                            .map(|p| certificate_arn(p, &cert.fingerprint_sha256)),
+                    ),
+                };
                 let mut drift = Vec::new();
-                match remote_certs.get(&cert.fingerprint_sha256) {
+                match remote_certs.get(aws_id) {
                     None => drift.push(("certificate_missing", String::new())),
                     // REVOKED is final in AWS and satisfies any retired state.
                     Some(status)
@@ -618,7 +727,7 @@ impl Mirror {
                             format!("still attached to {}", thing.name),
                         ));
                     }
-                    if want.policies && remote_certs.contains_key(&cert.fingerprint_sha256) {
+                    if want.policies && remote_certs.contains_key(aws_id) {
                         let local = self.registry.policies_of_certificate(&cert.serial).await?;
                         if !local.is_empty() {
                             let remote: HashSet<String> = self
@@ -772,7 +881,9 @@ fn desired(cert: &CertificateRecord, rotated_status: &str, now: i64) -> Option<D
     })
 }
 
-/// AWS names a certificate by the SHA-256 of its DER.
+/// The ARN AWS gives a certificate it names by the SHA-256 of its DER: only for a
+/// certificate the mirror has not registered yet (reconcile); otherwise the ARN AWS
+/// returned is recorded and used.
 fn certificate_arn(prefix: &str, fingerprint: &str) -> String {
     format!("{prefix}cert/{fingerprint}")
 }

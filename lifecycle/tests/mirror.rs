@@ -56,6 +56,9 @@ struct FakeIot {
     down: AtomicBool,
     /// `put_thing` of this name is refused (`Permanent`).
     refuse_thing: Mutex<Option<String>>,
+    /// Certificate ids are the SHA-256 of the PEM text, as moto (and LocalStack) compute
+    /// them by default, instead of the SHA-256 of the DER, as AWS does.
+    pem_ids: AtomicBool,
 }
 
 fn cert_arn(id: &str) -> String {
@@ -177,11 +180,16 @@ impl IotApi for FakeIot {
         status: AwsStatus,
     ) -> Result<Registered, AwsError> {
         self.enter("RegisterCertificate")?;
-        let id = fleetcert_aws::certificate_id(pem).ok_or_else(|| AwsError::Permanent {
+        let der_id = fleetcert_aws::certificate_id(pem).ok_or_else(|| AwsError::Permanent {
             operation: "RegisterCertificate",
             code: "InvalidPem".into(),
             message: "no certificate".into(),
         })?;
+        let id = if self.pem_ids.load(Ordering::SeqCst) {
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, pem.as_bytes()))
+        } else {
+            der_id
+        };
         let mut account = self.account.lock().unwrap();
         if account.ca.is_none() {
             // What AWS says for a certificate whose issuer it does not know.
@@ -933,4 +941,160 @@ async fn reconcile_rebuilds_a_lost_account() {
     let check = mirror.reconcile(true).await.unwrap();
     assert!(check.drift.is_empty(), "{:?}", check.drift);
     assert_eq!((check.things_checked, check.certificates_checked), (5, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_named_by_the_ids_aws_returns() {
+    // An account that names certificates by the SHA-256 of the PEM text (moto's and
+    // LocalStack's default): attachments and status changes must use the id and ARN it
+    // returned, not the SHA-256 of the DER.
+    let fleet = fleet().await;
+    fleet.aws.pem_ids.store(true, Ordering::SeqCst);
+    fleet.enable("REVOKED").await;
+    let things = fleet.provision("pem", 3).await;
+    let mirror = fleet.mirror().await;
+    let report = mirror.drain(false).await.unwrap();
+    assert_eq!(
+        (report.applied, report.retried, report.parked),
+        (7, 0, 0),
+        "{report:?}"
+    );
+    for thing in &things {
+        let cert = fleet.cert(thing).await;
+        let recorded = fleet
+            .registry
+            .mirrored_certificate(&cert.serial)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{thing}: no AWS id recorded"));
+        assert_ne!(recorded.certificate_id, cert.fingerprint_sha256);
+        assert_eq!(recorded.certificate_arn, cert_arn(&recorded.certificate_id));
+        assert_eq!(
+            fleet.aws.cert_status(&recorded.certificate_id).as_deref(),
+            Some("ACTIVE")
+        );
+        assert_eq!(
+            fleet.aws.thing(thing).unwrap().principals,
+            vec![recorded.certificate_arn.clone()],
+            "{thing}"
+        );
+    }
+    let check = mirror.reconcile(true).await.unwrap();
+    assert!(check.drift.is_empty(), "{:?}", check.drift);
+
+    // A status change goes to the id AWS gave.
+    let revoked = fleet.revoke(&things[0], "keyCompromise").await;
+    let report = mirror.drain(false).await.unwrap();
+    assert_eq!((report.applied, report.parked), (1, 0), "{report:?}");
+    let recorded = fleet
+        .registry
+        .mirrored_certificate(&revoked.serial)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fleet.aws.cert_status(&recorded.certificate_id).as_deref(),
+        Some("REVOKED")
+    );
+    assert_eq!(fleet.aws.cert_count(), 3, "nothing registered twice");
+    let check = mirror.reconcile(true).await.unwrap();
+    assert!(check.drift.is_empty(), "{:?}", check.drift);
+
+    // The same region again keeps the ids; another account's ids mean nothing: a mirror
+    // pointed elsewhere forgets them.
+    fleet.enable("REVOKED").await;
+    assert_eq!(
+        fleet.registry.mirrored_certificates().await.unwrap().len(),
+        3
+    );
+    fleet
+        .registry
+        .enable_mirror(
+            &MirrorSettings {
+                enabled: true,
+                region: "us-east-1".into(),
+                endpoint_url: None,
+                ca_mode: "sni-only".into(),
+                rotated_status: "REVOKED".into(),
+                ca_certificate_id: None,
+                arn_prefix: None,
+                updated_at: fleet.clock.now(),
+            },
+            fleet.clock.now(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        fleet
+            .registry
+            .mirrored_certificates()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_waits_for_operations_another_worker_holds() {
+    let fleet = fleet().await;
+    fleet.enable("REVOKED").await;
+    fleet.provision("held", 2).await;
+    let mirror = fleet.mirror().await;
+    // Another process (serve) has claimed everything it could and is applying it.
+    let now = fleet.clock.now();
+    let held = fleet
+        .registry
+        .claim_mirror_ops("serve-elsewhere", now, 300, 256, false)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 3, "the CA and the two things: {held:?}");
+
+    // Without waiting: nothing this process may apply, everything still pending.
+    let outcome = mirror
+        .sync(
+            std::time::Duration::ZERO,
+            std::time::Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+    assert!(outcome.timed_out, "{outcome:?}");
+    assert_eq!(outcome.report.applied, 0);
+    assert_eq!(
+        (outcome.backlog.pending, outcome.backlog.in_flight),
+        (5, 3),
+        "{outcome:?}"
+    );
+
+    // The other worker finishes a moment later: sync waits, then applies what queued
+    // behind (the certificates) and ends with an empty outbox.
+    let registry = fleet.registry.clone();
+    let finisher = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        let results: Vec<_> = held
+            .iter()
+            .map(|op| fleetcert_registry::MirrorResult {
+                id: op.id,
+                outcome: fleetcert_registry::MirrorOutcome::Applied,
+            })
+            .collect();
+        registry
+            .finish_mirror_ops("serve-elsewhere", &results, now)
+            .await
+            .unwrap()
+    });
+    let outcome = mirror
+        .sync(
+            std::time::Duration::from_secs(20),
+            std::time::Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+    assert_eq!(finisher.await.unwrap(), 3);
+    assert!(!outcome.timed_out, "{outcome:?}");
+    assert_eq!(
+        (outcome.backlog.pending, outcome.backlog.parked),
+        (0, 0),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.report.applied, 2, "{outcome:?}");
 }

@@ -144,6 +144,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "mirror",
         sql: include_str!("../../migrations/sqlite/0004_mirror.sql"),
     },
+    EmbeddedMigration {
+        version: 5,
+        description: "mirror_certificate_ids",
+        sql: include_str!("../../migrations/sqlite/0005_mirror_certificate_ids.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -167,6 +172,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 4,
         description: "mirror",
         sql: include_str!("../../migrations/postgres/0004_mirror.sql"),
+    },
+    EmbeddedMigration {
+        version: 5,
+        description: "mirror_certificate_ids",
+        sql: include_str!("../../migrations/postgres/0005_mirror_certificate_ids.sql"),
     },
 ];
 

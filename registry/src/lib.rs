@@ -620,12 +620,26 @@ pub struct MirrorResult {
 pub struct MirrorBacklog {
     /// Operations waiting (including those in backoff and in flight).
     pub pending: i64,
+    /// Of those, leased by a worker (being applied now, in this or another process;
+    /// an expired lease counts until another worker claims the operation).
+    pub in_flight: i64,
     /// Of those, waiting for a retry after an error.
     pub retrying: i64,
     pub oldest_pending: Option<MirrorOp>,
     pub parked: i64,
     /// The oldest parked operations (at most the limit asked for).
     pub parked_ops: Vec<MirrorOp>,
+}
+
+/// A certificate as AWS IoT knows it: the id and ARN that AWS returned when the mirror
+/// registered it (or named when it said the certificate already exists). The mirror uses
+/// these for attachments and status changes, never an id computed here.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MirroredCertificate {
+    pub serial: String,
+    pub certificate_id: String,
+    pub certificate_arn: String,
+    pub recorded_at: i64,
 }
 
 /// The one storage interface. Both backends implement it identically; the story tests
@@ -943,6 +957,22 @@ pub trait Registry: Send + Sync + fmt::Debug {
         arn_prefix: &str,
         at: i64,
     ) -> Result<(), RegistryError>;
+
+    /// Records the AWS id and ARN of a mirrored certificate (replacing what was recorded).
+    /// `aws enable` with another region or endpoint forgets them all.
+    async fn record_mirrored_certificate(
+        &self,
+        certificate: &MirroredCertificate,
+    ) -> Result<(), RegistryError>;
+
+    /// The AWS id and ARN recorded for one certificate.
+    async fn mirrored_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Option<MirroredCertificate>, RegistryError>;
+
+    /// Every recorded AWS certificate id (reconcile).
+    async fn mirrored_certificates(&self) -> Result<Vec<MirroredCertificate>, RegistryError>;
 
     /// Queues operations (reconcile), in order, in one transaction. An operation whose
     /// subject already has one of its kind waiting (queued, not in flight) is not

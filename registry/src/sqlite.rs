@@ -2366,6 +2366,26 @@ impl Registry for SqliteRegistry {
             .await
     }
 
+    async fn record_mirrored_certificate(
+        &self,
+        certificate: &crate::MirroredCertificate,
+    ) -> Result<(), RegistryError> {
+        self.record_mirrored_certificate_impl(certificate).await
+    }
+
+    async fn mirrored_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Option<crate::MirroredCertificate>, RegistryError> {
+        self.mirrored_certificate_impl(serial).await
+    }
+
+    async fn mirrored_certificates(
+        &self,
+    ) -> Result<Vec<crate::MirroredCertificate>, RegistryError> {
+        self.mirrored_certificates_impl().await
+    }
+
     async fn queue_mirror_ops(
         &self,
         ops: &[crate::NewMirrorOp],

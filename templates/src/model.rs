@@ -290,6 +290,13 @@ fn number(n: &serde_yaml_ng::Number) -> Result<serde_json::Number, String> {
     }
 }
 
+/// Parameters a template may reference without declaring them, because AWS supplies them:
+/// fleet provisioning passes `AWS::IoT::Certificate::Id` (the AWS IoT developer guide's own
+/// fleet provisioning template uses it undeclared). fleetcert supplies it for every device
+/// (the SHA-256 of the certificate DER, as AWS computes it). The other
+/// `AWS::IoT::Certificate::*` parameters must be declared, as AWS requires for JITP.
+pub(crate) const SUPPLIED_PARAMETERS: &[&str] = &[crate::render::params::ID];
+
 /// The intrinsic functions fleetcert evaluates.
 pub(crate) const INTRINSICS: &str = "Ref, Fn::Join, Fn::Sub, Fn::FindInMap, Fn::Split, Fn::Select";
 
@@ -438,7 +445,7 @@ impl Parser<'_> {
                         format!("Ref expects a parameter name, got {}", describe(arg)),
                     ));
                 };
-                if !self.parameters.contains_key(parameter) {
+                if !self.is_parameter(parameter) {
                     return Err(self.err(
                         loc,
                         format!("Ref to unknown parameter {parameter:?}{}", self.declared()),
@@ -625,7 +632,7 @@ impl Parser<'_> {
                     vars.insert(key.to_owned(), e);
                 }
                 let parts = parse_sub(text, |name| {
-                    if vars.contains_key(name) || self.parameters.contains_key(name) {
+                    if vars.contains_key(name) || self.is_parameter(name) {
                         Ok(true)
                     } else if is_policy_variable(name) {
                         Ok(false)
@@ -646,6 +653,12 @@ impl Parser<'_> {
                 format!("unsupported intrinsic function {other} (fleetcert supports {INTRINSICS})"),
             )),
         }
+    }
+
+    /// A declared parameter, or one AWS supplies without a declaration
+    /// ([`SUPPLIED_PARAMETERS`]).
+    fn is_parameter(&self, name: &str) -> bool {
+        self.parameters.contains_key(name) || SUPPLIED_PARAMETERS.contains(&name)
     }
 
     fn declared(&self) -> String {

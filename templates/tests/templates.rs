@@ -932,3 +932,119 @@ Resources:
     assert_eq!(doc["Statement"][1]["Action"], json!("iot:Receive"));
     assert_eq!(doc["Statement"][1]["Effect"], json!("Allow"));
 }
+
+// ---------------------------------------------------------------------------------------
+// The AWS IoT developer guide's own templates, verbatim (tests/fixtures/README.md says
+// where they come from): they load and render as AWS documents them.
+
+const GUIDE_JITP: &str = include_str!("fixtures/aws-guide-jitp.json");
+const GUIDE_FLEET: &str = include_str!("fixtures/aws-guide-fleet-provisioning.json");
+
+#[test]
+fn aws_guide_jitp_template_loads_verbatim_and_renders() {
+    let t = parse(GUIDE_JITP);
+    let r = render(&t, &jitp_params()).unwrap();
+    assert_eq!(r.thing.name, "bulb-0001");
+    assert_eq!(r.thing.thing_type.as_deref(), Some("lightBulb-versionA"));
+    assert_eq!(
+        r.thing.attributes,
+        map(&[("version", "v1"), ("serialNumber", "SN-77")])
+    );
+    assert_eq!(r.thing.groups, ["v1-lightbulbs", "US"]);
+    let cert = r.certificate.as_ref().unwrap();
+    assert_eq!(
+        cert.certificate_id.as_deref(),
+        Some("ab".repeat(32).as_str())
+    );
+    assert_eq!(cert.status, Some(CertificateStatus::Active));
+    assert_eq!(
+        cert.override_settings.get("Status"),
+        Some(&OverrideAction::DoNothing)
+    );
+    assert_eq!(r.policies.len(), 1);
+    assert_eq!(
+        r.policies[0].document.as_ref().unwrap()["Statement"][0]["Action"],
+        json!(["iot:Publish"])
+    );
+    // The guide's trimmed copy above renders the same thing, certificate id and policy.
+    let trimmed = render(&parse(JITP_JSON), &jitp_params()).unwrap();
+    assert_eq!(trimmed.thing, r.thing);
+    assert_eq!(trimmed.policies, r.policies);
+}
+
+#[test]
+fn aws_guide_fleet_provisioning_template_loads_verbatim_and_renders() {
+    // AWS supplies AWS::IoT::Certificate::Id without a declaration.
+    let t = parse(GUIDE_FLEET);
+    assert!(!t.parameters.contains_key(params::ID));
+    assert_eq!(t.device_configuration.len(), 2);
+    let p = map(&[
+        ("ThingName", "bulb-0042"),
+        ("SerialNumber", "123456"),
+        ("DeviceLocation", "Seattle"),
+        (params::ID, "cafe01"),
+    ]);
+    let r = render(&t, &p).unwrap();
+    assert_eq!(r.thing.name, "bulb-0042");
+    assert_eq!(r.thing.thing_type.as_deref(), Some("ThingPrefix_123456"));
+    assert_eq!(
+        r.thing.attributes,
+        map(&[("version", "v1"), ("serialNumber", "serialNumber")])
+    );
+    assert_eq!(r.thing.groups, ["v1-lightbulbs", "WA"]);
+    assert_eq!(
+        r.thing.billing_group.as_deref(),
+        Some("LightBulbBillingGroup")
+    );
+    assert_eq!(r.thing.override_settings.len(), 3);
+    let cert = r.certificate.as_ref().unwrap();
+    assert_eq!(cert.certificate_id.as_deref(), Some("cafe01"));
+    assert_eq!(cert.status, Some(CertificateStatus::Active));
+    assert_eq!(
+        r.policies[0].document,
+        Some(json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Action": ["iot:Publish"],
+                "Resource": ["arn:aws:iot:us-east-1:123456789012:topic/foo/bar"]
+            }]
+        }))
+    );
+    assert_eq!(
+        r.device_configuration,
+        BTreeMap::from([
+            (
+                "FallbackUrl".to_owned(),
+                json!("https://www.example.com/test-site")
+            ),
+            ("LocationUrl".to_owned(), json!("https://example.aws")),
+        ])
+    );
+
+    // Without the id (nothing supplied it), rendering names it.
+    let mut without = p.clone();
+    without.remove(params::ID);
+    let err = render(&t, &without).unwrap_err().to_string();
+    assert!(err.contains("\"AWS::IoT::Certificate::Id\""), "{err}");
+    assert!(err.contains("certificate's Id was not supplied"), "{err}");
+}
+
+#[test]
+fn only_the_certificate_id_is_supplied_without_a_declaration() {
+    let thing =
+        "Resources:\n  thing:\n    Type: AWS::IoT::Thing\n    Properties:\n      ThingName: ";
+    // The id, by Ref and in a Fn::Sub.
+    parse(&format!("{thing}!Ref AWS::IoT::Certificate::Id\n"));
+    let t = parse(&format!(
+        "{thing}!Sub \"dev-${{AWS::IoT::Certificate::Id}}\"\n"
+    ));
+    let r = render(&t, &map(&[(params::ID, "beef")])).unwrap();
+    assert_eq!(r.thing.name, "dev-beef");
+    // Other certificate fields must be declared, as AWS requires for JITP.
+    let err = parse_err(&format!("{thing}!Ref AWS::IoT::Certificate::CommonName\n"));
+    assert!(
+        err.contains("Ref to unknown parameter \"AWS::IoT::Certificate::CommonName\""),
+        "{err}"
+    );
+}

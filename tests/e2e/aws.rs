@@ -24,6 +24,10 @@ impl Moto {
                  (run them through scripts/test.sh, which starts it via scripts/with-moto.sh)"
             )
         });
+        Moto::start_bin(&bin, port)
+    }
+
+    fn start_bin(bin: &str, port: u16) -> Moto {
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -389,4 +393,360 @@ fn aws_commands_refuse_bad_input() {
     assert!(msg.contains("--endpoint-url"), "{msg}");
     let status = env.json(&["aws", "status"]);
     assert_eq!(status["configured"], false, "{status}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 12, items 11-13: AWS users' inputs.
+
+/// The AWS IoT developer guide's templates, verbatim (templates/tests/fixtures/README.md).
+fn guide_template(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../templates/tests/fixtures")
+        .join(file)
+}
+
+const GUIDE_JITP: &str = "aws-guide-jitp.json";
+const GUIDE_FLEET: &str = "aws-guide-fleet-provisioning.json";
+
+#[test]
+fn the_aws_guide_templates_load_verbatim() {
+    let env = Env::new();
+    env.init_ca();
+    let jitp = guide_template(GUIDE_JITP);
+    let fleet = guide_template(GUIDE_FLEET);
+    // The fleet provisioning template references AWS::IoT::Certificate::Id undeclared
+    // (AWS supplies it) and carries BillingGroup and DeviceConfiguration.
+    let text = std::fs::read_to_string(&fleet).unwrap();
+    assert!(text.contains(r#"{"Ref": "AWS::IoT::Certificate::Id"}"#));
+    assert!(!text.contains(r#""AWS::IoT::Certificate::Id" : {"#));
+    assert!(text.contains("\"BillingGroup\"") && text.contains("\"DeviceConfiguration\""));
+
+    let out = env.ok(&[
+        "templates",
+        "lint",
+        jitp.to_str().unwrap(),
+        fleet.to_str().unwrap(),
+    ]);
+    assert_eq!(out.matches(": ok").count(), 2, "{out}");
+
+    // Both in the templates directory: serve loads them (all of them, at start) and
+    // renders the one a thing names.
+    let dir = env.data_dir().join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&jitp, dir.join(GUIDE_JITP)).unwrap();
+    std::fs::copy(&fleet, dir.join(GUIDE_FLEET)).unwrap();
+    let listed = env.json(&["templates", "list"]).to_string();
+    assert!(
+        listed.contains("aws-guide-jitp") && listed.contains("aws-guide-fleet-provisioning"),
+        "{listed}"
+    );
+    let (cert, key) = generated_device(&env, "fp-1", 30);
+    env.ok(&[
+        "provision",
+        "jitp-1",
+        "--template",
+        "aws-guide-jitp",
+        "--out",
+        "out",
+    ]);
+    let served = Served::start(
+        &env,
+        &[
+            "--template",
+            "aws-guide-fleet-provisioning",
+            "--no-rotation-worker",
+        ],
+    );
+    // The fleet provisioning template's parameters come from the device (AWS's Fleet
+    // Provisioning API); a plain first connect supplies only the certificate's fields,
+    // and the refusal names the parameter.
+    let (status, body) = curl_connect(&env, &served, &cert, &key);
+    assert_eq!(status, 403, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "template_failed", "{body}");
+    assert!(
+        error["message"].as_str().unwrap().contains("\"ThingName\""),
+        "{body}"
+    );
+    // The JITP template reads the subject's serialNumber, which fleetcert's certificates
+    // do not carry (AWS refuses such a certificate the same way).
+    let (status, body) = curl_connect(
+        &env,
+        &served,
+        &env.out_dir().join("jitp-1.crt"),
+        &env.out_dir().join("jitp-1.key"),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("AWS::IoT::Certificate::SerialNumber"),
+        "{body}"
+    );
+}
+
+/// A TCP relay to moto that holds every chunk a client sends for a while (adjustable)
+/// before passing it on, so that a worker applying operations holds its leases long
+/// enough to be seen.
+struct SlowRelay {
+    port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowRelay {
+    fn start(upstream: u16, delay: Duration) -> SlowRelay {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
+        let (stopping, delays) = (stop.clone(), delay_ms.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let pipe =
+                    |mut from: TcpStream, mut to: TcpStream, delay: Option<Arc<AtomicU64>>| {
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 16 * 1024];
+                            loop {
+                                match from.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        if let Some(ms) = &delay {
+                                            std::thread::sleep(Duration::from_millis(
+                                                ms.load(Ordering::SeqCst),
+                                            ));
+                                        }
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                            let _ = to.shutdown(Shutdown::Write);
+                        });
+                    };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Some(delays.clone()),
+                );
+                pipe(server, client, None);
+            }
+        });
+        SlowRelay {
+            port,
+            delay_ms,
+            stop,
+        }
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SlowRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+#[test]
+#[ignore = "needs moto: run through scripts/test.sh"]
+fn aws_sync_waits_for_what_serve_is_applying() {
+    let moto = Moto::start();
+    let relay = SlowRelay::start(moto.port, Duration::from_millis(300));
+    let env = Env::new();
+    env.init_ca();
+    let reply = env.json(&[
+        "aws",
+        "enable",
+        "--region",
+        "eu-west-1",
+        "--endpoint-url",
+        &relay.url(),
+    ]);
+    assert_eq!(reply["enabled"], true, "{reply}");
+    env.provision_pallet("busy", 25, 30);
+    assert_eq!(pending(&env), 1 + 25 + 25);
+
+    // serve's mirror worker takes the heads of all queues under its lease.
+    let served = Served::start(
+        &env,
+        &["--no-rotation-worker", "--mirror-interval", "100ms"],
+    );
+    eventually("serve holds operations under its lease", || {
+        env.json(&["aws", "status"])["in_flight"]
+            .as_i64()
+            .is_some_and(|n| n > 0)
+    });
+
+    // sync waits for them (and takes its share of what follows), then exits 0.
+    let started = Instant::now();
+    let out = env.run(&["--output", "json", "aws", "sync", "--timeout", "60s"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["pending_after"], 0, "{report}");
+    assert_eq!(report["parked_after"], 0, "{report}");
+    assert_eq!(report["timed_out"], false, "{report}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let state = moto.state();
+    assert_eq!(state["things"].as_object().unwrap().len(), 25, "{state}");
+    assert_eq!(
+        state["certificates"].as_object().unwrap().len(),
+        25,
+        "{state}"
+    );
+
+    // Operations another worker holds and does not finish (serve killed mid-round:
+    // its leases stand until they expire): sync waits --timeout, then exits 1 saying
+    // what is pending.
+    drop(served);
+    relay.set_delay(Duration::from_secs(3));
+    env.provision_pallet("stuck", 3, 30);
+    let mut lease_holder = env
+        .cmd()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--no-rotation-worker",
+            "--mirror-interval",
+            "100ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("serve holds the new operations", || {
+        env.json(&["aws", "status"])["in_flight"]
+            .as_i64()
+            .is_some_and(|n| n > 0)
+    });
+    lease_holder.kill().unwrap();
+    lease_holder.wait().unwrap();
+    let out = env.run(&["--output", "json", "aws", "sync", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["timed_out"], true, "{report}");
+    assert!(report["in_flight_after"].as_i64().unwrap() > 0, "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("timed out after 1s") && stderr.contains("in flight"),
+        "{stderr}"
+    );
+    // Refused at once: nonsense timeouts.
+    let msg = env.fails(&["aws", "sync", "--timeout", "100days"], 2);
+    assert!(msg.contains("--timeout"), "{msg}");
+}
+
+/// moto as it starts by default: certificate ids are the SHA-256 of the PEM text, not of
+/// the DER as in AWS (LocalStack builds on moto and does the same).
+fn start_default_moto() -> Moto {
+    let bin = std::env::var("FLEETCERT_TEST_MOTO_DEFAULT_BIN").unwrap_or_else(|_| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../.ci-cache/moto/bin/moto_server")
+            .to_string_lossy()
+            .into_owned()
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Moto::start_bin(&bin, port)
+}
+
+#[test]
+#[ignore = "needs moto: run through scripts/test.sh"]
+fn the_mirror_uses_the_ids_aws_returns_against_moto_defaults() {
+    let moto = start_default_moto();
+    let env = Env::new();
+    env.init_ca();
+    enable(&env, &moto);
+    let devices: Vec<(PathBuf, PathBuf)> = (1..=3)
+        .map(|i| generated_device(&env, &format!("dm-{i}"), 30))
+        .collect();
+    let served = Served::start(
+        &env,
+        &["--no-rotation-worker", "--mirror-interval", "200ms"],
+    );
+    for (cert, key) in &devices {
+        let (status, body) = curl_connect(&env, &served, cert, key);
+        assert_eq!(status, 201, "{body}");
+    }
+    eventually("the outbox empties", || pending(&env) == 0);
+    let status = env.json(&["aws", "status"]);
+    assert_eq!(status["parked"], 0, "{status}");
+
+    let state = moto.state();
+    let certs = state["certificates"].as_object().unwrap();
+    assert_eq!(certs.len(), 3, "{state}");
+    for (i, (cert, _)) in devices.iter().enumerate() {
+        let thing = format!("dm-{}", i + 1);
+        // This moto does not name certificates as AWS does...
+        assert!(!certs.contains_key(&aws_id(cert)), "{state}");
+        // ...and the thing still has its certificate, ACTIVE, with its policy.
+        let principals = state["things"][&thing].as_array().unwrap();
+        assert_eq!(principals.len(), 1, "{thing}: {state}");
+        let (_, aws_cert) = certs
+            .iter()
+            .find(|(_, c)| c["arn"] == principals[0])
+            .unwrap_or_else(|| panic!("{thing}: principal is no certificate: {state}"));
+        assert_eq!(aws_cert["status"], "ACTIVE", "{state}");
+        assert_eq!(
+            aws_cert["policies"],
+            serde_json::json!(["fleetcert-device-default"]),
+            "{state}"
+        );
+    }
+    drop(served);
+
+    // A revocation reaches the certificate under the id AWS gave it.
+    env.ok(&["revoke", "--thing", "dm-2", "--reason", "keyCompromise"]);
+    let synced = env.json(&["aws", "sync"]);
+    assert_eq!(
+        (
+            synced["pending_after"].as_i64(),
+            synced["parked_after"].as_i64()
+        ),
+        (Some(0), Some(0)),
+        "{synced}"
+    );
+    let state = moto.state();
+    let principal = state["things"]["dm-2"][0].clone();
+    let revoked = state["certificates"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|c| c["arn"] == principal)
+        .unwrap();
+    assert_eq!(revoked["status"], "REVOKED", "{state}");
+    // And reconcile sees no drift.
+    let drift = env.json(&["aws", "reconcile", "--dry-run"]);
+    assert_eq!(drift["drift"], serde_json::json!([]), "{drift}");
 }

@@ -8,8 +8,8 @@ use crate::common::{
     MIRROR_OP_COLUMNS, MIRROR_SETTINGS_COLUMNS, NewEvent,
 };
 use crate::{
-    MirrorBacklog, MirrorOp, MirrorOutcome, MirrorResult, MirrorSettings, NewMirrorOp,
-    PolicyRecord, RegistryError,
+    MirrorBacklog, MirrorOp, MirrorOutcome, MirrorResult, MirrorSettings, MirroredCertificate,
+    NewMirrorOp, PolicyRecord, RegistryError,
 };
 use sqlx::{AssertSqlSafe, Row};
 
@@ -85,11 +85,22 @@ impl PgRegistry {
         common::validate_mirror_settings(settings)?;
         let ctx = "enabling the mirror";
         let mut tx = self.pool.begin().await.map_err(|e| self.err(ctx, e))?;
-        let was_enabled: Option<bool> =
-            sqlx::query_scalar("SELECT enabled FROM mirror_settings WHERE id = 1 FOR UPDATE")
-                .fetch_optional(&mut *tx)
+        let before: Option<(bool, String, Option<String>)> = sqlx::query_as(
+            "SELECT enabled, region, endpoint_url FROM mirror_settings WHERE id = 1 FOR UPDATE",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| self.err(ctx, e))?;
+        let was_enabled = before.as_ref().map(|(enabled, _, _)| *enabled);
+        if before.as_ref().is_some_and(|(_, region, endpoint)| {
+            *region != settings.region || *endpoint != settings.endpoint_url
+        }) {
+            // Another account: the AWS certificate ids recorded mean nothing there.
+            sqlx::query("DELETE FROM mirror_certificates")
+                .execute(&mut *tx)
                 .await
                 .map_err(|e| self.err(ctx, e))?;
+        }
         // A changed region or account keeps nothing: the CA is registered again.
         sqlx::query(
             "INSERT INTO mirror_settings (id, enabled, region, endpoint_url, ca_mode, \
@@ -206,6 +217,54 @@ impl PgRegistry {
             .map_err(|e| self.err(ctx, e))?;
         }
         tx.commit().await.map_err(|e| self.err(ctx, e))
+    }
+
+    pub(super) async fn record_mirrored_certificate_impl(
+        &self,
+        certificate: &MirroredCertificate,
+    ) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO mirror_certificates (serial, certificate_id, certificate_arn, recorded_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (serial) DO UPDATE SET certificate_id = excluded.certificate_id, \
+                certificate_arn = excluded.certificate_arn, recorded_at = excluded.recorded_at",
+        )
+        .bind(&certificate.serial)
+        .bind(&certificate.certificate_id)
+        .bind(&certificate.certificate_arn)
+        .bind(certificate.recorded_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err("recording a mirrored certificate's AWS id", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn mirrored_certificate_impl(
+        &self,
+        serial: &str,
+    ) -> Result<Option<MirroredCertificate>, RegistryError> {
+        let row: Option<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT serial, certificate_id, certificate_arn, recorded_at \
+             FROM mirror_certificates WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err("reading a mirrored certificate's AWS id", e))?;
+        Ok(row.map(mirrored))
+    }
+
+    pub(super) async fn mirrored_certificates_impl(
+        &self,
+    ) -> Result<Vec<MirroredCertificate>, RegistryError> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT serial, certificate_id, certificate_arn, recorded_at \
+             FROM mirror_certificates ORDER BY serial",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err("reading the mirrored certificates' AWS ids", e))?;
+        Ok(rows.into_iter().map(mirrored).collect())
     }
 
     pub(super) async fn queue_mirror_ops_impl(
@@ -340,9 +399,10 @@ impl PgRegistry {
         parked_limit: u32,
     ) -> Result<MirrorBacklog, RegistryError> {
         let ctx = "reading the mirror backlog";
-        let (pending, retrying, parked): (i64, i64, i64) = sqlx::query_as(
+        let (pending, retrying, in_flight, parked): (i64, i64, i64, i64) = sqlx::query_as(
             "SELECT COUNT(*) FILTER (WHERE state = 'pending'), \
                     COUNT(*) FILTER (WHERE state = 'pending' AND attempts > 0), \
+                    COUNT(*) FILTER (WHERE state = 'pending' AND lease_owner IS NOT NULL), \
                     COUNT(*) FILTER (WHERE state = 'parked') FROM mirror_outbox",
         )
         .fetch_one(&self.pool)
@@ -366,6 +426,7 @@ impl PgRegistry {
         Ok(MirrorBacklog {
             pending,
             retrying,
+            in_flight,
             oldest_pending: oldest
                 .as_ref()
                 .map(common::mirror_op_from_row)
@@ -396,5 +457,16 @@ impl PgRegistry {
         .rows_affected();
         tx.commit().await.map_err(|e| self.err(ctx, e))?;
         Ok(n)
+    }
+}
+
+fn mirrored(
+    (serial, certificate_id, certificate_arn, recorded_at): (String, String, String, i64),
+) -> MirroredCertificate {
+    MirroredCertificate {
+        serial,
+        certificate_id,
+        certificate_arn,
+        recorded_at,
     }
 }
