@@ -912,7 +912,9 @@ pub(crate) struct RenderedRegistration {
 }
 
 /// The CSR in an EST request body: base64 (RFC 7030; line breaks allowed), PEM, or DER.
-fn decode_csr_body(body: &[u8]) -> Option<Vec<u8>> {
+/// `None` when the body is none of these; the bytes returned are then for
+/// [`fleetcert_ca::DeviceCsr::parse`], which checks everything else.
+pub fn decode_csr_body(body: &[u8]) -> Option<Vec<u8>> {
     use base64::Engine;
     let text = std::str::from_utf8(body).ok();
     if let Some(text) = text {

@@ -116,8 +116,9 @@ fn fetch(env: &Env, served: &Served, cert: &Path, key: &Path) -> Reply {
 
 /// `n` concurrent requests (curl processes) made by `request`.
 fn concurrently(n: usize, request: impl Fn(usize) -> Reply + Sync) -> Vec<Reply> {
+    let request = &request;
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n).map(|i| s.spawn(|| request(i))).collect();
+        let handles: Vec<_> = (0..n).map(|i| s.spawn(move || request(i))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
