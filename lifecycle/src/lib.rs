@@ -10,11 +10,13 @@ mod datadir;
 mod error;
 mod fsio;
 mod group_commit;
+mod issuance;
 pub mod jitp;
 pub mod mirror;
 pub mod provision;
 pub mod renewal;
 pub mod revocation;
+mod revocation_view;
 pub mod rotation;
 pub mod sealing;
 mod templates;
@@ -22,9 +24,11 @@ mod verify;
 
 pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV, ServerCredentials};
 pub use error::{ErrorClass, LifecycleError};
-pub use templates::{read_template_file, read_template_path};
 /// PKCS#7 certs-only DER (RFC 7030 replies), re-exported for the server.
 pub use fleetcert_ca::pkcs7_certs_only;
+pub use issuance::Issuance;
+pub use revocation_view::RevocationView;
+pub use templates::{read_template_file, read_template_path};
 pub use verify::{ChainVerifier, VerifiedDevice};
 
 /// Current time as Unix seconds; one place so every record uses the same clock.
