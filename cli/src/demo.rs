@@ -4,8 +4,9 @@
 use crate::args::DemoArgs;
 use crate::commands::CliError;
 use crate::output::Out;
+use fleetcert_device_auth::ChainVerifier;
 use fleetcert_lifecycle::provision::{self, DeviceReport, ProvisionSettings};
-use fleetcert_lifecycle::{CaInitOptions, ChainVerifier, DataDir};
+use fleetcert_lifecycle::{CaInitOptions, DataDir};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;

@@ -34,15 +34,13 @@ mod admin;
 mod client;
 mod conns;
 mod metrics;
-mod tls;
 
 pub use client::DeviceClient;
+pub use fleetcert_device_auth::tls::{ClientAuth, TlsError, server_tls_config};
 pub use metrics::Metrics;
-pub use tls::{ClientAuth, TlsError, server_tls_config};
 
 use bytes::Bytes;
 use conns::{OpenConnections, RequestClock, TimedIo};
-use fleetcert_lifecycle::RevocationView;
 use fleetcert_lifecycle::jitp::{
     ConnectOutcome, ConnectReply, Jitp, Refusal, RotationAdvice, RotationMethod,
 };
@@ -242,7 +240,7 @@ impl Server {
                     metrics.rejected("no_client_certificate");
                     return;
                 };
-                let Some(serial) = RevocationView::serial_of(&cert) else {
+                let Some(serial) = fleetcert_device_auth::certificate_serial(&cert) else {
                     // The verifier parsed it; this cannot happen either.
                     metrics.rejected("certificate_invalid");
                     return;

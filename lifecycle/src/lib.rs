@@ -2,8 +2,9 @@
 //!
 //! Composes the pure crates ([`fleetcert_ca`], [`fleetcert_templates`]) with storage
 //! ([`fleetcert_registry`]) and the file system: CA custody in the data directory,
-//! factory-line provisioning (single and batch), and certificate verification against the
-//! fleet chain. Front ends (the CLI, later the JITP server) stay thin and call in here.
+//! factory-line provisioning (single and batch), the device use cases. Front ends (the
+//! CLI, the JITP server) stay thin and call in here; device authentication is
+//! `fleetcert-device-auth`.
 #![forbid(unsafe_code)]
 
 mod datadir;
@@ -20,7 +21,6 @@ mod revocation_view;
 pub mod rotation;
 pub mod sealing;
 mod templates;
-mod verify;
 
 pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV, ServerCredentials};
 pub use error::{ErrorClass, LifecycleError};
@@ -29,7 +29,6 @@ pub use fleetcert_ca::pkcs7_certs_only;
 pub use issuance::Issuance;
 pub use revocation_view::RevocationView;
 pub use templates::{read_template_file, read_template_path};
-pub use verify::{ChainVerifier, VerifiedDevice};
 
 /// Current time as Unix seconds; one place so every record uses the same clock.
 pub fn unix_now() -> i64 {

@@ -38,21 +38,6 @@ impl RevocationView {
             .contains(serial_hex)
     }
 
-    /// The certificate's serial (lowercase hex, as the registry keeps it), or None if it
-    /// cannot be parsed.
-    pub fn serial_of(cert_der: &[u8]) -> Option<String> {
-        fleetcert_ca::device_identity(cert_der)
-            .ok()
-            .map(|id| id.certificate_serial_hex)
-    }
-
-    /// The certificate's notAfter (Unix seconds), for the renew-after-expiry check.
-    pub fn not_after(cert_der: &[u8]) -> Option<i64> {
-        fleetcert_ca::device_identity(cert_der)
-            .ok()
-            .map(|id| id.not_after.unix_timestamp())
-    }
-
     /// Replaces the revoked set (lowercase hex serials, as the registry keeps them).
     pub(crate) fn replace(&self, serials: Vec<String>) {
         *self

@@ -1,6 +1,6 @@
 //! Verification of device certificates against the fleet chain, with webpki — the same
 //! path validation a TLS server performs on a client certificate.
-use crate::LifecycleError;
+use fleetcert_lifecycle::LifecycleError;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 
@@ -14,6 +14,7 @@ pub struct ChainVerifier {
 /// A certificate that verified.
 #[derive(Debug, Clone)]
 pub struct VerifiedDevice {
+    /// Certificates in the verified path: the device, intermediates, the anchor.
     pub chain_len: usize,
 }
 

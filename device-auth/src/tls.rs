@@ -1,5 +1,6 @@
-//! rustls configuration for the device listener.
-use fleetcert_lifecycle::RevocationView;
+//! rustls configuration for a mutual-TLS device listener: webpki path validation to the
+//! issuing CA, the renew-after-expiry window, then the revocation view.
+use crate::{ExpiryWindow, RevocationView};
 use fleetcert_lifecycle::renewal::Clock;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
@@ -11,9 +12,12 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+/// Why a TLS configuration cannot be built.
 pub enum TlsError {
+    /// The server certificate, key or CA is not valid PEM.
     #[error("server certificate or key is not valid PEM: {0}")]
     Pem(String),
+    /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(String),
 }
@@ -88,13 +92,13 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
             )) if self.auth.renew_after_expiry_secs > 0 => {
                 // Within the window, judge the chain as of the last second the
                 // certificate was valid; past it, refuse as expired.
-                let not_after = RevocationView::not_after(end_entity.as_ref())
+                let not_after = crate::certificate_not_after(end_entity.as_ref())
                     .and_then(|t| u64::try_from(t).ok())
                     .ok_or(Error::InvalidCertificate(
                         rustls::CertificateError::BadEncoding,
                     ))?;
-                let expired_for = now.as_secs().saturating_sub(not_after);
-                if expired_for > self.auth.renew_after_expiry_secs as u64 {
+                let window = ExpiryWindow::new(self.auth.renew_after_expiry_secs);
+                if !window.may_renew(not_after, now.as_secs()) {
                     return Err(Error::InvalidCertificate(rustls::CertificateError::Expired));
                 }
                 let then = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after));
