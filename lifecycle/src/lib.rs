@@ -22,9 +22,9 @@ mod verify;
 
 pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV, ServerCredentials};
 pub use error::{ErrorClass, LifecycleError};
-pub use templates::{read_template_file, read_template_path};
 /// PKCS#7 certs-only DER (RFC 7030 replies), re-exported for the server.
 pub use fleetcert_ca::pkcs7_certs_only;
+pub use templates::{read_template_file, read_template_path};
 pub use verify::{ChainVerifier, VerifiedDevice};
 
 /// Current time as Unix seconds; one place so every record uses the same clock.
