@@ -3,7 +3,7 @@ use crate::args::{
     AwsCommand, AwsEnableArgs, AwsReconcileArgs, AwsStatusArgs, AwsSyncArgs, CaModeArg,
     RotatedStatusArg,
 };
-use crate::commands::{CliError, Ctx, bad_input, failed, passphrase};
+use crate::context::{CliError, Ctx, bad_input, failed, passphrase};
 use crate::output::timestamp;
 use fleetcert_lifecycle::mirror::{self, Mirror, MirrorOptions};
 use fleetcert_lifecycle::renewal::clock_from_env;

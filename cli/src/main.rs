@@ -5,6 +5,7 @@
 mod args;
 mod aws_cmd;
 mod commands;
+mod context;
 mod demo;
 mod lifecycle_cmds;
 mod output;

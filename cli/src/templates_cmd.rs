@@ -1,5 +1,5 @@
 //! `fleetcert templates lint|list`.
-use crate::commands::{CliError, Ctx};
+use crate::context::{CliError, Ctx};
 use fleetcert_templates::{Template, lint_template};
 use serde_json::json;
 use std::path::PathBuf;
