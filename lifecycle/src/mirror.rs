@@ -579,7 +579,7 @@ impl Mirror {
     /// the drift (then `drain` applies it).
     pub async fn reconcile(&self, dry_run: bool) -> Result<ReconcileReport, LifecycleError> {
         let started = Instant::now();
-        let aws = |e: AwsError| LifecycleError::Aws(e.to_string());
+        let aws = LifecycleError::Aws;
         let now = self.clock.now();
         let mut report = ReconcileReport::default();
         let mut ops: Vec<NewMirrorOp> = Vec::new();
@@ -837,7 +837,7 @@ pub async fn connect(
         ..Default::default()
     })
     .await
-    .map_err(|e| LifecycleError::Aws(e.to_string()))?;
+    .map_err(LifecycleError::Aws)?;
     Ok(Arc::new(client))
 }
 
