@@ -13,7 +13,6 @@
 //! - [`lint_policy`] / [`lint_template`]: Device Defender's `IOT_POLICY_OVERLY_PERMISSIVE_CHECK`.
 //!
 //! Pure: no file, network or environment access.
-#![forbid(unsafe_code)]
 
 mod expr;
 mod guard;
