@@ -1,6 +1,5 @@
 //! `fleetcert`: the command-line front end. Thin: parsing, output, exit codes; the work
 //! is in `fleetcert-lifecycle`.
-#![forbid(unsafe_code)]
 
 mod args;
 mod aws_cmd;

@@ -116,7 +116,7 @@ proptest! {
         let mut text = base64(valid_csr_der());
         let mut positions: Vec<(usize, &str)> =
             breaks.iter().map(|(i, s)| (i.index(text.len() + 1), *s)).collect();
-        positions.sort_by(|a, b| b.0.cmp(&a.0));
+        positions.sort_by_key(|p| std::cmp::Reverse(p.0));
         for (at, s) in positions {
             text.insert_str(at, s);
         }
