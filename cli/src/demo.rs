@@ -367,7 +367,7 @@ async fn rotate_all(
         tasks.spawn(async move {
             let _slot = limit.acquire_owned().await;
             let (status, body) = client
-                .post(addr, fleetcert_lifecycle::jitp::FETCH_REPLACEMENT_PATH)
+                .post(addr, fleetcert_jitp::FETCH_REPLACEMENT_PATH)
                 .await
                 .map_err(|e| format!("fetch: {e}"))?;
             if status != 200 {

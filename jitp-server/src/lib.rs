@@ -44,8 +44,9 @@ pub use tls::{ClientAuth, TlsError, server_tls_config};
 
 use bytes::Bytes;
 use conns::{OpenConnections, RequestClock, TimedIo};
+use fleetcert_lifecycle::RevocationView;
 use fleetcert_lifecycle::jitp::{
-    ConnectOutcome, EST_REENROLL_PATH, FETCH_REPLACEMENT_PATH, Jitp, RevocationView,
+    ConnectOutcome, ConnectReply, Jitp, Refusal, RotationAdvice, RotationMethod,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -57,6 +58,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// Where a device with its own key (CSR) re-enrolls (RFC 7030).
+pub const EST_REENROLL_PATH: &str = "/.well-known/est/simplereenroll";
+/// Where a device whose key fleetcert generated fetches its replacement.
+pub const FETCH_REPLACEMENT_PATH: &str = "/v1/replacement";
 
 /// Connection limits.
 #[derive(Debug, Clone)]
@@ -431,17 +437,11 @@ async fn handle(
         (&Method::POST, "/v1/connect") => match jitp.connect(cert, peer).await {
             Ok(ConnectOutcome::Provisioned(reply)) => {
                 metrics.connect("provisioned", started.elapsed());
-                return json_response(
-                    StatusCode::CREATED,
-                    &serde_json::to_value(&reply).unwrap_or_default(),
-                );
+                return json_response(StatusCode::CREATED, &connect_json(&reply));
             }
             Ok(ConnectOutcome::Known(reply)) => {
                 metrics.connect("known", started.elapsed());
-                return json_response(
-                    StatusCode::OK,
-                    &serde_json::to_value(&reply).unwrap_or_default(),
-                );
+                return json_response(StatusCode::OK, &connect_json(&reply));
             }
             Err(refusal) => Err(refusal),
         },
@@ -497,10 +497,100 @@ async fn handle(
         }
     };
     response.unwrap_or_else(|refusal| {
-        metrics.rejected(refusal.code);
-        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
-        error_response(status, refusal.code, &refusal.message)
+        metrics.rejected(refusal.code());
+        error_response(
+            refusal_status(&refusal),
+            refusal.code(),
+            &refusal_message(&refusal),
+        )
     })
+}
+
+/// The HTTP status a refusal answers with: 400 for a malformed request, 409 for a
+/// request that conflicts with the certificate's rotation state, 503 when the registry
+/// is unavailable or busy, 500 for the server's own failures, 403 otherwise.
+fn refusal_status(refusal: &Refusal) -> StatusCode {
+    match refusal {
+        Refusal::CsrInvalid(_) => StatusCode::BAD_REQUEST,
+        Refusal::ReplacementPending(_)
+        | Refusal::ReplacementLimit(_)
+        | Refusal::UseEst
+        | Refusal::RotationNotDue(_) => StatusCode::CONFLICT,
+        Refusal::RegistryUnavailable | Refusal::RegistryBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::IssuanceFailed | Refusal::ReplacementUnreadable | Refusal::SealingFailed => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        _ => StatusCode::FORBIDDEN,
+    }
+}
+
+/// The refusal's message, with this server's paths where it points the device to one.
+fn refusal_message(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::UseEst => {
+            format!("this device made its own key: send a CSR for a new key to {EST_REENROLL_PATH}")
+        }
+        other => other.message(),
+    }
+}
+
+/// Where a rotation method is served on this listener.
+fn rotation_endpoint(method: RotationMethod) -> &'static str {
+    match method {
+        RotationMethod::Fetch => FETCH_REPLACEMENT_PATH,
+        _ => EST_REENROLL_PATH,
+    }
+}
+
+/// The JSON a device gets from `POST /v1/connect`.
+#[derive(serde::Serialize)]
+struct ConnectBody<'a> {
+    thing_name: &'a str,
+    /// `provisioned` on the first connect, `known` afterwards.
+    status: &'static str,
+    policies: &'a [String],
+    certificate_serial: &'a str,
+    certificate_not_after: &'a str,
+    rotation_due: bool,
+    rotation_due_at: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotation: Option<RotationBody>,
+}
+
+/// What a device is told to do when its rotation is due.
+#[derive(serde::Serialize)]
+struct RotationBody {
+    /// `est` (send a CSR for a new key) or `fetch` (fetch the replacement key and
+    /// certificate fleetcert generated).
+    method: &'static str,
+    /// The path to call on this server (mutual TLS with the current certificate).
+    endpoint: &'static str,
+    replacement_ready: bool,
+}
+
+fn connect_json(reply: &ConnectReply) -> serde_json::Value {
+    let rotation = reply.rotation.as_ref().map(
+        |&RotationAdvice {
+             method,
+             replacement_ready,
+             ..
+         }| RotationBody {
+            method: method.as_str(),
+            endpoint: rotation_endpoint(method),
+            replacement_ready,
+        },
+    );
+    serde_json::to_value(ConnectBody {
+        thing_name: &reply.thing_name,
+        status: reply.status.as_str(),
+        policies: &reply.policies,
+        certificate_serial: &reply.certificate_serial,
+        certificate_not_after: &reply.certificate_not_after,
+        rotation_due: reply.rotation_due,
+        rotation_due_at: &reply.rotation_due_at,
+        rotation,
+    })
+    .unwrap_or_default()
 }
 
 /// RFC 7030 replies: base64 of a PKCS#7 certs-only DER.

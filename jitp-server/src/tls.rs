@@ -1,5 +1,5 @@
 //! rustls configuration for the device listener.
-use fleetcert_lifecycle::jitp::RevocationView;
+use fleetcert_lifecycle::RevocationView;
 use fleetcert_lifecycle::renewal::Clock;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;

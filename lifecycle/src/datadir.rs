@@ -402,8 +402,8 @@ impl DataDir {
     pub fn issuance(
         &self,
         ca: std::sync::Arc<IssuingCa>,
-    ) -> Result<crate::rotation::Issuance, LifecycleError> {
-        Ok(crate::rotation::Issuance {
+    ) -> Result<crate::issuance::Issuance, LifecycleError> {
+        Ok(crate::issuance::Issuance {
             ca,
             profile: self.device_profile()?,
             renewal: crate::renewal::RenewalPolicy::default(),

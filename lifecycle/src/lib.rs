@@ -12,11 +12,13 @@ mod datadir;
 mod error;
 mod fsio;
 mod group_commit;
+mod issuance;
 pub mod jitp;
 pub mod mirror;
 pub mod provision;
 pub mod renewal;
 pub mod revocation;
+mod revocation_view;
 pub mod rotation;
 pub mod sealing;
 mod templates;
@@ -26,6 +28,8 @@ pub use datadir::{CaInfo, CaInitOptions, DataDir, PASSPHRASE_ENV, ServerCredenti
 pub use error::{ErrorClass, LifecycleError};
 /// PKCS#7 certs-only DER (RFC 7030 replies), re-exported for the server.
 pub use fleetcert_ca::pkcs7_certs_only;
+pub use issuance::Issuance;
+pub use revocation_view::RevocationView;
 pub use templates::{read_template_file, read_template_path};
 pub use verify::{ChainVerifier, VerifiedDevice};
 

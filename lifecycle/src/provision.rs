@@ -772,7 +772,7 @@ fn issue_record(
     IssueRecord {
         thing_name: plan.device.thing.to_string(),
         template: template.clone(),
-        certificate: crate::rotation::new_certificate(
+        certificate: crate::issuance::new_certificate(
             cert,
             issuer,
             &crate::renewal::RenewalPolicy::default(),

@@ -2,13 +2,21 @@
 //! rendered per first connect, with AWS OverrideSettings applied to the existing thing.
 use crate::LifecycleError;
 use crate::datadir::DataDir;
-use crate::jitp::RenderedRegistration;
 use fleetcert_ca::DeviceIdentity;
 use fleetcert_registry::{PolicyWrite, ThingDetails};
 use fleetcert_templates::{CertificateFields, OverrideAction, Template, TemplateError};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
+/// What a template produced for one device, ready for a
+/// [`fleetcert_registry::Registration`].
+#[derive(Debug, Clone)]
+pub(crate) struct RenderedRegistration {
+    pub thing_name: String,
+    pub details: ThingDetails,
+    pub policies: Vec<PolicyWrite>,
+}
 
 /// Reads a template file of `<data-dir>/templates/` (`dir`): it must be a regular file
 /// inside `dir` — a symbolic link is followed only if it resolves inside the directory —

@@ -3,7 +3,7 @@
 //! curl and openssl are in tests/e2e/rotation.rs.)
 // `DeviceReport` is the batch API's error row; it is large by design.
 #![allow(clippy::result_large_err)]
-use fleetcert_lifecycle::jitp::{ConnectOutcome, Jitp, JitpOptions};
+use fleetcert_lifecycle::jitp::{ConnectOutcome, Jitp, JitpOptions, RotationMethod};
 use fleetcert_lifecycle::provision::{self, DeviceRequest, ProvisionSettings};
 use fleetcert_lifecycle::renewal::{Clock, ManualClock};
 use fleetcert_lifecycle::rotation::{RotationSettings, Rotator};
@@ -149,7 +149,11 @@ async fn generated_keys_rotate_at_their_renewal_point_and_the_old_one_goes_only_
     };
     assert!(reply.rotation_due);
     let advice = reply.rotation.unwrap();
-    assert_eq!((advice.method, advice.replacement_ready), ("fetch", true));
+    assert_eq!(
+        (advice.method, advice.replacement_ready),
+        (RotationMethod::Fetch, true)
+    );
+    assert_eq!(advice.method.as_str(), "fetch");
     let fetched = jitp.fetch_replacement(&old).await.unwrap();
     let new = pem::parse(&fetched.certificate_pem)
         .unwrap()
@@ -269,7 +273,7 @@ async fn a_device_that_never_reenrolls_is_never_revoked_by_rotation() {
         };
         assert_eq!(reply.rotation_due, day >= 22, "day {day}");
         if reply.rotation_due {
-            assert_eq!(reply.rotation.unwrap().method, "est");
+            assert_eq!(reply.rotation.unwrap().method, RotationMethod::Est);
         }
     }
     assert_eq!(opened, 3);
