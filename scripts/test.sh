@@ -3,6 +3,8 @@
 #   - installs what the service tests need if it is missing (PostgreSQL from Debian,
 #     pkilint from PyPI into a virtualenv under .ci-cache/),
 #   - starts a throwaway PostgreSQL cluster on a loopback port (scripts/with-postgres.sh),
+#   - checks formatting (cargo fmt --check) and lints (cargo clippy -D warnings: the
+#     workspace lints in Cargo.toml, forbidden unsafe and documented public items among them),
 #   - runs every test, the #[ignore]d service tests included.
 # Plain `cargo test` runs only the hermetic tests.
 set -euo pipefail
@@ -19,5 +21,10 @@ export FLEETCERT_PKILINT="$PWD/$venv/bin/lint_pkix_cert"
 for tool in openssl psql; do
     command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
 done
+
+echo "test.sh: cargo fmt --check" >&2
+cargo fmt --all --check
+echo "test.sh: cargo clippy -D warnings" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 exec scripts/with-moto.sh scripts/with-postgres.sh cargo test --workspace --locked -- --include-ignored "$@"

@@ -12,7 +12,6 @@
 //! Every call is idempotent as the mirror uses it: "already exists" / "already attached" /
 //! "not attached" answers are success.
 
-#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod error;

@@ -792,7 +792,7 @@ async fn ids_are_the_ones_the_service_returns() {
         .unwrap();
     assert_eq!(
         iot.thing_principals(&thing).await.unwrap(),
-        [first.arn.clone()]
+        std::slice::from_ref(&first.arn)
     );
     let policy = unique("policy");
     iot.put_policy(&policy, &policy_doc("t/1")).await.unwrap();

@@ -13,8 +13,11 @@ pub const CHAIN_FILE: &str = "chain.pem";
 /// One device's certificate and key files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceFiles {
+    /// The file stem shared by both files (the thing name, for `provision --out`).
     pub name: String,
+    /// `<dir>/<name>.crt`: the device certificate, PEM.
     pub cert: PathBuf,
+    /// `<dir>/<name>.key`: its private key, PEM.
     pub key: PathBuf,
 }
 

@@ -16,23 +16,33 @@ const CHUNK: usize = 4096;
 /// What `fleetcert-bench csrs` makes.
 #[derive(Debug, Clone)]
 pub struct CsrsOptions {
+    /// How many keys and CSRs, 1 to 9 999 999 (the index has 7 digits).
     pub count: usize,
+    /// Directory for the `<name>.csr` files; created if missing.
     pub out: PathBuf,
+    /// Names are `<prefix>-<7-digit index>`, so the prefix must keep them valid thing
+    /// names.
     pub prefix: String,
+    /// Where to write the `thing_name,csr` pallet CSV, if wanted.
     pub pallet: Option<PathBuf>,
 }
 
 /// The one-line JSON summary `fleetcert-bench csrs` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct CsrsReport {
+    /// CSRs written.
     pub count: usize,
+    /// Always `p256`.
     pub key_algorithm: &'static str,
     /// Absolute path of the directory holding the `.csr` files.
     pub out: PathBuf,
     /// The pallet CSV, if one was asked for.
     pub pallet: Option<PathBuf>,
+    /// Name of the first device (index 1).
     pub first: Option<String>,
+    /// Name of the last device (index `count`).
     pub last: Option<String>,
+    /// Wall-clock time of the whole run, including writing the files.
     pub seconds: f64,
 }
 

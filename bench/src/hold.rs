@@ -46,6 +46,7 @@ pub struct HoldOptions {
     pub hold: Duration,
     /// Connections being established (TCP + TLS + request + response) at a time.
     pub parallelism: usize,
+    /// HTTP method of the one request per connection. Default `POST`.
     pub method: Method,
     /// Limit for establishing one connection (TCP connect to the end of the response).
     pub timeout: Duration,
@@ -81,11 +82,15 @@ impl HoldOptions {
 /// The JSON document `fleetcert-bench hold` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct HoldReport {
+    /// The target, as given.
     pub url: String,
+    /// The HTTP method used.
     pub method: String,
     /// Connections asked for.
     pub connections: usize,
+    /// Connections established at a time during the ramp.
     pub parallelism: usize,
+    /// Device certificate + key pairs found in the certificates directory.
     pub devices_loaded: usize,
     /// Distinct device certificates used (connections are assigned round-robin).
     pub devices_used: usize,
@@ -135,21 +140,27 @@ pub struct HoldReport {
     pub error_samples: Vec<String>,
 }
 
+/// The range of a set of measurements.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MinMax {
+    /// Smallest value.
     pub min: f64,
+    /// Largest value.
     pub max: f64,
 }
 
 /// The server's metrics before the ramp, while every connection was held, and after.
 #[derive(Debug, Clone, Serialize)]
 pub struct HoldMetrics {
+    /// The metrics endpoint scraped.
     pub url: String,
     /// The counter compared with `established` (`--metrics-counter`).
     pub counter: String,
+    /// The counter before the ramp (0 if the server does not expose it yet).
     pub before: f64,
     /// Scraped right after the ramp, with every established connection still open.
     pub during_hold: Option<f64>,
+    /// Scraped after every connection was closed; `None` if that scrape failed.
     pub after: Option<f64>,
     /// `during_hold - before`: requests the server counted during the ramp.
     pub counted_during_ramp: Option<u64>,

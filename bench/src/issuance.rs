@@ -15,9 +15,12 @@ use serde::Serialize;
 use std::time::Instant;
 use time::OffsetDateTime;
 
+/// How long one timed batch of `devices` operations took, and the throughput.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Rate {
+    /// Wall-clock time of the batch.
     pub seconds: f64,
+    /// Devices per second.
     pub per_second: f64,
 }
 
@@ -33,9 +36,13 @@ impl Rate {
 /// The JSON document `fleetcert-bench issuance` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuanceReport {
+    /// Devices issued per batch (each of the four measurements handles this many).
     pub devices: usize,
+    /// Size of the rayon pool every measurement runs on.
     pub threads: usize,
+    /// Interleaved rounds run; the best of each measurement is reported.
     pub rounds: usize,
+    /// Always `p256` (CA, device keys and the floor).
     pub key_algorithm: &'static str,
     /// `IssuingCa::issue` with `DeviceKey::Generate`: keygen + certificate.
     pub generated: Rate,
@@ -53,11 +60,17 @@ pub struct IssuanceReport {
     pub per_round: Vec<RoundRates>,
 }
 
+/// One round's throughput, devices per second, for each measurement of
+/// [`IssuanceReport`] (in the order they run).
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundRates {
+    /// See [`IssuanceReport::floor_keygen_sign`].
     pub floor_keygen_sign: f64,
+    /// See [`IssuanceReport::generated`].
     pub generated: f64,
+    /// See [`IssuanceReport::floor_verify_sign`].
     pub floor_verify_sign: f64,
+    /// See [`IssuanceReport::csr`].
     pub csr: f64,
 }
 

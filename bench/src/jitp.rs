@@ -38,6 +38,7 @@ pub struct JitpOptions {
     pub server_name: Option<String>,
     /// Use each device at most once; stop when they run out.
     pub new_devices: bool,
+    /// HTTP method of every request. Default `POST` (`POST /v1/connect` for fleetcert).
     pub method: Method,
     /// Plain-HTTP Prometheus endpoint of the server, scraped before and after.
     pub metrics_url: Option<String>,
@@ -85,13 +86,16 @@ pub enum ErrorKind {
     Http,
     /// The request did not finish within the per-request limit.
     Timeout,
+    /// A 4xx answer (for a JITP server, usually a refused device).
     Http4xx,
+    /// A 5xx answer.
     Http5xx,
     /// 1xx (final) or 3xx.
     HttpOther,
 }
 
 impl ErrorKind {
+    /// Every kind, in the order reports list them.
     pub const ALL: [ErrorKind; 7] = [
         ErrorKind::Connect,
         ErrorKind::Tls,
@@ -102,6 +106,8 @@ impl ErrorKind {
         ErrorKind::HttpOther,
     ];
 
+    /// The key in reports' `errors` maps: `connect`, `tls`, `http`, `timeout`,
+    /// `http_4xx`, `http_5xx`, `http_other`.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Connect => "connect",
@@ -127,28 +133,37 @@ impl ErrorKind {
 /// The JSON document `fleetcert-bench jitp` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct JitpReport {
+    /// The target, as given.
     pub url: String,
+    /// The HTTP method used.
     pub method: String,
+    /// Requests in flight at once.
     pub concurrency: usize,
     /// Target request rate, if paced.
     pub rate: Option<f64>,
+    /// Each device was used at most once (`--new-devices`).
     pub new_devices: bool,
+    /// Device certificate + key pairs found in the certificates directory.
     pub devices_loaded: usize,
     /// Distinct devices that made a request.
     pub devices_used: usize,
     /// `--new-devices` only: the run stopped because every device had been used.
     pub devices_exhausted: bool,
+    /// Requests started (each a new connection), whatever their outcome.
     pub requests: u64,
     /// 2xx answers.
     pub ok: u64,
     /// Failed requests by kind (every kind listed, zero or not).
     pub errors: BTreeMap<&'static str, u64>,
+    /// Sum of `errors`.
     pub errors_total: u64,
     /// HTTP status codes received.
     pub status: BTreeMap<u16, u64>,
     /// Requests answered, by negotiated TLS version, cipher suite, key exchange group and
     /// handshake kind (always `Full`: the client never resumes).
     pub tls_sessions: BTreeMap<String, u64>,
+    /// From the start of the load to the end of the last request: a little over the
+    /// `duration` asked for, as requests in flight at the deadline are finished.
     pub duration_seconds: f64,
     /// `ok` per second of `duration_seconds`.
     pub requests_per_second: f64,
@@ -157,17 +172,24 @@ pub struct JitpReport {
     pub latency_ms: LatencyMs,
     /// The server's counter delta over the run (`--metrics-url`).
     pub server_counted: Option<u64>,
+    /// `server_counted == ok`: every 2xx the generator saw was counted by the server.
     pub server_counted_matches_ok: Option<bool>,
+    /// The raw scrapes behind `server_counted`.
     pub metrics: Option<MetricsScrape>,
     /// A few distinct error messages, for diagnosis.
     pub error_samples: Vec<String>,
 }
 
+/// The server's counter before and after a `jitp` run (`--metrics-url`).
 #[derive(Debug, Clone, Serialize)]
 pub struct MetricsScrape {
+    /// The metrics endpoint scraped.
     pub url: String,
+    /// The counter read (`--metrics-counter`), summed over its label sets.
     pub counter: String,
+    /// Its value before the first request.
     pub before: f64,
+    /// Its value after the last request ended.
     pub after: f64,
 }
 

@@ -9,7 +9,6 @@
 //!   input of the CSR-issuance comparison (`bench/compare-issuance.sh`).
 //! - [`hold`]: many idle mutual-TLS keep-alive connections open at once (for a server's
 //!   memory with N devices connected), with early closes by the server counted.
-#![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod csrs;

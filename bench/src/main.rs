@@ -1,5 +1,4 @@
 //! `fleetcert-bench`: see the `fleetcert_bench` library docs.
-#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 use fleetcert_bench::{issuance, jitp, metrics};

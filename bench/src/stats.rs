@@ -23,12 +23,17 @@ pub fn record(histogram: &mut Histogram<u64>, latency: std::time::Duration) {
 /// p50, p90, p99 and max in milliseconds; all zero for an empty histogram.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LatencyMs {
+    /// Median.
     pub p50: f64,
+    /// 90th percentile.
     pub p90: f64,
+    /// 99th percentile.
     pub p99: f64,
+    /// Highest recorded (clamped to 10 minutes).
     pub max: f64,
 }
 
+/// Reads the percentiles of a histogram made by [`new_histogram`].
 pub fn summarize(histogram: &Histogram<u64>) -> LatencyMs {
     if histogram.is_empty() {
         return LatencyMs {

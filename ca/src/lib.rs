@@ -20,7 +20,6 @@
 //! - CRLs are v2 with the CRL number and AKI extensions RFC 5280 requires, a reasonCode
 //!   on every entry but `unspecified` ones, and no issuingDistributionPoint: one full
 //!   CRL per issuing CA covers every certificate it issued.
-#![forbid(unsafe_code)]
 
 mod crl;
 mod csr;
@@ -47,14 +46,22 @@ use time::{Duration, OffsetDateTime};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KeyAlgorithm {
+    /// ECDSA on NIST P-256 with SHA-256: the default.
     P256,
+    /// ECDSA on NIST P-384 with SHA-384.
     P384,
+    /// Ed25519 (RFC 8410).
     Ed25519,
+    /// RSA with a 2048-bit modulus when generated; as a size class, moduli of 2048 to 3071
+    /// bits.
     Rsa2048,
+    /// RSA with a 3072-bit modulus when generated; as a size class, moduli of 3072 bits
+    /// and more.
     Rsa3072,
 }
 
 impl KeyAlgorithm {
+    /// Every algorithm fleetcert supports, in the order the CLI lists them.
     pub const ALL: [KeyAlgorithm; 5] = [
         KeyAlgorithm::P256,
         KeyAlgorithm::P384,
@@ -149,8 +156,12 @@ impl PrivateKey {
 pub struct HierarchyOptions {
     /// Base name: the root is "`<cn>` Root CA", the issuing CA "`<cn>` Issuing CA".
     pub common_name: String,
+    /// Algorithm of both CA keys. Default P-256.
     pub key_algorithm: KeyAlgorithm,
+    /// Validity of the root certificate in days, 1 to 36500. Default 7300 (20 years).
     pub root_days: u32,
+    /// Validity of the issuing certificate in days, 1 to 36500 and not past the root's
+    /// notAfter. Default 3650 (10 years).
     pub issuing_days: u32,
 }
 
@@ -168,9 +179,14 @@ impl Default for HierarchyOptions {
 /// A freshly created CA hierarchy, ready to be persisted by the caller.
 #[derive(Debug)]
 pub struct NewHierarchy {
+    /// The self-signed root certificate, PEM.
     pub root_cert_pem: String,
+    /// The root's private key. It has signed the issuing CA certificate and signs
+    /// nothing else in fleetcert.
     pub root_key: PrivateKey,
+    /// The issuing CA certificate, signed by the root, PEM.
     pub issuing_cert_pem: String,
+    /// The issuing CA's private key, which signs device certificates and CRLs.
     pub issuing_key: PrivateKey,
 }
 
@@ -192,6 +208,8 @@ pub fn create_hierarchy(
 /// How device certificates are made.
 #[derive(Debug, Clone)]
 pub struct DeviceProfile {
+    /// Validity from "now" in days, 1 to 36500 (notBefore is backdated on top of this).
+    /// Default 365.
     pub validity_days: u32,
     /// Algorithm for keys fleetcert generates (CSRs bring their own).
     pub key_algorithm: KeyAlgorithm,
@@ -238,6 +256,7 @@ impl DeviceCsr {
     pub fn parse(bytes: &[u8]) -> Result<Self, CaError> {
         csr::parse(bytes)
     }
+    /// Algorithm of the CSR's key; for RSA the size class, as [`DeviceCsr::parse`] says.
     pub fn key_algorithm(&self) -> KeyAlgorithm {
         self.key_algorithm
     }
@@ -269,14 +288,19 @@ pub enum DeviceKey<'a> {
 pub struct IssuedCertificate {
     /// Lowercase hex of the serial's 16 octets (32 characters).
     pub serial_hex: String,
+    /// The certificate, DER.
     pub der: Vec<u8>,
+    /// The certificate, PEM (`CERTIFICATE`).
     pub pem: String,
     /// SHA-256 of the certificate DER, lowercase hex (AWS IoT's certificate id).
     pub fingerprint_sha256_hex: String,
     /// SHA-256 of the SubjectPublicKeyInfo DER, lowercase hex.
     pub public_key_sha256_hex: String,
+    /// Start of validity: "now" less the profile's backdate, truncated to whole seconds.
     pub not_before: OffsetDateTime,
+    /// End of validity, truncated to whole seconds.
     pub not_after: OffsetDateTime,
+    /// Algorithm of the certified key (the profile's, or the CSR's size class).
     pub key_algorithm: KeyAlgorithm,
     /// Present when fleetcert generated the key.
     pub private_key: Option<PrivateKey>,
@@ -433,12 +457,14 @@ pub struct CrlEntry {
     pub serial_hex: String,
     /// When the CA processed the revocation (RFC 5280 revocationDate).
     pub revoked_at: OffsetDateTime,
+    /// Written as the entry's reasonCode, except [`RevocationReason::Unspecified`].
     pub reason: RevocationReason,
 }
 
 /// A signed CRL, not yet published anywhere.
 #[derive(Debug, Clone)]
 pub struct SignedCrl {
+    /// The CRL, DER: what `GET /crl` serves.
     pub der: Vec<u8>,
     /// PEM with the `X509 CRL` label (what `openssl crl` reads), LF line endings.
     pub pem: String,
@@ -453,7 +479,9 @@ pub struct CrlSummary {
     pub number: Option<u64>,
     /// The CRL number's magnitude in lowercase hex, whatever its size.
     pub number_hex: Option<String>,
+    /// When this CRL was issued.
     pub this_update: OffsetDateTime,
+    /// When the next CRL is due; optional in RFC 5280 (ours always have it).
     pub next_update: Option<OffsetDateTime>,
     /// How many certificates the CRL lists.
     pub entry_count: usize,
@@ -483,33 +511,51 @@ pub fn pkcs7_certs_only(certs_der: &[&[u8]]) -> Vec<u8> {
 /// What `ca show` prints about a certificate.
 #[derive(Debug, Clone)]
 pub struct CertificateSummary {
+    /// RFC 4514 string, e.g. `CN=fleetcert Root CA`.
     pub subject: String,
+    /// RFC 4514 string.
     pub issuer: String,
+    /// The serial's magnitude in lowercase hex, without leading zero octets (`00` for
+    /// zero).
     pub serial_hex: String,
+    /// Start of validity.
     pub not_before: OffsetDateTime,
+    /// End of validity.
     pub not_after: OffsetDateTime,
+    /// SHA-256 of the certificate DER, lowercase hex.
     pub fingerprint_sha256_hex: String,
-    /// e.g. `p256`, or the OID if it is not one of ours.
+    /// e.g. `p256`, `rsa4096` (the exact modulus size), or the OID if it is not one of
+    /// ours.
     pub key_algorithm: String,
+    /// basicConstraints CA:TRUE.
     pub is_ca: bool,
+    /// The basicConstraints pathLenConstraint of a CA certificate; `None` if it has none
+    /// or is not a CA.
     pub path_len: Option<u32>,
 }
 
 /// The identity fields of a device certificate, as JITP templates read them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceIdentity {
+    /// The subject's first commonName (`AWS::IoT::Certificate::CommonName`).
     pub common_name: Option<String>,
     /// The subject's serialNumber attribute (not the certificate serial).
     pub serial_number: Option<String>,
+    /// The subject's countryName (`AWS::IoT::Certificate::Country`).
     pub country: Option<String>,
+    /// The subject's organizationName (`AWS::IoT::Certificate::Organization`).
     pub organization: Option<String>,
+    /// The subject's organizationalUnitName (`AWS::IoT::Certificate::OrganizationalUnit`).
     pub organizational_unit: Option<String>,
+    /// The subject's dnQualifier (`AWS::IoT::Certificate::DistinguishedNameQualifier`).
     pub distinguished_name_qualifier: Option<String>,
+    /// The subject's stateOrProvinceName (`AWS::IoT::Certificate::StateName`).
     pub state_name: Option<String>,
     /// Lowercase hex of the certificate serial.
     pub certificate_serial_hex: String,
     /// SHA-256 of the DER, lowercase hex (AWS IoT's certificate id).
     pub fingerprint_sha256_hex: String,
+    /// End of validity.
     pub not_after: OffsetDateTime,
 }
 

@@ -10,8 +10,11 @@ use std::fmt;
 pub struct ThingName(String);
 
 impl ThingName {
+    /// The longest thing name AWS IoT accepts, in bytes (all characters are ASCII).
     pub const MAX_LEN: usize = 128;
 
+    /// Checks `name` against `[a-zA-Z0-9:_-]{1,128}`; [`CaError::InvalidThingName`] says
+    /// what is wrong otherwise.
     pub fn parse(name: &str) -> Result<Self, CaError> {
         let invalid = |reason: String| CaError::InvalidThingName {
             name: name.to_owned(),
@@ -38,6 +41,7 @@ impl ThingName {
         Ok(ThingName(name.to_owned()))
     }
 
+    /// The name, as given to [`ThingName::parse`].
     pub fn as_str(&self) -> &str {
         &self.0
     }

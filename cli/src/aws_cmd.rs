@@ -3,11 +3,11 @@ use crate::args::{
     AwsCommand, AwsEnableArgs, AwsReconcileArgs, AwsStatusArgs, AwsSyncArgs, CaModeArg,
     RotatedStatusArg,
 };
-use crate::commands::{CliError, Ctx, bad_input, failed, passphrase};
+use crate::context::{CliError, Ctx, bad_input, failed, passphrase};
 use crate::output::timestamp;
 use fleetcert_lifecycle::mirror::{self, Mirror, MirrorOptions};
 use fleetcert_lifecycle::renewal::clock_from_env;
-use fleetcert_registry::{MirrorOp, MirrorSettings, Registry};
+use fleetcert_registry::{MirrorOp, Registry};
 use serde_json::json;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -47,39 +47,27 @@ async fn enable(ctx: &Ctx, args: AwsEnableArgs) -> CmdResult {
     let clock = clock_from_env()?;
     let registry = ctx.registry(false).await?;
     let ca = ctx.data().load_issuing_ca(passphrase().as_deref())?;
-    let ca_mode = match args.ca_mode {
-        CaModeArg::Default => "default",
-        CaModeArg::SniOnly => "sni-only",
-    };
-    // Register the CA first: if AWS refuses (credentials, region), nothing is stored.
-    let registered = if args.no_register {
-        None
-    } else {
-        let api = mirror::connect(&args.region, args.endpoint_url.as_deref()).await?;
-        let (id, prefix) =
-            mirror::register_issuing_ca(api.as_ref(), &ca, mirror::ca_mode(ca_mode), clock.now())
-                .await
-                .map_err(|e| failed(format!("registering the issuing CA with AWS IoT: {e}")))?;
-        Some((id, prefix))
-    };
-    let settings = MirrorSettings {
-        enabled: true,
+    let request = mirror::EnableMirror {
         region: args.region.clone(),
         endpoint_url: args.endpoint_url.clone(),
-        ca_mode: ca_mode.to_owned(),
+        ca_mode: match args.ca_mode {
+            CaModeArg::Default => mirror::CaMode::Default,
+            CaModeArg::SniOnly => mirror::CaMode::SniOnly,
+        },
         rotated_status: match args.rotated_status {
-            RotatedStatusArg::Revoked => "REVOKED",
-            RotatedStatusArg::Inactive => "INACTIVE",
-        }
-        .to_owned(),
-        ca_certificate_id: None,
-        arn_prefix: None,
-        updated_at: clock.now(),
+            RotatedStatusArg::Revoked => mirror::RotatedStatus::Revoked,
+            RotatedStatusArg::Inactive => mirror::RotatedStatus::Inactive,
+        },
+        register_now: !args.no_register,
     };
-    let queued = registry.enable_mirror(&settings, clock.now()).await?;
-    if let Some((id, prefix)) = &registered {
-        registry.record_mirror_ca(id, prefix, clock.now()).await?;
-    }
+    let enabled = mirror::enable(registry.as_ref(), &ca, &request, clock.now())
+        .await
+        .map_err(|e| match e {
+            mirror::EnableMirrorError::Store(e) => CliError::from(e),
+            register => failed(register.to_string()),
+        })?;
+    let (settings, queued) = (&enabled.settings, enabled.queued);
+    let registered = enabled.ca_certificate_id.as_ref();
     let out = ctx.out();
     if out.is_json() {
         out.json(&json!({
@@ -88,12 +76,12 @@ async fn enable(ctx: &Ctx, args: AwsEnableArgs) -> CmdResult {
             "endpoint_url": settings.endpoint_url,
             "ca_mode": settings.ca_mode,
             "rotated_status": settings.rotated_status,
-            "ca_certificate_id": registered.as_ref().map(|(id, _)| id),
+            "ca_certificate_id": registered,
             "queued": queued,
         }));
     } else {
-        match &registered {
-            Some((id, _)) => out.line(format!("issuing CA registered with AWS IoT: {id}")),
+        match registered {
+            Some(id) => out.line(format!("issuing CA registered with AWS IoT: {id}")),
             None => out.line("issuing CA registration queued (--no-register)"),
         }
         out.line(format!(
@@ -115,15 +103,14 @@ async fn enable(ctx: &Ctx, args: AwsEnableArgs) -> CmdResult {
 async fn disable(ctx: &Ctx) -> CmdResult {
     let clock = clock_from_env()?;
     let registry = ctx.registry(false).await?;
-    let changed = registry.disable_mirror(clock.now()).await?;
-    let backlog = registry.mirror_backlog(0).await?;
+    let mirror::MirrorDisabled { changed, pending } =
+        mirror::disable(registry.as_ref(), clock.now()).await?;
     let out = ctx.out();
     if out.is_json() {
-        out.json(&json!({ "enabled": false, "changed": changed, "pending": backlog.pending }));
+        out.json(&json!({ "enabled": false, "changed": changed, "pending": pending }));
     } else if changed {
         out.line(format!(
-            "AWS mirror disabled; {} queued operations kept (`aws enable` resumes)",
-            backlog.pending
+            "AWS mirror disabled; {pending} queued operations kept (`aws enable` resumes)"
         ));
     } else {
         out.line("AWS mirror was not enabled");
@@ -252,7 +239,7 @@ async fn sync(ctx: &Ctx, args: AwsSyncArgs) -> CmdResult {
     let mirror = worker(ctx, registry.clone(), usize::from(args.concurrency)).await?;
     let clock = clock_from_env()?;
     let requeued = if args.retry_parked {
-        registry.requeue_parked_mirror_ops(clock.now()).await?
+        mirror.requeue_parked().await?
     } else {
         0
     };

@@ -1,80 +1,21 @@
 //! One function per command. Each validates its input before touching the CA or the
 //! registry, so bad input exits 2 with nothing recorded or written.
 use crate::args::*;
-use crate::output::{Out, rfc3339, timestamp};
+use crate::context::*;
+use crate::output::{Out, cert_json, rfc3339, timestamp};
 use fleetcert_ca::{CertificateSummary, HierarchyOptions, KeyAlgorithm, ThingName};
 use fleetcert_lifecycle::provision::{
     self, DeviceReport, DeviceRequest, ProvisionSettings, ProvisionSummary,
 };
-use fleetcert_lifecycle::{CaInitOptions, DataDir, ErrorClass, LifecycleError, PASSPHRASE_ENV};
+use fleetcert_lifecycle::{CaInitOptions, DataDir, LifecycleError};
 use fleetcert_registry::{
-    CertStatus, CertificateFilter, CertificateRecord, EventFilter, Registry, ThingFilter,
+    CertStatus, CertificateFilter, CertificateRecord, EventFilter, ThingFilter,
 };
 use serde_json::json;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// A failure with its exit code (1: operation failed, 2: bad input).
-pub struct CliError {
-    pub code: u8,
-    pub message: String,
-}
-
-impl From<LifecycleError> for CliError {
-    fn from(e: LifecycleError) -> Self {
-        let code = match e.class() {
-            ErrorClass::BadInput => 2,
-            ErrorClass::Failed => 1,
-        };
-        CliError {
-            code,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<fleetcert_registry::RegistryError> for CliError {
-    fn from(e: fleetcert_registry::RegistryError) -> Self {
-        LifecycleError::from(e).into()
-    }
-}
-
-impl From<fleetcert_ca::CaError> for CliError {
-    fn from(e: fleetcert_ca::CaError) -> Self {
-        LifecycleError::from(e).into()
-    }
-}
-
-pub fn bad_input(message: impl Into<String>) -> CliError {
-    CliError {
-        code: 2,
-        message: message.into(),
-    }
-}
-
-pub fn failed(message: impl Into<String>) -> CliError {
-    CliError {
-        code: 1,
-        message: message.into(),
-    }
-}
-
 type CmdResult = Result<ExitCode, CliError>;
-
-/// Checks a thing name given on the command line (`[a-zA-Z0-9:_-]{1,128}`): a name that
-/// cannot exist is bad input (exit 2, "invalid thing name"); a valid name that is not in
-/// the registry is the command's own failure (exit 1). The message quotes at most 64
-/// characters of the name.
-pub fn check_thing_name(name: &str) -> Result<(), CliError> {
-    match ThingName::parse(name) {
-        Ok(_) => Ok(()),
-        Err(fleetcert_ca::CaError::InvalidThingName { reason, .. }) => Err(bad_input(format!(
-            "invalid thing name {:?}: {reason}",
-            fleetcert_templates::clip(name, fleetcert_templates::MAX_ECHO_CHARS)
-        ))),
-        Err(other) => Err(other.into()),
-    }
-}
 
 /// Checks a policy name given on the command line: 1 to 128 characters (AWS IoT's
 /// limit), no control characters.
@@ -86,44 +27,6 @@ fn check_policy_name(name: &str) -> Result<(), CliError> {
         )));
     }
     Ok(())
-}
-
-pub struct Ctx {
-    data: DataDir,
-    database_url: Option<String>,
-    out: Out,
-}
-
-impl Ctx {
-    pub fn data(&self) -> &DataDir {
-        &self.data
-    }
-
-    pub fn out(&self) -> Out {
-        self.out
-    }
-
-    /// Opens the registry. With the default SQLite file the data directory must exist
-    /// (unless `create`), so a typo in --data-dir is an error rather than a new registry.
-    pub async fn registry(&self, create: bool) -> Result<Arc<dyn Registry>, CliError> {
-        let url = match &self.database_url {
-            Some(url) => url.clone(),
-            None => {
-                if create {
-                    self.data.ensure_exists()?;
-                } else {
-                    self.data.require_exists()?;
-                }
-                self.data.default_database_url()
-            }
-        };
-        Ok(fleetcert_registry::open(&url).await?)
-    }
-}
-
-/// The CA passphrase from the environment; an empty value counts as unset.
-pub fn passphrase() -> Option<String> {
-    std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty())
 }
 
 pub async fn run(cli: Cli) -> CmdResult {
@@ -527,27 +430,6 @@ async fn things_list(ctx: &Ctx, limit: Option<u32>) -> CmdResult {
         ctx.out.note(format!("{} things", things.len()));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn cert_json(c: &CertificateRecord) -> serde_json::Value {
-    json!({
-        "serial": c.serial,
-        "thing_name": c.thing_name,
-        "status": c.status,
-        "origin": c.origin,
-        "key_algorithm": c.key_algorithm,
-        "not_before": timestamp(c.not_before),
-        "not_after": timestamp(c.not_after),
-        "fingerprint_sha256": c.fingerprint_sha256,
-        "issuer": c.issuer,
-        "created_at": timestamp(c.created_at),
-        "delivered_at": c.delivered_at.map(timestamp),
-        "registered_at": c.registered_at.map(timestamp),
-        "revoked_at": c.revoked_at.map(timestamp),
-        "revocation_reason": c.revocation_reason,
-        "renew_at": timestamp(c.renew_at),
-        "replaces": c.replaces,
-    })
 }
 
 fn cert_row(c: &CertificateRecord) -> String {

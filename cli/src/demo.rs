@@ -2,7 +2,7 @@
 //! CA, provision a batch, verify every certificate against the chain with webpki, re-run
 //! the batch to show it is idempotent, and summarise.
 use crate::args::DemoArgs;
-use crate::commands::CliError;
+use crate::context::CliError;
 use crate::output::Out;
 use fleetcert_device_auth::ChainVerifier;
 use fleetcert_lifecycle::provision::{self, DeviceReport, ProvisionSettings};

@@ -1,6 +1,7 @@
 //! `rotate`, `revoke` and `crl`: the certificate lifecycle after provisioning.
 use crate::args::{CrlArgs, RevokeArgs, RotateArgs};
-use crate::commands::{CliError, Ctx, bad_input, cert_json, failed, passphrase};
+use crate::context::{CliError, Ctx, bad_input, failed, passphrase};
+use crate::output::cert_json;
 use crate::output::timestamp;
 use fleetcert_ca::RevocationReason;
 use fleetcert_lifecycle::renewal::clock_from_env;
@@ -197,7 +198,7 @@ pub async fn revoke(ctx: &Ctx, args: RevokeArgs) -> CmdResult {
     let target = match (&args.serial, &args.thing) {
         (Some(serial), None) => RevocationTarget::Serial(normalise_serial(serial)?),
         (None, Some(thing)) => {
-            crate::commands::check_thing_name(thing)?;
+            crate::context::check_thing_name(thing)?;
             RevocationTarget::Thing(thing.clone())
         }
         _ => return Err(bad_input("give a SERIAL or --thing NAME")),

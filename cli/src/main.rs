@@ -1,10 +1,10 @@
 //! `fleetcert`: the command-line front end. Thin: parsing, output, exit codes; the work
 //! is in `fleetcert-lifecycle`.
-#![forbid(unsafe_code)]
 
 mod args;
 mod aws_cmd;
 mod commands;
+mod context;
 mod demo;
 mod lifecycle_cmds;
 mod output;

@@ -95,3 +95,25 @@ pub fn timestamp(secs: i64) -> String {
 pub fn rfc3339(t: time::OffsetDateTime) -> String {
     timestamp(t.unix_timestamp())
 }
+
+/// A certificate record as the JSON of `certs list` and `certs show`.
+pub fn cert_json(c: &fleetcert_registry::CertificateRecord) -> serde_json::Value {
+    serde_json::json!({
+        "serial": c.serial,
+        "thing_name": c.thing_name,
+        "status": c.status,
+        "origin": c.origin,
+        "key_algorithm": c.key_algorithm,
+        "not_before": timestamp(c.not_before),
+        "not_after": timestamp(c.not_after),
+        "fingerprint_sha256": c.fingerprint_sha256,
+        "issuer": c.issuer,
+        "created_at": timestamp(c.created_at),
+        "delivered_at": c.delivered_at.map(timestamp),
+        "registered_at": c.registered_at.map(timestamp),
+        "revoked_at": c.revoked_at.map(timestamp),
+        "revocation_reason": c.revocation_reason,
+        "renew_at": timestamp(c.renew_at),
+        "replaces": c.replaces,
+    })
+}

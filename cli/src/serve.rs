@@ -1,6 +1,6 @@
 //! `fleetcert serve`: the JITP server until SIGTERM or Ctrl-C.
 use crate::args::ServeArgs;
-use crate::commands::{CliError, Ctx, failed, passphrase};
+use crate::context::{CliError, Ctx, failed, passphrase};
 use fleetcert_jitp::{ClientAuth, Limits, Server, server_tls_config};
 use fleetcert_lifecycle::jitp::{Jitp, JitpOptions};
 use fleetcert_lifecycle::mirror::{self, Mirror, MirrorOptions};

@@ -1,5 +1,5 @@
 //! `fleetcert templates lint|list`.
-use crate::commands::{CliError, Ctx};
+use crate::context::{CliError, Ctx};
 use fleetcert_templates::{Template, lint_template};
 use serde_json::json;
 use std::path::PathBuf;
@@ -65,7 +65,10 @@ pub fn list(ctx: &Ctx) -> Result<ExitCode, CliError> {
     let mut entries: Vec<(String, Option<PathBuf>, Result<String, String>)> = files
         .into_iter()
         .map(|(name, path)| {
-            let text = ctx.data().read_template_file(&path).map_err(|e| e.to_string());
+            let text = ctx
+                .data()
+                .read_template_file(&path)
+                .map_err(|e| e.to_string());
             (name, Some(path), text)
         })
         .collect();

@@ -40,25 +40,40 @@ pub(crate) async fn serve(
                             return Ok::<_, std::convert::Infallible>(crate::crl_response(&jitp));
                         }
                         let (status, content_type, body) = match (req.method(), req.uri().path()) {
-                            // What first connects would see: a write through the
+                            // What first connects see: unhealthy while their latest news
+                            // is `registry_unavailable`; otherwise a write through the
                             // registry pool (see `Jitp::health`), bounded in time so a
                             // stuck database answers 503 rather than nothing.
                             (&Method::GET, "/healthz") => {
-                                match tokio::time::timeout(HEALTH_TIMEOUT, jitp.health()).await {
-                                    Ok(Ok(())) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                                    Ok(Err(e)) => (
-                                        StatusCode::SERVICE_UNAVAILABLE,
-                                        "text/plain",
-                                        format!("unhealthy: {e}\n"),
-                                    ),
-                                    Err(_) => (
+                                if let Some(ago) = metrics.registry_failing() {
+                                    (
                                         StatusCode::SERVICE_UNAVAILABLE,
                                         "text/plain",
                                         format!(
-                                            "unhealthy: the registry did not take a write within {} s\n",
-                                            HEALTH_TIMEOUT.as_secs()
+                                            "unhealthy: device requests found the registry unavailable {} s ago and no registration has succeeded since\n",
+                                            ago.as_secs()
                                         ),
-                                    ),
+                                    )
+                                } else {
+                                    match tokio::time::timeout(HEALTH_TIMEOUT, jitp.health()).await
+                                    {
+                                        Ok(Ok(())) => {
+                                            (StatusCode::OK, "text/plain", "ok\n".to_owned())
+                                        }
+                                        Ok(Err(e)) => (
+                                            StatusCode::SERVICE_UNAVAILABLE,
+                                            "text/plain",
+                                            format!("unhealthy: {e}\n"),
+                                        ),
+                                        Err(_) => (
+                                            StatusCode::SERVICE_UNAVAILABLE,
+                                            "text/plain",
+                                            format!(
+                                                "unhealthy: the registry did not take a write within {} s\n",
+                                                HEALTH_TIMEOUT.as_secs()
+                                            ),
+                                        ),
+                                    }
                                 }
                             }
                             (&Method::GET, "/metrics") => {

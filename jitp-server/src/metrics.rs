@@ -54,7 +54,15 @@ pub struct Metrics {
     mirror_backlog: Family<StateLabel, Gauge>,
     mirror_oldest_pending_seconds: Gauge,
     open_connections: Gauge,
+    /// When a device request last got `registry_unavailable` with no registry write
+    /// succeeding since: `/healthz` reports that rather than its own small probe, which can
+    /// still fit in space a larger registration's commit cannot (a full disk).
+    registry_failing_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a device request's `registry_unavailable` keeps `/healthz` unhealthy when no
+/// registry write succeeds after it (after that, the write probe answers alone).
+pub(crate) const REGISTRY_FAILURE_MEMORY: Duration = Duration::from_secs(30);
 
 /// Counts one device connection as open until dropped (see [`Metrics::connection_opened`]).
 #[derive(Debug)]
@@ -165,7 +173,27 @@ impl Metrics {
             mirror_backlog,
             mirror_oldest_pending_seconds,
             open_connections,
+            registry_failing_since: std::sync::Mutex::new(None),
         }
+    }
+
+    fn registry_write_ok(&self) {
+        *self
+            .registry_failing_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// How long ago device requests last found the registry unavailable, if that is
+    /// still the latest news (no write succeeded since, within [`REGISTRY_FAILURE_MEMORY`]).
+    pub(crate) fn registry_failing(&self) -> Option<Duration> {
+        let since = *self
+            .registry_failing_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        since
+            .map(|at| at.elapsed())
+            .filter(|ago| *ago < REGISTRY_FAILURE_MEMORY)
     }
 
     /// Counts a device connection as open until the returned guard is dropped.
@@ -216,6 +244,12 @@ impl Metrics {
     }
 
     pub(crate) fn rejected(&self, reason: &str) {
+        if reason == "registry_unavailable" {
+            *self
+                .registry_failing_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        }
         self.rejections
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
@@ -224,6 +258,9 @@ impl Metrics {
     }
 
     pub(crate) fn connect(&self, status: &str, took: Duration) {
+        if status == "provisioned" {
+            self.registry_write_ok();
+        }
         let label = StatusLabel {
             status: status.to_owned(),
         };

@@ -46,7 +46,7 @@ pub enum LifecycleError {
     TemplateNotFound { name: String, dir: PathBuf },
     /// AWS IoT refused or could not be reached (reconcile, CA registration).
     #[error("AWS IoT: {0}")]
-    Aws(String),
+    Aws(#[from] fleetcert_aws::AwsError),
 }
 
 impl LifecycleError {

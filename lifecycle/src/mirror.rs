@@ -208,6 +208,15 @@ impl Mirror {
         Ok(id)
     }
 
+    /// Puts parked operations (given up after repeated failures) back in their queues,
+    /// to be tried again now; returns how many (`aws sync --retry-parked`).
+    pub async fn requeue_parked(&self) -> Result<u64, LifecycleError> {
+        Ok(self
+            .registry
+            .requeue_parked_mirror_ops(self.clock.now())
+            .await?)
+    }
+
     /// The outbox at a glance (for `/metrics`).
     pub async fn backlog(&self) -> Result<fleetcert_registry::MirrorBacklog, LifecycleError> {
         Ok(self.registry.mirror_backlog(0).await?)
@@ -579,7 +588,7 @@ impl Mirror {
     /// the drift (then `drain` applies it).
     pub async fn reconcile(&self, dry_run: bool) -> Result<ReconcileReport, LifecycleError> {
         let started = Instant::now();
-        let aws = |e: AwsError| LifecycleError::Aws(e.to_string());
+        let aws = LifecycleError::Aws;
         let now = self.clock.now();
         let mut report = ReconcileReport::default();
         let mut ops: Vec<NewMirrorOp> = Vec::new();
@@ -825,19 +834,155 @@ pub async fn register_issuing_ca(
     Ok((registered.id.clone(), format!("{}:", fields[..5].join(":"))))
 }
 
+/// What a certificate replaced by a confirmed rotation becomes in AWS IoT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotatedStatus {
+    /// `REVOKED` (the default): AWS never lets it connect again.
+    Revoked,
+    /// `INACTIVE`: it may not connect, but can be reactivated in AWS.
+    Inactive,
+}
+
+impl RotatedStatus {
+    /// The status as AWS spells it, and as the mirror settings store it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotatedStatus::Revoked => "REVOKED",
+            RotatedStatus::Inactive => "INACTIVE",
+        }
+    }
+}
+
+/// The stored spelling of a CA mode (`default` | `sni-only`); [`ca_mode`] reads it back.
+pub fn ca_mode_setting(mode: CaMode) -> &'static str {
+    match mode {
+        CaMode::SniOnly => "sni-only",
+        _ => "default",
+    }
+}
+
+/// What `aws enable` asks for.
+#[derive(Debug, Clone)]
+pub struct EnableMirror {
+    /// AWS region, e.g. `eu-west-1`.
+    pub region: String,
+    /// Another endpoint than AWS's for the region (moto, LocalStack, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+    /// How the issuing CA is registered.
+    pub ca_mode: CaMode,
+    /// What a certificate replaced by a confirmed rotation becomes in AWS.
+    pub rotated_status: RotatedStatus,
+    /// Register the issuing CA now (the default); `false` queues its registration for the
+    /// mirror worker instead.
+    pub register_now: bool,
+}
+
+/// What enabling the mirror did.
+#[derive(Debug, Clone)]
+pub struct MirrorEnabled {
+    /// The settings stored.
+    pub settings: MirrorSettings,
+    /// The issuing CA's AWS id, when it was registered now.
+    pub ca_certificate_id: Option<String>,
+    /// Operations queued for what the registry already holds.
+    pub queued: u64,
+}
+
+/// Why enabling the mirror failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnableMirrorError {
+    /// AWS refused to register the issuing CA (credentials, region, an account that
+    /// already holds the CA in DEFAULT mode): nothing was stored.
+    #[error("registering the issuing CA with AWS IoT: {0}")]
+    RegisterCa(#[source] AwsError),
+    /// The registry could not store the settings.
+    #[error(transparent)]
+    Store(#[from] LifecycleError),
+}
+
+/// Enables the AWS mirror: registers the issuing CA with AWS IoT first (if AWS refuses,
+/// nothing is stored), then stores the settings and queues an operation for everything the
+/// registry already holds, and records the CA's AWS id.
+pub async fn enable(
+    registry: &dyn Registry,
+    ca: &IssuingCa,
+    request: &EnableMirror,
+    now: i64,
+) -> Result<MirrorEnabled, EnableMirrorError> {
+    let registered = if request.register_now {
+        let api = sdk_client(&request.region, request.endpoint_url.as_deref())
+            .await
+            .map_err(EnableMirrorError::RegisterCa)?;
+        let registered = register_issuing_ca(api.as_ref(), ca, request.ca_mode, now)
+            .await
+            .map_err(EnableMirrorError::RegisterCa)?;
+        Some(registered)
+    } else {
+        None
+    };
+    let settings = MirrorSettings {
+        enabled: true,
+        region: request.region.clone(),
+        endpoint_url: request.endpoint_url.clone(),
+        ca_mode: ca_mode_setting(request.ca_mode).to_owned(),
+        rotated_status: request.rotated_status.as_str().to_owned(),
+        ca_certificate_id: None,
+        arn_prefix: None,
+        updated_at: now,
+    };
+    let queued = registry
+        .enable_mirror(&settings, now)
+        .await
+        .map_err(LifecycleError::from)?;
+    if let Some((id, prefix)) = &registered {
+        registry
+            .record_mirror_ca(id, prefix, now)
+            .await
+            .map_err(LifecycleError::from)?;
+    }
+    Ok(MirrorEnabled {
+        settings,
+        ca_certificate_id: registered.map(|(id, _)| id),
+        queued,
+    })
+}
+
+/// What disabling the mirror did.
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorDisabled {
+    /// False if the mirror was not enabled.
+    pub changed: bool,
+    /// Queued operations kept for a later `aws enable`.
+    pub pending: i64,
+}
+
+/// Disables the AWS mirror; the queue is kept, so enabling again resumes it.
+pub async fn disable(registry: &dyn Registry, now: i64) -> Result<MirrorDisabled, LifecycleError> {
+    let changed = registry.disable_mirror(now).await?;
+    let backlog = registry.mirror_backlog(0).await?;
+    Ok(MirrorDisabled {
+        changed,
+        pending: backlog.pending,
+    })
+}
+
 /// An AWS IoT client for the stored settings (region, endpoint), on aws-sdk-iot with
 /// the standard credential chain.
 pub async fn connect(
     region: &str,
     endpoint_url: Option<&str>,
 ) -> Result<Arc<dyn IotApi>, LifecycleError> {
+    Ok(sdk_client(region, endpoint_url).await?)
+}
+
+async fn sdk_client(region: &str, endpoint_url: Option<&str>) -> Result<Arc<dyn IotApi>, AwsError> {
     let client = fleetcert_aws::SdkIot::connect(&fleetcert_aws::ClientSettings {
         region: region.to_owned(),
         endpoint_url: endpoint_url.map(str::to_owned),
         ..Default::default()
     })
-    .await
-    .map_err(|e| LifecycleError::Aws(e.to_string()))?;
+    .await?;
     Ok(Arc::new(client))
 }
 

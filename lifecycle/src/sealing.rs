@@ -85,7 +85,11 @@ impl KeySealer {
     }
 
     /// A sealer from the file's contents; migrates a raw key when a passphrase is given.
-    fn from_file(path: &Path, bytes: &[u8], passphrase: Option<&str>) -> Result<Self, LifecycleError> {
+    fn from_file(
+        path: &Path,
+        bytes: &[u8],
+        passphrase: Option<&str>,
+    ) -> Result<Self, LifecycleError> {
         if bytes.len() == KEY_LEN {
             if let Some(p) = passphrase {
                 let wrapped = wrap(path, bytes, p)?;
@@ -98,10 +102,10 @@ impl KeySealer {
             }
             return Self::from_key_bytes(bytes);
         }
-        let Some(text) = std::str::from_utf8(bytes)
-            .ok()
-            .filter(|t| t.trim_start().starts_with(&format!("-----BEGIN {WRAPPED_LABEL}-----")))
-        else {
+        let Some(text) = std::str::from_utf8(bytes).ok().filter(|t| {
+            t.trim_start()
+                .starts_with(&format!("-----BEGIN {WRAPPED_LABEL}-----"))
+        }) else {
             return Err(LifecycleError::BadFile {
                 path: path.to_owned(),
                 reason: format!(
@@ -209,7 +213,8 @@ fn wrap(path: &Path, key: &[u8], passphrase: &str) -> Result<String, LifecycleEr
         .and_then(|()| rng.fill(&mut nonce))
         .map_err(|_| failed(&"the system random generator failed"))?;
     let params = scrypt::Params::new(SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P).map_err(|e| failed(&e))?;
-    let scheme = pbes2::Parameters::scrypt_aes256gcm(params, &salt, nonce).map_err(|e| failed(&e))?;
+    let scheme =
+        pbes2::Parameters::scrypt_aes256gcm(params, &salt, nonce).map_err(|e| failed(&e))?;
     let ciphertext = scheme
         .encrypt(passphrase.as_bytes(), key)
         .map_err(|e| failed(&e))?;
@@ -355,7 +360,10 @@ mod tests {
         let sealer = KeySealer::load_or_create(&path, Some("correct horse")).unwrap();
         let sealed = sealer.seal("01ab", b"device key").unwrap();
         let text = fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("-----BEGIN FLEETCERT ENCRYPTED SEALING KEY-----"), "{text}");
+        assert!(
+            text.starts_with("-----BEGIN FLEETCERT ENCRYPTED SEALING KEY-----"),
+            "{text}"
+        );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -370,7 +378,10 @@ mod tests {
             }
         }
         let again = KeySealer::load_or_create(&path, Some("correct horse")).unwrap();
-        assert_eq!(again.open("01ab", &sealed).unwrap().as_slice(), b"device key");
+        assert_eq!(
+            again.open("01ab", &sealed).unwrap().as_slice(),
+            b"device key"
+        );
         let missing = KeySealer::load_or_create(&path, None).unwrap_err();
         assert!(
             matches!(&missing, LifecycleError::KeyLocked { reason, .. } if reason.contains("FLEETCERT_CA_PASSPHRASE")),
@@ -381,7 +392,11 @@ mod tests {
             matches!(&wrong, LifecycleError::KeyLocked { reason, .. } if reason.contains("wrong passphrase")),
             "{wrong}"
         );
-        assert_eq!(fs::read_to_string(&path).unwrap(), text, "a failed load changed the file");
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            text,
+            "a failed load changed the file"
+        );
     }
 
     #[test]
@@ -401,7 +416,10 @@ mod tests {
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.contains(WRAPPED_LABEL));
         assert!(
-            !text.as_bytes().windows(KEY_LEN).any(|w| w == raw_bytes.as_slice()),
+            !text
+                .as_bytes()
+                .windows(KEY_LEN)
+                .any(|w| w == raw_bytes.as_slice()),
             "the raw key is still in the file"
         );
         assert!(KeySealer::load_or_create(&path, None).is_err());

@@ -116,7 +116,7 @@ proptest! {
         let mut text = base64(valid_csr_der());
         let mut positions: Vec<(usize, &str)> =
             breaks.iter().map(|(i, s)| (i.index(text.len() + 1), *s)).collect();
-        positions.sort_by(|a, b| b.0.cmp(&a.0));
+        positions.sort_by_key(|p| std::cmp::Reverse(p.0));
         for (at, s) in positions {
             text.insert_str(at, s);
         }
@@ -232,10 +232,20 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
         prop::sample::select(vec![
-            "Allow", "Deny", "*", "iot:*", "iot:Connect", "iot:Publish",
+            "Allow",
+            "Deny",
+            "*",
+            "iot:*",
+            "iot:Connect",
+            "iot:Publish",
             "arn:aws:iot:*:*:client/${iot:ClientId}",
             "arn:aws:iot:us-east-1:1:topic/${iot:Connection.Thing.ThingName}/*",
-            "${iot:Connection.Thing.Attributes[", "${", "Statement", "Effect", "Action", "Resource",
+            "${iot:Connection.Thing.Attributes[",
+            "${",
+            "Statement",
+            "Effect",
+            "Action",
+            "Resource",
         ])
         .prop_map(|s| Value::String(s.to_owned())),
         ".{0,20}".prop_map(Value::String),
@@ -245,8 +255,17 @@ fn json_value() -> impl Strategy<Value = Value> {
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::btree_map(
                 prop::sample::select(vec![
-                    "Version", "Statement", "Effect", "Action", "NotAction", "Resource",
-                    "NotResource", "Condition", "Bool", "StringEquals", "x",
+                    "Version",
+                    "Statement",
+                    "Effect",
+                    "Action",
+                    "NotAction",
+                    "Resource",
+                    "NotResource",
+                    "Condition",
+                    "Bool",
+                    "StringEquals",
+                    "x",
                 ])
                 .prop_map(str::to_owned),
                 inner,

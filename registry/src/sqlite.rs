@@ -780,12 +780,11 @@ impl SqliteRegistry {
         old_serial: &str,
         at: i64,
     ) -> Result<Option<TakenReplacement>, WriteError> {
-        let row: Option<(String, Option<Vec<u8>>, String, String)> =
-            sqlx::query_as(SQL_TAKEABLE)
-                .bind(old_serial)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(|e| WriteError::new("reading the rotation", e))?;
+        let row: Option<(String, Option<Vec<u8>>, String, String)> = sqlx::query_as(SQL_TAKEABLE)
+            .bind(old_serial)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| WriteError::new("reading the rotation", e))?;
         let Some((new_serial, sealed_key, thing_name, state)) = row else {
             return Ok(None);
         };

@@ -9,39 +9,57 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Expr {
+    /// `null` (or an empty YAML value).
     Null,
+    /// A boolean literal.
     Bool(bool),
+    /// A number literal.
     Number(serde_json::Number),
+    /// A string literal, kept as written (policy variables included).
     String(String),
+    /// A list whose items may themselves be intrinsics.
     List(Vec<Expr>),
+    /// A map that is not an intrinsic call; its values may be intrinsics.
     Map(BTreeMap<String, Expr>),
     /// `{"Ref": "Param"}` / `!Ref Param`.
     Ref(String),
     /// `{"Fn::Join": [delimiter, list]}`.
     Join {
+        /// Written between the items; may be empty.
         delimiter: String,
+        /// Must evaluate to a list of strings.
         list: Box<Expr>,
     },
     /// `{"Fn::Sub": "text"}` or `{"Fn::Sub": ["text", {vars}]}`; policy variables
     /// (`${iot:…}`, `${aws:…}`) stay in the text.
     Sub {
+        /// The text split into literal pieces and `${Name}` references.
         parts: Vec<SubPart>,
+        /// The variables given with the text (empty in the one-argument form); they take
+        /// precedence over parameters of the same name.
         vars: BTreeMap<String, Expr>,
     },
     /// `{"Fn::FindInMap": [map, top-level key, second-level key]}`.
     FindInMap {
+        /// Name of a map under `Mappings`.
         map: Box<Expr>,
+        /// Key in that map.
         top_key: Box<Expr>,
+        /// Key under the top-level key; its value is the result.
         second_key: Box<Expr>,
     },
     /// `{"Fn::Split": [delimiter, source]}`.
     Split {
+        /// The separator, matched literally.
         delimiter: String,
+        /// Must evaluate to a string.
         source: Box<Expr>,
     },
     /// `{"Fn::Select": [index, list]}`.
     Select {
+        /// 0-based; a number, or a string holding one (a parameter value).
         index: Box<Expr>,
+        /// Must evaluate to a list at least `index + 1` long.
         list: Box<Expr>,
     },
 }

@@ -154,7 +154,10 @@ pub(crate) fn check_input(name: &str, text: &str) -> Result<(), TemplateError> {
     let bytes = text.as_bytes();
     let (mut line, mut line_start) = (1usize, 0usize);
     let at = |line: usize, line_start: usize, i: usize| {
-        format!("line {line} column {}", text[line_start..i].chars().count() + 1)
+        format!(
+            "line {line} column {}",
+            text[line_start..i].chars().count() + 1
+        )
     };
     // Flow collections: every '[' / '{' counts (quoted or not: counting too many is
     // safe), a closing bracket ends one.
@@ -243,10 +246,18 @@ mod tests {
     fn deep_nesting_is_refused_with_its_position() {
         let deep = format!("{}{}", "{\"a\":".repeat(100), "1");
         let err = check_input("deep", &deep).unwrap_err().to_string();
-        assert!(err.contains("deeper than 64") && err.contains("line 1 column"), "{err}");
-        let yaml: String = (0..100).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
+        assert!(
+            err.contains("deeper than 64") && err.contains("line 1 column"),
+            "{err}"
+        );
+        let yaml: String = (0..100)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
         let err = check_input("deep", &yaml).unwrap_err().to_string();
-        assert!(err.contains("indentation") && err.contains("line 65"), "{err}");
+        assert!(
+            err.contains("indentation") && err.contains("line 65"),
+            "{err}"
+        );
         let many = "[".repeat(MAX_FLOW_OPENINGS + 1).replace('[', "[]");
         let err = check_input("many", &many).unwrap_err().to_string();
         assert!(err.contains("4096"), "{err}");

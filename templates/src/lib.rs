@@ -13,7 +13,6 @@
 //! - [`lint_policy`] / [`lint_template`]: Device Defender's `IOT_POLICY_OVERLY_PERMISSIVE_CHECK`.
 //!
 //! Pure: no file, network or environment access.
-#![forbid(unsafe_code)]
 
 mod expr;
 mod guard;
@@ -48,18 +47,38 @@ pub const DEFAULT_TEMPLATE_YAML: &str = include_str!("default-template.yaml");
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TemplateError {
+    /// A template name [`validate_name`] refuses.
     #[error("invalid template name {name:?}: {reason}")]
-    InvalidName { name: String, reason: &'static str },
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The text is not YAML or JSON, is not a map at the top, or is too large or nested
+    /// too deep to parse ([`MAX_TEMPLATE_BYTES`], [`MAX_NESTING_DEPTH`]).
     #[error("template {name:?} is not valid YAML or JSON: {reason}")]
-    Syntax { name: String, reason: String },
+    Syntax {
+        /// The template's name.
+        name: String,
+        /// What is wrong, with line and column where known.
+        reason: String,
+    },
+    /// The document has no `Resources` section, so there is nothing to provision.
     #[error("template {name:?} has no Resources section")]
-    NoResources { name: String },
+    NoResources {
+        /// The template's name.
+        name: String,
+    },
     /// The template breaks the grammar: `location` is like `resource "thing", property
     /// ThingName`.
     #[error("template {name:?}: {location}: {reason}")]
     Invalid {
+        /// The template's name.
         name: String,
+        /// Where in the template.
         location: String,
+        /// What is wrong there.
         reason: String,
     },
     /// A parameter the template uses has no value and no `Default`.
@@ -67,24 +86,34 @@ pub enum TemplateError {
         "template {name:?}: {location}: parameter {parameter:?} has no value and no Default: {why}"
     )]
     MissingParameter {
+        /// The template's name.
         name: String,
+        /// Where the parameter is used.
         location: String,
+        /// The parameter's name, e.g. `AWS::IoT::Certificate::SerialNumber`.
         parameter: String,
+        /// Why there is no value, e.g. which subject attribute the certificate lacks.
         why: String,
     },
     /// Evaluation failed with these parameter values (index out of range, no such mapping
     /// key, a list where a string belongs…).
     #[error("template {name:?}: {location}: {reason}")]
     Render {
+        /// The template's name.
         name: String,
+        /// Where evaluation failed.
         location: String,
+        /// What went wrong.
         reason: String,
     },
     /// The rendered thing name is not `[a-zA-Z0-9:_-]{1,128}`.
     #[error("template {name:?}: thing name {thing_name:?} is not allowed: {reason}")]
     InvalidThingName {
+        /// The template's name.
         name: String,
+        /// The thing name as rendered.
         thing_name: String,
+        /// Which rule it breaks.
         reason: String,
     },
     /// A policy fails the least-privilege lint.
@@ -94,7 +123,9 @@ pub enum TemplateError {
         list = findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
     OverlyPermissive {
+        /// The template's name.
         name: String,
+        /// Every finding, in resource and statement order.
         findings: Vec<TemplateFinding>,
     },
 }

@@ -13,6 +13,7 @@ use std::fmt;
 pub struct Template {
     /// The template's name (file stem), used in errors.
     pub name: String,
+    /// `Parameters`: the values the template takes, by name.
     pub parameters: BTreeMap<String, Parameter>,
     /// `Mappings`: map name -> top-level key -> second-level key -> value (a string, number
     /// or list of strings).
@@ -35,9 +36,12 @@ pub struct Parameter {
     pub default: Option<String>,
 }
 
+/// A parameter's `Type`. Values always reach the template as strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ParameterType {
+    /// Any string.
     String,
+    /// A string that must parse as a number; rendering fails otherwise.
     Number,
 }
 
@@ -46,20 +50,28 @@ pub enum ParameterType {
 pub struct Resource {
     /// The logical id (the key under `Resources`).
     pub logical_id: String,
+    /// The resource's `Type` and its `Properties`.
     pub kind: ResourceKind,
     /// `OverrideSettings`: property -> what to do when the resource already exists.
     pub override_settings: BTreeMap<String, OverrideAction>,
 }
 
+/// A resource's `Type` with its `Properties`: the three types AWS IoT provisioning
+/// templates allow.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ResourceKind {
+    /// `AWS::IoT::Thing`.
     Thing(ThingResource),
+    /// `AWS::IoT::Certificate`.
     Certificate(CertificateResource),
+    /// `AWS::IoT::Policy`.
     Policy(PolicyResource),
 }
 
 impl ResourceKind {
+    /// The `Type` as written in templates: `AWS::IoT::Thing`, `AWS::IoT::Certificate` or
+    /// `AWS::IoT::Policy`.
     pub fn type_name(&self) -> &'static str {
         match self {
             ResourceKind::Thing(_) => THING,
@@ -72,28 +84,43 @@ impl ResourceKind {
 /// `AWS::IoT::Thing` properties.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThingResource {
+    /// `ThingName` (required); the rendered value must be `[a-zA-Z0-9:_-]{1,128}`.
     pub thing_name: Expr,
+    /// `ThingTypeName`.
     pub thing_type_name: Option<Expr>,
     /// `AttributePayload`: attribute name -> value.
     pub attribute_payload: BTreeMap<String, Expr>,
     /// `ThingGroups`: a list, or an intrinsic that yields one (`Fn::Split`…).
     pub thing_groups: Option<Expr>,
+    /// `BillingGroup`.
     pub billing_group: Option<Expr>,
 }
 
 /// `AWS::IoT::Certificate` properties.
+///
+/// At least one of `CertificateId`, `CertificatePem` and `CertificateSigningRequest` is
+/// present (the parser refuses a certificate resource with none).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertificateResource {
+    /// `CertificateId`: an existing certificate (in JITP templates, usually
+    /// `Ref: AWS::IoT::Certificate::Id`).
     pub certificate_id: Option<Expr>,
+    /// `CertificatePem`: the device certificate, PEM.
     pub certificate_pem: Option<Expr>,
+    /// `CACertificatePem`: the CA that issued `CertificatePem`.
     pub ca_certificate_pem: Option<Expr>,
+    /// `CertificateSigningRequest`: a CSR to issue the certificate from.
     pub certificate_signing_request: Option<Expr>,
+    /// `Status`: `ACTIVE` or `INACTIVE` in any case, checked when literal
+    /// ([`CertificateStatus`]).
     pub status: Option<Expr>,
 }
 
 /// `AWS::IoT::Policy` properties.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyResource {
+    /// `PolicyName`: alone, an existing policy to attach; with a document, the name to
+    /// give it.
     pub policy_name: Option<Expr>,
     /// The document as an expression tree (a document written as an escaped JSON string is
     /// parsed into a literal tree; policy variables stay in its strings).
@@ -107,13 +134,19 @@ pub struct PolicyResource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OverrideAction {
+    /// `DO_NOTHING`: keep the existing value.
     DoNothing,
+    /// `REPLACE`: overwrite it with the template's value.
     Replace,
+    /// `FAIL`: refuse the provisioning if the existing value differs from the template's.
     Fail,
+    /// `MERGE`: add the template's attributes or groups to the existing ones. Only for
+    /// `AttributePayload` and `ThingGroups`.
     Merge,
 }
 
 impl OverrideAction {
+    /// AWS's spelling: `DO_NOTHING`, `REPLACE`, `FAIL`, `MERGE`.
     pub fn as_str(self) -> &'static str {
         match self {
             OverrideAction::DoNothing => "DO_NOTHING",
@@ -140,11 +173,14 @@ impl fmt::Display for OverrideAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CertificateStatus {
+    /// `ACTIVE`: the device may connect with it.
     Active,
+    /// `INACTIVE`: registered, but AWS IoT refuses connections with it until activated.
     Inactive,
 }
 
 impl CertificateStatus {
+    /// AWS's spelling: `ACTIVE` or `INACTIVE`.
     pub fn as_str(self) -> &'static str {
         match self {
             CertificateStatus::Active => "ACTIVE",

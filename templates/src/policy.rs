@@ -83,6 +83,7 @@ pub struct Finding {
     pub actions: Vec<String>,
     /// The resource pattern as written (`NotResource […]` for an `Allow` with `NotResource`).
     pub resource: String,
+    /// Which lint rule the grant breaks.
     pub rule: LintRule,
     /// Always [`REASON_BROAD_DATA_PLANE`].
     pub reason_code: &'static str,

@@ -11,14 +11,23 @@ use std::fmt;
 
 /// The names of the parameters JITP fills from the device certificate.
 pub mod params {
+    /// The subject's commonName (CN).
     pub const COMMON_NAME: &str = "AWS::IoT::Certificate::CommonName";
+    /// The subject's serialNumber attribute, not the certificate serial.
     pub const SERIAL_NUMBER: &str = "AWS::IoT::Certificate::SerialNumber";
+    /// The subject's countryName (C).
     pub const COUNTRY: &str = "AWS::IoT::Certificate::Country";
+    /// The subject's organizationName (O).
     pub const ORGANIZATION: &str = "AWS::IoT::Certificate::Organization";
+    /// The subject's organizationalUnitName (OU).
     pub const ORGANIZATIONAL_UNIT: &str = "AWS::IoT::Certificate::OrganizationalUnit";
+    /// The subject's dnQualifier.
     pub const DISTINGUISHED_NAME_QUALIFIER: &str =
         "AWS::IoT::Certificate::DistinguishedNameQualifier";
+    /// The subject's stateOrProvinceName (ST).
     pub const STATE_NAME: &str = "AWS::IoT::Certificate::StateName";
+    /// The certificate Id: lowercase hex SHA-256 of the certificate DER. Always supplied,
+    /// so templates may use it without declaring it.
     pub const ID: &str = "AWS::IoT::Certificate::Id";
 }
 
@@ -70,7 +79,9 @@ pub fn certificate_parameters(fields: &CertificateFields) -> BTreeMap<String, St
 pub struct RenderedProvisioning {
     /// The template's name.
     pub template: String,
+    /// The template's one `AWS::IoT::Thing`.
     pub thing: RenderedThing,
+    /// The template's `AWS::IoT::Certificate`, if it has one.
     pub certificate: Option<RenderedCertificate>,
     /// In template order.
     pub policies: Vec<RenderedPolicy>,
@@ -78,33 +89,50 @@ pub struct RenderedProvisioning {
     pub device_configuration: BTreeMap<String, Value>,
 }
 
+/// An `AWS::IoT::Thing` resource with every property evaluated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenderedThing {
+    /// The resource's logical id.
     pub logical_id: String,
     /// Checked against `[a-zA-Z0-9:_-]{1,128}`.
     pub name: String,
+    /// `ThingTypeName`.
     pub thing_type: Option<String>,
+    /// `AttributePayload`: attribute name -> value.
     pub attributes: BTreeMap<String, String>,
+    /// `ThingGroups`: non-empty names, duplicates removed, in template order.
     pub groups: Vec<String>,
+    /// `BillingGroup`.
     pub billing_group: Option<String>,
     /// `OverrideSettings`: property -> action when the thing already exists.
     pub override_settings: BTreeMap<String, OverrideAction>,
 }
 
+/// An `AWS::IoT::Certificate` resource with every property evaluated. Each string
+/// property is `None` when the template leaves it out, never empty.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenderedCertificate {
+    /// The resource's logical id.
     pub logical_id: String,
+    /// `CertificateId`.
     pub certificate_id: Option<String>,
+    /// `CertificatePem`.
     pub certificate_pem: Option<String>,
+    /// `CACertificatePem`.
     pub ca_certificate_pem: Option<String>,
+    /// `CertificateSigningRequest`.
     pub certificate_signing_request: Option<String>,
     /// `None` when the template does not set `Status`.
     pub status: Option<CertificateStatus>,
+    /// `OverrideSettings`: property -> action when the certificate already exists.
     pub override_settings: BTreeMap<String, OverrideAction>,
 }
 
+/// An `AWS::IoT::Policy` resource with its name and document evaluated; at least one of
+/// the two is present.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RenderedPolicy {
+    /// The resource's logical id.
     pub logical_id: String,
     /// `None` when the template gives only a document (AWS then names the policy itself).
     pub name: Option<String>,
@@ -118,6 +146,7 @@ pub struct RenderedPolicy {
 pub struct TemplateFinding {
     /// The policy resource's logical id.
     pub resource: String,
+    /// What the lint found (serialised flattened into this object).
     #[serde(flatten)]
     pub finding: Finding,
 }

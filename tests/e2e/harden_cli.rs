@@ -182,7 +182,13 @@ fn template_errors_quote_at_most_64_characters_of_the_input() {
         std::fs::write(&path, &body).unwrap();
         for args in [
             vec!["templates", "lint", path.to_str().unwrap()],
-            vec!["--output", "json", "templates", "lint", path.to_str().unwrap()],
+            vec![
+                "--output",
+                "json",
+                "templates",
+                "lint",
+                path.to_str().unwrap(),
+            ],
         ] {
             let out = env.run(&args);
             let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
@@ -234,9 +240,18 @@ fn deeply_nested_templates_are_refused_before_parsing() {
         .collect();
     std::fs::write(&block_path, block).unwrap();
     for (path, what) in [
-        (&json_path, "collections nest deeper than 64 levels at line 1"),
-        (&flow_path, "collections nest deeper than 64 levels at line 1"),
-        (&block_path, "indentation nests deeper than 64 levels at line 65"),
+        (
+            &json_path,
+            "collections nest deeper than 64 levels at line 1",
+        ),
+        (
+            &flow_path,
+            "collections nest deeper than 64 levels at line 1",
+        ),
+        (
+            &block_path,
+            "indentation nests deeper than 64 levels at line 65",
+        ),
     ] {
         // The limit only guards against a hang; the assertion is on the message.
         let out = run_within(
@@ -287,10 +302,22 @@ fn a_database_password_in_the_url_query_is_masked() {
 fn nonsense_durations_are_refused_as_bad_input() {
     let env = Env::new();
     for (args, flag) in [
-        (vec!["serve", "--rotation-interval", "0s"], "--rotation-interval"),
-        (vec!["serve", "--handshake-timeout", "0s"], "--handshake-timeout"),
-        (vec!["serve", "--handshake-timeout", "30d"], "--handshake-timeout"),
-        (vec!["serve", "--mirror-interval", "0s"], "--mirror-interval"),
+        (
+            vec!["serve", "--rotation-interval", "0s"],
+            "--rotation-interval",
+        ),
+        (
+            vec!["serve", "--handshake-timeout", "0s"],
+            "--handshake-timeout",
+        ),
+        (
+            vec!["serve", "--handshake-timeout", "30d"],
+            "--handshake-timeout",
+        ),
+        (
+            vec!["serve", "--mirror-interval", "0s"],
+            "--mirror-interval",
+        ),
         (
             vec!["serve", "--renew-after-expiry", "100000d"],
             "--renew-after-expiry",

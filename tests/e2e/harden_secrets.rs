@@ -33,12 +33,24 @@ fn crl_serials(env: &Env, served: &Served) -> BTreeSet<String> {
         .arg(format!("http://{}/crl", served.admin))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    openssl(&["crl", "-inform", "DER", "-noout", "-text", "-in", der.to_str().unwrap()])
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Serial Number:"))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    openssl(&[
+        "crl",
+        "-inform",
+        "DER",
+        "-noout",
+        "-text",
+        "-in",
+        der.to_str().unwrap(),
+    ])
+    .lines()
+    .filter_map(|l| l.trim().strip_prefix("Serial Number:"))
+    .map(|s| s.trim().to_ascii_lowercase())
+    .collect()
 }
 
 /// (new_serial, sealed key) of every rotation holding one, read with the sqlite3 CLI.
@@ -72,7 +84,11 @@ fn pem_body(env: &Env, pem: &str) -> Vec<u8> {
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let file = env.path("pem-body.b64");
     std::fs::write(&file, body).unwrap();
-    let out = Command::new("base64").arg("-d").arg(&file).output().unwrap();
+    let out = Command::new("base64")
+        .arg("-d")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "not base64: {pem}");
     out.stdout
 }
@@ -228,7 +244,11 @@ fn the_passphrase_protects_the_sealing_key_and_the_server_key() {
         text.starts_with("-----BEGIN FLEETCERT ENCRYPTED SEALING KEY-----"),
         "{text}"
     );
-    assert!(!any_window_opens(&pem_body(&env, &text), new_serial, sealed));
+    assert!(!any_window_opens(
+        &pem_body(&env, &text),
+        new_serial,
+        sealed
+    ));
 
     // End to end with the passphrase: the device fetches its replacement and uses it.
     let reply = fetch(&env, &served, &old_cert, &old_key);
@@ -248,7 +268,13 @@ fn the_passphrase_protects_the_sealing_key_and_the_server_key() {
     let out = env
         .cmd()
         .env_remove("FLEETCERT_CA_PASSPHRASE")
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -386,7 +412,12 @@ fn replacements_are_handed_out_once_per_rotation_and_reenrollment_is_bounded() {
     codes.sort();
     assert_eq!(codes, [200, 200, 200, 409, 409, 409], "EST budget");
     for refused in replies.iter().filter(|r| r.status == 409) {
-        assert_eq!(refused.json()["error"], "replacement_limit", "{}", refused.text());
+        assert_eq!(
+            refused.json()["error"],
+            "replacement_limit",
+            "{}",
+            refused.text()
+        );
         assert!(refused.text().contains("3 times"), "{}", refused.text());
     }
     let late = device_request(
@@ -463,7 +494,10 @@ fn a_superseded_certificate_keeps_working_until_its_replacement_is_used() {
     let old_serial = serial_of(&old_cert);
     assert_eq!(statuses(&env, "late-1")[&old_serial], "superseded");
     let (status, body) = curl_connect(&env, &served, &old_cert, &old_key);
-    assert_eq!(status, 200, "the superseded certificate was refused: {body}");
+    assert_eq!(
+        status, 200,
+        "the superseded certificate was refused: {body}"
+    );
     let reply: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["status"], "known", "{reply}");
     assert_eq!(reply["certificate_serial"], old_serial.as_str(), "{reply}");
@@ -478,9 +512,10 @@ fn a_superseded_certificate_keeps_working_until_its_replacement_is_used() {
     // The replacement's first use provisions the thing and retires the old certificate.
     let (status, body) = curl_connect(&env, &served, &new_cert, &new_key);
     assert_eq!(status, 201, "{body}");
-    eventually("the superseded certificate is refused once replaced", || {
-        curl_connect(&env, &served, &old_cert, &old_key).0 == 0
-    });
+    eventually(
+        "the superseded certificate is refused once replaced",
+        || curl_connect(&env, &served, &old_cert, &old_key).0 == 0,
+    );
     assert_eq!(statuses(&env, "late-1")[&old_serial], "revoked");
 
     // Own key: re-enrolled through EST before the first connect.
@@ -497,7 +532,10 @@ fn a_superseded_certificate_keeps_working_until_its_replacement_is_used() {
     let est_serial = serial_of(&est_cert);
     assert_eq!(statuses(&env, "late-2")[&est_serial], "superseded");
     let (status, body) = curl_connect(&env, &served, &est_cert, &est_key);
-    assert_eq!(status, 200, "the superseded certificate was refused: {body}");
+    assert_eq!(
+        status, 200,
+        "the superseded certificate was refused: {body}"
+    );
     let reply: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["rotation_due"], true, "{reply}");
     assert_eq!(reply["rotation"]["method"], "est", "{reply}");

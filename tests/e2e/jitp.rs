@@ -80,8 +80,10 @@ impl Drop for Served {
 }
 
 /// The root CA file clients trust. Written once per environment: rewriting it while
-/// another client reads it would race.
+/// another client reads it would race (and so would two threads writing it at once).
 pub fn trust_anchor(env: &Env) -> std::path::PathBuf {
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_writer = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     let root = env.path("trust-anchor.pem");
     if !root.exists() {
         let (exported, _) = env.chain_files();

@@ -812,30 +812,36 @@ fn revoke_takes_effect_on_a_running_server_and_in_the_crl() {
     let number0 = crl0["number"].as_u64().unwrap();
     let before = env.certs();
     assert_eq!(before.len(), 4);
-    for (args, what) in [
+    // Exit codes as the README states them: 2 for bad input, 1 for a valid serial or
+    // name that is not in the registry (a failed operation, issue 12 item 7).
+    for (args, what, code) in [
         (
             vec!["revoke", "7f00000000000000000000000000abcd"],
             "an unknown serial",
+            1,
         ),
-        (vec!["revoke", "not-hex!"], "a malformed serial"),
+        (vec!["revoke", "not-hex!"], "a malformed serial", 2),
         (
             vec!["revoke", serial.as_str(), "--reason", "certificateHold"],
             "certificateHold",
+            2,
         ),
         (
             vec!["revoke", serial.as_str(), "--reason", "nonsense"],
             "a made-up reason",
+            2,
         ),
-        (vec!["revoke", "--thing", "nobody"], "an unknown thing"),
+        (vec!["revoke", "--thing", "nobody"], "an unknown thing", 1),
         (
             vec!["revoke", "--thing", "bad*name"],
             "an invalid thing name",
+            2,
         ),
     ] {
         let out = env.run(&args);
         assert_eq!(
             out.status.code(),
-            Some(2),
+            Some(code),
             "{what}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
