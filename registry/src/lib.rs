@@ -10,8 +10,11 @@
 #![forbid(unsafe_code)]
 
 mod common;
+mod dialect;
 mod error;
+mod mirror;
 mod postgres;
+mod queries;
 mod sqlite;
 pub mod testing;
 
@@ -1104,22 +1107,22 @@ fn is_secret_parameter(key: &str) -> bool {
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        decoded.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => decoded.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    decoded.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => decoded.push(b'%'),
+            },
             b'+' => decoded.push(b' '),
             b => decoded.push(b),
         }
         i += 1;
     }
-    let key = String::from_utf8_lossy(&decoded).trim().to_ascii_lowercase();
+    let key = String::from_utf8_lossy(&decoded)
+        .trim()
+        .to_ascii_lowercase();
     key.contains("password")
 }
 
@@ -1167,7 +1170,10 @@ mod tests {
             redact_url("postgres://u:p@db/f?password=q"),
             "postgres://u:***@db/f?password=***"
         );
-        assert_eq!(redact_url("postgres://db/f?sslmode=disable"), "postgres://db/f?sslmode=disable");
+        assert_eq!(
+            redact_url("postgres://db/f?sslmode=disable"),
+            "postgres://db/f?sslmode=disable"
+        );
     }
 
     #[test]

@@ -10,8 +10,7 @@ use fleetcert_registry::{
     NewMirrorOp, PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
     RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, TakenReplacement,
-    ThingDetails,
-    ThingFilter, ThingRecord, open, testing,
+    ThingDetails, ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
