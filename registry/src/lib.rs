@@ -12,8 +12,11 @@
 // workspace's `missing_docs` applies once that lands.
 #![allow(missing_docs)]
 mod common;
+mod dialect;
 mod error;
+mod mirror;
 mod postgres;
+mod queries;
 mod sqlite;
 pub mod testing;
 

@@ -41,11 +41,11 @@ use crate::{
     RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
     ThingFilter, ThingRecord,
 };
-mod mirror;
 
+use crate::dialect::{Dialect, Flows};
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, Postgres};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
@@ -277,10 +277,6 @@ impl PgRegistry {
             url: redacted,
             probes: common::ProbeGate::default(),
         })
-    }
-
-    fn err(&self, context: &str, e: sqlx::Error) -> RegistryError {
-        db_error(&self.url, context, e)
     }
 
     /// The serials and fingerprints of `records` already in the database.
@@ -536,13 +532,6 @@ impl PgRegistry {
             .map(common::cert_from_row)
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("reading certificates", e))
-    }
-
-    fn policies(&self, rows: &[PgRow]) -> Result<Vec<PolicyRecord>, RegistryError> {
-        rows.iter()
-            .map(common::policy_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading policies", e))
     }
 
     /// One attempt at [`Registry::register`], in one transaction. Lock order: the thing,
@@ -1575,39 +1564,30 @@ async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) -> sqlx::Re
     Ok(())
 }
 
-/// A bind value of a dynamically assembled query.
-enum Bind {
-    Text(String),
-    Int(i64),
-}
+impl Dialect for PgRegistry {
+    type Db = Postgres;
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const BEGIN_SNAPSHOT: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 
-/// Assembles `base` + ` WHERE` conditions (each with one `$n` placeholder written as
-/// `{}`) + `tail` + a `LIMIT`, and binds the values.
-fn assemble(
-    base: &str,
-    conditions: Vec<(&str, Bind)>,
-    tail: &str,
-    limit: Option<u32>,
-) -> sqlx::query::Query<'static, Postgres, PgArguments> {
-    let mut sql = String::from(base);
-    let mut binds = Vec::new();
-    for (i, (condition, bind)) in conditions.into_iter().enumerate() {
-        sql.push_str(if i == 0 { " WHERE " } else { " AND " });
-        sql.push_str(&condition.replace("{}", &format!("${}", i + 1)));
-        binds.push(bind);
+    fn pool(&self) -> &PgPool {
+        &self.pool
     }
-    sql.push(' ');
-    sql.push_str(tail);
-    sql.push_str(&format!(" LIMIT ${}", binds.len() + 1));
-    let mut q = sqlx::query(AssertSqlSafe(sql));
-    for b in binds {
-        q = match b {
-            Bind::Text(s) => q.bind(s),
-            Bind::Int(i) => q.bind(i),
-        };
+
+    fn url(&self) -> &str {
+        &self.url
     }
-    // LIMIT NULL: no limit.
-    q.bind(common::limit_value(limit))
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, RegistryError> {
+        self.pool
+            .begin()
+            .await
+            .map_err(|e| self.err("starting a transaction", e))
+    }
+
+    async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) -> sqlx::Result<()> {
+        insert_events(conn, events).await
+    }
 }
 
 #[async_trait]
@@ -1708,112 +1688,33 @@ impl Registry for PgRegistry {
     }
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            thing_columns!(),
-            " FROM things WHERE name = $1"
-        ))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.err("reading a thing", e))?;
-        row.as_ref()
-            .map(common::thing_from_row)
-            .transpose()
-            .map_err(|e| self.err("reading a thing", e))
+        Flows(self).get_thing(name).await
     }
 
     async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError> {
-        let mut conditions = Vec::new();
-        if let Some(after) = &filter.after {
-            conditions.push(("name > {}", Bind::Text(after.clone())));
-        }
-        let rows = assemble(
-            concat!("SELECT ", thing_columns!(), " FROM things"),
-            conditions,
-            "ORDER BY name",
-            filter.limit,
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("listing things", e))?;
-        rows.iter()
-            .map(common::thing_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading things", e))
+        Flows(self).list_things(filter).await
     }
 
     async fn get_certificate(
         &self,
         serial: &str,
     ) -> Result<Option<CertificateRecord>, RegistryError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            cert_columns!(),
-            " FROM certificates WHERE serial = $1"
-        ))
-        .bind(serial)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("reading a certificate", e))?;
-        Ok(self.certs(&rows)?.pop())
+        Flows(self).get_certificate(serial).await
     }
 
     async fn list_certificates(
         &self,
         filter: &CertificateFilter,
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        let mut conditions = Vec::new();
-        if let Some(thing) = &filter.thing_name {
-            conditions.push(("thing_name = {}", Bind::Text(thing.clone())));
-        }
-        if let Some(status) = filter.status {
-            conditions.push(("status = {}", Bind::Text(status.as_str().to_owned())));
-        }
-        if let Some(before) = filter.expires_before {
-            conditions.push(("not_after <= {}", Bind::Int(before)));
-        }
-        let rows = assemble(
-            concat!("SELECT ", cert_columns!(), " FROM certificates"),
-            conditions,
-            "ORDER BY thing_name, created_at, serial",
-            filter.limit,
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("listing certificates", e))?;
-        self.certs(&rows)
+        Flows(self).list_certificates(filter).await
     }
 
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError> {
-        let mut conditions = Vec::new();
-        if let Some(thing) = &filter.thing_name {
-            conditions.push(("thing_name = {}", Bind::Text(thing.clone())));
-        }
-        if let Some(serial) = &filter.serial {
-            conditions.push(("serial = {}", Bind::Text(serial.clone())));
-        }
-        let rows = assemble(
-            "SELECT id, at, kind, thing_name, serial, detail::text FROM events",
-            conditions,
-            "ORDER BY id",
-            filter.limit,
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("listing events", e))?;
-        rows.iter()
-            .map(common::event_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading events", e))
+        Flows(self).list_events(filter).await
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
-        let _: i32 = sqlx::query_scalar("SELECT 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.err("pinging the database", e))?;
-        Ok(())
+        Flows(self).ping().await
     }
 
     async fn probe_writes(&self) -> Result<(), RegistryError> {
@@ -1838,32 +1739,7 @@ impl Registry for PgRegistry {
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
-        // One repeatable-read snapshot, so the three numbers agree with each other.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        let things: i64 = sqlx::query_scalar("SELECT count(*) FROM things")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err("counting things", e))?;
-        let by_status: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT status, count(*) FROM certificates GROUP BY status ORDER BY status",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.err("counting certificates", e))?;
-        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err("counting events", e))?;
-        let _ = tx.rollback().await;
-        Ok(RegistryCounts {
-            things: things as u64,
-            certificates_by_status: by_status.into_iter().map(|(s, n)| (s, n as u64)).collect(),
-            events: events as u64,
-        })
+        Flows(self).counts().await
     }
 
     async fn register(
@@ -1906,43 +1782,18 @@ impl Registry for PgRegistry {
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT name, document::text, created_at, updated_at FROM policies WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("reading a policy", e))?;
-        Ok(self.policies(&rows)?.pop())
+        Flows(self).get_policy(name).await
     }
 
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT name, document::text, created_at, updated_at FROM policies ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("listing policies", e))?;
-        self.policies(&rows)
+        Flows(self).list_policies().await
     }
 
     async fn policies_of_thing(
         &self,
         thing_name: &str,
     ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT name, document::text, created_at, updated_at FROM policies \
-             WHERE name IN ( \
-                SELECT a.policy_name FROM certificates c \
-                JOIN policy_attachments a ON a.serial = c.serial \
-                WHERE c.thing_name = $1 AND c.status = 'active') \
-             ORDER BY name",
-        )
-        .bind(thing_name)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("listing the policies of a thing", e))?;
-        self.policies(&rows)
+        Flows(self).policies_of_thing(thing_name).await
     }
 
     async fn record_connections(
@@ -1963,30 +1814,11 @@ impl Registry for PgRegistry {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Vec<ConnectionRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT fingerprint_sha256, thing_name, client_addr, at FROM connections \
-             WHERE fingerprint_sha256 = $1 ORDER BY id DESC LIMIT $2",
-        )
-        .bind(fingerprint_sha256)
-        .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("reading connections", e))?;
-        rows.iter()
-            .map(common::connection_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading connections", e))
+        Flows(self).recent_connections(fingerprint_sha256).await
     }
 
     async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError> {
-        sqlx::query_scalar(
-            "SELECT serial FROM certificates \
-             WHERE status = 'revoked' AND not_after >= $1 ORDER BY serial",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("reading revoked certificates", e))
+        Flows(self).revoked_serials(now).await
     }
 
     async fn due_certificates(
@@ -2193,45 +2025,14 @@ impl Registry for PgRegistry {
         &self,
         old_serial: &str,
     ) -> Result<Option<RotationRecord>, RegistryError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            rotation_columns!(),
-            " FROM rotations WHERE old_serial = $1"
-        ))
-        .bind(old_serial)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.err("reading a rotation", e))?;
-        row.as_ref()
-            .map(common::rotation_from_row)
-            .transpose()
-            .map_err(|e| self.err("reading a rotation", e))
+        Flows(self).get_rotation(old_serial).await
     }
 
     async fn list_rotations(
         &self,
         filter: &RotationFilter,
     ) -> Result<Vec<RotationRecord>, RegistryError> {
-        let mut conditions = Vec::new();
-        if let Some(state) = filter.state {
-            conditions.push(("state = {}", Bind::Text(state.as_str().to_owned())));
-        }
-        if let Some(thing) = &filter.thing_name {
-            conditions.push(("thing_name = {}", Bind::Text(thing.clone())));
-        }
-        let rows = assemble(
-            concat!("SELECT ", rotation_columns!(), " FROM rotations"),
-            conditions,
-            "ORDER BY due_at, old_serial",
-            filter.limit,
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("listing rotations", e))?;
-        rows.iter()
-            .map(common::rotation_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading rotations", e))
+        Flows(self).list_rotations(filter).await
     }
 
     async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError> {
@@ -2249,33 +2050,11 @@ impl Registry for PgRegistry {
     }
 
     async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            revoked_columns!(),
-            " FROM certificates WHERE status = 'revoked' AND not_after >= $1 ORDER BY serial"
-        ))
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("reading revoked certificates", e))?;
-        rows.iter()
-            .map(common::revoked_entry_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading revoked certificates", e))
+        Flows(self).revoked_entries(now).await
     }
 
     async fn latest_crl(&self) -> Result<Option<StoredCrl>, RegistryError> {
-        let row = sqlx::query(
-            "SELECT number, this_update, next_update, entries_digest, entry_count, der \
-             FROM crls ORDER BY number DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.err("reading the CRL", e))?;
-        row.as_ref()
-            .map(common::crl_from_row)
-            .transpose()
-            .map_err(|e| self.err("reading the CRL", e))
+        Flows(self).latest_crl().await
     }
 
     async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError> {
@@ -2294,11 +2073,11 @@ impl Registry for PgRegistry {
         &self,
         serial: &str,
     ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        self.policies_of_certificate_impl(serial).await
+        Flows(self).policies_of_certificate(serial).await
     }
 
     async fn mirror_settings(&self) -> Result<Option<crate::MirrorSettings>, RegistryError> {
-        self.mirror_settings_impl().await
+        Flows(self).mirror_settings().await
     }
 
     async fn enable_mirror(
@@ -2306,11 +2085,11 @@ impl Registry for PgRegistry {
         settings: &crate::MirrorSettings,
         at: i64,
     ) -> Result<u64, RegistryError> {
-        self.enable_mirror_impl(settings, at).await
+        Flows(self).enable_mirror(settings, at).await
     }
 
     async fn disable_mirror(&self, at: i64) -> Result<bool, RegistryError> {
-        self.disable_mirror_impl(at).await
+        Flows(self).disable_mirror(at).await
     }
 
     async fn record_mirror_ca(
@@ -2319,7 +2098,8 @@ impl Registry for PgRegistry {
         arn_prefix: &str,
         at: i64,
     ) -> Result<(), RegistryError> {
-        self.record_mirror_ca_impl(ca_certificate_id, arn_prefix, at)
+        Flows(self)
+            .record_mirror_ca(ca_certificate_id, arn_prefix, at)
             .await
     }
 
@@ -2327,20 +2107,20 @@ impl Registry for PgRegistry {
         &self,
         certificate: &crate::MirroredCertificate,
     ) -> Result<(), RegistryError> {
-        self.record_mirrored_certificate_impl(certificate).await
+        Flows(self).record_mirrored_certificate(certificate).await
     }
 
     async fn mirrored_certificate(
         &self,
         serial: &str,
     ) -> Result<Option<crate::MirroredCertificate>, RegistryError> {
-        self.mirrored_certificate_impl(serial).await
+        Flows(self).mirrored_certificate(serial).await
     }
 
     async fn mirrored_certificates(
         &self,
     ) -> Result<Vec<crate::MirroredCertificate>, RegistryError> {
-        self.mirrored_certificates_impl().await
+        Flows(self).mirrored_certificates().await
     }
 
     async fn queue_mirror_ops(
@@ -2348,7 +2128,7 @@ impl Registry for PgRegistry {
         ops: &[crate::NewMirrorOp],
         at: i64,
     ) -> Result<u64, RegistryError> {
-        self.queue_mirror_ops_impl(ops, at).await
+        Flows(self).queue_mirror_ops(ops, at).await
     }
 
     async fn claim_mirror_ops(
@@ -2359,7 +2139,8 @@ impl Registry for PgRegistry {
         limit: u32,
         ignore_backoff: bool,
     ) -> Result<Vec<crate::MirrorOp>, RegistryError> {
-        self.claim_mirror_ops_impl(owner, now, lease_secs, limit, ignore_backoff)
+        Flows(self)
+            .claim_mirror_ops(owner, now, lease_secs, limit, ignore_backoff)
             .await
     }
 
@@ -2369,18 +2150,18 @@ impl Registry for PgRegistry {
         results: &[crate::MirrorResult],
         at: i64,
     ) -> Result<u64, RegistryError> {
-        self.finish_mirror_ops_impl(owner, results, at).await
+        Flows(self).finish_mirror_ops(owner, results, at).await
     }
 
     async fn mirror_backlog(
         &self,
         parked_limit: u32,
     ) -> Result<crate::MirrorBacklog, RegistryError> {
-        self.mirror_backlog_impl(parked_limit).await
+        Flows(self).mirror_backlog(parked_limit).await
     }
 
     async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError> {
-        self.requeue_parked_mirror_ops_impl(at).await
+        Flows(self).requeue_parked_mirror_ops(at).await
     }
 }
 
@@ -2391,6 +2172,7 @@ mod tests {
     //! `tests/stories.rs`.
     use super::*;
     use crate::{CertOrigin, IssueOutcome, RotationState};
+    use sqlx::AssertSqlSafe;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 

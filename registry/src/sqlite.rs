@@ -15,7 +15,7 @@
 
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
-    EVENT_CERT_SUPERSEDED, FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK, cert_columns, db_error,
+    EVENT_CERT_SUPERSEDED, FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK, cert_columns,
     migrate_error, rotation_columns, to_json,
 };
 use crate::{
@@ -26,8 +26,8 @@ use crate::{
     RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl,
     TakenReplacement, ThingFilter, ThingRecord,
 };
-mod mirror;
 
+use crate::dialect::{Dialect, Flows};
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -78,14 +78,6 @@ const SQL_DELIVER: &str = "UPDATE certificates SET delivered_at = ?2 \
      WHERE serial IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL \
      RETURNING serial, thing_name";
 
-/// The thing columns, in the order [`common::thing_from_row`] reads them.
-macro_rules! thing_columns {
-    () => {
-        "name, template, created_at, updated_at, thing_type, attributes, groups, \
-         billing_group, version"
-    };
-}
-
 /// A certificate, its thing, its attached policies (a JSON array), whether it confirms a
 /// rotation, and its own rotation (if any) by fingerprint: the hot path of every
 /// returning connection.
@@ -107,7 +99,6 @@ const SQL_REGISTRATION_CERT: &str =
     "SELECT thing_name, status, registered_at FROM certificates WHERE serial = ?1";
 const SQL_ATTACHED: &str = "SELECT policy_name FROM policy_attachments WHERE serial = ?1 \
      ORDER BY policy_name";
-const SQL_THING: &str = concat!("SELECT ", thing_columns!(), " FROM things WHERE name = ?1");
 const SQL_CREATE_POLICY: &str = "INSERT INTO policies (name, document, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING name";
 const SQL_FIND_POLICIES: &str = "SELECT name, document FROM policies \
@@ -120,16 +111,6 @@ const SQL_ATTACH: &str = "INSERT INTO policy_attachments (policy_name, serial, a
      ON CONFLICT (policy_name, serial) DO NOTHING";
 const SQL_MARK_REGISTERED: &str = "UPDATE certificates SET registered_at = ?2 \
      WHERE serial = ?1 AND registered_at IS NULL";
-const SQL_POLICY: &str =
-    "SELECT name, document, created_at, updated_at FROM policies WHERE name = ?1";
-const SQL_POLICIES: &str =
-    "SELECT name, document, created_at, updated_at FROM policies ORDER BY name";
-const SQL_POLICIES_OF_THING: &str = "SELECT name, document, created_at, updated_at \
-     FROM policies WHERE name IN ( \
-        SELECT a.policy_name FROM certificates c \
-        JOIN policy_attachments a ON a.serial = c.serial \
-        WHERE c.thing_name = ?1 AND c.status = 'active') \
-     ORDER BY name";
 /// Deletes all but the newest `?2` connections of each fingerprint of `?1` (a JSON
 /// array): one cutoff id per fingerprint, then a range delete through the index.
 const SQL_PRUNE_CONNECTIONS: &str = "WITH cutoff AS MATERIALIZED ( \
@@ -140,10 +121,6 @@ const SQL_PRUNE_CONNECTIONS: &str = "WITH cutoff AS MATERIALIZED ( \
      DELETE FROM connections WHERE id IN ( \
         SELECT c.id FROM cutoff \
         JOIN connections c ON c.fingerprint_sha256 = cutoff.fp AND c.id < cutoff.id)";
-const SQL_RECENT_CONNECTIONS: &str = "SELECT fingerprint_sha256, thing_name, client_addr, at \
-     FROM connections WHERE fingerprint_sha256 = ?1 ORDER BY id DESC LIMIT ?2";
-const SQL_REVOKED_SERIALS: &str = "SELECT serial FROM certificates \
-     WHERE status = 'revoked' AND not_after >= ?1 ORDER BY serial";
 
 // ---- rotation, revocation and CRLs ------------------------------------------------------
 
@@ -309,11 +286,6 @@ const SQL_ROTATION_CONFIRMED: &str = "UPDATE rotations SET state = 'confirmed', 
         updated_at = ?3 \
      WHERE old_serial = ?1 AND +state NOT IN ('confirmed', 'cancelled') \
      RETURNING thing_name";
-const SQL_ROTATION: &str = concat!(
-    "SELECT ",
-    rotation_columns!(),
-    " FROM rotations WHERE old_serial = ?1"
-);
 const SQL_CERT_EXISTS: &str = "SELECT serial FROM certificates WHERE serial = ?1";
 /// Undelivered replacements of ?1 that are not revoked.
 const SQL_UNDELIVERED_REPLACEMENTS: &str = "SELECT serial FROM certificates \
@@ -327,11 +299,6 @@ const SQL_REVOKE_MANY: &str = "UPDATE certificates SET status = 'revoked', \
         revoked_at = ?2, revocation_reason = ?3 \
      WHERE serial IN (SELECT value FROM json_each(?1)) AND +status <> 'revoked' \
      RETURNING serial, thing_name, revoked_at, revocation_reason, not_after";
-const SQL_REVOKED_ENTRIES: &str = "SELECT serial, thing_name, \
-        coalesce(revoked_at, created_at), revocation_reason, not_after \
-     FROM certificates WHERE status = 'revoked' AND not_after >= ?1 ORDER BY serial";
-const SQL_LATEST_CRL: &str = "SELECT number, this_update, next_update, entries_digest, \
-        entry_count, der FROM crls ORDER BY number DESC LIMIT 1";
 const SQL_PRUNE_CRLS: &str = "DELETE FROM crls WHERE number NOT IN \
      (SELECT number FROM crls ORDER BY number DESC LIMIT ?1)";
 
@@ -433,10 +400,6 @@ impl SqliteRegistry {
         Ok(registry)
     }
 
-    fn err(&self, context: &str, e: sqlx::Error) -> RegistryError {
-        db_error(&self.url, context, e)
-    }
-
     /// The serials and fingerprints of `certs` already in the database.
     async fn taken<'a>(
         &self,
@@ -485,13 +448,6 @@ impl SqliteRegistry {
                 Err(self.err(context, error))
             }
         }
-    }
-
-    fn rotations(&self, rows: &[SqliteRow]) -> Result<Vec<RotationRecord>, RegistryError> {
-        rows.iter()
-            .map(common::rotation_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading rotations", e))
     }
 
     /// The writes of [`Registry::complete_rotations`], inside the caller's transaction:
@@ -1083,33 +1039,11 @@ impl SqliteRegistry {
         Ok(())
     }
 
-    async fn fetch_things(
-        &self,
-        sql: String,
-        binds: Vec<Bind>,
-    ) -> Result<Vec<ThingRecord>, RegistryError> {
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("listing things", e))?;
-        rows.iter()
-            .map(common::thing_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading things", e))
-    }
-
     fn certs(&self, rows: &[SqliteRow]) -> Result<Vec<CertificateRecord>, RegistryError> {
         rows.iter()
             .map(common::cert_from_row)
             .collect::<Result<_, _>>()
             .map_err(|e| self.err("reading certificates", e))
-    }
-
-    fn policies(&self, rows: &[SqliteRow]) -> Result<Vec<PolicyRecord>, RegistryError> {
-        rows.iter()
-            .map(common::policy_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading policies", e))
     }
 
     /// The body of [`Registry::register`], inside the caller's `BEGIN IMMEDIATE`
@@ -1143,7 +1077,7 @@ impl SqliteRegistry {
                 return Ok((RegistrationOutcome::AlreadyRegistered { policies }, false));
             }
         }
-        let row = sqlx::query(SQL_THING)
+        let row = sqlx::query(crate::queries::SQL_THING)
             .bind(&reg.thing_name)
             .fetch_optional(&mut *conn)
             .await
@@ -1389,114 +1323,6 @@ fn json<'a>(items: impl Iterator<Item = &'a String>) -> String {
     to_json(&items.collect::<Vec<_>>())
 }
 
-/// A bind value of a dynamically assembled query.
-enum Bind {
-    Text(String),
-    Int(i64),
-}
-
-fn bind_all<'q>(
-    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-    binds: Vec<Bind>,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    for b in binds {
-        q = match b {
-            Bind::Text(s) => q.bind(s),
-            Bind::Int(i) => q.bind(i),
-        };
-    }
-    q
-}
-
-/// Appends ` LIMIT ?` (SQLite: -1 means none).
-fn push_limit(sql: &mut String, binds: &mut Vec<Bind>, limit: Option<u32>) {
-    sql.push_str(" LIMIT ?");
-    binds.push(Bind::Int(common::limit_value(limit).unwrap_or(-1)));
-}
-
-/// `list_things`: SQL and binds.
-fn things_query(filter: &ThingFilter) -> (String, Vec<Bind>) {
-    let mut sql = String::from(concat!("SELECT ", thing_columns!(), " FROM things"));
-    let mut binds = Vec::new();
-    if let Some(after) = &filter.after {
-        sql.push_str(" WHERE name > ?");
-        binds.push(Bind::Text(after.clone()));
-    }
-    sql.push_str(" ORDER BY name");
-    push_limit(&mut sql, &mut binds, filter.limit);
-    (sql, binds)
-}
-
-/// `list_certificates`: SQL and binds.
-fn certificates_query(filter: &CertificateFilter) -> (String, Vec<Bind>) {
-    let mut sql = String::from(concat!("SELECT ", cert_columns!(), " FROM certificates"));
-    let mut binds = Vec::new();
-    let mut conditions = Vec::new();
-    if let Some(thing) = &filter.thing_name {
-        conditions.push("thing_name = ?");
-        binds.push(Bind::Text(thing.clone()));
-    }
-    if let Some(status) = filter.status {
-        conditions.push("status = ?");
-        binds.push(Bind::Text(status.as_str().to_owned()));
-    }
-    if let Some(before) = filter.expires_before {
-        conditions.push("not_after <= ?");
-        binds.push(Bind::Int(before));
-    }
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
-    sql.push_str(" ORDER BY thing_name, created_at, serial");
-    push_limit(&mut sql, &mut binds, filter.limit);
-    (sql, binds)
-}
-
-/// `list_events`: SQL and binds.
-fn events_query(filter: &EventFilter) -> (String, Vec<Bind>) {
-    let mut sql = String::from("SELECT id, at, kind, thing_name, serial, detail FROM events");
-    let mut binds = Vec::new();
-    let mut conditions = Vec::new();
-    if let Some(thing) = &filter.thing_name {
-        conditions.push("thing_name = ?");
-        binds.push(Bind::Text(thing.clone()));
-    }
-    if let Some(serial) = &filter.serial {
-        conditions.push("serial = ?");
-        binds.push(Bind::Text(serial.clone()));
-    }
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
-    sql.push_str(" ORDER BY id");
-    push_limit(&mut sql, &mut binds, filter.limit);
-    (sql, binds)
-}
-
-/// `list_rotations`: SQL and binds.
-fn rotations_query(filter: &RotationFilter) -> (String, Vec<Bind>) {
-    let mut sql = String::from(concat!("SELECT ", rotation_columns!(), " FROM rotations"));
-    let mut binds = Vec::new();
-    let mut conditions = Vec::new();
-    if let Some(state) = filter.state {
-        conditions.push("state = ?");
-        binds.push(Bind::Text(state.as_str().to_owned()));
-    }
-    if let Some(thing) = &filter.thing_name {
-        conditions.push("thing_name = ?");
-        binds.push(Bind::Text(thing.clone()));
-    }
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
-    sql.push_str(" ORDER BY due_at, old_serial");
-    push_limit(&mut sql, &mut binds, filter.limit);
-    (sql, binds)
-}
-
 /// One item of [`Registry::complete_rotations`] that still holds its lease.
 struct Completion<'a> {
     item: &'a PreparedReplacement,
@@ -1505,6 +1331,29 @@ struct Completion<'a> {
     /// The new certificate's registration time (`item.at` if the old one was
     /// registered).
     registered_at: Option<i64>,
+}
+
+impl Dialect for SqliteRegistry {
+    type Db = sqlx::Sqlite;
+    const FOR_UPDATE: &'static str = "";
+    const SKIP_LOCKED: &'static str = "";
+    const BEGIN_SNAPSHOT: &'static str = "BEGIN";
+
+    fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
+        &self.pool
+    }
+
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RegistryError> {
+        self.begin().await
+    }
+
+    async fn insert_events(conn: &mut SqliteConnection, events: &[NewEvent]) -> sqlx::Result<()> {
+        insert_events(conn, events).await
+    }
 }
 
 #[async_trait]
@@ -1628,63 +1477,33 @@ impl Registry for SqliteRegistry {
     }
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
-        Ok(self
-            .fetch_things(SQL_THING.to_owned(), vec![Bind::Text(name.to_owned())])
-            .await?
-            .pop())
+        Flows(self).get_thing(name).await
     }
 
     async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError> {
-        let (sql, binds) = things_query(filter);
-        self.fetch_things(sql, binds).await
+        Flows(self).list_things(filter).await
     }
 
     async fn get_certificate(
         &self,
         serial: &str,
     ) -> Result<Option<CertificateRecord>, RegistryError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            cert_columns!(),
-            " FROM certificates WHERE serial = ?1"
-        ))
-        .bind(serial)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("reading a certificate", e))?;
-        Ok(self.certs(&rows)?.pop())
+        Flows(self).get_certificate(serial).await
     }
 
     async fn list_certificates(
         &self,
         filter: &CertificateFilter,
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        let (sql, binds) = certificates_query(filter);
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("listing certificates", e))?;
-        self.certs(&rows)
+        Flows(self).list_certificates(filter).await
     }
 
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError> {
-        let (sql, binds) = events_query(filter);
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("listing events", e))?;
-        rows.iter()
-            .map(common::event_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading events", e))
+        Flows(self).list_events(filter).await
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
-        let _: i32 = sqlx::query_scalar("SELECT 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.err("pinging the database", e))?;
-        Ok(())
+        Flows(self).ping().await
     }
 
     async fn probe_writes(&self) -> Result<(), RegistryError> {
@@ -1710,32 +1529,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
-        // One read transaction, so the three numbers agree with each other.
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        let things: i64 = sqlx::query_scalar("SELECT count(*) FROM things")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err("counting things", e))?;
-        let by_status: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT status, count(*) FROM certificates GROUP BY status ORDER BY status",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.err("counting certificates", e))?;
-        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err("counting events", e))?;
-        let _ = tx.rollback().await;
-        Ok(RegistryCounts {
-            things: things as u64,
-            certificates_by_status: by_status.into_iter().map(|(s, n)| (s, n as u64)).collect(),
-            events: events as u64,
-        })
+        Flows(self).counts().await
     }
 
     async fn register(
@@ -1851,32 +1645,18 @@ impl Registry for SqliteRegistry {
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
-        let rows = sqlx::query(SQL_POLICY)
-            .bind(name)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("reading a policy", e))?;
-        Ok(self.policies(&rows)?.pop())
+        Flows(self).get_policy(name).await
     }
 
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
-        let rows = sqlx::query(SQL_POLICIES)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("listing policies", e))?;
-        self.policies(&rows)
+        Flows(self).list_policies().await
     }
 
     async fn policies_of_thing(
         &self,
         thing_name: &str,
     ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        let rows = sqlx::query(SQL_POLICIES_OF_THING)
-            .bind(thing_name)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("listing the policies of a thing", e))?;
-        self.policies(&rows)
+        Flows(self).policies_of_thing(thing_name).await
     }
 
     async fn record_connections(
@@ -1923,24 +1703,11 @@ impl Registry for SqliteRegistry {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Vec<ConnectionRecord>, RegistryError> {
-        let rows = sqlx::query(SQL_RECENT_CONNECTIONS)
-            .bind(fingerprint_sha256)
-            .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("reading connections", e))?;
-        rows.iter()
-            .map(common::connection_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading connections", e))
+        Flows(self).recent_connections(fingerprint_sha256).await
     }
 
     async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError> {
-        sqlx::query_scalar(SQL_REVOKED_SERIALS)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("reading revoked certificates", e))
+        Flows(self).revoked_serials(now).await
     }
 
     async fn due_certificates(
@@ -2222,24 +1989,14 @@ impl Registry for SqliteRegistry {
         &self,
         old_serial: &str,
     ) -> Result<Option<RotationRecord>, RegistryError> {
-        let rows = sqlx::query(SQL_ROTATION)
-            .bind(old_serial)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("reading a rotation", e))?;
-        Ok(self.rotations(&rows)?.pop())
+        Flows(self).get_rotation(old_serial).await
     }
 
     async fn list_rotations(
         &self,
         filter: &RotationFilter,
     ) -> Result<Vec<RotationRecord>, RegistryError> {
-        let (sql, binds) = rotations_query(filter);
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), binds)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("listing rotations", e))?;
-        self.rotations(&rows)
+        Flows(self).list_rotations(filter).await
     }
 
     async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError> {
@@ -2274,26 +2031,11 @@ impl Registry for SqliteRegistry {
     }
 
     async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
-        let rows = sqlx::query(SQL_REVOKED_ENTRIES)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("reading revoked certificates", e))?;
-        rows.iter()
-            .map(common::revoked_entry_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading revoked certificates", e))
+        Flows(self).revoked_entries(now).await
     }
 
     async fn latest_crl(&self) -> Result<Option<StoredCrl>, RegistryError> {
-        let row = sqlx::query(SQL_LATEST_CRL)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err("reading the latest CRL", e))?;
-        row.as_ref()
-            .map(common::crl_from_row)
-            .transpose()
-            .map_err(|e| self.err("reading the latest CRL", e))
+        Flows(self).latest_crl().await
     }
 
     async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError> {
@@ -2336,11 +2078,11 @@ impl Registry for SqliteRegistry {
         &self,
         serial: &str,
     ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        self.policies_of_certificate_impl(serial).await
+        Flows(self).policies_of_certificate(serial).await
     }
 
     async fn mirror_settings(&self) -> Result<Option<crate::MirrorSettings>, RegistryError> {
-        self.mirror_settings_impl().await
+        Flows(self).mirror_settings().await
     }
 
     async fn enable_mirror(
@@ -2348,11 +2090,11 @@ impl Registry for SqliteRegistry {
         settings: &crate::MirrorSettings,
         at: i64,
     ) -> Result<u64, RegistryError> {
-        self.enable_mirror_impl(settings, at).await
+        Flows(self).enable_mirror(settings, at).await
     }
 
     async fn disable_mirror(&self, at: i64) -> Result<bool, RegistryError> {
-        self.disable_mirror_impl(at).await
+        Flows(self).disable_mirror(at).await
     }
 
     async fn record_mirror_ca(
@@ -2361,7 +2103,8 @@ impl Registry for SqliteRegistry {
         arn_prefix: &str,
         at: i64,
     ) -> Result<(), RegistryError> {
-        self.record_mirror_ca_impl(ca_certificate_id, arn_prefix, at)
+        Flows(self)
+            .record_mirror_ca(ca_certificate_id, arn_prefix, at)
             .await
     }
 
@@ -2369,20 +2112,20 @@ impl Registry for SqliteRegistry {
         &self,
         certificate: &crate::MirroredCertificate,
     ) -> Result<(), RegistryError> {
-        self.record_mirrored_certificate_impl(certificate).await
+        Flows(self).record_mirrored_certificate(certificate).await
     }
 
     async fn mirrored_certificate(
         &self,
         serial: &str,
     ) -> Result<Option<crate::MirroredCertificate>, RegistryError> {
-        self.mirrored_certificate_impl(serial).await
+        Flows(self).mirrored_certificate(serial).await
     }
 
     async fn mirrored_certificates(
         &self,
     ) -> Result<Vec<crate::MirroredCertificate>, RegistryError> {
-        self.mirrored_certificates_impl().await
+        Flows(self).mirrored_certificates().await
     }
 
     async fn queue_mirror_ops(
@@ -2390,7 +2133,7 @@ impl Registry for SqliteRegistry {
         ops: &[crate::NewMirrorOp],
         at: i64,
     ) -> Result<u64, RegistryError> {
-        self.queue_mirror_ops_impl(ops, at).await
+        Flows(self).queue_mirror_ops(ops, at).await
     }
 
     async fn claim_mirror_ops(
@@ -2401,7 +2144,8 @@ impl Registry for SqliteRegistry {
         limit: u32,
         ignore_backoff: bool,
     ) -> Result<Vec<crate::MirrorOp>, RegistryError> {
-        self.claim_mirror_ops_impl(owner, now, lease_secs, limit, ignore_backoff)
+        Flows(self)
+            .claim_mirror_ops(owner, now, lease_secs, limit, ignore_backoff)
             .await
     }
 
@@ -2411,24 +2155,28 @@ impl Registry for SqliteRegistry {
         results: &[crate::MirrorResult],
         at: i64,
     ) -> Result<u64, RegistryError> {
-        self.finish_mirror_ops_impl(owner, results, at).await
+        Flows(self).finish_mirror_ops(owner, results, at).await
     }
 
     async fn mirror_backlog(
         &self,
         parked_limit: u32,
     ) -> Result<crate::MirrorBacklog, RegistryError> {
-        self.mirror_backlog_impl(parked_limit).await
+        Flows(self).mirror_backlog(parked_limit).await
     }
 
     async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError> {
-        self.requeue_parked_mirror_ops_impl(at).await
+        Flows(self).requeue_parked_mirror_ops(at).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queries::{
+        SQL_POLICIES_OF_THING, SQL_POLICY, SQL_RECENT_CONNECTIONS, SQL_REVOKED_ENTRIES,
+        SQL_ROTATION, SQL_THING, certificates_query, events_query, things_query,
+    };
     use sqlx::Row;
 
     /// The hot statements look rows up through their indexes: no full scans, and no
@@ -2472,34 +2220,51 @@ mod tests {
         }
         // Filtered listings.
         let thing = Some("t".to_owned());
-        let queries = [
-            things_query(&ThingFilter {
-                limit: Some(10),
-                after: Some("a".to_owned()),
-            }),
-            certificates_query(&CertificateFilter {
-                thing_name: thing.clone(),
-                ..Default::default()
-            }),
-            certificates_query(&CertificateFilter {
-                status: Some(crate::CertStatus::Active),
-                expires_before: Some(0),
-                limit: Some(10),
-                ..Default::default()
-            }),
-            events_query(&EventFilter {
-                thing_name: thing.clone(),
-                limit: Some(10),
-                ..Default::default()
-            }),
-            events_query(&EventFilter {
-                serial: thing.clone(),
-                ..Default::default()
-            }),
+        let explain = "EXPLAIN QUERY PLAN ";
+        let queries: [sqlx::QueryBuilder<sqlx::Sqlite>; 5] = [
+            things_query(
+                explain,
+                &ThingFilter {
+                    limit: Some(10),
+                    after: Some("a".to_owned()),
+                },
+            ),
+            certificates_query(
+                explain,
+                &CertificateFilter {
+                    thing_name: thing.clone(),
+                    ..Default::default()
+                },
+            ),
+            certificates_query(
+                explain,
+                &CertificateFilter {
+                    status: Some(crate::CertStatus::Active),
+                    expires_before: Some(0),
+                    limit: Some(10),
+                    ..Default::default()
+                },
+            ),
+            events_query(
+                explain,
+                &EventFilter {
+                    thing_name: thing.clone(),
+                    limit: Some(10),
+                    ..Default::default()
+                },
+            ),
+            events_query(
+                explain,
+                &EventFilter {
+                    serial: thing.clone(),
+                    ..Default::default()
+                },
+            ),
         ];
-        for (sql, binds) in queries {
-            let explain = format!("EXPLAIN QUERY PLAN {sql}");
-            let plan: Vec<String> = bind_all(sqlx::query(AssertSqlSafe(explain)), binds)
+        for mut query in queries {
+            let sql = query.sql().as_str().to_owned();
+            let plan: Vec<String> = query
+                .build()
                 .fetch_all(&reg.pool)
                 .await
                 .unwrap()
