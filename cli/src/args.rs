@@ -320,8 +320,8 @@ pub struct ServeArgs {
     /// is closed too. From 1ms to 1h.
     #[arg(long, default_value = "10s", value_parser = parse_request_timeout)]
     pub request_timeout: std::time::Duration,
-    /// Largest request body accepted (bytes); a larger Content-Length is refused with
-    /// 413 before any of the body is read.
+    /// Largest request body accepted (bytes); a larger body gets 413. A Content-Length
+    /// over 16 times this (at least 1 MiB) is refused before any of the body is read.
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
     pub max_body_bytes: u64,
     /// Largest request line plus headers accepted (bytes); more gets 431 and the

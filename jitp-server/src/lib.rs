@@ -375,8 +375,12 @@ async fn handle(
     let started = Instant::now();
     let max_body = limits.max_body;
     let (parts, mut body) = req.into_parts();
-    // A declared length over the limit is refused before any of the body is read.
-    if hyper::body::Body::size_hint(&body).lower() > max_body as u64 {
+    // What an oversized body is drained up to (see below).
+    let drain_limit = max_body.saturating_mul(16).max(1 << 20);
+    // A declared length beyond what would be drained is refused before any of the body is
+    // read. A smaller oversized body is read (and dropped) first: a client still sending
+    // when the connection closes gets a reset instead of the 413.
+    if hyper::body::Body::size_hint(&body).lower() > drain_limit as u64 {
         metrics.rejected("body_too_large");
         return closing(error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -391,7 +395,6 @@ async fn handle(
     // client, still sending, reads the 413 instead of a reset connection.
     let mut received = 0usize;
     let mut collected: Option<Vec<u8>> = None;
-    let drain_limit = max_body.saturating_mul(16).max(1 << 20);
     let read = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), async {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
