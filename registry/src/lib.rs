@@ -17,6 +17,7 @@ mod error;
 mod mirror;
 mod postgres;
 mod queries;
+mod revocations;
 mod sqlite;
 pub mod testing;
 

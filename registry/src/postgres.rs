@@ -34,9 +34,9 @@ use crate::common::{
     rotation_columns, to_json,
 };
 use crate::{
-    CRLS_KEPT, CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter,
-    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
-    PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
+    CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
+    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyRecord,
+    PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
     RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
     ThingFilter, ThingRecord,
@@ -68,10 +68,6 @@ macro_rules! thing_columns {
          billing_group, version"
     };
 }
-
-/// The advisory lock that serialises CRL stores, so "newer than every stored one" is
-/// exact ("fleetcrl").
-const CRLS_LOCK: i64 = 0x666c_6565_7463_726c;
 
 /// A certificate, its thing, its attached policies (sorted), its rotation (as the old
 /// certificate) and whether its first use confirms a rotation, by fingerprint: the hot
@@ -1473,50 +1469,6 @@ impl PgRegistry {
         tx.commit().await.map_err(step("committing a revocation"))?;
         Ok(Ok(revoked.into_iter().map(|(e, _)| e).collect()))
     }
-
-    /// One attempt at [`Registry::store_crl`].
-    async fn store_crl_attempt(&self, crl: &StoredCrl) -> Result<bool, StepError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CRLS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("locking CRLs"))?;
-        let stored = sqlx::query(
-            "INSERT INTO crls (number, this_update, next_update, entries_digest, entry_count, \
-                der, created_at) \
-             SELECT $1, $2, $3, $4, $5, $6, $2 \
-             WHERE NOT EXISTS (SELECT 1 FROM crls WHERE number >= $1)",
-        )
-        .bind(crl.number)
-        .bind(crl.this_update)
-        .bind(crl.next_update)
-        .bind(&crl.entries_digest)
-        .bind(crl.entry_count)
-        .bind(&crl.der)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("storing a CRL"))?
-        .rows_affected()
-            > 0;
-        if !stored {
-            return Ok(false);
-        }
-        sqlx::query(
-            "DELETE FROM crls WHERE number NOT IN ( \
-                SELECT number FROM crls ORDER BY number DESC LIMIT $1)",
-        )
-        .bind(CRLS_KEPT)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("pruning CRLs"))?;
-        tx.commit().await.map_err(step("committing a CRL"))?;
-        Ok(true)
-    }
 }
 
 fn is_retryable(e: &sqlx::Error) -> bool {
@@ -1569,6 +1521,25 @@ impl Dialect for PgRegistry {
     const FOR_UPDATE: &'static str = " FOR UPDATE";
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const BEGIN_SNAPSHOT: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+    const FOR_SHARE: &'static str = " FOR SHARE";
+    const FOR_KEY_SHARE: &'static str = " FOR KEY SHARE";
+    const FOR_NO_KEY_UPDATE: &'static str = " FOR NO KEY UPDATE";
+
+    fn json_values(n: u8) -> String {
+        format!("SELECT jsonb_array_elements_text(${n}::jsonb) AS value")
+    }
+
+    fn is_retryable(e: &sqlx::Error) -> bool {
+        is_retryable(e)
+    }
+
+    async fn lock_for_transaction(conn: &mut PgConnection, key: i64) -> sqlx::Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key)
+            .execute(conn)
+            .await
+            .map(drop)
+    }
 
     fn pool(&self) -> &PgPool {
         &self.pool
@@ -1578,11 +1549,8 @@ impl Dialect for PgRegistry {
         &self.url
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, RegistryError> {
-        self.pool
-            .begin()
-            .await
-            .map_err(|e| self.err("starting a transaction", e))
+    async fn begin_write_raw(&self) -> sqlx::Result<sqlx::Transaction<'static, Postgres>> {
+        self.pool.begin().await
     }
 
     async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) -> sqlx::Result<()> {
@@ -2058,15 +2026,7 @@ impl Registry for PgRegistry {
     }
 
     async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError> {
-        match self
-            .retrying_raw("a CRL store", || self.store_crl_attempt(crl))
-            .await
-        {
-            Ok(stored) => Ok(stored),
-            // Another publisher stored the same number first.
-            Err((_, e)) if common::is_unique_violation(&e) => Ok(false),
-            Err((context, e)) => Err(self.err(context, e)),
-        }
+        Flows(self).store_crl(crl).await
     }
 
     async fn policies_of_certificate(

@@ -19,12 +19,12 @@ use crate::common::{
     migrate_error, rotation_columns, to_json,
 };
 use crate::{
-    CRLS_KEPT, CertStatus, CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState,
-    EventFilter, EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE,
-    NewCertificate, PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry,
-    RegistryCounts, RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget,
-    RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl,
-    TakenReplacement, ThingFilter, ThingRecord,
+    CertStatus, CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter,
+    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
+    PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
+    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
+    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
+    ThingFilter, ThingRecord,
 };
 
 use crate::dialect::{Dialect, Flows};
@@ -299,9 +299,6 @@ const SQL_REVOKE_MANY: &str = "UPDATE certificates SET status = 'revoked', \
         revoked_at = ?2, revocation_reason = ?3 \
      WHERE serial IN (SELECT value FROM json_each(?1)) AND +status <> 'revoked' \
      RETURNING serial, thing_name, revoked_at, revocation_reason, not_after";
-const SQL_PRUNE_CRLS: &str = "DELETE FROM crls WHERE number NOT IN \
-     (SELECT number FROM crls ORDER BY number DESC LIMIT ?1)";
-
 #[derive(Debug)]
 pub(crate) struct SqliteRegistry {
     pool: SqlitePool,
@@ -1338,6 +1335,22 @@ impl Dialect for SqliteRegistry {
     const FOR_UPDATE: &'static str = "";
     const SKIP_LOCKED: &'static str = "";
     const BEGIN_SNAPSHOT: &'static str = "BEGIN";
+    const FOR_SHARE: &'static str = "";
+    const FOR_KEY_SHARE: &'static str = "";
+    const FOR_NO_KEY_UPDATE: &'static str = "";
+
+    fn json_values(n: u8) -> String {
+        format!("SELECT value FROM json_each(${n})")
+    }
+
+    fn is_retryable(_: &sqlx::Error) -> bool {
+        // Writers queue on `BEGIN IMMEDIATE` (and the busy timeout): none loses a race.
+        false
+    }
+
+    async fn lock_for_transaction(_: &mut SqliteConnection, _: i64) -> sqlx::Result<()> {
+        Ok(())
+    }
 
     fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
@@ -1347,8 +1360,8 @@ impl Dialect for SqliteRegistry {
         &self.url
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RegistryError> {
-        self.begin().await
+    async fn begin_write_raw(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     async fn insert_events(conn: &mut SqliteConnection, events: &[NewEvent]) -> sqlx::Result<()> {
@@ -2039,39 +2052,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError> {
-        let mut tx = self.begin().await?;
-        let newest: Option<i64> = sqlx::query_scalar("SELECT max(number) FROM crls")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err("reading CRL numbers", e))?;
-        if newest.is_some_and(|n| crl.number <= n) {
-            tx.rollback()
-                .await
-                .map_err(|e| self.err("ending a transaction", e))?;
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO crls (number, this_update, next_update, entries_digest, \
-                entry_count, der, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?2)",
-        )
-        .bind(crl.number)
-        .bind(crl.this_update)
-        .bind(crl.next_update)
-        .bind(&crl.entries_digest)
-        .bind(crl.entry_count)
-        .bind(&crl.der)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.err("storing a CRL", e))?;
-        sqlx::query(SQL_PRUNE_CRLS)
-            .bind(CRLS_KEPT)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err("pruning CRLs", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing a CRL", e))?;
-        Ok(true)
+        Flows(self).store_crl(crl).await
     }
 
     async fn policies_of_certificate(
