@@ -163,3 +163,79 @@ pub(crate) use write_tx;
 pub(crate) fn is_retryable_in<R: Dialect>(_: &Flows<'_, R>, e: &sqlx::Error) -> bool {
     R::is_retryable(e)
 }
+
+/// The most bind parameters one statement may carry on both backends (SQLite's
+/// default `SQLITE_MAX_VARIABLE_NUMBER`; PostgreSQL allows 65,535).
+const MAX_BINDS: usize = 32_766;
+
+/// The most rows one multi-row `INSERT` carries.
+const MAX_ROWS_PER_INSERT: usize = 1024;
+
+/// Inserts `rows` with multi-row `{head} VALUES (…), (…) {tail}` statements, `columns`
+/// binds per row pushed by `bind`. Each statement carries a power-of-two number of rows,
+/// so a few distinct statements are prepared and cached whatever the batch size.
+pub(crate) async fn insert_rows<DB, T>(
+    conn: &mut DB::Connection,
+    head: &str,
+    columns: usize,
+    tail: &str,
+    rows: &[T],
+    mut bind: impl FnMut(&mut sqlx::query_builder::Separated<'_, DB, &'static str>, &T),
+) -> sqlx::Result<()>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let max = MAX_ROWS_PER_INSERT.min(MAX_BINDS / columns.max(1));
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let n = rest.len().min(max);
+        // Largest power of two not above n.
+        let n = 1 << (usize::BITS - 1 - n.leading_zeros());
+        let (chunk, later) = rest.split_at(n);
+        rest = later;
+        let mut query = sqlx::QueryBuilder::<DB>::new(head);
+        query.push(" ");
+        query.push_values(chunk, |mut row, value| bind(&mut row, value));
+        query.push(tail);
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The serials and fingerprints among two JSON lists already recorded.
+pub(crate) fn sql_taken<R: Dialect>() -> String {
+    format!(
+        "SELECT serial, fingerprint_sha256 FROM certificates \
+         WHERE serial IN ({}) OR fingerprint_sha256 IN ({})",
+        R::json_values(1),
+        R::json_values(2)
+    )
+}
+
+impl<R: Dialect> Flows<'_, R>
+where
+    for<'c> &'c mut <R::Db as Database>::Connection: sqlx::Executor<'c, Database = R::Db>,
+    <R::Db as Database>::Arguments: sqlx::IntoArguments<R::Db>,
+    for<'q> String: sqlx::Encode<'q, R::Db> + sqlx::Decode<'q, R::Db> + sqlx::Type<R::Db>,
+    (String, String): for<'r> sqlx::FromRow<'r, <R::Db as Database>::Row>,
+{
+    /// The serials and fingerprints among `certs` already recorded (to name the
+    /// duplicate after a unique violation).
+    pub(crate) async fn taken<'a>(
+        &self,
+        certs: impl Iterator<Item = &'a crate::NewCertificate> + Clone,
+    ) -> Result<std::collections::HashSet<String>, RegistryError> {
+        let serials = crate::common::to_json(&certs.clone().map(|c| &c.serial).collect::<Vec<_>>());
+        let fingerprints =
+            crate::common::to_json(&certs.map(|c| &c.fingerprint_sha256).collect::<Vec<_>>());
+        let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql_taken::<R>()))
+            .bind(serials)
+            .bind(fingerprints)
+            .fetch_all(self.0.pool())
+            .await
+            .map_err(|e| self.0.err("looking up duplicate serials", e))?;
+        Ok(rows.into_iter().flat_map(|(s, f)| [s, f]).collect())
+    }
+}

@@ -781,7 +781,7 @@ impl PgRegistry {
     async fn retrying_insert<'a, 'c, T, F, Fut>(
         &'a self,
         what: &str,
-        certs: impl IntoIterator<Item = &'c NewCertificate> + Clone,
+        certs: impl Iterator<Item = &'c NewCertificate> + Clone,
         attempt: F,
     ) -> Result<T, RegistryError>
     where
@@ -801,22 +801,9 @@ impl PgRegistry {
     /// The serials and fingerprints of `certs` already in the database.
     async fn taken_certs<'c>(
         &self,
-        certs: impl IntoIterator<Item = &'c NewCertificate>,
+        certs: impl Iterator<Item = &'c NewCertificate> + Clone,
     ) -> Result<HashSet<String>, RegistryError> {
-        let (serials, fingerprints): (Vec<&str>, Vec<&str>) = certs
-            .into_iter()
-            .map(|c| (c.serial.as_str(), c.fingerprint_sha256.as_str()))
-            .unzip();
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT serial, fingerprint_sha256 FROM certificates \
-             WHERE serial = ANY($1) OR fingerprint_sha256 = ANY($2)",
-        )
-        .bind(serials)
-        .bind(fingerprints)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err("looking up duplicate serials", e))?;
-        Ok(rows.into_iter().flat_map(|(s, f)| [s, f]).collect())
+        Flows(self).taken(certs).await
     }
 
     /// One attempt at [`Registry::complete_rotations`] for `items` (distinct old

@@ -54,9 +54,6 @@ pub(crate) enum SqliteTarget {
 }
 
 // The statements of the hot paths (their query plans are checked by a test).
-const SQL_TAKEN: &str = "SELECT serial, fingerprint_sha256 FROM certificates \
-     WHERE serial IN (SELECT value FROM json_each(?1)) \
-        OR fingerprint_sha256 IN (SELECT value FROM json_each(?2))";
 const SQL_SUPERSEDE: &str = "UPDATE certificates SET status = 'superseded' \
      WHERE serial IN (SELECT value FROM json_each(?1)) AND +status = 'active'";
 const SQL_REVOKE: &str = "UPDATE certificates SET status = 'revoked', revoked_at = r.at, \
@@ -402,16 +399,7 @@ impl SqliteRegistry {
         &self,
         certs: impl Iterator<Item = &'a NewCertificate> + Clone,
     ) -> Result<HashSet<String>, RegistryError> {
-        let serials = json(certs.clone().map(|c| &c.serial));
-        let fingerprints = json(certs.map(|c| &c.fingerprint_sha256));
-        let rows: Vec<(String, String)> = sqlx::query_as(SQL_TAKEN)
-            .bind(serials)
-            .bind(fingerprints)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("looking up duplicate serials", e))?;
-        let taken = rows.into_iter().flat_map(|(s, f)| [s, f]).collect();
-        Ok(taken)
+        Flows(self).taken(certs).await
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RegistryError> {
@@ -2172,16 +2160,19 @@ mod tests {
             .await
             .unwrap();
         for sql in [
-            SQL_TAKEN,
-            SQL_SUPERSEDE,
-            SQL_REVOKE,
-            SQL_EXISTING_THINGS,
-            SQL_ACTIVE_SERIALS,
-            SQL_ACTIVE_CERTIFICATES,
-            SQL_DELIVER,
+            crate::dialect::sql_taken::<SqliteRegistry>(),
+            SQL_SUPERSEDE.to_owned(),
+            SQL_REVOKE.to_owned(),
+            SQL_EXISTING_THINGS.to_owned(),
+            SQL_ACTIVE_SERIALS.to_owned(),
+            SQL_ACTIVE_CERTIFICATES.to_owned(),
+            SQL_DELIVER.to_owned(),
         ] {
             let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
-            if sql.contains("?2") {
+            // A second bind: a JSON list (`$2`) or a number (`?2`).
+            if sql.contains("$2") {
+                q = q.bind("[]");
+            } else if sql.contains("?2") {
                 q = q.bind(0_i64);
             }
             let plan: Vec<String> = q
