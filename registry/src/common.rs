@@ -418,7 +418,10 @@ pub(crate) fn db_error(url: &str, context: &str, e: sqlx::Error) -> RegistryErro
             reason: format!("{context}: {e}"),
         }
     } else {
-        RegistryError::Database(format!("{context}: {e}"))
+        RegistryError::Database {
+            context: context.to_owned(),
+            source: e,
+        }
     }
 }
 
@@ -427,7 +430,7 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 pub(crate) fn migrate_error(e: sqlx::migrate::MigrateError) -> RegistryError {
-    RegistryError::Migration(e.to_string())
+    RegistryError::Migration(e)
 }
 
 /// `None` → no limit.

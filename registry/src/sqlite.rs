@@ -1217,18 +1217,22 @@ fn is_busy(code: Option<&str>) -> bool {
 /// Applies pending migrations inside one `BEGIN IMMEDIATE` transaction, so two
 /// processes opening a new file at once do not both try to create the schema.
 async fn migrate(conn: &mut SqliteConnection) -> Result<(), RegistryError> {
-    let mut tx = conn
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(|e| RegistryError::Migration(format!("locking the database: {e}")))?;
+    let mut tx =
+        conn.begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|source| RegistryError::Database {
+                context: "locking the database to migrate it".into(),
+                source,
+            })?;
     common::migrator(common::SQLITE_MIGRATIONS, true)
         // `run_direct` rather than `run`: the latter makes this future not `Send`.
         .run_direct(None, &mut *tx, false)
         .await
         .map_err(migrate_error)?;
-    tx.commit()
-        .await
-        .map_err(|e| RegistryError::Migration(format!("committing: {e}")))
+    tx.commit().await.map_err(|source| RegistryError::Database {
+        context: "committing the migrations".into(),
+        source,
+    })
 }
 
 async fn insert_events(conn: &mut SqliteConnection, events: &[NewEvent]) -> sqlx::Result<()> {
