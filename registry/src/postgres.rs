@@ -15,16 +15,11 @@
 //! Connection flushes serialise on an advisory lock, so pruning is exact. Registrations
 //! and flushes that lose a deadlock or serialisation race are retried.
 //!
-//! Rotation and revocation take row locks in one order: the thing, then the old
-//! (replaced) certificate, then its replacements, then the rotation row. Writers that
-//! insert certificates for a thing (group commits, completed rotations, replacements)
-//! hold at least `FOR KEY SHARE` on the thing, and revocation takes `FOR UPDATE` on it,
-//! so a revocation sees every replacement committed before it and no replacement slips
-//! in behind it. Workers claim rotations with `FOR UPDATE SKIP LOCKED` and commit only
-//! while their lease holds; opening rotations is one `INSERT … ON CONFLICT DO NOTHING`
-//! statement per chunk (skipping certificates locked by a writer; the next sweep gets
-//! them), so two sweeps never open a rotation twice. CRL stores serialise on an advisory
-//! lock.
+//! Rotation and revocation take row locks in one order (the rotation flows, written
+//! once in `rotations.rs`, describe it): the thing, then the old (replaced) certificate,
+//! then its replacements, then the rotation row. Revocation takes `FOR UPDATE` on the
+//! thing, so it sees every replacement committed before it and no replacement slips in
+//! behind it. CRL stores serialise on an advisory lock.
 
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_REVOKED, EVENT_ROTATION_CANCELLED,

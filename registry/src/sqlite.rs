@@ -5,13 +5,7 @@
 //! upgrade. Group commits cost a handful of statements whatever the slice size: lookups
 //! and updates take their keys as one JSON array (`json_each`), inserts are multi-row
 //! `VALUES` lists in power-of-two chunks (so few distinct statements get prepared and
-//! cached per connection).
-//!
-//! Rotation works the same way: rotations are opened in chunks (`INSERT … SELECT` after
-//! an index-ordered cursor), claimed with one `UPDATE … RETURNING` through the
-//! `rotations_claim` index, and a batch of replacements is completed with a fixed
-//! handful of statements (certificates as a `VALUES` list, the rotations by
-//! `UPDATE … FROM (VALUES …)`, attachments and events by `INSERT … SELECT`).
+//! cached per connection). The rotation flows (`rotations.rs`) work the same way.
 
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_REVOKED, FoundPolicy, NAME_CHUNK,
