@@ -73,6 +73,21 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Lists travel as one JSON text bind on both backends.
     fn json_values(n: u8) -> String;
 
+    /// [`Self::json_values`] with each element's position: one `(key, value)` row per
+    /// element, `key` counting from 0, for lists whose order matters (SQLite
+    /// `json_each`, PostgreSQL `jsonb_array_elements_text … WITH ORDINALITY`).
+    fn json_entries(n: u8) -> String;
+
+    /// A JSON object built from `pairs` (`'key', expression, …`), of the type the
+    /// events' `detail` column holds (SQLite `json_object`, text; PostgreSQL
+    /// `jsonb_build_object`).
+    fn json_object(pairs: &str) -> String;
+
+    /// The column that orders certificates tied on an indexed key, for keyset cursors
+    /// that walk an index in order: SQLite `rowid` (the implicit last column of every
+    /// index), PostgreSQL `serial` (the last column of `certificates_status_renew_at`).
+    const CERT_TIEBREAK: &'static str;
+
     /// Whether `e` means the transaction lost a race and may simply run again.
     fn is_retryable(e: &sqlx::Error) -> bool;
 

@@ -18,6 +18,7 @@ mod mirror;
 mod postgres;
 mod queries;
 mod revocations;
+mod rotations;
 mod sqlite;
 pub mod testing;
 

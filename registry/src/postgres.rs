@@ -15,23 +15,16 @@
 //! Connection flushes serialise on an advisory lock, so pruning is exact. Registrations
 //! and flushes that lose a deadlock or serialisation race are retried.
 //!
-//! Rotation and revocation take row locks in one order: the thing, then the old
-//! (replaced) certificate, then its replacements, then the rotation row. Writers that
-//! insert certificates for a thing (group commits, completed rotations, replacements)
-//! hold at least `FOR KEY SHARE` on the thing, and revocation takes `FOR UPDATE` on it,
-//! so a revocation sees every replacement committed before it and no replacement slips
-//! in behind it. Workers claim rotations with `FOR UPDATE SKIP LOCKED` and commit only
-//! while their lease holds; opening rotations is one `INSERT … ON CONFLICT DO NOTHING`
-//! statement per chunk (skipping certificates locked by a writer; the next sweep gets
-//! them), so two sweeps never open a rotation twice. CRL stores serialise on an advisory
-//! lock.
+//! Rotation and revocation take row locks in one order (the rotation flows, written
+//! once in `rotations.rs`, describe it): the thing, then the old (replaced) certificate,
+//! then its replacements, then the rotation row. Revocation takes `FOR UPDATE` on the
+//! thing, so it sees every replacement committed before it and no replacement slips in
+//! behind it. CRL stores serialise on an advisory lock.
 
 use crate::common::{
-    self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
-    EVENT_CERT_SUPERSEDED, EVENT_ROTATION_CANCELLED, EVENT_ROTATION_CONFIRMED,
-    EVENT_ROTATION_DELIVERED, EVENT_ROTATION_DUE, EVENT_ROTATION_FAILED, EVENT_ROTATION_ISSUED,
-    FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK, cert_columns, db_error, migrate_error,
-    rotation_columns, to_json,
+    self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_REVOKED, EVENT_ROTATION_CANCELLED,
+    FoundPolicy, NAME_CHUNK, NewEvent, cert_columns, db_error, migrate_error, rotation_columns,
+    to_json,
 };
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
@@ -86,118 +79,6 @@ const SQL_DEVICE_STATE: &str = concat!(
      LEFT JOIN certificates o ON o.serial = c.replaces \
      WHERE c.fingerprint_sha256 = $1"
 );
-
-/// The condition of a certificate due for rotation (`c`; $1: now, $2: expiring before):
-/// active, delivered, past its renewal point (`renewal`) or also expiring soon
-/// (`expiry`), no rotation yet. Without `expiring_before` the renewal point bounds the
-/// index range scan of `certificates_status_renew_at`; with it, the scan filters.
-macro_rules! due_condition {
-    (renewal) => {
-        "c.status = 'active' AND c.renew_at <= $1 AND c.delivered_at IS NOT NULL \
-         AND NOT EXISTS (SELECT 1 FROM rotations x WHERE x.old_serial = c.serial)"
-    };
-    (expiry) => {
-        "c.status = 'active' AND (c.renew_at <= $1 OR c.not_after <= $2) \
-         AND c.delivered_at IS NOT NULL \
-         AND NOT EXISTS (SELECT 1 FROM rotations x WHERE x.old_serial = c.serial)"
-    };
-}
-
-/// Certificates due for rotation ($3: limit or NULL); `[renewal, expiry]`.
-macro_rules! due_sql {
-    ($which:tt) => {
-        concat!(
-            "SELECT ",
-            cert_columns!(c),
-            " FROM certificates c WHERE ",
-            due_condition!($which),
-            " ORDER BY c.renew_at, c.serial LIMIT $3"
-        )
-    };
-}
-const SQL_DUE: [&str; 2] = [due_sql!(renewal), due_sql!(expiry)];
-
-/// Opens rotations for up to $3 due certificates after the cursor ($5, $6: the
-/// `(renew_at, serial)` of the last certificate the previous chunk selected), with a
-/// `rotation.due` event for each one this statement inserted ($4: the event kind).
-/// Certificates a writer holds locked are skipped (the next sweep gets them); a
-/// concurrent sweep's rows are left alone (`ON CONFLICT DO NOTHING` waits for it, then
-/// skips). Returns how many were selected, how many opened, and the new cursor.
-macro_rules! open_due_sql {
-    ($which:tt) => {
-        concat!(
-            "WITH due AS ( \
-                SELECT c.serial, c.thing_name, c.origin, c.renew_at, c.not_after \
-                FROM certificates c WHERE ",
-            due_condition!($which),
-            " AND (c.renew_at, c.serial) > ($5, $6) \
-                ORDER BY c.renew_at, c.serial LIMIT $3 FOR SHARE OF c SKIP LOCKED), \
-             opened AS ( \
-                INSERT INTO rotations (old_serial, thing_name, origin, state, due_at, \
-                    updated_at) \
-                SELECT d.serial, d.thing_name, d.origin, 'due', $1, $1 FROM due d \
-                ORDER BY d.renew_at, d.serial \
-                ON CONFLICT (old_serial) DO NOTHING RETURNING old_serial), \
-             logged AS ( \
-                INSERT INTO events (at, kind, thing_name, serial, detail) \
-                SELECT $1, $4, d.thing_name, d.serial, jsonb_build_object('origin', d.origin, \
-                    'renew_at', d.renew_at, 'not_after', d.not_after) \
-                FROM due d JOIN opened o ON o.old_serial = d.serial \
-                ORDER BY d.renew_at, d.serial RETURNING 1), \
-             last AS ( \
-                SELECT renew_at, serial::text FROM due \
-                ORDER BY renew_at DESC, serial DESC LIMIT 1) \
-             SELECT (SELECT count(*) FROM due), (SELECT count(*) FROM logged), \
-                (SELECT renew_at FROM last), (SELECT serial FROM last)"
-        )
-    };
-}
-const SQL_OPEN_DUE: [&str; 2] = [open_due_sql!(renewal), open_due_sql!(expiry)];
-
-/// Claims up to $4 due rotations of generated keys whose lease is free or expired
-/// ($1: owner, $2: now, $3: lease seconds) and returns their old certificates and the
-/// things' templates, in claim order.
-const SQL_CLAIM: &str = concat!(
-    "WITH picked AS ( \
-        SELECT old_serial FROM rotations \
-        WHERE state = 'due' AND origin = 'generated' \
-          AND (lease_until IS NULL OR lease_until < $2) \
-        ORDER BY due_at, old_serial LIMIT $4 FOR UPDATE SKIP LOCKED), \
-     claimed AS ( \
-        UPDATE rotations r SET lease_owner = $1, lease_until = $2 + $3 \
-        FROM picked p WHERE r.old_serial = p.old_serial \
-        RETURNING r.old_serial, r.due_at) \
-     SELECT ",
-    cert_columns!(c),
-    ", t.template FROM claimed k \
-     JOIN certificates c ON c.serial = k.old_serial \
-     JOIN things t ON t.name = c.thing_name \
-     ORDER BY k.due_at, k.old_serial"
-);
-
-/// Inserts replacement certificates (`active`, `replaces` set): $1 serial, $2
-/// fingerprint, $3 public key hash, $4 thing, $5 issuer, $6 origin, $7 key algorithm,
-/// $8 not_before, $9 not_after, $10 created_at, $11 der, $12 renew_at, $13 replaces,
-/// $14 delivered_at, $15 registered_at.
-const SQL_INSERT_REPLACEMENTS: &str = "INSERT INTO certificates (serial, fingerprint_sha256, \
-        public_key_sha256, thing_name, issuer, status, origin, key_algorithm, not_before, \
-        not_after, created_at, der, renew_at, replaces, delivered_at, registered_at) \
-     SELECT u.serial, u.fp, u.pk, u.thing, u.issuer, 'active', u.origin, u.alg, u.nb, u.na, \
-        u.at, u.der, u.renew_at, u.replaces, u.delivered_at, u.registered_at \
-     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-        $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bytea[], $12::bigint[], \
-        $13::text[], $14::bigint[], $15::bigint[]) WITH ORDINALITY \
-        AS u(serial, fp, pk, thing, issuer, origin, alg, nb, na, at, der, renew_at, replaces, \
-             delivered_at, registered_at, ord) \
-     ORDER BY u.ord";
-
-/// Copies the policy attachments of $1 (old serials) to $2 (new serials), attached at $3.
-const SQL_COPY_ATTACHMENTS: &str = "INSERT INTO policy_attachments (policy_name, serial, attached_at) \
-     SELECT a.policy_name, u.new, u.at \
-     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(old, new, at) \
-     JOIN policy_attachments a ON a.serial = u.old \
-     ORDER BY u.new, a.policy_name \
-     ON CONFLICT (policy_name, serial) DO NOTHING";
 
 /// Columns of a [`RevokedEntry`] (see [`common::revoked_entry_from_row`]).
 macro_rules! revoked_columns {
@@ -775,568 +656,12 @@ impl PgRegistry {
         }
     }
 
-    /// [`Self::retrying`] for a transaction that inserts `certs`: a unique violation
-    /// becomes [`RegistryError::DuplicateSerial`] naming the first of `certs` already
-    /// recorded.
-    async fn retrying_insert<'a, 'c, T, F, Fut>(
-        &'a self,
-        what: &str,
-        certs: impl Iterator<Item = &'c NewCertificate> + Clone,
-        attempt: F,
-    ) -> Result<T, RegistryError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StepError>> + 'a,
-    {
-        match self.retrying_raw(what, attempt).await {
-            Ok(value) => Ok(value),
-            Err((_, e)) if common::is_unique_violation(&e) => {
-                let taken = self.taken_certs(certs.clone()).await?;
-                Err(common::duplicate_among(certs, &taken, &e.to_string()))
-            }
-            Err((context, e)) => Err(self.err(context, e)),
-        }
-    }
-
     /// The serials and fingerprints of `certs` already in the database.
     async fn taken_certs<'c>(
         &self,
         certs: impl Iterator<Item = &'c NewCertificate> + Clone,
     ) -> Result<HashSet<String>, RegistryError> {
         Flows(self).taken(certs).await
-    }
-
-    /// One attempt at [`Registry::complete_rotations`] for `items` (distinct old
-    /// serials). Lock order: the things, the old certificates (`FOR SHARE`, so their
-    /// registration and policies cannot change underneath), then the rotations.
-    async fn complete_attempt(
-        &self,
-        owner: &str,
-        items: &[&PreparedReplacement],
-    ) -> Result<HashSet<String>, StepError> {
-        let olds: Vec<&str> = items.iter().map(|i| i.old_serial.as_str()).collect();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        sqlx::query(
-            "SELECT t.name FROM things t WHERE t.name IN ( \
-                SELECT r.thing_name FROM rotations r WHERE r.old_serial = ANY($1)) \
-             ORDER BY t.name FOR KEY SHARE OF t",
-        )
-        .bind(&olds)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("locking things"))?;
-        sqlx::query(
-            "SELECT serial FROM certificates WHERE serial = ANY($1) ORDER BY serial FOR SHARE",
-        )
-        .bind(&olds)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("locking certificates"))?;
-        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
-            "SELECT r.old_serial, c.thing_name, c.registered_at \
-             FROM rotations r JOIN certificates c ON c.serial = r.old_serial \
-             WHERE r.old_serial = ANY($1) AND r.state = 'due' AND r.lease_owner = $2 \
-             ORDER BY r.old_serial FOR UPDATE OF r",
-        )
-        .bind(&olds)
-        .bind(owner)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(step("locking rotations"))?;
-        let held: HashMap<String, (String, Option<i64>)> = rows
-            .into_iter()
-            .map(|(old, thing, registered_at)| (old, (thing, registered_at)))
-            .collect();
-        let ours: Vec<(&PreparedReplacement, &str, Option<i64>)> = items
-            .iter()
-            .filter_map(|i| {
-                held.get(&i.old_serial)
-                    .map(|(thing, registered_at)| (*i, thing.as_str(), registered_at.map(|_| i.at)))
-            })
-            .collect();
-        if ours.is_empty() {
-            return Ok(HashSet::new());
-        }
-
-        let new = |f: fn(&NewCertificate) -> &str| -> Vec<&str> {
-            ours.iter().map(|(i, _, _)| f(&i.new)).collect()
-        };
-        let old_serials: Vec<&str> = ours.iter().map(|(i, _, _)| i.old_serial.as_str()).collect();
-        let new_serials = new(|c| &c.serial);
-        let ats: Vec<i64> = ours.iter().map(|(i, _, _)| i.at).collect();
-        sqlx::query(SQL_INSERT_REPLACEMENTS)
-            .bind(&new_serials)
-            .bind(new(|c| &c.fingerprint_sha256))
-            .bind(new(|c| &c.public_key_sha256))
-            .bind(ours.iter().map(|(_, thing, _)| *thing).collect::<Vec<_>>())
-            .bind(new(|c| &c.issuer))
-            .bind(new(|c| c.origin.as_str()))
-            .bind(new(|c| &c.key_algorithm))
-            .bind(
-                ours.iter()
-                    .map(|(i, _, _)| i.new.not_before)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                ours.iter()
-                    .map(|(i, _, _)| i.new.not_after)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(&ats)
-            .bind(
-                ours.iter()
-                    .map(|(i, _, _)| i.new.der.as_slice())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                ours.iter()
-                    .map(|(i, _, _)| i.new.renew_at)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(&old_serials)
-            .bind(vec![None::<i64>; ours.len()])
-            .bind(ours.iter().map(|(_, _, r)| *r).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await
-            .map_err(step("recording replacement certificates"))?;
-        sqlx::query(SQL_COPY_ATTACHMENTS)
-            .bind(&old_serials)
-            .bind(&new_serials)
-            .bind(&ats)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("copying policy attachments"))?;
-        sqlx::query(
-            "UPDATE rotations r SET state = 'issued', new_serial = u.new, sealed_key = u.key, \
-                lease_owner = NULL, lease_until = NULL, updated_at = u.at \
-             FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::bigint[]) \
-                AS u(old, new, key, at) \
-             WHERE r.old_serial = u.old",
-        )
-        .bind(&old_serials)
-        .bind(&new_serials)
-        .bind(
-            ours.iter()
-                .map(|(i, _, _)| i.sealed_key.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(&ats)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("issuing rotations"))?;
-        let mut events = Vec::with_capacity(ours.len() * 2);
-        for (i, thing, _) in &ours {
-            events.push(NewEvent {
-                at: i.at,
-                kind: EVENT_CERT_ISSUED,
-                thing_name: Some((*thing).to_owned()),
-                serial: Some(i.new.serial.clone()),
-                detail: common::replacement_issued_detail(&i.new, &i.old_serial),
-            });
-            events.push(NewEvent {
-                at: i.at,
-                kind: EVENT_ROTATION_ISSUED,
-                thing_name: Some((*thing).to_owned()),
-                serial: Some(i.old_serial.clone()),
-                detail: common::rotation_detail(&i.new.serial),
-            });
-        }
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit().await.map_err(step("committing replacements"))?;
-        Ok(old_serials.into_iter().map(str::to_owned).collect())
-    }
-
-    /// One attempt at [`Registry::replace_certificate`]. Lock order: the thing, the
-    /// authenticated certificate, its other replacements, its rotation.
-    async fn replace_attempt(&self, rep: &Replacement) -> Result<ReplaceOutcome, StepError> {
-        let new = &rep.new;
-        let old = rep.authenticated_serial.as_str();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        sqlx::query("SELECT name FROM things WHERE name = $1 FOR KEY SHARE")
-            .bind(&rep.thing_name)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("locking the thing"))?;
-        let cert: Option<(String, String, Option<i64>, String)> = sqlx::query_as(
-            "SELECT thing_name::text, status, registered_at, origin FROM certificates \
-             WHERE serial = $1 FOR NO KEY UPDATE",
-        )
-        .bind(old)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("locking the certificate"))?;
-        let (state, origin) = match cert {
-            Some((thing_name, status, registered_at, origin)) => (
-                Some(CertState {
-                    thing_name,
-                    status,
-                    registered_at,
-                }),
-                origin,
-            ),
-            None => (None, String::new()),
-        };
-        if let Err(refused) = common::check_replacement(rep, state.as_ref()) {
-            return Ok(refused);
-        }
-        let registered = state.is_some_and(|s| s.registered_at.is_some());
-        let holder: Option<String> = sqlx::query_scalar(
-            "SELECT serial FROM certificates WHERE thing_name = $1 AND public_key_sha256 = $2 \
-             ORDER BY serial LIMIT 1",
-        )
-        .bind(&rep.thing_name)
-        .bind(&new.public_key_sha256)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("looking for the new key"))?;
-        if let Some(holder) = holder {
-            return Ok(common::key_reused(rep, &holder));
-        }
-        // Under the certificate's lock: concurrent replacements of it queue here.
-        if rep.sealed_key.is_some() {
-            let pending: Option<String> = sqlx::query_scalar(
-                "SELECT r.new_serial::text FROM rotations r \
-                 JOIN certificates n ON n.serial = r.new_serial \
-                 WHERE r.old_serial = $1 AND r.state IN ('issued', 'delivered') \
-                    AND r.sealed_key IS NOT NULL AND n.status = 'active'",
-            )
-            .bind(old)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(step("looking for a pending replacement"))?;
-            if let Some(pending) = pending {
-                return Ok(common::replacement_pending(rep, &pending));
-            }
-        }
-        if let Some(max) = rep.max_replacements {
-            let count: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM certificates WHERE replaces = $1")
-                    .bind(old)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(step("counting replacements"))?;
-            if count >= i64::from(max) {
-                return Ok(common::replacement_limit(rep, count));
-            }
-        }
-
-        sqlx::query(SQL_INSERT_REPLACEMENTS)
-            .bind([new.serial.as_str()])
-            .bind([new.fingerprint_sha256.as_str()])
-            .bind([new.public_key_sha256.as_str()])
-            .bind([rep.thing_name.as_str()])
-            .bind([new.issuer.as_str()])
-            .bind([new.origin.as_str()])
-            .bind([new.key_algorithm.as_str()])
-            .bind([new.not_before])
-            .bind([new.not_after])
-            .bind([rep.at])
-            .bind([new.der.as_slice()])
-            .bind([new.renew_at])
-            .bind([old])
-            .bind([Some(rep.at)])
-            .bind([registered.then_some(rep.at)])
-            .execute(&mut *tx)
-            .await
-            .map_err(step("recording the replacement certificate"))?;
-        sqlx::query(SQL_COPY_ATTACHMENTS)
-            .bind([old])
-            .bind([new.serial.as_str()])
-            .bind([rep.at])
-            .execute(&mut *tx)
-            .await
-            .map_err(step("copying policy attachments"))?;
-        let superseded = sqlx::query(
-            "UPDATE certificates SET status = 'superseded' WHERE serial = $1 AND status = 'active'",
-        )
-        .bind(old)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("superseding the certificate"))?
-        .rows_affected()
-            > 0;
-        let mut revoked: Vec<String> = sqlx::query_scalar(
-            "UPDATE certificates SET status = 'revoked', revoked_at = $3, \
-                revocation_reason = 'superseded' \
-             WHERE replaces = $1 AND status = 'active' AND serial <> $2 RETURNING serial",
-        )
-        .bind(old)
-        .bind(&new.serial)
-        .bind(rep.at)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(step("revoking unused replacements"))?;
-        revoked.sort();
-        sqlx::query(
-            "INSERT INTO rotations (old_serial, thing_name, origin, state, due_at, new_serial, \
-                updated_at, sealed_key) \
-             VALUES ($1, $2, $3, 'delivered', $5, $4, $5, $6) \
-             ON CONFLICT (old_serial) DO UPDATE SET state = 'delivered', \
-                new_serial = EXCLUDED.new_serial, sealed_key = EXCLUDED.sealed_key, \
-                lease_owner = NULL, lease_until = NULL, updated_at = EXCLUDED.updated_at",
-        )
-        .bind(old)
-        .bind(&rep.thing_name)
-        .bind(&origin)
-        .bind(&new.serial)
-        .bind(rep.at)
-        .bind(rep.sealed_key.as_deref())
-        .execute(&mut *tx)
-        .await
-        .map_err(step("recording the rotation"))?;
-
-        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
-            at: rep.at,
-            kind,
-            thing_name: Some(rep.thing_name.clone()),
-            serial: Some(serial.to_owned()),
-            detail,
-        };
-        let mut events = vec![event(
-            EVENT_CERT_ISSUED,
-            &new.serial,
-            common::replacement_issued_detail(new, old),
-        )];
-        if superseded {
-            events.push(event(
-                EVENT_CERT_SUPERSEDED,
-                old,
-                common::superseded_detail(&new.serial),
-            ));
-        }
-        for serial in &revoked {
-            events.push(event(
-                EVENT_CERT_REVOKED,
-                serial,
-                common::revoked_by_rotation_detail(&new.serial),
-            ));
-        }
-        events.push(event(
-            EVENT_ROTATION_DELIVERED,
-            old,
-            common::rotation_detail(&new.serial),
-        ));
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit()
-            .await
-            .map_err(step("committing a replacement"))?;
-        Ok(ReplaceOutcome::Replaced { revoked })
-    }
-
-    /// One attempt at [`Registry::take_replacement`]. Lock order: the thing, the old
-    /// certificate, the new one, the rotation (re-checked under its lock).
-    async fn take_attempt(
-        &self,
-        old: &str,
-        at: i64,
-    ) -> Result<Option<TakenReplacement>, StepError> {
-        let waiting: Option<(String, Option<String>)> = sqlx::query_as(
-            "SELECT thing_name::text, new_serial FROM rotations \
-             WHERE old_serial = $1 AND state = 'issued'",
-        )
-        .bind(old)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(step("reading the rotation"))?;
-        let Some((thing, Some(new))) = waiting else {
-            return self.take_again(old).await;
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        sqlx::query("SELECT name FROM things WHERE name = $1 FOR KEY SHARE")
-            .bind(&thing)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("locking the thing"))?;
-        for serial in [old, new.as_str()] {
-            sqlx::query("SELECT serial FROM certificates WHERE serial = $1 FOR NO KEY UPDATE")
-                .bind(serial)
-                .execute(&mut *tx)
-                .await
-                .map_err(step("locking certificates"))?;
-        }
-        let sealed_key: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT sealed_key FROM rotations \
-             WHERE old_serial = $1 AND state = 'issued' AND new_serial = $2 \
-                AND sealed_key IS NOT NULL \
-             FOR UPDATE",
-        )
-        .bind(old)
-        .bind(&new)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("locking the rotation"))?;
-        let Some(sealed_key) = sealed_key else {
-            // Delivered by a concurrent request meanwhile: hand out the same.
-            drop(tx);
-            return self.take_again(old).await;
-        };
-        // A replacement revoked meanwhile is not handed out.
-        let row = sqlx::query(concat!(
-            "UPDATE certificates SET delivered_at = $2 WHERE serial = $1 AND status = 'active'              RETURNING ",
-            cert_columns!()
-        ))
-        .bind(&new)
-        .bind(at)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("delivering the replacement"))?;
-        let Some(row) = row else { return Ok(None) };
-        let certificate = common::cert_from_row(&row).map_err(step("reading the replacement"))?;
-        let superseded = sqlx::query(
-            "UPDATE certificates SET status = 'superseded' WHERE serial = $1 AND status = 'active'",
-        )
-        .bind(old)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("superseding the certificate"))?
-        .rows_affected()
-            > 0;
-        // The sealed key stays until the first use confirms the rotation.
-        sqlx::query(
-            "UPDATE rotations SET state = 'delivered', lease_owner = NULL, \
-                lease_until = NULL, updated_at = $2 \
-             WHERE old_serial = $1",
-        )
-        .bind(old)
-        .bind(at)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("delivering the rotation"))?;
-        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
-            at,
-            kind,
-            thing_name: Some(certificate.thing_name.clone()),
-            serial: Some(serial.to_owned()),
-            detail,
-        };
-        let mut events = vec![event(EVENT_CERT_DELIVERED, &new, "{}".to_owned())];
-        if superseded {
-            events.push(event(
-                EVENT_CERT_SUPERSEDED,
-                old,
-                common::superseded_detail(&new),
-            ));
-        }
-        events.push(event(
-            EVENT_ROTATION_DELIVERED,
-            old,
-            common::rotation_detail(&new),
-        ));
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit().await.map_err(step("committing a delivery"))?;
-        Ok(Some(TakenReplacement {
-            certificate,
-            sealed_key,
-            again: false,
-        }))
-    }
-
-    /// A replacement of `old` handed out before and not used yet (rotation `delivered`
-    /// with its sealed key, new certificate `active`): the same again, in one statement,
-    /// nothing written.
-    async fn take_again(&self, old: &str) -> Result<Option<TakenReplacement>, StepError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            cert_columns!(c),
-            ", r.sealed_key FROM rotations r JOIN certificates c ON c.serial = r.new_serial \
-             WHERE r.old_serial = $1 AND r.state = 'delivered' \
-                AND r.sealed_key IS NOT NULL AND c.status = 'active'"
-        ))
-        .bind(old)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(step("reading the replacement"))?;
-        let Some(row) = row else { return Ok(None) };
-        let sealed_key: Vec<u8> = sqlx::Row::try_get(&row, common::CERT_COLUMN_COUNT)
-            .map_err(step("reading the replacement"))?;
-        let certificate = common::cert_from_row(&row).map_err(step("reading the replacement"))?;
-        Ok(Some(TakenReplacement {
-            certificate,
-            sealed_key,
-            again: true,
-        }))
-    }
-
-    /// One attempt at [`Registry::confirm_replacement`]: the conditional update of the
-    /// replaced certificate locks it, so of concurrent confirmations one revokes it and
-    /// the others (re-checking the updated row) find it revoked.
-    async fn confirm_attempt(&self, serial: &str, at: i64) -> Result<Option<String>, StepError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        let revoked: Option<(String, String)> = sqlx::query_as(
-            "UPDATE certificates o SET status = 'revoked', revoked_at = $2, \
-                revocation_reason = 'superseded' \
-             FROM certificates n \
-             WHERE n.serial = $1 AND o.serial = n.replaces \
-                AND n.status <> 'revoked' AND o.status <> 'revoked' \
-             RETURNING o.serial::text, o.thing_name::text",
-        )
-        .bind(serial)
-        .bind(at)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("revoking the replaced certificate"))?;
-        let Some((old, thing)) = revoked else {
-            return Ok(None);
-        };
-        let confirmed = sqlx::query(
-            "UPDATE rotations SET state = 'confirmed', new_serial = $2, sealed_key = NULL, \
-                lease_owner = NULL, lease_until = NULL, updated_at = $3 \
-             WHERE old_serial = $1 AND state NOT IN ('confirmed', 'cancelled')",
-        )
-        .bind(&old)
-        .bind(serial)
-        .bind(at)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("confirming the rotation"))?
-        .rows_affected()
-            > 0;
-        let event = |kind: &'static str, detail: String| NewEvent {
-            at,
-            kind,
-            thing_name: Some(thing.clone()),
-            serial: Some(old.clone()),
-            detail,
-        };
-        let mut events = vec![event(
-            EVENT_CERT_REVOKED,
-            common::revoked_by_rotation_detail(serial),
-        )];
-        if confirmed {
-            events.push(event(
-                EVENT_ROTATION_CONFIRMED,
-                common::rotation_detail(serial),
-            ));
-        }
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit()
-            .await
-            .map_err(step("committing a confirmation"))?;
-        Ok(Some(old))
     }
 
     /// One attempt at [`Registry::revoke`]. The thing is locked `FOR UPDATE` first, so
@@ -1515,6 +840,19 @@ impl Dialect for PgRegistry {
     fn json_values(n: u8) -> String {
         format!("SELECT jsonb_array_elements_text(${n}::jsonb) AS value")
     }
+
+    fn json_entries(n: u8) -> String {
+        format!(
+            "SELECT e.ord - 1 AS key, e.value \
+             FROM jsonb_array_elements_text(${n}::jsonb) WITH ORDINALITY AS e(value, ord)"
+        )
+    }
+
+    fn json_object(pairs: &str) -> String {
+        format!("jsonb_build_object({pairs})")
+    }
+
+    const CERT_TIEBREAK: &'static str = "serial";
 
     fn is_retryable(e: &sqlx::Error) -> bool {
         is_retryable(e)
@@ -1782,14 +1120,9 @@ impl Registry for PgRegistry {
         expiring_before: Option<i64>,
         limit: Option<u32>,
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        let rows = sqlx::query(SQL_DUE[usize::from(expiring_before.is_some())])
-            .bind(now)
-            .bind(expiring_before)
-            .bind(common::limit_value(limit))
-            .fetch_all(&self.pool)
+        Flows(self)
+            .due_certificates(now, expiring_before, limit)
             .await
-            .map_err(|e| self.err("listing certificates due for rotation", e))?;
-        self.certs(&rows)
     }
 
     async fn open_due_rotations(
@@ -1797,41 +1130,7 @@ impl Registry for PgRegistry {
         now: i64,
         expiring_before: Option<i64>,
     ) -> Result<u64, RegistryError> {
-        let sql = SQL_OPEN_DUE[usize::from(expiring_before.is_some())];
-        let chunk = OPEN_CHUNK as i64;
-        let mut opened = 0;
-        // Keyset cursor over (renew_at, serial): each chunk starts after the last
-        // certificate the previous one selected, so a large backlog costs one index
-        // range scan in all. Certificates skipped because a writer held them locked are
-        // behind the cursor: the next sweep opens them.
-        let mut cursor = (i64::MIN, String::new());
-        loop {
-            let (selected, inserted, last_renew_at, last_serial): (
-                i64,
-                i64,
-                Option<i64>,
-                Option<String>,
-            ) = self
-                .retrying("opening rotations", || async {
-                    sqlx::query_as(sql)
-                        .bind(now)
-                        .bind(expiring_before)
-                        .bind(chunk)
-                        .bind(EVENT_ROTATION_DUE)
-                        .bind(cursor.0)
-                        .bind(&cursor.1)
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(step("opening rotations"))
-                })
-                .await?;
-            opened += inserted as u64;
-            match (last_renew_at, last_serial) {
-                (Some(renew_at), Some(serial)) if selected == chunk => cursor = (renew_at, serial),
-                // Fewer than a chunk: nothing more is due after the cursor.
-                _ => return Ok(opened),
-            }
-        }
+        Flows(self).open_due_rotations(now, expiring_before).await
     }
 
     async fn claim_rotations(
@@ -1841,31 +1140,9 @@ impl Registry for PgRegistry {
         lease_secs: i64,
         limit: u32,
     ) -> Result<Vec<RotationClaim>, RegistryError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let rows = self
-            .retrying("claiming rotations", || async {
-                sqlx::query(SQL_CLAIM)
-                    .bind(owner)
-                    .bind(now)
-                    .bind(lease_secs)
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(step("claiming rotations"))
-            })
-            .await?;
-        rows.iter()
-            .map(|row| {
-                use sqlx::Row;
-                Ok(RotationClaim {
-                    old: common::cert_from_row(row)?,
-                    template: row.try_get(common::CERT_COLUMN_COUNT)?,
-                })
-            })
-            .collect::<sqlx::Result<_>>()
-            .map_err(|e| self.err("reading claimed rotations", e))
+        Flows(self)
+            .claim_rotations(owner, now, lease_secs, limit)
+            .await
     }
 
     async fn complete_rotations(
@@ -1873,29 +1150,7 @@ impl Registry for PgRegistry {
         owner: &str,
         items: &[PreparedReplacement],
     ) -> Result<Vec<bool>, RegistryError> {
-        common::validate_new(items.iter().map(|i| &i.new))?;
-        // One item per rotation: a later item for the same old certificate finds it
-        // issued already.
-        let mut seen = HashSet::with_capacity(items.len());
-        let distinct: Vec<&PreparedReplacement> = items
-            .iter()
-            .filter(|i| seen.insert(i.old_serial.as_str()))
-            .collect();
-        if distinct.is_empty() {
-            return Ok(Vec::new());
-        }
-        let done = self
-            .retrying_insert(
-                "completing rotations",
-                distinct.iter().map(|i| &i.new),
-                || self.complete_attempt(owner, &distinct),
-            )
-            .await?;
-        let mut claimed = HashSet::with_capacity(done.len());
-        Ok(items
-            .iter()
-            .map(|i| done.contains(&i.old_serial) && claimed.insert(i.old_serial.as_str()))
-            .collect())
+        Flows(self).complete_rotations(owner, items).await
     }
 
     async fn fail_rotation(
@@ -1906,56 +1161,16 @@ impl Registry for PgRegistry {
         at: i64,
         max_attempts: u32,
     ) -> Result<bool, RegistryError> {
-        self.retrying("recording a failed rotation", || async {
-            let mut tx = self
-                .pool
-                .begin()
-                .await
-                .map_err(step("starting a transaction"))?;
-            let row: Option<(String, i32, String)> = sqlx::query_as(
-                "UPDATE rotations SET attempts = attempts + 1, last_error = $3, \
-                    lease_owner = NULL, lease_until = NULL, updated_at = $4, \
-                    state = CASE WHEN attempts + 1 >= $5::bigint THEN 'failed' ELSE state END \
-                 WHERE old_serial = $2 AND lease_owner = $1 AND state = 'due' \
-                 RETURNING thing_name::text, attempts, state",
-            )
-            .bind(owner)
-            .bind(old_serial)
-            .bind(error)
-            .bind(at)
-            .bind(i64::from(max_attempts))
-            .fetch_optional(&mut *tx)
+        Flows(self)
+            .fail_rotation(owner, old_serial, error, at, max_attempts)
             .await
-            .map_err(step("recording a failed rotation"))?;
-            let Some((thing, attempts, state)) = row else {
-                return Ok(false);
-            };
-            let event = NewEvent {
-                at,
-                kind: EVENT_ROTATION_FAILED,
-                thing_name: Some(thing),
-                serial: Some(old_serial.to_owned()),
-                detail: common::rotation_failed_detail(error, i64::from(attempts), &state),
-            };
-            insert_events(&mut tx, std::slice::from_ref(&event))
-                .await
-                .map_err(step("appending events"))?;
-            tx.commit()
-                .await
-                .map_err(step("committing a failed rotation"))?;
-            Ok(true)
-        })
-        .await
     }
 
     async fn replace_certificate(
         &self,
         replacement: &Replacement,
     ) -> Result<ReplaceOutcome, RegistryError> {
-        self.retrying_insert("a replacement", std::iter::once(&replacement.new), || {
-            self.replace_attempt(replacement)
-        })
-        .await
+        Flows(self).replace_certificate(replacement).await
     }
 
     async fn take_replacement(
@@ -1963,8 +1178,7 @@ impl Registry for PgRegistry {
         old_serial: &str,
         at: i64,
     ) -> Result<Option<TakenReplacement>, RegistryError> {
-        self.retrying("a delivery", || self.take_attempt(old_serial, at))
-            .await
+        Flows(self).take_replacement(old_serial, at).await
     }
 
     async fn confirm_replacement(
@@ -1972,8 +1186,7 @@ impl Registry for PgRegistry {
         serial: &str,
         at: i64,
     ) -> Result<Option<String>, RegistryError> {
-        self.retrying("a confirmation", || self.confirm_attempt(serial, at))
-            .await
+        Flows(self).confirm_replacement(serial, at).await
     }
 
     async fn get_rotation(
@@ -1991,12 +1204,7 @@ impl Registry for PgRegistry {
     }
 
     async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError> {
-        let row = sqlx::query_as(common::POSTGRES_ROTATION_BACKLOG)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.err("counting open rotations", e))?;
-        Ok(common::rotation_backlog(row))
+        Flows(self).rotation_backlog(now).await
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
