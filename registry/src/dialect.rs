@@ -5,7 +5,8 @@
 //! the n-th bind too) and standard SQL that both databases accept (`IS DISTINCT FROM`,
 //! `COUNT(*) FILTER (…)`, `CAST(… AS TEXT)`), and ask the dialect for the rest: how a
 //! writing transaction starts (`BEGIN IMMEDIATE` on SQLite), the row-lock clauses
-//! (PostgreSQL only; SQLite has one writer at a time), and how events are bulk-inserted.
+//! (PostgreSQL only; SQLite has one writer at a time), how events are bulk-inserted, how
+//! a JSON list becomes rows and text a JSON column value, and SQLite's index hint.
 //!
 //! Shared flows are methods of [`Flows`], a borrowed backend; their impl blocks carry
 //! the `sqlx` bounds (which Rust cannot imply from a trait) once per file, so each flow

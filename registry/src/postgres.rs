@@ -1,19 +1,10 @@
 //! The PostgreSQL registry.
 //!
-//! Group commits run in one ordinary (read committed) transaction. Concurrency safety
-//! of the read-check-write: the slice's things are inserted (`ON CONFLICT DO NOTHING`,
-//! which waits for a concurrent inserter of the same name) and then locked
-//! (`SELECT … FOR UPDATE`, in name order) before their active certificates are read, so
-//! two runs on the same thing serialise and the second sees the first's certificate.
-//! Rows travel as arrays (`UNNEST`), so a slice costs a fixed handful of statements.
+//! Group commits of issued certificates and first-connect registrations are written
+//! once for both backends; `issuance.rs` and `registrations.rs` say how they lock here.
 //!
-//! A registration locks the thing, then the certificate (`FOR NO KEY UPDATE`; the same
-//! order as group commits, so the two cannot dead-lock), so concurrent first connects of
-//! one device serialise and all but the first find the certificate registered. Missing
-//! policies are inserted (`ON CONFLICT DO NOTHING`, in name order) before they are read,
-//! so a concurrent creator of the same policy is waited for and then compared against.
-//! Connection flushes serialise on an advisory lock, so pruning is exact. Registrations
-//! and flushes that lose a deadlock or serialisation race are retried.
+//! Connection flushes serialise on an advisory lock, so pruning is exact. Flushes that
+//! lose a deadlock or serialisation race are retried.
 //!
 //! Rotation and revocation take row locks in one order: the thing, then the old
 //! (replaced) certificate, then its replacements, then the rotation row. Writers that
@@ -52,7 +43,7 @@ use std::time::Duration;
 /// How long connecting (and waiting for a pooled connection) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Retries of a group commit (or registration, or connection flush) that lost a
+/// Retries of a write (a connection flush, a rotation or revocation step) that lost a
 /// deadlock or serialisation race.
 const MAX_ATTEMPTS: usize = 5;
 
