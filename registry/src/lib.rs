@@ -14,9 +14,11 @@
 mod common;
 mod dialect;
 mod error;
+mod issuance;
 mod mirror;
 mod postgres;
 mod queries;
+mod registrations;
 mod revocations;
 mod rotations;
 mod sqlite;

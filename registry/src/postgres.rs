@@ -1,19 +1,10 @@
 //! The PostgreSQL registry.
 //!
-//! Group commits run in one ordinary (read committed) transaction. Concurrency safety
-//! of the read-check-write: the slice's things are inserted (`ON CONFLICT DO NOTHING`,
-//! which waits for a concurrent inserter of the same name) and then locked
-//! (`SELECT … FOR UPDATE`, in name order) before their active certificates are read, so
-//! two runs on the same thing serialise and the second sees the first's certificate.
-//! Rows travel as arrays (`UNNEST`), so a slice costs a fixed handful of statements.
+//! Group commits of issued certificates and first-connect registrations are written
+//! once for both backends; `issuance.rs` and `registrations.rs` say how they lock here.
 //!
-//! A registration locks the thing, then the certificate (`FOR NO KEY UPDATE`; the same
-//! order as group commits, so the two cannot dead-lock), so concurrent first connects of
-//! one device serialise and all but the first find the certificate registered. Missing
-//! policies are inserted (`ON CONFLICT DO NOTHING`, in name order) before they are read,
-//! so a concurrent creator of the same policy is waited for and then compared against.
-//! Connection flushes serialise on an advisory lock, so pruning is exact. Registrations
-//! and flushes that lose a deadlock or serialisation race are retried.
+//! Connection flushes serialise on an advisory lock, so pruning is exact. Flushes that
+//! lose a deadlock or serialisation race are retried.
 //!
 //! Rotation and revocation take row locks in one order (the rotation flows, written
 //! once in `rotations.rs`, describe it): the thing, then the old (replaced) certificate,
@@ -22,13 +13,12 @@
 //! behind it. CRL stores serialise on an advisory lock.
 
 use crate::common::{
-    self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_REVOKED, EVENT_ROTATION_CANCELLED,
-    FoundPolicy, NAME_CHUNK, NewEvent, cert_columns, db_error, migrate_error, rotation_columns,
-    to_json,
+    self, EVENT_CERT_REVOKED, EVENT_ROTATION_CANCELLED, NewEvent, cert_columns, migrate_error,
+    rotation_columns,
 };
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyRecord,
+    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord,
     PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
     RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
@@ -39,28 +29,20 @@ use crate::dialect::{Dialect, Flows};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Postgres};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 /// How long connecting (and waiting for a pooled connection) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Retries of a group commit (or registration, or connection flush) that lost a
+/// Retries of a write (a connection flush, a rotation or revocation step) that lost a
 /// deadlock or serialisation race.
 const MAX_ATTEMPTS: usize = 5;
 
 /// The advisory lock that serialises connection flushes, so that pruning to the newest
 /// [`MAX_CONNECTIONS_PER_CERTIFICATE`] is exact ("fleetcon").
 const CONNECTIONS_LOCK: i64 = 0x666c_6565_7463_6f6e;
-
-/// The thing columns, in the order [`common::thing_from_row`] reads them (JSON as text).
-macro_rules! thing_columns {
-    () => {
-        "name, template, created_at, updated_at, thing_type, attributes::text, groups::text, \
-         billing_group, version"
-    };
-}
 
 /// A certificate, its thing, its attached policies (sorted), its rotation (as the old
 /// certificate) and whether its first use confirms a rotation, by fingerprint: the hot
@@ -100,15 +82,6 @@ pub(crate) struct PgRegistry {
     /// Redacted URL, for messages.
     url: String,
     probes: common::ProbeGate,
-}
-
-/// Why a group-commit attempt failed.
-enum AttemptError {
-    /// A serial or fingerprint is already recorded.
-    Unique(sqlx::Error),
-    /// Deadlock or serialisation failure: try again.
-    Retry(sqlx::Error),
-    Other(RegistryError),
 }
 
 impl PgRegistry {
@@ -153,417 +126,6 @@ impl PgRegistry {
             pool,
             url: redacted,
             probes: common::ProbeGate::default(),
-        })
-    }
-
-    /// The serials and fingerprints of `records` already in the database.
-    async fn taken(&self, records: &[IssueRecord]) -> Result<HashSet<String>, RegistryError> {
-        self.taken_certs(records.iter().map(|r| &r.certificate))
-            .await
-    }
-
-    async fn attempt(&self, records: &[IssueRecord]) -> Result<Vec<IssueOutcome>, AttemptError> {
-        let step = |context: &'static str| {
-            move |e: sqlx::Error| {
-                if common::is_unique_violation(&e) {
-                    AttemptError::Unique(e)
-                } else if is_retryable(&e) {
-                    AttemptError::Retry(e)
-                } else {
-                    AttemptError::Other(db_error(&self.url, context, e))
-                }
-            }
-        };
-        let names = common::distinct_names(records);
-        // Values a thing gets if this commit creates it: from its first record.
-        let mut first: HashMap<&str, &IssueRecord> = HashMap::with_capacity(names.len());
-        for r in records {
-            first.entry(r.thing_name.as_str()).or_insert(r);
-        }
-        let templates: Vec<Option<&str>> =
-            names.iter().map(|n| first[n].template.as_deref()).collect();
-        let ats: Vec<i64> = names.iter().map(|n| first[n].at).collect();
-
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-
-        let created: HashSet<String> = sqlx::query_scalar(
-            "INSERT INTO things (name, template, created_at, updated_at) \
-             SELECT u.name, u.template, u.at, u.at \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(name, template, at) \
-             ON CONFLICT (name) DO NOTHING RETURNING name",
-        )
-        .bind(&names)
-        .bind(&templates)
-        .bind(&ats)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(step("recording things"))?
-        .into_iter()
-        .collect();
-        sqlx::query("SELECT name FROM things WHERE name = ANY($1) ORDER BY name FOR UPDATE")
-            .bind(&names)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("locking things"))?;
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT thing_name, serial FROM certificates \
-             WHERE status = 'active' AND thing_name = ANY($1)",
-        )
-        .bind(&names)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(step("reading active certificates"))?;
-        let mut active: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for (thing, serial) in rows {
-            active.entry(thing).or_default().insert(serial);
-        }
-        let existing: HashSet<String> = names
-            .iter()
-            .filter(|n| !created.contains(**n))
-            .map(|n| (*n).to_owned())
-            .collect();
-
-        let plan = common::plan(records, &existing, active);
-
-        // Things: drop the ones this transaction created for records that conflicted;
-        // bring the others to their planned state where the insert above differs.
-        let claimed: HashSet<&str> = plan
-            .things
-            .iter()
-            .filter(|t| t.new)
-            .map(|t| t.name)
-            .collect();
-        let unclaimed: Vec<&str> = created
-            .iter()
-            .map(String::as_str)
-            .filter(|n| !claimed.contains(n))
-            .collect();
-        if !unclaimed.is_empty() {
-            sqlx::query("DELETE FROM things WHERE name = ANY($1)")
-                .bind(&unclaimed)
-                .execute(&mut *tx)
-                .await
-                .map_err(step("recording things"))?;
-        }
-        let updates: Vec<&common::ThingWrite<'_>> = plan
-            .things
-            .iter()
-            .filter(|t| {
-                let f = first[t.name];
-                !t.new
-                    || t.template != f.template.as_deref()
-                    || t.created_at != f.at
-                    || t.updated_at != f.at
-            })
-            .collect();
-        if !updates.is_empty() {
-            sqlx::query(
-                "UPDATE things SET template = u.template, \
-                    created_at = COALESCE(u.created_at, things.created_at), \
-                    updated_at = u.updated_at, \
-                    version = CASE \
-                        WHEN u.created_at IS NOT NULL THEN 1 \
-                        WHEN things.template IS DISTINCT FROM u.template \
-                            THEN things.version + 1 \
-                        ELSE things.version END \
-                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
-                    AS u(name, template, created_at, updated_at) \
-                 WHERE things.name = u.name",
-            )
-            .bind(updates.iter().map(|t| t.name).collect::<Vec<_>>())
-            .bind(updates.iter().map(|t| t.template).collect::<Vec<_>>())
-            .bind(
-                updates
-                    .iter()
-                    .map(|t| t.new.then_some(t.created_at))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(updates.iter().map(|t| t.updated_at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await
-            .map_err(step("recording things"))?;
-        }
-
-        if !plan.certificates.is_empty() {
-            let certs = &plan.certificates;
-            sqlx::query(
-                "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
-                    thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
-                    created_at, der, renew_at) \
-                 SELECT u.serial, u.fp, u.pk, u.thing, u.issuer, 'active', u.origin, u.alg, \
-                    u.nb, u.na, u.at, u.der, u.renew_at \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                    $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
-                    $11::bytea[], $12::bigint[]) \
-                    AS u(serial, fp, pk, thing, issuer, origin, alg, nb, na, at, der, renew_at)",
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.serial.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.fingerprint_sha256.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.public_key_sha256.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.thing_name.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.issuer.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.origin.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.key_algorithm.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.not_before)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.not_after)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(certs.iter().map(|r| r.at).collect::<Vec<_>>())
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.der.as_slice())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                certs
-                    .iter()
-                    .map(|r| r.certificate.renew_at)
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(step("recording certificates"))?;
-        }
-        if !plan.superseded.is_empty() {
-            sqlx::query(
-                "UPDATE certificates SET status = 'superseded' \
-                 WHERE status = 'active' AND serial = ANY($1)",
-            )
-            .bind(&plan.superseded)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("superseding certificates"))?;
-        }
-        if !plan.revoked.is_empty() {
-            sqlx::query(
-                "UPDATE certificates SET status = 'revoked', revoked_at = r.at, \
-                    revocation_reason = 'superseded' \
-                 FROM UNNEST($1::text[], $2::bigint[]) AS r(serial, at) \
-                 WHERE certificates.serial = r.serial AND certificates.status = 'active'",
-            )
-            .bind(plan.revoked.iter().map(|(s, _)| *s).collect::<Vec<_>>())
-            .bind(plan.revoked.iter().map(|(_, at)| *at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await
-            .map_err(step("revoking certificates"))?;
-        }
-        insert_events(&mut tx, &plan.events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit()
-            .await
-            .map_err(step("committing issued certificates"))?;
-        Ok(plan.outcomes)
-    }
-
-    fn certs(&self, rows: &[PgRow]) -> Result<Vec<CertificateRecord>, RegistryError> {
-        rows.iter()
-            .map(common::cert_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading certificates", e))
-    }
-
-    /// One attempt at [`Registry::register`], in one transaction. Lock order: the thing,
-    /// then the certificate (the order `record_issued` takes them in, so the two cannot
-    /// dead-lock each other).
-    async fn register_attempt(
-        &self,
-        reg: &Registration,
-        requested: &[common::RequestedPolicy<'_>],
-    ) -> Result<RegistrationOutcome, StepError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            thing_columns!(),
-            " FROM things WHERE name = $1 FOR NO KEY UPDATE"
-        ))
-        .bind(&reg.thing_name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("locking the thing"))?;
-        let thing = row
-            .as_ref()
-            .map(common::thing_from_row)
-            .transpose()
-            .map_err(step("reading the thing"))?;
-        let cert: Option<(String, String, Option<i64>)> = sqlx::query_as(
-            "SELECT thing_name::text, status, registered_at FROM certificates \
-             WHERE serial = $1 FOR NO KEY UPDATE",
-        )
-        .bind(&reg.serial)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(step("locking the certificate"))?;
-        let cert = cert.map(|(thing_name, status, registered_at)| CertState {
-            thing_name,
-            status,
-            registered_at,
-        });
-        let refused = |reason: String| Ok(RegistrationOutcome::Refused { reason });
-        match common::check_certificate(reg, cert.as_ref()) {
-            CertCheck::Proceed => {}
-            CertCheck::Refused(reason) => return refused(reason),
-            CertCheck::AlreadyRegistered => {
-                let policies: Vec<String> = sqlx::query_scalar(
-                    "SELECT policy_name::text FROM policy_attachments WHERE serial = $1 \
-                     ORDER BY policy_name",
-                )
-                .bind(&reg.serial)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(step("reading attached policies"))?;
-                return Ok(RegistrationOutcome::AlreadyRegistered { policies });
-            }
-        }
-        let Some(thing) = thing else {
-            return refused(format!("thing {:?} is not in the registry", reg.thing_name));
-        };
-        if thing.version != reg.expected_thing_version {
-            return Ok(RegistrationOutcome::ThingChanged);
-        }
-
-        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
-        let documents: Vec<Option<String>> =
-            requested.iter().map(|p| p.document.map(to_json)).collect();
-        // Create the missing policies first (in name order, so concurrent registrations
-        // creating several policies cannot dead-lock): ON CONFLICT waits for a
-        // concurrent creator, so the lookup below sees its committed document.
-        let created: HashSet<String> = if documents.iter().any(Option::is_some) {
-            sqlx::query_scalar(
-                "INSERT INTO policies (name, document, created_at, updated_at) \
-                 SELECT u.name, u.doc::json, $3, $3 \
-                 FROM UNNEST($1::text[], $2::text[]) AS u(name, doc) \
-                 WHERE u.doc IS NOT NULL ORDER BY u.name \
-                 ON CONFLICT (name) DO NOTHING RETURNING name::text",
-            )
-            .bind(&names)
-            .bind(&documents)
-            .bind(reg.at)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(step("creating policies"))?
-            .into_iter()
-            .collect()
-        } else {
-            HashSet::new()
-        };
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT name, document::text FROM policies WHERE name = ANY($1)")
-                .bind(&names)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(step("reading policies"))?;
-        let mut found = HashMap::with_capacity(rows.len());
-        for (name, stored) in rows {
-            let stored = common::parse_json(&stored).map_err(step("reading policies"))?;
-            found.insert(name.clone(), FoundPolicy::new(stored, requested, &name));
-        }
-        let plan = match common::plan_registration(reg, &thing, requested, &created, &found) {
-            Ok(plan) => plan,
-            // Dropping the transaction rolls back the policies created above.
-            Err(reason) => return refused(reason),
-        };
-
-        if let Some((details, version)) = &plan.thing {
-            sqlx::query(
-                "UPDATE things SET template = $2, thing_type = $3, attributes = $4::jsonb, \
-                    groups = $5::jsonb, billing_group = $6, version = $7, updated_at = $8 \
-                 WHERE name = $1",
-            )
-            .bind(&reg.thing_name)
-            .bind(&reg.template)
-            .bind(details.thing_type.as_deref())
-            .bind(to_json(&details.attributes))
-            .bind(to_json(&details.groups))
-            .bind(details.billing_group.as_deref())
-            .bind(version)
-            .bind(reg.at)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("updating the thing"))?;
-        }
-        if !plan.attach.is_empty() {
-            sqlx::query(
-                "INSERT INTO policy_attachments (policy_name, serial, attached_at) \
-                 SELECT u.name, $2, $3 FROM UNNEST($1::text[]) AS u(name) \
-                 ON CONFLICT (policy_name, serial) DO NOTHING",
-            )
-            .bind(&plan.attach)
-            .bind(&reg.serial)
-            .bind(reg.at)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("attaching policies"))?;
-        }
-        sqlx::query(
-            "UPDATE certificates SET registered_at = $2 \
-             WHERE serial = $1 AND registered_at IS NULL",
-        )
-        .bind(&reg.serial)
-        .bind(reg.at)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("marking the certificate registered"))?;
-        insert_events(&mut tx, &plan.events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit()
-            .await
-            .map_err(step("committing a registration"))?;
-        Ok(RegistrationOutcome::Registered {
-            policies: plan.attach,
         })
     }
 
@@ -654,14 +216,6 @@ impl PgRegistry {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// The serials and fingerprints of `certs` already in the database.
-    async fn taken_certs<'c>(
-        &self,
-        certs: impl Iterator<Item = &'c NewCertificate> + Clone,
-    ) -> Result<HashSet<String>, RegistryError> {
-        Flows(self).taken(certs).await
     }
 
     /// One attempt at [`Registry::revoke`]. The thing is locked `FOR UPDATE` first, so
@@ -836,6 +390,7 @@ impl Dialect for PgRegistry {
     const FOR_SHARE: &'static str = " FOR SHARE";
     const FOR_KEY_SHARE: &'static str = " FOR KEY SHARE";
     const FOR_NO_KEY_UPDATE: &'static str = " FOR NO KEY UPDATE";
+    const NOT_INDEXED: &'static str = "";
 
     fn json_values(n: u8) -> String {
         format!("SELECT jsonb_array_elements_text(${n}::jsonb) AS value")
@@ -853,6 +408,14 @@ impl Dialect for PgRegistry {
     }
 
     const CERT_TIEBREAK: &'static str = "serial";
+
+    fn json_rows(n: u8) -> String {
+        format!("jsonb_array_elements(${n}::jsonb)")
+    }
+
+    fn json_column(expr: &str) -> String {
+        format!("CAST({expr} AS JSON)")
+    }
 
     fn is_retryable(e: &sqlx::Error) -> bool {
         is_retryable(e)
@@ -893,91 +456,18 @@ impl Registry for PgRegistry {
         &self,
         records: &[IssueRecord],
     ) -> Result<Vec<IssueOutcome>, RegistryError> {
-        common::validate(records)?;
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut attempt = 1;
-        loop {
-            match self.attempt(records).await {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(AttemptError::Other(e)) => return Err(e),
-                Err(AttemptError::Unique(e)) => {
-                    let taken = self.taken(records).await?;
-                    return Err(common::duplicate_of(records, &taken, &e.to_string()));
-                }
-                Err(AttemptError::Retry(e)) => {
-                    if attempt >= MAX_ATTEMPTS {
-                        return Err(self.err("recording issued certificates", e));
-                    }
-                    tracing::debug!(attempt, error = %e, "group commit lost a race; retrying");
-                    tokio::time::sleep(Duration::from_millis(10 * attempt as u64)).await;
-                    attempt += 1;
-                }
-            }
-        }
+        Flows(self).record_issued(records).await
     }
 
     async fn mark_delivered(&self, serials: &[String], at: i64) -> Result<(), RegistryError> {
-        let serials = common::dedup_in_order(serials);
-        if serials.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "UPDATE certificates SET delivered_at = $2 \
-             WHERE delivered_at IS NULL AND serial = ANY($1) \
-             RETURNING serial, thing_name",
-        )
-        .bind(&serials)
-        .bind(at)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.err("marking certificates delivered", e))?;
-        let delivered: HashMap<String, String> = rows.into_iter().collect();
-        let events: Vec<NewEvent> = serials
-            .iter()
-            .filter_map(|s| {
-                delivered.get(*s).map(|thing| NewEvent {
-                    at,
-                    kind: EVENT_CERT_DELIVERED,
-                    thing_name: Some(thing.clone()),
-                    serial: Some((*s).to_owned()),
-                    detail: "{}".to_owned(),
-                })
-            })
-            .collect();
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(|e| self.err("appending events", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing deliveries", e))
+        Flows(self).mark_delivered(serials, at).await
     }
 
     async fn active_certificates(
         &self,
         thing_names: &[String],
     ) -> Result<HashMap<String, Vec<CertificateRecord>>, RegistryError> {
-        let mut out = HashMap::new();
-        for chunk in thing_names.chunks(NAME_CHUNK) {
-            let rows = sqlx::query(concat!(
-                "SELECT ",
-                cert_columns!(),
-                " FROM certificates WHERE status = 'active' AND thing_name = ANY($1) \
-                 ORDER BY thing_name, created_at, serial"
-            ))
-            .bind(chunk)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err("reading active certificates", e))?;
-            common::group_by_thing(self.certs(&rows)?, &mut out);
-        }
-        Ok(out)
+        Flows(self).active_certificates(thing_names).await
     }
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
@@ -1039,14 +529,7 @@ impl Registry for PgRegistry {
         &self,
         registration: &Registration,
     ) -> Result<RegistrationOutcome, RegistryError> {
-        let requested = match common::requested_policies(registration) {
-            Ok(requested) => requested,
-            Err(reason) => return Ok(RegistrationOutcome::Refused { reason }),
-        };
-        self.retrying("a registration", || {
-            self.register_attempt(registration, &requested)
-        })
-        .await
+        Flows(self).register(registration).await
     }
 
     async fn device_state(
@@ -1326,6 +809,7 @@ mod tests {
     //! via `scripts/with-postgres.sh`). The behaviour shared with SQLite is covered by
     //! `tests/stories.rs`.
     use super::*;
+    use crate::NewCertificate;
     use crate::{CertOrigin, IssueOutcome, RotationState};
     use sqlx::AssertSqlSafe;
     use std::sync::Arc;

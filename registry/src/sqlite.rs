@@ -8,12 +8,12 @@
 //! cached per connection). The rotation flows (`rotations.rs`) work the same way.
 
 use crate::common::{
-    self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_REVOKED, FoundPolicy, NAME_CHUNK,
-    NewEvent, cert_columns, migrate_error, rotation_columns, to_json,
+    self, EVENT_CERT_REVOKED, NewEvent, cert_columns,
+    migrate_error, rotation_columns, to_json,
 };
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyRecord,
+    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord,
     PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
     RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
     RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
@@ -27,7 +27,7 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,27 +46,8 @@ pub(crate) enum SqliteTarget {
     Memory,
 }
 
-// The statements of the hot paths (their query plans are checked by a test).
-const SQL_SUPERSEDE: &str = "UPDATE certificates SET status = 'superseded' \
-     WHERE serial IN (SELECT value FROM json_each(?1)) AND +status = 'active'";
-const SQL_REVOKE: &str = "UPDATE certificates SET status = 'revoked', revoked_at = r.at, \
-        revocation_reason = 'superseded' \
-     FROM (SELECT value ->> 0 AS serial, value ->> 1 AS at FROM json_each(?1)) AS r \
-     WHERE certificates.serial = r.serial AND +certificates.status = 'active'";
-const SQL_EXISTING_THINGS: &str =
-    "SELECT name FROM things WHERE name IN (SELECT value FROM json_each(?1))";
-const SQL_ACTIVE_SERIALS: &str = "SELECT thing_name, serial FROM certificates \
-     WHERE status = 'active' AND thing_name IN (SELECT value FROM json_each(?1))";
-const SQL_ACTIVE_CERTIFICATES: &str = concat!(
-    "SELECT ",
-    cert_columns!(),
-    " FROM certificates WHERE status = 'active' \
-       AND thing_name IN (SELECT value FROM json_each(?1)) \
-     ORDER BY thing_name, created_at, serial"
-);
-const SQL_DELIVER: &str = "UPDATE certificates SET delivered_at = ?2 \
-     WHERE serial IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL \
-     RETURNING serial, thing_name";
+// The statements of the hot paths (their query plans are checked by a test; the
+// issuance and registration ones live in `issuance.rs` and `registrations.rs`).
 
 /// A certificate, its thing, its attached policies (a JSON array), whether it confirms a
 /// rotation, and its own rotation (if any) by fingerprint: the hot path of every
@@ -85,22 +66,7 @@ const SQL_DEVICE_STATE: &str = concat!(
      LEFT JOIN rotations r ON r.old_serial = c.serial \
      WHERE c.fingerprint_sha256 = ?1"
 );
-const SQL_REGISTRATION_CERT: &str =
-    "SELECT thing_name, status, registered_at FROM certificates WHERE serial = ?1";
-const SQL_ATTACHED: &str = "SELECT policy_name FROM policy_attachments WHERE serial = ?1 \
-     ORDER BY policy_name";
-const SQL_CREATE_POLICY: &str = "INSERT INTO policies (name, document, created_at, updated_at) \
-     VALUES (?1, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING RETURNING name";
-const SQL_FIND_POLICIES: &str = "SELECT name, document FROM policies \
-     WHERE name IN (SELECT value FROM json_each(?1))";
-const SQL_UPDATE_THING: &str = "UPDATE things SET template = ?2, thing_type = ?3, \
-        attributes = ?4, groups = ?5, billing_group = ?6, version = ?7, updated_at = ?8 \
-     WHERE name = ?1";
-const SQL_ATTACH: &str = "INSERT INTO policy_attachments (policy_name, serial, attached_at) \
-     SELECT value, ?2, ?3 FROM json_each(?1) WHERE true \
-     ON CONFLICT (policy_name, serial) DO NOTHING";
-const SQL_MARK_REGISTERED: &str = "UPDATE certificates SET registered_at = ?2 \
-     WHERE serial = ?1 AND registered_at IS NULL";
+
 /// Deletes all but the newest `?2` connections of each fingerprint of `?1` (a JSON
 /// array): one cutoff id per fingerprint, then a range delete through the index.
 const SQL_PRUNE_CONNECTIONS: &str = "WITH cutoff AS MATERIALIZED ( \
@@ -231,14 +197,6 @@ impl SqliteRegistry {
         Ok(registry)
     }
 
-    /// The serials and fingerprints of `certs` already in the database.
-    async fn taken<'a>(
-        &self,
-        certs: impl Iterator<Item = &'a NewCertificate> + Clone,
-    ) -> Result<HashSet<String>, RegistryError> {
-        Flows(self).taken(certs).await
-    }
-
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RegistryError> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -356,203 +314,6 @@ impl SqliteRegistry {
             .map_err(|e| WriteError::new("appending events", e))?;
         entries.sort_by(|a, b| a.serial.cmp(&b.serial));
         Ok(Ok(entries))
-    }
-
-    /// The writes of a group commit, in an order that lets a record supersede or revoke
-    /// a certificate inserted by an earlier record of the same slice.
-    async fn write_plan(
-        conn: &mut SqliteConnection,
-        plan: &common::Plan<'_>,
-    ) -> Result<(), WriteError> {
-        insert_rows(
-            conn,
-            "INSERT INTO things (name, template, created_at, updated_at) VALUES ",
-            "(?, ?, ?, ?)",
-            4,
-            " ON CONFLICT (name) DO UPDATE SET \
-                template = excluded.template, updated_at = excluded.updated_at, \
-                version = things.version + (things.template IS NOT excluded.template)",
-            &plan.things,
-            |q, t| {
-                q.bind(t.name)
-                    .bind(t.template)
-                    .bind(t.created_at)
-                    .bind(t.updated_at)
-            },
-        )
-        .await
-        .map_err(|e| WriteError::new("recording things", e))?;
-        insert_rows(
-            conn,
-            "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
-                thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
-                created_at, renew_at, der) VALUES ",
-            "(?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
-            12,
-            "",
-            &plan.certificates,
-            |q, r| {
-                let c = &r.certificate;
-                q.bind(&c.serial)
-                    .bind(&c.fingerprint_sha256)
-                    .bind(&c.public_key_sha256)
-                    .bind(&r.thing_name)
-                    .bind(&c.issuer)
-                    .bind(c.origin.as_str())
-                    .bind(&c.key_algorithm)
-                    .bind(c.not_before)
-                    .bind(c.not_after)
-                    .bind(r.at)
-                    .bind(c.renew_at)
-                    .bind(&c.der)
-            },
-        )
-        .await
-        .map_err(|e| WriteError::new("recording certificates", e))?;
-        if !plan.superseded.is_empty() {
-            // `+status`: look rows up by serial, never by scanning the status index.
-            sqlx::query(SQL_SUPERSEDE)
-                .bind(to_json(&plan.superseded))
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| WriteError::new("superseding certificates", e))?;
-        }
-        if !plan.revoked.is_empty() {
-            sqlx::query(SQL_REVOKE)
-                .bind(to_json(&plan.revoked))
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| WriteError::new("revoking certificates", e))?;
-        }
-        insert_events(conn, &plan.events)
-            .await
-            .map_err(|e| WriteError::new("appending events", e))?;
-        Ok(())
-    }
-
-    fn certs(&self, rows: &[SqliteRow]) -> Result<Vec<CertificateRecord>, RegistryError> {
-        rows.iter()
-            .map(common::cert_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err("reading certificates", e))
-    }
-
-    /// The body of [`Registry::register`], inside the caller's `BEGIN IMMEDIATE`
-    /// transaction. Returns the outcome and whether to commit.
-    async fn register_in(
-        conn: &mut SqliteConnection,
-        reg: &Registration,
-        requested: &[common::RequestedPolicy<'_>],
-    ) -> Result<(RegistrationOutcome, bool), WriteError> {
-        let cert: Option<(String, String, Option<i64>)> = sqlx::query_as(SQL_REGISTRATION_CERT)
-            .bind(&reg.serial)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("reading the certificate", e))?;
-        let cert = cert.map(|(thing_name, status, registered_at)| CertState {
-            thing_name,
-            status,
-            registered_at,
-        });
-        match common::check_certificate(reg, cert.as_ref()) {
-            CertCheck::Proceed => {}
-            CertCheck::Refused(reason) => {
-                return Ok((RegistrationOutcome::Refused { reason }, false));
-            }
-            CertCheck::AlreadyRegistered => {
-                let policies: Vec<String> = sqlx::query_scalar(SQL_ATTACHED)
-                    .bind(&reg.serial)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading attached policies", e))?;
-                return Ok((RegistrationOutcome::AlreadyRegistered { policies }, false));
-            }
-        }
-        let row = sqlx::query(crate::queries::SQL_THING)
-            .bind(&reg.thing_name)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("reading the thing", e))?;
-        let Some(thing) = row
-            .as_ref()
-            .map(common::thing_from_row)
-            .transpose()
-            .map_err(|e| WriteError::new("reading the thing", e))?
-        else {
-            let reason = format!("thing {:?} is not in the registry", reg.thing_name);
-            return Ok((RegistrationOutcome::Refused { reason }, false));
-        };
-        if thing.version != reg.expected_thing_version {
-            return Ok((RegistrationOutcome::ThingChanged, false));
-        }
-
-        let mut created = HashSet::new();
-        for p in requested {
-            let Some(document) = p.document else { continue };
-            let inserted: Option<String> = sqlx::query_scalar(SQL_CREATE_POLICY)
-                .bind(p.name)
-                .bind(to_json(document))
-                .bind(reg.at)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(|e| WriteError::new("creating policies", e))?;
-            created.extend(inserted);
-        }
-        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
-        let rows: Vec<(String, String)> = sqlx::query_as(SQL_FIND_POLICIES)
-            .bind(to_json(&names))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("reading policies", e))?;
-        let mut found = HashMap::with_capacity(rows.len());
-        for (name, document) in rows {
-            let stored = common::parse_json(&document)
-                .map_err(|e| WriteError::new("reading policies", e))?;
-            found.insert(name.clone(), FoundPolicy::new(stored, requested, &name));
-        }
-        let plan = match common::plan_registration(reg, &thing, requested, &created, &found) {
-            Ok(plan) => plan,
-            Err(reason) => return Ok((RegistrationOutcome::Refused { reason }, false)),
-        };
-
-        if let Some((details, version)) = &plan.thing {
-            sqlx::query(SQL_UPDATE_THING)
-                .bind(&reg.thing_name)
-                .bind(&reg.template)
-                .bind(details.thing_type.as_deref())
-                .bind(to_json(&details.attributes))
-                .bind(to_json(&details.groups))
-                .bind(details.billing_group.as_deref())
-                .bind(version)
-                .bind(reg.at)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| WriteError::new("updating the thing", e))?;
-        }
-        if !plan.attach.is_empty() {
-            sqlx::query(SQL_ATTACH)
-                .bind(to_json(&plan.attach))
-                .bind(&reg.serial)
-                .bind(reg.at)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| WriteError::new("attaching policies", e))?;
-        }
-        sqlx::query(SQL_MARK_REGISTERED)
-            .bind(&reg.serial)
-            .bind(reg.at)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("marking the certificate registered", e))?;
-        insert_events(conn, &plan.events)
-            .await
-            .map_err(|e| WriteError::new("appending events", e))?;
-        Ok((
-            RegistrationOutcome::Registered {
-                policies: plan.attach,
-            },
-            true,
-        ))
     }
 }
 
@@ -722,6 +483,7 @@ impl Dialect for SqliteRegistry {
     const FOR_SHARE: &'static str = "";
     const FOR_KEY_SHARE: &'static str = "";
     const FOR_NO_KEY_UPDATE: &'static str = "";
+    const NOT_INDEXED: &'static str = "+";
 
     fn json_values(n: u8) -> String {
         format!("SELECT value FROM json_each(${n})")
@@ -736,6 +498,14 @@ impl Dialect for SqliteRegistry {
     }
 
     const CERT_TIEBREAK: &'static str = "rowid";
+
+    fn json_rows(n: u8) -> String {
+        format!("json_each(${n})")
+    }
+
+    fn json_column(expr: &str) -> String {
+        expr.to_owned()
+    }
 
     fn is_retryable(_: &sqlx::Error) -> bool {
         // Writers queue on `BEGIN IMMEDIATE` (and the busy timeout): none loses a race.
@@ -773,114 +543,18 @@ impl Registry for SqliteRegistry {
         &self,
         records: &[IssueRecord],
     ) -> Result<Vec<IssueOutcome>, RegistryError> {
-        common::validate(records)?;
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let names = to_json(&common::distinct_names(records));
-
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-
-        let existing: HashSet<String> = sqlx::query_scalar(SQL_EXISTING_THINGS)
-            .bind(&names)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| self.err("reading things", e))?
-            .into_iter()
-            .collect();
-        let mut active: HashMap<String, BTreeSet<String>> = HashMap::new();
-        if !existing.is_empty() {
-            let rows: Vec<(String, String)> = sqlx::query_as(SQL_ACTIVE_SERIALS)
-                .bind(&names)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| self.err("reading active certificates", e))?;
-            for (thing, serial) in rows {
-                active.entry(thing).or_default().insert(serial);
-            }
-        }
-
-        let plan = common::plan(records, &existing, active);
-        if plan.certificates.is_empty() {
-            // Everything conflicted: nothing to write.
-            tx.rollback()
-                .await
-                .map_err(|e| self.err("ending a transaction", e))?;
-            return Ok(plan.outcomes);
-        }
-
-        match Self::write_plan(&mut tx, &plan).await {
-            Ok(()) => {}
-            Err(WriteError { context, error }) => {
-                let _ = tx.rollback().await;
-                if common::is_unique_violation(&error) {
-                    let taken = self.taken(records.iter().map(|r| &r.certificate)).await?;
-                    return Err(common::duplicate_of(records, &taken, &error.to_string()));
-                }
-                return Err(self.err(context, error));
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing issued certificates", e))?;
-        Ok(plan.outcomes)
+        Flows(self).record_issued(records).await
     }
 
     async fn mark_delivered(&self, serials: &[String], at: i64) -> Result<(), RegistryError> {
-        let serials = common::dedup_in_order(serials);
-        if serials.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        let rows: Vec<(String, String)> = sqlx::query_as(SQL_DELIVER)
-            .bind(to_json(&serials))
-            .bind(at)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| self.err("marking certificates delivered", e))?;
-        let delivered: HashMap<String, String> = rows.into_iter().collect();
-        let events: Vec<NewEvent> = serials
-            .iter()
-            .filter_map(|s| {
-                delivered.get(*s).map(|thing| NewEvent {
-                    at,
-                    kind: EVENT_CERT_DELIVERED,
-                    thing_name: Some(thing.clone()),
-                    serial: Some((*s).to_owned()),
-                    detail: "{}".to_owned(),
-                })
-            })
-            .collect();
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(|e| self.err("appending events", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing deliveries", e))
+        Flows(self).mark_delivered(serials, at).await
     }
 
     async fn active_certificates(
         &self,
         thing_names: &[String],
     ) -> Result<HashMap<String, Vec<CertificateRecord>>, RegistryError> {
-        let mut out = HashMap::new();
-        for chunk in thing_names.chunks(NAME_CHUNK) {
-            let rows = sqlx::query(SQL_ACTIVE_CERTIFICATES)
-                .bind(to_json(chunk))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.err("reading active certificates", e))?;
-            common::group_by_thing(self.certs(&rows)?, &mut out);
-        }
-        Ok(out)
+        Flows(self).active_certificates(thing_names).await
     }
 
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
@@ -943,79 +617,14 @@ impl Registry for SqliteRegistry {
         &self,
         registration: &Registration,
     ) -> Result<RegistrationOutcome, RegistryError> {
-        let requested = match common::requested_policies(registration) {
-            Ok(requested) => requested,
-            Err(reason) => return Ok(RegistrationOutcome::Refused { reason }),
-        };
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        match Self::register_in(&mut tx, registration, &requested).await {
-            Ok((outcome, true)) => {
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a registration", e))?;
-                Ok(outcome)
-            }
-            Ok((outcome, false)) => {
-                tx.rollback()
-                    .await
-                    .map_err(|e| self.err("ending a transaction", e))?;
-                Ok(outcome)
-            }
-            Err(WriteError { context, error }) => {
-                let _ = tx.rollback().await;
-                Err(self.err(context, error))
-            }
-        }
+        Flows(self).register(registration).await
     }
 
     async fn register_batch(
         &self,
         registrations: &[Registration],
     ) -> Result<Vec<RegistrationOutcome>, RegistryError> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        let mut outcomes = Vec::with_capacity(registrations.len());
-        for registration in registrations {
-            let requested = match common::requested_policies(registration) {
-                Ok(requested) => requested,
-                Err(reason) => {
-                    outcomes.push(RegistrationOutcome::Refused { reason });
-                    continue;
-                }
-            };
-            // A savepoint per registration: one that is refused (or loses to a change
-            // of its thing earlier in the group) leaves no trace, the others stay.
-            let mut one = sqlx::Acquire::begin(&mut tx)
-                .await
-                .map_err(|e| self.err("starting a savepoint", e))?;
-            let result = match Self::register_in(&mut one, registration, &requested).await {
-                Ok((outcome, true)) => one.commit().await.map(|()| outcome),
-                Ok((outcome, false)) => one.rollback().await.map(|()| outcome),
-                Err(WriteError { context, error }) => {
-                    drop(one);
-                    let _ = tx.rollback().await;
-                    return Err(self.err(context, error));
-                }
-            };
-            match result {
-                Ok(outcome) => outcomes.push(outcome),
-                Err(e) => {
-                    let _ = tx.rollback().await;
-                    return Err(self.err("ending a savepoint", e));
-                }
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing a group of registrations", e))?;
-        Ok(outcomes)
+        Flows(self).register_batch(registrations).await
     }
 
     fn registration_group_size(&self) -> usize {
@@ -1347,6 +956,8 @@ mod tests {
         SQL_POLICIES_OF_THING, SQL_POLICY, SQL_RECENT_CONNECTIONS, SQL_REVOKED_ENTRIES,
         SQL_ROTATION, SQL_THING, certificates_query, events_query, things_query,
     };
+    use crate::registrations::{SQL_ATTACHED, SQL_MARK_REGISTERED};
+    use crate::{issuance, registrations};
     use sqlx::Row;
 
     /// The hot statements look rows up through their indexes: no full scans, and no
@@ -1362,12 +973,13 @@ mod tests {
             .unwrap();
         for sql in [
             crate::dialect::sql_taken::<SqliteRegistry>(),
-            SQL_SUPERSEDE.to_owned(),
-            SQL_REVOKE.to_owned(),
-            SQL_EXISTING_THINGS.to_owned(),
-            SQL_ACTIVE_SERIALS.to_owned(),
-            SQL_ACTIVE_CERTIFICATES.to_owned(),
-            SQL_DELIVER.to_owned(),
+            issuance::sql_supersede::<SqliteRegistry>(),
+            issuance::sql_revoke::<SqliteRegistry>(),
+            issuance::sql_insert_things::<SqliteRegistry>(),
+            issuance::sql_update_things::<SqliteRegistry>(),
+            issuance::sql_active_serials::<SqliteRegistry>(),
+            issuance::sql_active_certificates::<SqliteRegistry>(),
+            issuance::sql_deliver::<SqliteRegistry>(),
         ] {
             let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
             // A second bind: a JSON list (`$2`) or a number (`?2`).
@@ -1449,14 +1061,22 @@ mod tests {
         }
         // The registration, device and connection statements: every table reached
         // through an index (only `json_each` is scanned).
+        let registration_cert = registrations::sql_registration_cert::<SqliteRegistry>();
+        let registration_thing = registrations::sql_thing::<SqliteRegistry>();
+        let create_policies = registrations::sql_create_policies::<SqliteRegistry>();
+        let find_policies = registrations::sql_find_policies::<SqliteRegistry>();
+        let update_thing = registrations::sql_update_thing::<SqliteRegistry>();
+        let attach = registrations::sql_attach::<SqliteRegistry>();
         for (sql, ints) in [
             (SQL_DEVICE_STATE, 0),
-            (SQL_REGISTRATION_CERT, 0),
+            (registration_cert.as_str(), 0),
             (SQL_ATTACHED, 0),
             (SQL_THING, 0),
-            (SQL_FIND_POLICIES, 0),
-            (SQL_UPDATE_THING, 7),
-            (SQL_ATTACH, 2),
+            (registration_thing.as_str(), 0),
+            (create_policies.as_str(), 1),
+            (find_policies.as_str(), 0),
+            (update_thing.as_str(), 7),
+            (attach.as_str(), 2),
             (SQL_MARK_REGISTERED, 1),
             (SQL_POLICY, 0),
             (SQL_POLICIES_OF_THING, 0),
