@@ -29,9 +29,6 @@
 //! - The open connections of a certificate revoked while they are open are closed within
 //!   a few seconds of the revocation reaching the revocation view.
 
-// Not yet documented item by item: this crate is being reshaped (issue 13); the
-// workspace's `missing_docs` applies once that lands.
-#![allow(missing_docs)]
 mod admin;
 mod client;
 mod conns;
@@ -62,20 +59,33 @@ pub const EST_REENROLL_PATH: &str = "/.well-known/est/simplereenroll";
 /// Where a device whose key fleetcert generated fetches its replacement.
 pub const FETCH_REPLACEMENT_PATH: &str = "/v1/replacement";
 
-/// Connection limits.
+/// Connection limits of the device listener. [`Limits::default`] gives the values
+/// listed in the crate documentation.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Time from accepting the TCP connection to a finished TLS handshake; a slower client
+    /// is dropped (counted as `handshake_timeout`). Default 10 s.
     pub handshake_timeout: Duration,
     /// For a whole request, headers and body, from its first byte; also how long a
-    /// keep-alive connection may stay idle.
+    /// keep-alive connection may stay idle. A request not complete by then gets 408 and
+    /// its connection is closed (one still sending its headers is just closed).
+    /// Default 10 s.
     pub request_timeout: Duration,
+    /// Largest request body, in bytes (more: 413). A declared length beyond 16 times this
+    /// (at least 1 MiB) is refused before any of the body is read; a smaller oversized
+    /// body is read and dropped first, so a client still sending reads the 413 rather
+    /// than a reset. Default 64 KiB.
     pub max_body_bytes: usize,
-    /// Request line plus headers, in bytes (more: 431).
+    /// Request line plus headers, in bytes (more: 431). Default 16 KiB.
     pub max_header_bytes: usize,
+    /// Device connections open at once, handshakes included; a connection beyond this
+    /// is closed as soon as it is accepted. Default 4,096.
     pub max_connections: usize,
     /// Connections one certificate may hold open at once (more: closed after the
-    /// handshake).
+    /// handshake). Default 16.
     pub max_connections_per_certificate: usize,
+    /// How long [`Server::run`] waits, once shutdown is asked for, for requests in flight
+    /// to finish before the remaining connections are dropped. Default 10 s.
     pub shutdown_grace: Duration,
 }
 
@@ -145,6 +155,7 @@ impl Server {
         ))
     }
 
+    /// The device listener's counters, shared with the admin listener's `/metrics`.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }

@@ -86,6 +86,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every counter at zero, registered under the `fleetcert_` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("fleetcert");
         let handshakes = Family::<ResultLabel, Counter>::default();

@@ -35,8 +35,11 @@ const ISSUING_KEY: &str = "issuing.key";
 pub struct ServerCredentials {
     /// Server certificate then issuing CA, PEM.
     pub chain_pem: String,
+    /// The private key as plain PKCS#8 PEM, whatever its form on disk; wiped on drop.
     pub key_pem: zeroize::Zeroizing<String>,
+    /// DNS names or IP addresses the certificate is valid for (the first is its CN).
     pub names: Vec<String>,
+    /// End of the certificate's validity, Unix seconds.
     pub not_after: i64,
     /// True if this call issued a new certificate.
     pub issued: bool,
@@ -51,6 +54,7 @@ const SERVER_RENEW_BEFORE: i64 = 30 * 86_400;
 /// Options for `fleetcert ca init`.
 #[derive(Debug, Clone, Default)]
 pub struct CaInitOptions {
+    /// Names, key algorithm and validity of the root and issuing certificates.
     pub hierarchy: HierarchyOptions,
     /// CRL Distribution Point written into device certificates.
     pub crl_url: Option<String>,
@@ -59,9 +63,15 @@ pub struct CaInitOptions {
 /// What the data directory records about its CA (`ca/ca.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CaInfo {
+    /// Algorithm of the root and issuing keys, as `fleetcert_ca::KeyAlgorithm` spells it
+    /// (`p256`, `rsa3072`, ...). Device keys do not follow it.
     pub key_algorithm: String,
+    /// CRL Distribution Point put into device certificates; `None`: none is.
     pub crl_url: Option<String>,
+    /// When `ca init` ran, Unix seconds.
     pub created_at: i64,
+    /// Whether the key files are encrypted under [`PASSPHRASE_ENV`]; loading one then
+    /// needs the passphrase.
     pub keys_encrypted: bool,
 }
 
@@ -72,19 +82,24 @@ pub struct DataDir {
 }
 
 impl DataDir {
+    /// The data directory at `root`. Nothing is read or created until a method needs it
+    /// (see [`Self::ensure_exists`]).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         DataDir { root: root.into() }
     }
 
+    /// The directory itself, as given to [`Self::new`].
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// `<data-dir>/ca`: the CA certificates, keys and `ca.json`.
     pub fn ca_dir(&self) -> PathBuf {
         self.root.join("ca")
     }
 
-    pub fn templates_dir(&self) -> PathBuf {
+    /// `<data-dir>/templates`: provisioning templates.
+    pub(crate) fn templates_dir(&self) -> PathBuf {
         self.root.join("templates")
     }
 
@@ -102,6 +117,9 @@ impl DataDir {
             .map_err(|e| LifecycleError::write(&self.root, e))
     }
 
+    /// Checks that the data directory exists, without creating it: a command that needs
+    /// an existing fleet fails with [`LifecycleError::NoDataDir`] rather than starting an
+    /// empty one.
     pub fn require_exists(&self) -> Result<(), LifecycleError> {
         if self.root.is_dir() {
             Ok(())
@@ -112,6 +130,8 @@ impl DataDir {
         }
     }
 
+    /// Whether `ca init` has run here (`ca/ca.json` exists). Says nothing about whether
+    /// the rest of `ca/` is intact; [`Self::ca_info`] and the loaders check that.
     pub fn has_ca(&self) -> bool {
         self.ca_dir().join(CA_META).exists()
     }
@@ -268,7 +288,8 @@ impl DataDir {
         Ok(ca)
     }
 
-    pub fn server_dir(&self) -> PathBuf {
+    /// `<data-dir>/server`: the JITP server's certificate, key and the names they cover.
+    fn server_dir(&self) -> PathBuf {
         self.root.join("server")
     }
 

@@ -10,8 +10,13 @@ use std::sync::Arc;
 
 /// How device certificates are made: the CA, the profile, the renewal point.
 pub struct Issuance {
+    /// The issuing CA, with its key, that signs every certificate.
     pub ca: Arc<IssuingCa>,
+    /// The device profile (validity, key algorithm, CRL URL); [`Issuance::replacement`]
+    /// overrides the validity and, for generated keys, the algorithm per certificate.
     pub profile: DeviceProfile,
+    /// Where in each certificate's lifetime its rotation comes due (recorded as
+    /// `renew_at`).
     pub renewal: RenewalPolicy,
 }
 

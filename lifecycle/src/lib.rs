@@ -6,9 +6,6 @@
 //! CLI, the JITP server) stay thin and call in here; device authentication is
 //! `fleetcert-device-auth`.
 
-// Not yet documented item by item: this crate is being reshaped (issue 13); the
-// workspace's `missing_docs` applies once that lands.
-#![allow(missing_docs)]
 mod datadir;
 mod error;
 mod fsio;

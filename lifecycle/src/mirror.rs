@@ -41,6 +41,7 @@ pub struct MirrorOptions {
     pub lease: Duration,
     /// First retry delay; doubles per attempt up to `max_backoff` (full jitter).
     pub base_backoff: Duration,
+    /// Longest delay between two attempts of one operation. Default 5 minutes.
     pub max_backoff: Duration,
     /// AWS 500s before an operation is parked (moto answers 500 for calls it lacks).
     pub max_server_errors: i64,
@@ -62,18 +63,26 @@ impl Default for MirrorOptions {
 /// Counters since the process started, for `/metrics` and reports.
 #[derive(Debug, Default)]
 pub struct MirrorStats {
+    /// Operations that made AWS match the registry.
     pub applied: AtomicU64,
+    /// Failed attempts scheduled to run again after a backoff.
     pub retried: AtomicU64,
+    /// Operations given up on until an operator requeues them.
     pub parked: AtomicU64,
 }
 
 /// What one drain did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SyncReport {
+    /// Operations applied.
     pub applied: u64,
+    /// Attempts that failed and were rescheduled after a backoff.
     pub retried: u64,
+    /// Operations parked (AWS refused them, or too many server errors).
     pub parked: u64,
+    /// Batches claimed from the outbox (rounds that found nothing are not counted).
     pub rounds: u64,
+    /// Wall time of the run.
     pub seconds: f64,
     /// Errors of the operations retried or parked in this run (at most 20).
     pub errors: Vec<String>,
@@ -97,17 +106,28 @@ pub struct Drift {
     /// `certificate_status`, `principal_missing`, `principal_not_detached`,
     /// `policy_missing`, `policy_differs`, `policy_not_attached`.
     pub kind: &'static str,
+    /// What differs: the CA's SHA-256 fingerprint, a thing name, a certificate serial or
+    /// a policy name, depending on `kind`.
     pub subject: String,
+    /// Specifics for an operator (what AWS holds, the thing or policy concerned); empty
+    /// when `kind` says it all.
     pub detail: String,
 }
 
+/// What [`Mirror::reconcile`] compared and found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReconcileReport {
+    /// Registry things compared with AWS.
     pub things_checked: u64,
+    /// Registry certificates compared with AWS: those not expired yet (expired ones are
+    /// not expected in AWS).
     pub certificates_checked: u64,
+    /// Every difference found, in the order checked (CA, things and their certificates,
+    /// policies).
     pub drift: Vec<Drift>,
     /// Operations queued to repair the drift (0 with `--dry-run`).
     pub queued: u64,
+    /// Wall time of the comparison.
     pub seconds: f64,
 }
 
@@ -173,6 +193,7 @@ impl Mirror {
         })
     }
 
+    /// This worker's counters since it was made, for `/metrics`.
     pub fn stats(&self) -> Arc<MirrorStats> {
         self.stats.clone()
     }

@@ -48,7 +48,9 @@ pub const CHAIN_FILE: &str = "chain.pem";
 pub struct DeviceRequest {
     /// Line in the CSV file (for messages); `None` for a single device.
     pub line: Option<u64>,
+    /// The thing name, not yet validated.
     pub thing_name: String,
+    /// The device's CSR (PEM or DER); `None`: fleetcert generates the key.
     pub csr_path: Option<PathBuf>,
 }
 
@@ -65,14 +67,22 @@ pub struct PreparedDevice {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum DeviceReport {
+    /// A new certificate was committed, its files written and it was marked delivered.
     Issued {
+        /// CSV line of the request; `None` for a single device.
         #[serde(skip_serializing_if = "Option::is_none")]
         line: Option<u64>,
+        /// The thing the certificate is for.
         thing_name: String,
+        /// The new certificate's serial, 32 lowercase hex digits.
         serial: String,
+        /// End of its validity, RFC 3339.
         not_after: String,
+        /// Whether the key came from the device's CSR or fleetcert generated it.
         origin: CertOrigin,
+        /// The certificate file written, `<out-dir>/<thing>.crt`.
         certificate: PathBuf,
+        /// The private key file written (`<thing>.key`, mode 0600), for a generated key.
         #[serde(skip_serializing_if = "Option::is_none")]
         private_key: Option<PathBuf>,
         /// Certificates this one replaced (superseded on `--reissue`, or revoked because
@@ -80,31 +90,50 @@ pub enum DeviceReport {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         replaced: Vec<String>,
     },
+    /// Nothing done: the thing already has a delivered active certificate (re-running a
+    /// batch is safe; `--reissue` replaces it).
     Skipped {
+        /// CSV line of the request; `None` for a single device.
         #[serde(skip_serializing_if = "Option::is_none")]
         line: Option<u64>,
+        /// The thing skipped.
         thing_name: String,
+        /// Serial of the certificate it already has.
         serial: String,
+        /// Why, for people.
         reason: String,
     },
     /// A certificate committed by an interrupted run, written out now.
     Redelivered {
+        /// CSV line of the request; `None` for a single device.
         #[serde(skip_serializing_if = "Option::is_none")]
         line: Option<u64>,
+        /// The thing the certificate is for.
         thing_name: String,
+        /// The committed certificate's serial.
         serial: String,
+        /// End of its validity, RFC 3339.
         not_after: String,
+        /// The certificate file written.
         certificate: PathBuf,
     },
+    /// Nothing issued for this device: its request was invalid, signing failed, or another
+    /// run changed the thing's certificates at the same time. The other devices of the
+    /// run go on unless [`ProvisionSettings::fail_fast`].
     Failed {
+        /// CSV line of the request; `None` for a single device.
         #[serde(skip_serializing_if = "Option::is_none")]
         line: Option<u64>,
+        /// The thing name as given: at most an excerpt of an invalid one, empty for an
+        /// unreadable CSV row.
         thing_name: String,
+        /// What went wrong, for people.
         error: String,
     },
 }
 
 impl DeviceReport {
+    /// The thing this report is about, whatever happened.
     pub fn thing_name(&self) -> &str {
         match self {
             DeviceReport::Issued { thing_name, .. }
@@ -114,6 +143,7 @@ impl DeviceReport {
         }
     }
 
+    /// True for [`DeviceReport::Failed`].
     pub fn is_failure(&self) -> bool {
         matches!(self, DeviceReport::Failed { .. })
     }
@@ -130,13 +160,19 @@ impl DeviceReport {
 /// Totals of a provisioning run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ProvisionSummary {
+    /// Devices given a new certificate ([`DeviceReport::Issued`]).
     pub issued: u64,
+    /// Devices left alone ([`DeviceReport::Skipped`]).
     pub skipped: u64,
+    /// Certificates of an interrupted run written out ([`DeviceReport::Redelivered`]).
     pub redelivered: u64,
+    /// Devices that failed, validation failures included ([`DeviceReport::Failed`]).
     pub failed: u64,
+    /// Wall time of the run, validation of a batch excluded.
     pub elapsed_seconds: f64,
     /// Issued certificates per second of wall time.
     pub issued_per_second: f64,
+    /// Where the certificates, keys and `chain.pem` were written.
     pub out_dir: PathBuf,
     /// True if `--fail-fast` stopped the run early.
     pub stopped_early: bool,
@@ -162,9 +198,13 @@ impl ProvisionSummary {
 /// How a run provisions.
 #[derive(Debug, Clone)]
 pub struct ProvisionSettings {
+    /// Where certificates, generated keys and [`CHAIN_FILE`] are written (created if
+    /// missing).
     pub out_dir: PathBuf,
     /// Template recorded on each thing.
     pub template: Option<String>,
+    /// Validity, key algorithm and CRL URL of the certificates; the validity is cut to
+    /// the issuing CA's (see [`validity_cap`]).
     pub profile: DeviceProfile,
     /// Issue new certificates even for things that already have one (the old ones become
     /// `superseded`).
@@ -177,6 +217,8 @@ pub struct ProvisionSettings {
 }
 
 impl ProvisionSettings {
+    /// Settings writing to `out_dir` with `profile`: no template, no reissue, no fail
+    /// fast, groups of 1,024 devices.
     pub fn new(out_dir: impl Into<PathBuf>, profile: DeviceProfile) -> Self {
         ProvisionSettings {
             out_dir: out_dir.into(),
@@ -202,7 +244,7 @@ const VALIDATION_CHUNK: usize = 1024;
 const DUPLICATE_LINES_SHOWN: usize = 10;
 
 /// `value`, cut to [`EXCERPT_CHARS`] characters (then "…") for an error message.
-pub fn excerpt(value: &str) -> String {
+pub(crate) fn excerpt(value: &str) -> String {
     match value.char_indices().nth(EXCERPT_CHARS) {
         None => value.to_owned(),
         Some((cut, _)) => format!("{}…", &value[..cut]),
@@ -934,11 +976,16 @@ pub async fn provision(
 /// done before it.
 #[derive(Debug)]
 pub struct ProvisionOutcome {
+    /// The totals, complete or up to the error.
     pub summary: ProvisionSummary,
+    /// What stopped the run early (its [`ProvisionSummary::error`] is left for the caller
+    /// to fill in).
     pub error: Option<LifecycleError>,
 }
 
 impl ProvisionOutcome {
+    /// The summary, or the error alone if the run stopped early (the partial totals are
+    /// dropped).
     pub fn into_result(self) -> Result<ProvisionSummary, LifecycleError> {
         match self.error {
             None => Ok(self.summary),

@@ -54,6 +54,7 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 /// tests that drive the real binary across validity periods).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock {
+    /// Seconds added to the system time (negative: the past). Default 0.
     pub offset_secs: i64,
 }
 
@@ -68,12 +69,16 @@ impl Clock for SystemClock {
 pub struct ManualClock(AtomicI64);
 
 impl ManualClock {
+    /// A clock standing at `now` (Unix seconds), shared so a test can move it while the
+    /// code under test reads it.
     pub fn new(now: i64) -> Arc<Self> {
         Arc::new(ManualClock(AtomicI64::new(now)))
     }
+    /// Sets the time to `now` (Unix seconds); it may go backwards.
     pub fn set(&self, now: i64) {
         self.0.store(now, Ordering::SeqCst);
     }
+    /// Moves the time forward by `secs` seconds (backwards if negative).
     pub fn advance(&self, secs: i64) {
         self.0.fetch_add(secs, Ordering::SeqCst);
     }

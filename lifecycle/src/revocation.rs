@@ -52,12 +52,15 @@ impl std::fmt::Debug for CrlPublisher {
 /// What [`CrlPublisher::refresh`] did.
 #[derive(Debug, Clone)]
 pub struct Published {
+    /// The CRL now current, as stored in the registry (DER, number, update times).
     pub crl: Arc<StoredCrl>,
     /// True if this call signed a new CRL (false: the stored one was still current).
     pub signed: bool,
 }
 
 impl CrlPublisher {
+    /// A publisher signing with `ca` and storing in `registry`, each CRL valid for
+    /// [`CRL_VALIDITY_SECS`]. Holds no CRL until [`Self::refresh`] or [`Self::publish`].
     pub fn new(registry: Arc<dyn Registry>, ca: Arc<IssuingCa>, clock: Arc<dyn Clock>) -> Self {
         CrlPublisher {
             registry,

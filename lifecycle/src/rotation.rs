@@ -87,12 +87,16 @@ pub struct SweepReport {
     pub lost_leases: u64,
     /// Failed attempts (they are retried by later sweeps up to the attempt limit).
     pub failed: u64,
+    /// Wall time of the sweep, seconds. The phases below can add up to more: signing
+    /// runs on the blocking pool, overlapping the commits.
     pub seconds: f64,
-    /// Where the time went: opening rotations, claiming, signing + sealing (on the
-    /// blocking pool, overlapping the commits), committing.
+    /// Time spent opening rotations for the certificates that came due, seconds.
     pub open_seconds: f64,
+    /// Time spent claiming batches of due rotations, seconds.
     pub claim_seconds: f64,
+    /// Time spent signing replacements and sealing their keys (every core), seconds.
     pub sign_seconds: f64,
+    /// Time spent committing batches, seconds.
     pub commit_seconds: f64,
 }
 
@@ -128,6 +132,9 @@ pub fn worker_name() -> String {
 }
 
 impl Rotator {
+    /// A worker issuing with `issuance` and sealing generated keys with `sealer`; its
+    /// leases are taken under a fresh [`worker_name`]. `stats` is shared with whoever
+    /// exports it (the JITP server's `/metrics`).
     pub fn new(
         registry: Arc<dyn Registry>,
         issuance: Arc<Issuance>,
@@ -147,6 +154,7 @@ impl Rotator {
         }
     }
 
+    /// The name this worker's leases are held under (host, process, random tag).
     pub fn owner(&self) -> &str {
         &self.owner
     }
