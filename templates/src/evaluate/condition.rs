@@ -146,10 +146,7 @@ impl Condition {
                     if_exists,
                     qualifier,
                     key: variable,
-                    values: values
-                        .iter()
-                        .map(|v| Pattern::compile(v, syntax))
-                        .collect(),
+                    values: values.iter().map(|v| Pattern::compile(v, syntax)).collect(),
                 });
             }
         }

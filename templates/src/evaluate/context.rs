@@ -172,7 +172,10 @@ impl AltKind {
         ("RFC822Name", AltKind::Rfc822Name),
         ("DNSName", AltKind::DnsName),
         ("DirectoryName", AltKind::DirectoryName),
-        ("UniformResourceIdentifier", AltKind::UniformResourceIdentifier),
+        (
+            "UniformResourceIdentifier",
+            AltKind::UniformResourceIdentifier,
+        ),
         ("IPAddress", AltKind::IpAddress),
     ];
 
@@ -200,8 +203,14 @@ pub(crate) enum Select {
 /// Where a certificate variable's values come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CertField {
-    Name { issuer: bool, attribute: DnAttribute },
-    AltName { issuer: bool, kind: AltKind },
+    Name {
+        issuer: bool,
+        attribute: DnAttribute,
+    },
+    AltName {
+        issuer: bool,
+        kind: AltKind,
+    },
     SerialNumber,
     NotBefore,
     NotAfter,
@@ -273,8 +282,8 @@ impl Variable {
             if thing.eq_ignore_ascii_case("IsAttached") {
                 return Variable::IsAttached;
             }
-            if let Some(attribute) = strip_prefix_ignore_case(thing, "Attributes[")
-                .and_then(|a| a.strip_suffix(']'))
+            if let Some(attribute) =
+                strip_prefix_ignore_case(thing, "Attributes[").and_then(|a| a.strip_suffix(']'))
                 && !attribute.is_empty()
             {
                 return Variable::ThingAttribute(attribute.to_owned());

@@ -581,8 +581,7 @@ pub fn evaluate_policies<'p>(
     let mut allowed = false;
     for (p, policy) in policies.clone().enumerate() {
         for (s, statement) in policy.statements.iter().enumerate() {
-            if statement.effect == Effect::Deny && statement.applies(request.action, &target, ctx)
-            {
+            if statement.effect == Effect::Deny && statement.applies(request.action, &target, ctx) {
                 return Decision::Deny {
                     reason: DenyReason::ExplicitDeny {
                         policy: p,
