@@ -311,7 +311,7 @@ impl Variable {
         };
         // `Attribute`, `Attribute.N` or `Attribute.List`.
         let (field_name, select) = match tail.rsplit_once('.') {
-            Some((head, "List")) | Some((head, "list")) => (head, Select::List),
+            Some((head, list)) if list.eq_ignore_ascii_case("List") => (head, Select::List),
             Some((head, index))
                 if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) =>
             {
