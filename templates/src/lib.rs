@@ -11,15 +11,23 @@
 //!   JITP parameters), keeping policy variables such as `${iot:Connection.Thing.ThingName}`.
 //! - [`effective_policy`] substitutes the thing name and client ID for one thing.
 //! - [`lint_policy`] / [`lint_template`]: Device Defender's `IOT_POLICY_OVERLY_PERMISSIVE_CHECK`.
+//! - [`Policy`] / [`evaluate_policies`]: AWS IoT policy evaluation — may this connection
+//!   do this action on this resource — compiled once per policy version, cheap per request.
 //!
 //! Pure: no file, network or environment access.
 
+mod evaluate;
 mod expr;
 mod guard;
 mod model;
 mod policy;
 mod render;
 
+pub use evaluate::{
+    Action, AlternativeNames, ArnContext, CertificateContext, ConnectionContext, Decision,
+    DenyReason, DistinguishedName, POLICY_VERSION, Policy, PolicyError, PolicyNote, Request,
+    ThingContext, evaluate_policies,
+};
 pub use expr::{Expr, SubPart};
 pub use guard::{MAX_ECHO_CHARS, MAX_FLOW_OPENINGS, MAX_NESTING_DEPTH, MAX_TEMPLATE_BYTES, clip};
 pub use model::{

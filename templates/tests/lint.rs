@@ -6,6 +6,9 @@ use fleetcert_templates::{
 };
 use serde_json::{Value, json};
 
+/// AWS IoT policy evaluation (a module of this binary, so the crate keeps its test binaries).
+mod evaluate;
+
 fn statement(action: Value, resource: Value) -> Value {
     json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": action, "Resource": resource}]})
 }
