@@ -28,18 +28,16 @@
 
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
-    EVENT_CERT_SUPERSEDED, EVENT_ROTATION_CANCELLED, EVENT_ROTATION_CONFIRMED,
-    EVENT_ROTATION_DELIVERED, EVENT_ROTATION_DUE, EVENT_ROTATION_FAILED, EVENT_ROTATION_ISSUED,
-    FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK, cert_columns, db_error, migrate_error,
-    rotation_columns, to_json,
+    EVENT_CERT_SUPERSEDED, EVENT_ROTATION_CONFIRMED, EVENT_ROTATION_DELIVERED, EVENT_ROTATION_DUE,
+    EVENT_ROTATION_FAILED, EVENT_ROTATION_ISSUED, FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK,
+    cert_columns, db_error, migrate_error, to_json,
 };
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate, PolicyRecord,
-    PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
-    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
-    ThingFilter, ThingRecord,
+    IssueOutcome, IssueRecord, NewCertificate, PolicyRecord, PreparedReplacement, Registration,
+    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ReplaceOutcome, Replacement,
+    Revocation, RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord,
+    StoredCrl, TakenReplacement, ThingFilter, ThingRecord,
 };
 
 use crate::dialect::{Dialect, Flows};
@@ -57,10 +55,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// deadlock or serialisation race.
 const MAX_ATTEMPTS: usize = 5;
 
-/// The advisory lock that serialises connection flushes, so that pruning to the newest
-/// [`MAX_CONNECTIONS_PER_CERTIFICATE`] is exact ("fleetcon").
-const CONNECTIONS_LOCK: i64 = 0x666c_6565_7463_6f6e;
-
 /// The thing columns, in the order [`common::thing_from_row`] reads them (JSON as text).
 macro_rules! thing_columns {
     () => {
@@ -68,24 +62,6 @@ macro_rules! thing_columns {
          billing_group, version"
     };
 }
-
-/// A certificate, its thing, its attached policies (sorted), its rotation (as the old
-/// certificate) and whether its first use confirms a rotation, by fingerprint: the hot
-/// path of every returning connection (primary-key and unique-index lookups only).
-const SQL_DEVICE_STATE: &str = concat!(
-    "SELECT ",
-    cert_columns!(c),
-    ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes::text, \
-       t.groups::text, t.billing_group, t.version, \
-       ARRAY(SELECT a.policy_name::text FROM policy_attachments a \
-             WHERE a.serial = c.serial ORDER BY a.policy_name), \
-       (o.serial IS NOT NULL AND o.status <> 'revoked'), ",
-    rotation_columns!(r),
-    " FROM certificates c JOIN things t ON t.name = c.thing_name \
-     LEFT JOIN rotations r ON r.old_serial = c.serial \
-     LEFT JOIN certificates o ON o.serial = c.replaces \
-     WHERE c.fingerprint_sha256 = $1"
-);
 
 /// The condition of a certificate due for rotation (`c`; $1: now, $2: expiring before):
 /// active, delivered, past its renewal point (`renewal`) or also expiring soon
@@ -198,13 +174,6 @@ const SQL_COPY_ATTACHMENTS: &str = "INSERT INTO policy_attachments (policy_name,
      JOIN policy_attachments a ON a.serial = u.old \
      ORDER BY u.new, a.policy_name \
      ON CONFLICT (policy_name, serial) DO NOTHING";
-
-/// Columns of a [`RevokedEntry`] (see [`common::revoked_entry_from_row`]).
-macro_rules! revoked_columns {
-    () => {
-        "serial, thing_name, COALESCE(revoked_at, created_at), revocation_reason, not_after"
-    };
-}
 
 /// Where a registration attempt stopped.
 type StepError = (&'static str, sqlx::Error);
@@ -684,63 +653,6 @@ impl PgRegistry {
         Ok(RegistrationOutcome::Registered {
             policies: plan.attach,
         })
-    }
-
-    /// One attempt at [`Registry::record_connections`].
-    async fn connections_attempt(
-        &self,
-        keep: &[&ConnectionRecord],
-        fingerprints: &[&str],
-    ) -> Result<(), StepError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CONNECTIONS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("locking connections"))?;
-        sqlx::query(
-            "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at) \
-             SELECT u.fp, u.thing, u.addr, u.at \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) \
-                WITH ORDINALITY AS u(fp, thing, addr, at, ord) \
-             ORDER BY u.ord",
-        )
-        .bind(
-            keep.iter()
-                .map(|c| c.fingerprint_sha256.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            keep.iter()
-                .map(|c| c.thing_name.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            keep.iter()
-                .map(|c| c.client_addr.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(keep.iter().map(|c| c.at).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await
-        .map_err(step("recording connections"))?;
-        sqlx::query(
-            "DELETE FROM connections c USING ( \
-                SELECT f.fp, (SELECT k.id FROM connections k WHERE k.fingerprint_sha256 = f.fp \
-                              ORDER BY k.id DESC OFFSET $2 LIMIT 1) AS cutoff \
-                FROM UNNEST($1::text[]) AS f(fp)) AS t \
-             WHERE c.fingerprint_sha256 = t.fp AND c.id < t.cutoff",
-        )
-        .bind(fingerprints)
-        .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64 - 1)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("pruning connections"))?;
-        tx.commit().await.map_err(step("committing connections"))
     }
 
     /// Runs `attempt` until it succeeds, fails for a reason other than a lost race, or
@@ -1338,124 +1250,6 @@ impl PgRegistry {
             .map_err(step("committing a confirmation"))?;
         Ok(Some(old))
     }
-
-    /// One attempt at [`Registry::revoke`]. The thing is locked `FOR UPDATE` first, so
-    /// every replacement committed before is seen and none is added until this commits.
-    async fn revoke_attempt(
-        &self,
-        rev: &Revocation,
-    ) -> Result<Result<Vec<RevokedEntry>, RegistryError>, StepError> {
-        let (thing, target) = match &rev.target {
-            RevocationTarget::Serial(serial) => {
-                let thing: Option<String> =
-                    sqlx::query_scalar("SELECT thing_name FROM certificates WHERE serial = $1")
-                        .bind(serial)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(step("reading the certificate"))?;
-                match thing {
-                    Some(thing) => (thing, Some(serial.as_str())),
-                    None => {
-                        return Ok(Err(RegistryError::NotFound(format!(
-                            "certificate {serial}"
-                        ))));
-                    }
-                }
-            }
-            RevocationTarget::Thing(name) => (name.clone(), None),
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT name FROM things WHERE name = $1 FOR UPDATE")
-                .bind(&thing)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(step("locking the thing"))?;
-        if found.is_none() {
-            return Ok(Err(RegistryError::NotFound(format!("thing {thing}"))));
-        }
-        let rows = match target {
-            Some(serial) => sqlx::query(concat!(
-                "UPDATE certificates SET status = 'revoked', revoked_at = $2,                     revocation_reason = $3                  WHERE (serial = $1 OR (replaces = $1 AND delivered_at IS NULL))                     AND status <> 'revoked'                  RETURNING ",
-                revoked_columns!(),
-                ", replaces"
-            ))
-            .bind(serial),
-            None => sqlx::query(concat!(
-                "UPDATE certificates SET status = 'revoked', revoked_at = $2,                     revocation_reason = $3                  WHERE thing_name = $1 AND status <> 'revoked'                  RETURNING ",
-                revoked_columns!(),
-                ", replaces"
-            ))
-            .bind(&thing),
-        }
-        .bind(rev.at)
-        .bind(&rev.reason)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(step("revoking certificates"))?;
-        let mut revoked = Vec::with_capacity(rows.len());
-        for row in &rows {
-            use sqlx::Row;
-            let entry = common::revoked_entry_from_row(row).map_err(step("reading revocations"))?;
-            let replaces: Option<String> = row.try_get(5).map_err(step("reading revocations"))?;
-            revoked.push((entry, replaces));
-        }
-        revoked.sort_by(|a, b| a.0.serial.cmp(&b.0.serial));
-        let serials: Vec<&str> = revoked.iter().map(|(e, _)| e.serial.as_str()).collect();
-        let cancelled: HashSet<String> = if serials.is_empty() {
-            HashSet::new()
-        } else {
-            sqlx::query_scalar(
-                "UPDATE rotations SET state = 'cancelled', sealed_key = NULL, lease_owner = NULL, \
-                    lease_until = NULL, updated_at = $2 \
-                 WHERE old_serial = ANY($1) AND state IN ('due', 'issued', 'delivered') \
-                 RETURNING old_serial::text",
-            )
-            .bind(&serials)
-            .bind(rev.at)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(step("cancelling rotations"))?
-            .into_iter()
-            .collect()
-        };
-        let mut events = Vec::with_capacity(revoked.len() + cancelled.len());
-        for (entry, replaces) in &revoked {
-            // An undelivered replacement revoked together with the certificate it
-            // replaces says so.
-            let with = replaces
-                .as_deref()
-                .filter(|old| target.is_some_and(|t| t == *old && entry.serial != t));
-            events.push(NewEvent {
-                at: rev.at,
-                kind: EVENT_CERT_REVOKED,
-                thing_name: Some(entry.thing_name.clone()),
-                serial: Some(entry.serial.clone()),
-                detail: common::revoked_detail(&rev.reason, with),
-            });
-        }
-        for (entry, _) in revoked
-            .iter()
-            .filter(|(e, _)| cancelled.contains(&e.serial))
-        {
-            events.push(NewEvent {
-                at: rev.at,
-                kind: EVENT_ROTATION_CANCELLED,
-                thing_name: Some(entry.thing_name.clone()),
-                serial: Some(entry.serial.clone()),
-                detail: common::rotation_cancelled_detail(&rev.reason),
-            });
-        }
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit().await.map_err(step("committing a revocation"))?;
-        Ok(Ok(revoked.into_iter().map(|(e, _)| e).collect()))
-    }
 }
 
 fn is_retryable(e: &sqlx::Error) -> bool {
@@ -1511,6 +1305,9 @@ impl Dialect for PgRegistry {
     const FOR_SHARE: &'static str = " FOR SHARE";
     const FOR_KEY_SHARE: &'static str = " FOR KEY SHARE";
     const FOR_NO_KEY_UPDATE: &'static str = " FOR NO KEY UPDATE";
+    const SQL_DEVICE_STATE: &'static str = crate::connections::device_state_sql!(
+        "COALESCE(CAST(json_agg(a.policy_name ORDER BY a.policy_name) AS TEXT), '[]')"
+    );
 
     fn json_values(n: u8) -> String {
         format!("SELECT jsonb_array_elements_text(${n}::jsonb) AS value")
@@ -1526,6 +1323,15 @@ impl Dialect for PgRegistry {
             .execute(conn)
             .await
             .map(drop)
+    }
+
+    async fn probe_write(conn: &mut PgConnection) -> sqlx::Result<()> {
+        // A transaction that gets an id must write and flush its commit record: a
+        // read-only server (a standby) refuses it, a full WAL disk fails it.
+        let _: i64 = sqlx::query_scalar("SELECT txid_current()")
+            .fetch_one(conn)
+            .await?;
+        Ok(())
     }
 
     fn pool(&self) -> &PgPool {
@@ -1673,24 +1479,7 @@ impl Registry for PgRegistry {
     }
 
     async fn probe_writes(&self) -> Result<(), RegistryError> {
-        self.probes
-            .run(async {
-                // A transaction that gets an id must write and flush its commit record:
-                // a read-only server (a standby) refuses it, a full WAL disk fails it.
-                let mut tx = self
-                    .pool
-                    .begin()
-                    .await
-                    .map_err(|e| self.err("starting a transaction", e))?;
-                let _: i64 = sqlx::query_scalar("SELECT txid_current()")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| self.err("probing writes", e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a write probe", e))
-            })
-            .await
+        self.probes.run(Flows(self).probe_writes()).await
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
@@ -1715,25 +1504,7 @@ impl Registry for PgRegistry {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Option<DeviceState>, RegistryError> {
-        let row = sqlx::query(SQL_DEVICE_STATE)
-            .bind(fingerprint_sha256)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err("reading a device", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let decode = |row: &PgRow| -> sqlx::Result<DeviceState> {
-            use sqlx::Row;
-            Ok(DeviceState {
-                certificate: common::cert_from_row(row)?,
-                thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
-                policies: row.try_get(common::CERT_COLUMN_COUNT + 9)?,
-                confirms_rotation: row.try_get(common::CERT_COLUMN_COUNT + 10)?,
-                rotation: common::optional_rotation_at(row, common::CERT_COLUMN_COUNT + 11)?,
-            })
-        };
-        decode(&row)
-            .map(Some)
-            .map_err(|e| self.err("reading a device", e))
+        Flows(self).device_state(fingerprint_sha256).await
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
@@ -1755,14 +1526,7 @@ impl Registry for PgRegistry {
         &self,
         connections: &[ConnectionRecord],
     ) -> Result<(), RegistryError> {
-        let (keep, fingerprints) = common::connections_to_keep(connections);
-        if keep.is_empty() {
-            return Ok(());
-        }
-        self.retrying("a connection flush", || {
-            self.connections_attempt(&keep, &fingerprints)
-        })
-        .await
+        Flows(self).record_connections(connections).await
     }
 
     async fn recent_connections(
@@ -2000,8 +1764,7 @@ impl Registry for PgRegistry {
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
-        self.retrying("a revocation", || self.revoke_attempt(revocation))
-            .await?
+        Flows(self).revoke(revocation).await
     }
 
     async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
@@ -2118,7 +1881,7 @@ mod tests {
     //! via `scripts/with-postgres.sh`). The behaviour shared with SQLite is covered by
     //! `tests/stories.rs`.
     use super::*;
-    use crate::{CertOrigin, IssueOutcome, RotationState};
+    use crate::{CertOrigin, IssueOutcome, RevocationTarget, RotationState};
     use sqlx::AssertSqlSafe;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};

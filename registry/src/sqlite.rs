@@ -16,15 +16,14 @@
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
     EVENT_CERT_SUPERSEDED, FoundPolicy, NAME_CHUNK, NewEvent, OPEN_CHUNK, cert_columns,
-    migrate_error, rotation_columns, to_json,
+    migrate_error, to_json,
 };
 use crate::{
     CertStatus, CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter,
-    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, NewCertificate,
-    PolicyRecord, PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
-    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
-    ThingFilter, ThingRecord,
+    EventRecord, IssueOutcome, IssueRecord, NewCertificate, PolicyRecord, PreparedReplacement,
+    Registration, RegistrationOutcome, Registry, RegistryCounts, RegistryError, ReplaceOutcome,
+    Replacement, Revocation, RevokedEntry, RotationBacklog, RotationClaim, RotationFilter,
+    RotationRecord, StoredCrl, TakenReplacement, ThingFilter, ThingRecord,
 };
 
 use crate::dialect::{Dialect, Flows};
@@ -75,23 +74,6 @@ const SQL_DELIVER: &str = "UPDATE certificates SET delivered_at = ?2 \
      WHERE serial IN (SELECT value FROM json_each(?1)) AND delivered_at IS NULL \
      RETURNING serial, thing_name";
 
-/// A certificate, its thing, its attached policies (a JSON array), whether it confirms a
-/// rotation, and its own rotation (if any) by fingerprint: the hot path of every
-/// returning connection.
-const SQL_DEVICE_STATE: &str = concat!(
-    "SELECT ",
-    cert_columns!(c),
-    ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes, \
-       t.groups, t.billing_group, t.version, \
-       (SELECT json_group_array(a.policy_name) FROM policy_attachments a \
-        WHERE a.serial = c.serial), \
-       EXISTS (SELECT 1 FROM certificates o \
-        WHERE o.serial = c.replaces AND +o.status <> 'revoked'), ",
-    rotation_columns!(r),
-    " FROM certificates c JOIN things t ON t.name = c.thing_name \
-     LEFT JOIN rotations r ON r.old_serial = c.serial \
-     WHERE c.fingerprint_sha256 = ?1"
-);
 const SQL_REGISTRATION_CERT: &str =
     "SELECT thing_name, status, registered_at FROM certificates WHERE serial = ?1";
 const SQL_ATTACHED: &str = "SELECT policy_name FROM policy_attachments WHERE serial = ?1 \
@@ -108,16 +90,6 @@ const SQL_ATTACH: &str = "INSERT INTO policy_attachments (policy_name, serial, a
      ON CONFLICT (policy_name, serial) DO NOTHING";
 const SQL_MARK_REGISTERED: &str = "UPDATE certificates SET registered_at = ?2 \
      WHERE serial = ?1 AND registered_at IS NULL";
-/// Deletes all but the newest `?2` connections of each fingerprint of `?1` (a JSON
-/// array): one cutoff id per fingerprint, then a range delete through the index.
-const SQL_PRUNE_CONNECTIONS: &str = "WITH cutoff AS MATERIALIZED ( \
-        SELECT f.value AS fp, \
-           (SELECT k.id FROM connections k WHERE k.fingerprint_sha256 = f.value \
-            ORDER BY k.id DESC LIMIT 1 OFFSET ?2) AS id \
-        FROM json_each(?1) AS f) \
-     DELETE FROM connections WHERE id IN ( \
-        SELECT c.id FROM cutoff \
-        JOIN connections c ON c.fingerprint_sha256 = cutoff.fp AND c.id < cutoff.id)";
 
 // ---- rotation, revocation and CRLs ------------------------------------------------------
 
@@ -283,19 +255,6 @@ const SQL_ROTATION_CONFIRMED: &str = "UPDATE rotations SET state = 'confirmed', 
         updated_at = ?3 \
      WHERE old_serial = ?1 AND +state NOT IN ('confirmed', 'cancelled') \
      RETURNING thing_name";
-const SQL_CERT_EXISTS: &str = "SELECT serial FROM certificates WHERE serial = ?1";
-/// Undelivered replacements of ?1 that are not revoked.
-const SQL_UNDELIVERED_REPLACEMENTS: &str = "SELECT serial FROM certificates \
-     WHERE replaces = ?1 AND delivered_at IS NULL AND +status <> 'revoked' ORDER BY serial";
-const SQL_THING_EXISTS: &str = "SELECT name FROM things WHERE name = ?1";
-const SQL_UNREVOKED_OF_THING: &str = "SELECT serial FROM certificates \
-     WHERE thing_name = ?1 AND status <> 'revoked' ORDER BY serial";
-/// Revokes the certificates of ?1 (JSON array) that are not revoked yet, at ?2 for
-/// reason ?3.
-const SQL_REVOKE_MANY: &str = "UPDATE certificates SET status = 'revoked', \
-        revoked_at = ?2, revocation_reason = ?3 \
-     WHERE serial IN (SELECT value FROM json_each(?1)) AND +status <> 'revoked' \
-     RETURNING serial, thing_name, revoked_at, revocation_reason, not_after";
 #[derive(Debug)]
 pub(crate) struct SqliteRegistry {
     pool: SqlitePool,
@@ -840,118 +799,6 @@ impl SqliteRegistry {
         Ok(Some(old))
     }
 
-    /// The body of [`Registry::revoke`], inside the caller's transaction.
-    /// `Ok(Err(NotFound))`: roll back.
-    async fn revoke_in(
-        conn: &mut SqliteConnection,
-        revocation: &Revocation,
-    ) -> Result<Result<Vec<RevokedEntry>, RegistryError>, WriteError> {
-        // The certificates to revoke, in event order, and the certificate an undelivered
-        // replacement is revoked with.
-        let (targets, replaced) = match &revocation.target {
-            RevocationTarget::Serial(serial) => {
-                let found: Option<String> = sqlx::query_scalar(SQL_CERT_EXISTS)
-                    .bind(serial)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading the certificate", e))?;
-                if found.is_none() {
-                    return Ok(Err(RegistryError::NotFound(format!(
-                        "certificate {serial}"
-                    ))));
-                }
-                let replacements: Vec<String> = sqlx::query_scalar(SQL_UNDELIVERED_REPLACEMENTS)
-                    .bind(serial)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading replacements", e))?;
-                let mut targets = vec![serial.clone()];
-                targets.extend(replacements);
-                (targets, Some(serial.as_str()))
-            }
-            RevocationTarget::Thing(name) => {
-                let found: Option<String> = sqlx::query_scalar(SQL_THING_EXISTS)
-                    .bind(name)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading the thing", e))?;
-                if found.is_none() {
-                    return Ok(Err(RegistryError::NotFound(format!("thing {name}"))));
-                }
-                let targets: Vec<String> = sqlx::query_scalar(SQL_UNREVOKED_OF_THING)
-                    .bind(name)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading certificates", e))?;
-                (targets, None)
-            }
-        };
-        if targets.is_empty() {
-            return Ok(Ok(Vec::new()));
-        }
-        let rows = sqlx::query(SQL_REVOKE_MANY)
-            .bind(to_json(&targets))
-            .bind(revocation.at)
-            .bind(&revocation.reason)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("revoking certificates", e))?;
-        let mut entries = rows
-            .iter()
-            .map(common::revoked_entry_from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| WriteError::new("revoking certificates", e))?;
-        if entries.is_empty() {
-            return Ok(Ok(entries));
-        }
-        let things: HashMap<&str, &str> = entries
-            .iter()
-            .map(|e| (e.serial.as_str(), e.thing_name.as_str()))
-            .collect();
-        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
-            at: revocation.at,
-            kind,
-            thing_name: things.get(serial).map(|t| (*t).to_owned()),
-            serial: Some(serial.to_owned()),
-            detail,
-        };
-        let revoked: Vec<&str> = targets
-            .iter()
-            .map(String::as_str)
-            .filter(|s| things.contains_key(s))
-            .collect();
-        let mut events: Vec<NewEvent> = revoked
-            .iter()
-            .map(|s| {
-                let replaces = replaced.filter(|old| old != s);
-                event(
-                    EVENT_CERT_REVOKED,
-                    s,
-                    common::revoked_detail(&revocation.reason, replaces),
-                )
-            })
-            .collect();
-        let cancelled: Vec<(String, String)> = sqlx::query_as(SQL_CANCEL_ROTATIONS)
-            .bind(to_json(&revoked))
-            .bind(revocation.at)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("cancelling rotations", e))?;
-        let cancelled: HashSet<&str> = cancelled.iter().map(|(s, _)| s.as_str()).collect();
-        for s in revoked.iter().filter(|s| cancelled.contains(**s)) {
-            events.push(event(
-                common::EVENT_ROTATION_CANCELLED,
-                s,
-                common::rotation_cancelled_detail(&revocation.reason),
-            ));
-        }
-        insert_events(conn, &events)
-            .await
-            .map_err(|e| WriteError::new("appending events", e))?;
-        entries.sort_by(|a, b| a.serial.cmp(&b.serial));
-        Ok(Ok(entries))
-    }
-
     /// The writes of a group commit, in an order that lets a record supersede or revoke
     /// a certificate inserted by an earlier record of the same slice.
     async fn write_plan(
@@ -1326,6 +1173,8 @@ impl Dialect for SqliteRegistry {
     const FOR_SHARE: &'static str = "";
     const FOR_KEY_SHARE: &'static str = "";
     const FOR_NO_KEY_UPDATE: &'static str = "";
+    const SQL_DEVICE_STATE: &'static str =
+        crate::connections::device_state_sql!("json_group_array(a.policy_name)");
 
     fn json_values(n: u8) -> String {
         format!("SELECT value FROM json_each(${n})")
@@ -1338,6 +1187,19 @@ impl Dialect for SqliteRegistry {
 
     async fn lock_for_transaction(_: &mut SqliteConnection, _: i64) -> sqlx::Result<()> {
         Ok(())
+    }
+
+    async fn probe_write(conn: &mut SqliteConnection) -> sqlx::Result<()> {
+        // Rewriting `user_version` with its own value changes nothing anyone reads, yet
+        // it dirties the header page: the commit appends a WAL frame and syncs it,
+        // exactly the I/O a registration's commit needs.
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {version}")))
+            .execute(conn)
+            .await
+            .map(drop)
     }
 
     fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
@@ -1508,25 +1370,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn probe_writes(&self) -> Result<(), RegistryError> {
-        self.probes
-            .run(async {
-                // Rewriting `user_version` with its own value changes nothing anyone
-                // reads, yet it dirties the header page: the commit appends a WAL frame
-                // and syncs it, exactly the I/O a registration's commit needs.
-                let mut tx = self.begin().await?;
-                let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| self.err("probing writes", e))?;
-                sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {version}")))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err("probing writes", e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a write probe", e))
-            })
-            .await
+        self.probes.run(Flows(self).probe_writes()).await
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
@@ -1620,29 +1464,7 @@ impl Registry for SqliteRegistry {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Option<DeviceState>, RegistryError> {
-        let row = sqlx::query(SQL_DEVICE_STATE)
-            .bind(fingerprint_sha256)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err("reading a device", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let decode = |row: &SqliteRow| -> sqlx::Result<DeviceState> {
-            use sqlx::Row;
-            let policies: String = row.try_get(common::CERT_COLUMN_COUNT + 9)?;
-            let mut policies: Vec<String> = common::parse_json(&policies)?;
-            policies.sort();
-            let at = common::CERT_COLUMN_COUNT + 10;
-            Ok(DeviceState {
-                certificate: common::cert_from_row(row)?,
-                thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
-                policies,
-                confirms_rotation: row.try_get(at)?,
-                rotation: common::optional_rotation_at(row, at + 1)?,
-            })
-        };
-        decode(&row)
-            .map(Some)
-            .map_err(|e| self.err("reading a device", e))
+        Flows(self).device_state(fingerprint_sha256).await
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
@@ -1664,40 +1486,7 @@ impl Registry for SqliteRegistry {
         &self,
         connections: &[ConnectionRecord],
     ) -> Result<(), RegistryError> {
-        let (keep, fingerprints) = common::connections_to_keep(connections);
-        if keep.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at) VALUES ",
-            "(?, ?, ?, ?)",
-            4,
-            "",
-            &keep,
-            |q, c| {
-                q.bind(c.fingerprint_sha256.as_str())
-                    .bind(c.thing_name.as_str())
-                    .bind(c.client_addr.as_str())
-                    .bind(c.at)
-            },
-        )
-        .await
-        .map_err(|e| self.err("recording connections", e))?;
-        sqlx::query(SQL_PRUNE_CONNECTIONS)
-            .bind(to_json(&fingerprints))
-            .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64 - 1)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err("pruning connections", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing connections", e))
+        Flows(self).record_connections(connections).await
     }
 
     async fn recent_connections(
@@ -2010,25 +1799,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
-        let mut tx = self.begin().await?;
-        match Self::revoke_in(&mut tx, revocation).await {
-            Ok(Ok(entries)) => {
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a revocation", e))?;
-                Ok(entries)
-            }
-            Ok(Err(not_found)) => {
-                tx.rollback()
-                    .await
-                    .map_err(|e| self.err("ending a transaction", e))?;
-                Err(not_found)
-            }
-            Err(WriteError { context, error }) => {
-                let _ = tx.rollback().await;
-                Err(self.err(context, error))
-            }
-        }
+        Flows(self).revoke(revocation).await
     }
 
     async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
@@ -2146,6 +1917,7 @@ mod tests {
         SQL_POLICIES_OF_THING, SQL_POLICY, SQL_RECENT_CONNECTIONS, SQL_REVOKED_ENTRIES,
         SQL_ROTATION, SQL_THING, certificates_query, events_query, things_query,
     };
+    use crate::revocations;
     use sqlx::Row;
 
     /// The hot statements look rows up through their indexes: no full scans, and no
@@ -2248,8 +2020,9 @@ mod tests {
         }
         // The registration, device and connection statements: every table reached
         // through an index (only `json_each` is scanned).
+        let prune_connections = crate::connections::sql_prune_connections::<SqliteRegistry>();
         for (sql, ints) in [
-            (SQL_DEVICE_STATE, 0),
+            (SqliteRegistry::SQL_DEVICE_STATE, 0),
             (SQL_REGISTRATION_CERT, 0),
             (SQL_ATTACHED, 0),
             (SQL_THING, 0),
@@ -2259,7 +2032,7 @@ mod tests {
             (SQL_MARK_REGISTERED, 1),
             (SQL_POLICY, 0),
             (SQL_POLICIES_OF_THING, 0),
-            (SQL_PRUNE_CONNECTIONS, 1),
+            (prune_connections.as_str(), 1),
             (SQL_RECENT_CONNECTIONS, 1),
         ] {
             let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
@@ -2287,6 +2060,8 @@ mod tests {
         // chunks of `open_due_rotations` come in index order (no sort).
         let completion_update =
             format!("{SQL_ISSUE_HEAD}(?, ?, ?, ?), (?, ?, ?, ?){SQL_ISSUE_TAIL}");
+        let lock_thing = revocations::sql_lock_thing::<SqliteRegistry>();
+        let cancel_rotations = revocations::sql_cancel_rotations::<SqliteRegistry>();
         for (sql, ints, sorted) in [
             (SQL_DUE_CERTIFICATES, 2, true),
             (SQL_DUE_BY_RENEWAL, 3, false),
@@ -2313,11 +2088,11 @@ mod tests {
             (SQL_REVOKE_SUPERSEDED, 1, true),
             (SQL_ROTATION_CONFIRMED, 2, true),
             (SQL_ROTATION, 0, true),
-            (SQL_CERT_EXISTS, 0, true),
-            (SQL_UNDELIVERED_REPLACEMENTS, 0, true),
-            (SQL_THING_EXISTS, 0, true),
-            (SQL_UNREVOKED_OF_THING, 0, true),
-            (SQL_REVOKE_MANY, 2, true),
+            (revocations::SQL_THING_OF_CERTIFICATE, 0, true),
+            (lock_thing.as_str(), 0, true),
+            (revocations::SQL_REVOKE_SERIAL, 2, true),
+            (revocations::SQL_REVOKE_THING, 2, true),
+            (cancel_rotations.as_str(), 1, true),
             (SQL_REVOKED_ENTRIES, 0, true),
         ] {
             let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
