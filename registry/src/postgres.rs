@@ -12,19 +12,18 @@
 //! one device serialise and all but the first find the certificate registered. Missing
 //! policies are inserted (`ON CONFLICT DO NOTHING`, in name order) before they are read,
 //! so a concurrent creator of the same policy is waited for and then compared against.
-//! Connection flushes serialise on an advisory lock, so pruning is exact. Registrations
-//! and flushes that lose a deadlock or serialisation race are retried.
+//! Registrations that lose a deadlock or serialisation race are retried. (Connection
+//! flushes: see `connections`; revocation and CRL stores: see `revocations`.)
 //!
-//! Rotation and revocation take row locks in one order: the thing, then the old
+//! Rotation takes row locks in the order revocation does: the thing, then the old
 //! (replaced) certificate, then its replacements, then the rotation row. Writers that
 //! insert certificates for a thing (group commits, completed rotations, replacements)
-//! hold at least `FOR KEY SHARE` on the thing, and revocation takes `FOR UPDATE` on it,
-//! so a revocation sees every replacement committed before it and no replacement slips
-//! in behind it. Workers claim rotations with `FOR UPDATE SKIP LOCKED` and commit only
+//! hold at least `FOR KEY SHARE` on the thing, which revocation locks `FOR UPDATE`, so a
+//! revocation sees every replacement committed before it and no replacement slips in
+//! behind it. Workers claim rotations with `FOR UPDATE SKIP LOCKED` and commit only
 //! while their lease holds; opening rotations is one `INSERT … ON CONFLICT DO NOTHING`
 //! statement per chunk (skipping certificates locked by a writer; the next sweep gets
-//! them), so two sweeps never open a rotation twice. CRL stores serialise on an advisory
-//! lock.
+//! them), so two sweeps never open a rotation twice.
 
 use crate::common::{
     self, CertCheck, CertState, EVENT_CERT_DELIVERED, EVENT_CERT_ISSUED, EVENT_CERT_REVOKED,
@@ -51,8 +50,8 @@ use std::time::Duration;
 /// How long connecting (and waiting for a pooled connection) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Retries of a group commit (or registration, or connection flush) that lost a
-/// deadlock or serialisation race.
+/// Retries of a write transaction (a group commit, a registration, a rotation step)
+/// that lost a deadlock or serialisation race.
 const MAX_ATTEMPTS: usize = 5;
 
 /// The thing columns, in the order [`common::thing_from_row`] reads them (JSON as text).

@@ -255,6 +255,7 @@ const SQL_ROTATION_CONFIRMED: &str = "UPDATE rotations SET state = 'confirmed', 
         updated_at = ?3 \
      WHERE old_serial = ?1 AND +state NOT IN ('confirmed', 'cancelled') \
      RETURNING thing_name";
+
 #[derive(Debug)]
 pub(crate) struct SqliteRegistry {
     pool: SqlitePool,
