@@ -7,7 +7,10 @@
 //! - [`tls`]: the rustls client-certificate verifier and server configuration: path
 //!   validation to the issuing CA, the [`ExpiryWindow`], then the [`RevocationView`].
 //! - [`RevocationView`]: the revoked set (kept fresh by the lifecycle's upkeep).
-//! - [`DeviceCertificate`]: certificate → thing (serial, fingerprint, thing name).
+//! - [`DeviceCertificate`]: certificate → thing (serial, fingerprint, thing name),
+//!   offline, from the certificate alone; [`IdentifiedDevice`] (from
+//!   `Jitp::identify`): the registry's view of it, read-only (thing, status, policies,
+//!   attached or not) for front ends that authorize every action.
 //!
 //! Dependencies point one way: front ends → device-auth → lifecycle, ca.
 
@@ -15,6 +18,7 @@ pub mod tls;
 mod verify;
 
 pub use fleetcert_lifecycle::RevocationView;
+pub use fleetcert_lifecycle::jitp::IdentifiedDevice;
 pub use verify::{ChainVerifier, VerifiedDevice};
 
 /// How long after expiry a certificate may still authenticate to get its replacement

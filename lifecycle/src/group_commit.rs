@@ -38,7 +38,7 @@ impl Registrations {
             return self.registry.register(&registration).await;
         };
         let (reply, answer) = oneshot::channel();
-        let stopped = || RegistryError::Database("the registration task stopped".into());
+        let stopped = || RegistryError::Interrupted("the registration task stopped");
         groups
             .send((registration, reply))
             .await

@@ -284,3 +284,82 @@ async fn a_device_that_never_reenrolls_is_never_revoked_by_rotation() {
         .unwrap();
     assert!(entries.is_empty());
 }
+
+/// `Jitp::identify` is certificate → thing for front ends that authorize each action:
+/// it reads the registry and never writes (no registration, no rotation confirmed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_resolves_a_certificate_to_its_thing_and_writes_nothing() {
+    use fleetcert_lifecycle::jitp::Refusal;
+    let fleet = fleet(3, None).await;
+    let jitp = fleet.jitp().await;
+    let der = fleet.cert_der("rot-0000");
+    let serial = serial_of(&der);
+
+    // Before the first connect: known, not attached, no policies; still unregistered after.
+    let before = jitp.identify(&der).await.unwrap();
+    assert_eq!(before.thing.name, "rot-0000");
+    assert_eq!(before.certificate.serial, serial);
+    assert!(!before.is_attached());
+    assert!(before.policies.is_empty());
+    assert!(
+        jitp.identify(&der)
+            .await
+            .unwrap()
+            .certificate
+            .registered_at
+            .is_none()
+    );
+
+    // After it: attached, with the policies the connect reply named.
+    let reply = match jitp.connect(&der, peer()).await.unwrap() {
+        ConnectOutcome::Provisioned(reply) => reply,
+        other => panic!("{other:?}"),
+    };
+    let after = jitp.identify(&der).await.unwrap();
+    assert!(after.is_attached());
+    assert_eq!(after.policies, reply.policies);
+    assert!(!after.policies.is_empty());
+
+    // A replacement identified (not connected) confirms nothing: the old one stays.
+    fleet.clock.advance(22 * DAY);
+    fleet
+        .rotator(RotationSettings::default())
+        .sweep(|_| {})
+        .await
+        .unwrap();
+    let jitp = fleet.jitp().await;
+    let fetched = jitp.fetch_replacement(&der).await.unwrap();
+    let new = pem::parse(&fetched.certificate_pem)
+        .unwrap()
+        .into_contents();
+    let replacement = jitp.identify(&new).await.unwrap();
+    assert_eq!(replacement.thing.name, "rot-0000");
+    assert_eq!(fleet.status(&serial).await, CertStatus::Superseded);
+
+    // Refusals: garbage, a certificate from elsewhere, a revoked one.
+    assert!(matches!(
+        jitp.identify(b"not a certificate").await,
+        Err(Refusal::CertificateUnreadable(_))
+    ));
+    let stranger = rcgen::generate_simple_self_signed(vec!["rot-0001".into()])
+        .unwrap()
+        .cert
+        .der()
+        .to_vec();
+    assert!(matches!(
+        jitp.identify(&stranger).await,
+        Err(Refusal::UnknownCertificate(_))
+    ));
+    let other = fleet.cert_der("rot-0001");
+    fleet
+        .registry
+        .revoke(&fleetcert_registry::Revocation {
+            target: fleetcert_registry::RevocationTarget::Serial(serial_of(&other)),
+            reason: "keyCompromise".into(),
+            at: fleet.clock.now(),
+        })
+        .await
+        .unwrap();
+    let refusal = jitp.identify(&other).await.unwrap_err();
+    assert_eq!(refusal.code(), "certificate_revoked");
+}

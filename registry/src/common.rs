@@ -4,8 +4,8 @@
 use crate::{
     CertStatus, CertificateRecord, ConnectionRecord, EventRecord, IssueOutcome, IssueRecord,
     MAX_CONNECTIONS_PER_CERTIFICATE, MirrorOp, MirrorSettings, NewCertificate, PolicyRecord,
-    Registration, RegistryError, ReplaceOutcome, Replacement, RevokedEntry, RotationBacklog,
-    RotationRecord, StoredCrl, ThingDetails, ThingRecord,
+    Registration, RegistryError, ReplaceOutcome, Replacement, RevokedEntry, RotationRecord,
+    StoredCrl, ThingDetails, ThingRecord,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{ColumnIndex, Decode, Row, SqlSafeStr, Type};
@@ -81,37 +81,6 @@ pub(crate) fn reusable<C: sqlx::Connection>(conn: &C, when: &str) -> bool {
         return false;
     }
     true
-}
-
-/// [`crate::Registry::rotation_backlog`], SQLite placeholders (?1: now).
-pub(crate) const SQLITE_ROTATION_BACKLOG: &str = "SELECT \
-        coalesce(sum(CASE WHEN origin = 'generated' \
-            AND (lease_until IS NULL OR lease_until < ?1) THEN 1 ELSE 0 END), 0), \
-        coalesce(sum(CASE WHEN origin = 'generated' AND lease_until >= ?1 \
-            THEN 1 ELSE 0 END), 0), \
-        max(CASE WHEN origin = 'generated' AND lease_until >= ?1 THEN lease_until END), \
-        coalesce(sum(CASE WHEN origin = 'csr' THEN 1 ELSE 0 END), 0) \
-     FROM rotations WHERE state = 'due'";
-
-/// The same, PostgreSQL placeholders.
-pub(crate) const POSTGRES_ROTATION_BACKLOG: &str = "SELECT \
-        coalesce(sum(CASE WHEN origin = 'generated' \
-            AND (lease_until IS NULL OR lease_until < $1) THEN 1 ELSE 0 END), 0)::bigint, \
-        coalesce(sum(CASE WHEN origin = 'generated' AND lease_until >= $1 \
-            THEN 1 ELSE 0 END), 0)::bigint, \
-        max(CASE WHEN origin = 'generated' AND lease_until >= $1 THEN lease_until END), \
-        coalesce(sum(CASE WHEN origin = 'csr' THEN 1 ELSE 0 END), 0)::bigint \
-     FROM rotations WHERE state = 'due'";
-
-/// Decodes the row of the backlog query.
-pub(crate) fn rotation_backlog(row: (i64, i64, Option<i64>, i64)) -> RotationBacklog {
-    let (claimable, leased, leased_until, awaiting_devices) = row;
-    RotationBacklog {
-        claimable: claimable.max(0) as u64,
-        leased: leased.max(0) as u64,
-        leased_until,
-        awaiting_devices: awaiting_devices.max(0) as u64,
-    }
 }
 
 /// One migration file, embedded at compile time.
@@ -418,7 +387,10 @@ pub(crate) fn db_error(url: &str, context: &str, e: sqlx::Error) -> RegistryErro
             reason: format!("{context}: {e}"),
         }
     } else {
-        RegistryError::Database(format!("{context}: {e}"))
+        RegistryError::Database {
+            context: context.to_owned(),
+            source: e,
+        }
     }
 }
 
@@ -427,7 +399,7 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 pub(crate) fn migrate_error(e: sqlx::migrate::MigrateError) -> RegistryError {
-    RegistryError::Migration(e.to_string())
+    RegistryError::Migration(e)
 }
 
 /// `None` → no limit.

@@ -5,7 +5,8 @@
 //! the n-th bind too) and standard SQL that both databases accept (`IS DISTINCT FROM`,
 //! `COUNT(*) FILTER (…)`, `CAST(… AS TEXT)`), and ask the dialect for the rest: how a
 //! writing transaction starts (`BEGIN IMMEDIATE` on SQLite), the row-lock clauses
-//! (PostgreSQL only; SQLite has one writer at a time), and how events are bulk-inserted.
+//! (PostgreSQL only; SQLite has one writer at a time), how events are bulk-inserted, how
+//! a JSON list becomes rows and text a JSON column value, and SQLite's index hint.
 //!
 //! Shared flows are methods of [`Flows`], a borrowed backend; their impl blocks carry
 //! the `sqlx` bounds (which Rust cannot imply from a trait) once per file, so each flow
@@ -77,6 +78,38 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// bound at `$n` (SQLite `json_each`, PostgreSQL `jsonb_array_elements_text`).
     /// Lists travel as one JSON text bind on both backends.
     fn json_values(n: u8) -> String;
+
+    /// [`Self::json_values`] with each element's position: one `(key, value)` row per
+    /// element, `key` counting from 0, for lists whose order matters (SQLite
+    /// `json_each`, PostgreSQL `jsonb_array_elements_text … WITH ORDINALITY`).
+    fn json_entries(n: u8) -> String;
+
+    /// A JSON object built from `pairs` (`'key', expression, …`), of the type the
+    /// events' `detail` column holds (SQLite `json_object`, text; PostgreSQL
+    /// `jsonb_build_object`).
+    fn json_object(pairs: &str) -> String;
+
+    /// The column that orders certificates tied on an indexed key, for keyset cursors
+    /// that walk an index in order: SQLite `rowid` (the implicit last column of every
+    /// index), PostgreSQL `serial` (the last column of `certificates_status_renew_at`).
+    const CERT_TIEBREAK: &'static str;
+    /// Written before a column in a condition (`{NOT_INDEXED}status = 'active'`) to keep
+    /// the planner off that column's indexes when a better key is at hand (SQLite: the
+    /// unary `+`, which SQLite documents for this; PostgreSQL: nothing, its planner
+    /// needs no hint and has no unary `+` for text).
+    const NOT_INDEXED: &'static str;
+
+    /// A table for `FROM` with one `value` row per element of the JSON array bound at
+    /// `$n`, each element itself a JSON array whose items are read as `value ->> 0`,
+    /// `value ->> 1`, … (text or SQL NULL; wrap numbers in `CAST(… AS BIGINT)`). Lists of
+    /// tuples travel this way (SQLite `json_each`, PostgreSQL `jsonb_array_elements`);
+    /// use it without an alias, so its column stays `value`.
+    fn json_rows(n: u8) -> String;
+
+    /// The JSON document in the text expression `expr`, as a value for a JSON column
+    /// (PostgreSQL: `CAST(expr AS JSON)`, which `jsonb` columns take too and `json` ones
+    /// keep as written; SQLite stores the text).
+    fn json_column(expr: &str) -> String;
 
     /// Whether `e` means the transaction lost a race and may simply run again.
     fn is_retryable(e: &sqlx::Error) -> bool;

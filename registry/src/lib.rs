@@ -15,10 +15,13 @@ mod common;
 mod connections;
 mod dialect;
 mod error;
+mod issuance;
 mod mirror;
 mod postgres;
 mod queries;
+mod registrations;
 mod revocations;
+mod rotations;
 mod sqlite;
 pub mod testing;
 

@@ -60,20 +60,6 @@ pub(crate) const SQL_REVOKE_THING: &str = concat!(
     revoked_returning!()
 );
 
-/// Open rotations of the certificates of `$1` (a JSON array) become `cancelled` at `$2`,
-/// their sealed keys deleted. (`CAST(state AS TEXT)` is an expression, so SQLite looks
-/// the rows up by primary key rather than through the `rotations_claim` index on the
-/// state; PostgreSQL reads it as `state`.)
-pub(crate) fn sql_cancel_rotations<R: Dialect>() -> String {
-    format!(
-        "UPDATE rotations SET state = 'cancelled', sealed_key = NULL, lease_owner = NULL, \
-            lease_until = NULL, updated_at = $2 \
-         WHERE old_serial IN ({}) AND CAST(state AS TEXT) IN ('due', 'issued', 'delivered') \
-         RETURNING old_serial",
-        R::json_values(1)
-    )
-}
-
 impl<R: Dialect> Flows<'_, R>
 where
     for<'c> &'c mut <R::Db as Database>::Connection: Executor<'c, Database = R::Db>,
@@ -142,7 +128,7 @@ where
             });
             let serials: Vec<&str> = revoked.iter().map(|e| e.serial.as_str()).collect();
             let cancelled: HashSet<String> =
-                sqlx::query_scalar(AssertSqlSafe(sql_cancel_rotations::<R>()))
+                sqlx::query_scalar(AssertSqlSafe(crate::rotations::sql_cancel_rotations::<R>()))
                     .bind(to_json(&serials))
                     .bind(rev.at)
                     .fetch_all(&mut *tx)

@@ -16,7 +16,10 @@ fn unreachable(url: &str, e: impl std::fmt::Display) -> RegistryError {
 }
 
 fn database_error(e: sqlx::Error) -> RegistryError {
-    RegistryError::Database(e.to_string())
+    RegistryError::Database {
+        context: "running raw SQL".to_owned(),
+        source: e,
+    }
 }
 
 fn is_postgres(url: &str) -> bool {

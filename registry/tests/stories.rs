@@ -821,7 +821,8 @@ async fn events_are_append_only(url: &str) {
     }
     for sql in attempts {
         match testing::execute_raw(url, sql).await {
-            Err(RegistryError::Database(msg)) => {
+            Err(e @ RegistryError::Database { .. }) => {
+                let msg = e.to_string();
                 assert!(msg.contains("append-only"), "{sql}: {msg}")
             }
             other => panic!("{sql}: expected a refusal, got {other:?}"),

@@ -6,6 +6,8 @@
 //! - [`Jitp::reenroll`] (`reenroll.rs`): RFC 7030 re-enrollment with a CSR.
 //! - [`Jitp::fetch_replacement`] (`replacement.rs`): replacement key and certificate for
 //!   devices whose key fleetcert generated.
+//! - [`Jitp::identify`] (`identify.rs`): certificate → thing, read-only, for front
+//!   ends that authorize each action of a device (the broker integration).
 //! - `caches.rs`: returning-device replies and buffered connection records.
 //!
 //! Replies are typed ([`ConnectReply`], [`FetchedCredentials`]); refusals are a
@@ -24,12 +26,14 @@ use time::format_description::well_known::Rfc3339;
 
 mod caches;
 mod connect;
+mod identify;
 mod reenroll;
 mod refusal;
 mod replacement;
 
 pub use crate::revocation_view::RevocationView;
 pub use connect::{ConnectOutcome, ConnectReply, ConnectStatus, RotationAdvice, RotationMethod};
+pub use identify::IdentifiedDevice;
 pub use reenroll::{MAX_REPLACEMENTS_PER_CERTIFICATE, decode_csr_body};
 pub use refusal::Refusal;
 pub use replacement::FetchedCredentials;

@@ -1,0 +1,299 @@
+//! First-connect registrations, written once for both backends
+//! ([`crate::Registry::register`] and the group commit of
+//! [`crate::Registry::register_batch`]).
+//!
+//! A registration locks the thing, then the certificate (`FOR NO KEY UPDATE`; the same
+//! order as group commits of issued certificates, so the two cannot dead-lock), so
+//! concurrent first connects of one device serialise and all but the first find the
+//! certificate registered. Missing policies are inserted (`ON CONFLICT DO NOTHING`, in
+//! name order) before they are read, so a concurrent creator of the same policy is waited
+//! for and then compared against. Registrations that lose a deadlock or serialisation race
+//! are retried ([`write_tx!`]). All of that is PostgreSQL's: SQLite has one writer at a
+//! time (`BEGIN IMMEDIATE`), takes no row locks and never retries.
+//!
+//! SQLite also has one durable commit at a time, so its first connects are grouped
+//! ([`Flows::register_batch`]): one transaction, a savepoint per registration, so one
+//! that is refused (or loses to a change of its thing earlier in the group) leaves no
+//! trace and the others stay. PostgreSQL runs registrations in parallel, one transaction
+//! each (the trait's default `register_batch`).
+
+use crate::common::{self, CertCheck, CertState, FoundPolicy, RequestedPolicy, to_json};
+use crate::dialect::{Dialect, Flows, StepError, step, write_tx};
+use crate::queries::SQL_THING;
+use crate::{Registration, RegistrationOutcome, RegistryError};
+use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, Row, Type};
+use std::collections::{HashMap, HashSet};
+
+/// The thing, locked.
+pub(crate) fn sql_thing<R: Dialect>() -> String {
+    format!("{SQL_THING}{}", R::FOR_NO_KEY_UPDATE)
+}
+
+/// The certificate as a registration checks it, locked.
+pub(crate) fn sql_registration_cert<R: Dialect>() -> String {
+    format!(
+        "SELECT thing_name, status, registered_at FROM certificates WHERE serial = $1{}",
+        R::FOR_NO_KEY_UPDATE
+    )
+}
+
+/// The policies attached to a certificate, by name.
+pub(crate) const SQL_ATTACHED: &str = "SELECT policy_name FROM policy_attachments \
+     WHERE serial = $1 ORDER BY policy_name";
+
+/// Creates the policies of `$1` (`[name, document]` rows) that do not exist, in name
+/// order, at `$2`; returns the names created.
+pub(crate) fn sql_create_policies<R: Dialect>() -> String {
+    format!(
+        "INSERT INTO policies (name, document, created_at, updated_at) \
+         SELECT value ->> 0, {}, $2, $2 FROM {} WHERE true ORDER BY value ->> 0 \
+         ON CONFLICT (name) DO NOTHING RETURNING name",
+        R::json_column("value ->> 1"),
+        R::json_rows(1)
+    )
+}
+
+/// Deletes policies this transaction created for a registration refused after all.
+fn sql_delete_policies<R: Dialect>() -> String {
+    format!("DELETE FROM policies WHERE name IN ({})", R::json_values(1))
+}
+
+/// The policies of `$1` (names) with their documents.
+pub(crate) fn sql_find_policies<R: Dialect>() -> String {
+    format!(
+        "SELECT name, CAST(document AS TEXT) FROM policies WHERE name IN ({})",
+        R::json_values(1)
+    )
+}
+
+/// The thing's new details and version.
+pub(crate) fn sql_update_thing<R: Dialect>() -> String {
+    format!(
+        "UPDATE things SET template = $2, thing_type = $3, attributes = {}, groups = {}, \
+            billing_group = $6, version = $7, updated_at = $8 \
+         WHERE name = $1",
+        R::json_column("$4"),
+        R::json_column("$5")
+    )
+}
+
+/// Attaches the policies of `$1` (names) to certificate `$2` at `$3`.
+pub(crate) fn sql_attach<R: Dialect>() -> String {
+    format!(
+        "INSERT INTO policy_attachments (policy_name, serial, attached_at) \
+         SELECT value, $2, $3 FROM ({}) AS p WHERE true \
+         ON CONFLICT (policy_name, serial) DO NOTHING",
+        R::json_values(1)
+    )
+}
+
+pub(crate) const SQL_MARK_REGISTERED: &str = "UPDATE certificates SET registered_at = $2 \
+     WHERE serial = $1 AND registered_at IS NULL";
+
+impl<R: Dialect> Flows<'_, R>
+where
+    for<'c> &'c mut <R::Db as Database>::Connection: Executor<'c, Database = R::Db>,
+    <R::Db as Database>::Arguments: sqlx::IntoArguments<R::Db>,
+    usize: ColumnIndex<<R::Db as Database>::Row>,
+    for<'q> String: Encode<'q, R::Db> + Decode<'q, R::Db> + Type<R::Db>,
+    for<'q> Option<String>: Encode<'q, R::Db>,
+    for<'q> i64: Encode<'q, R::Db> + Decode<'q, R::Db> + Type<R::Db>,
+{
+    pub(crate) async fn register(
+        &self,
+        registration: &Registration,
+    ) -> Result<RegistrationOutcome, RegistryError> {
+        let requested = match common::requested_policies(registration) {
+            Ok(requested) => requested,
+            Err(reason) => return Ok(RegistrationOutcome::Refused { reason }),
+        };
+        write_tx!(self, "a registration", |tx| {
+            // Only a registration that writes everything writes anything: whatever
+            // else it read or locked, committing it leaves the database as it was.
+            let (outcome, _) = Self::register_in(&mut tx, registration, &requested, true).await?;
+            Ok(outcome)
+        })
+        .map_err(|(context, e)| self.0.err(context, e))
+    }
+
+    pub(crate) async fn register_batch(
+        &self,
+        registrations: &[Registration],
+    ) -> Result<Vec<RegistrationOutcome>, RegistryError> {
+        write_tx!(self, "a group of registrations", |tx| {
+            let mut outcomes = Vec::with_capacity(registrations.len());
+            for registration in registrations {
+                let requested = match common::requested_policies(registration) {
+                    Ok(requested) => requested,
+                    Err(reason) => {
+                        outcomes.push(RegistrationOutcome::Refused { reason });
+                        continue;
+                    }
+                };
+                // A savepoint per registration: one that is refused (or loses to a change
+                // of its thing earlier in the group) leaves no trace, the others stay.
+                let mut one = sqlx::Acquire::begin(&mut tx)
+                    .await
+                    .map_err(step("starting a savepoint"))?;
+                let (outcome, keep) =
+                    Self::register_in(&mut one, registration, &requested, false).await?;
+                if keep {
+                    one.commit().await
+                } else {
+                    one.rollback().await
+                }
+                .map_err(step("ending a savepoint"))?;
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        })
+        .map_err(|(context, e)| self.0.err(context, e))
+    }
+
+    /// One registration, inside the caller's write transaction. Returns the outcome and
+    /// whether it wrote (only `Registered` does). A registration refused after it created
+    /// policies deletes them again if `undo` (else the caller rolls back to a savepoint).
+    async fn register_in(
+        conn: &mut <R::Db as Database>::Connection,
+        reg: &Registration,
+        requested: &[RequestedPolicy<'_>],
+        undo: bool,
+    ) -> Result<(RegistrationOutcome, bool), StepError> {
+        let refused = |reason: String| Ok((RegistrationOutcome::Refused { reason }, false));
+        // Lock order: the thing, then the certificate.
+        let row = sqlx::query(AssertSqlSafe(sql_thing::<R>()))
+            .bind(&reg.thing_name)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(step("locking the thing"))?;
+        let thing = row
+            .as_ref()
+            .map(common::thing_from_row)
+            .transpose()
+            .map_err(step("reading the thing"))?;
+        let row = sqlx::query(AssertSqlSafe(sql_registration_cert::<R>()))
+            .bind(&reg.serial)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(step("locking the certificate"))?;
+        let cert = row
+            .map(|row| {
+                Ok::<_, sqlx::Error>(CertState {
+                    thing_name: row.try_get(0)?,
+                    status: row.try_get(1)?,
+                    registered_at: row.try_get(2)?,
+                })
+            })
+            .transpose()
+            .map_err(step("reading the certificate"))?;
+        match common::check_certificate(reg, cert.as_ref()) {
+            CertCheck::Proceed => {}
+            CertCheck::Refused(reason) => return refused(reason),
+            CertCheck::AlreadyRegistered => {
+                let policies = sqlx::query(SQL_ATTACHED)
+                    .bind(&reg.serial)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(step("reading attached policies"))?
+                    .iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<sqlx::Result<_>>()
+                    .map_err(step("reading attached policies"))?;
+                return Ok((RegistrationOutcome::AlreadyRegistered { policies }, false));
+            }
+        }
+        let Some(thing) = thing else {
+            return refused(format!("thing {:?} is not in the registry", reg.thing_name));
+        };
+        if thing.version != reg.expected_thing_version {
+            return Ok((RegistrationOutcome::ThingChanged, false));
+        }
+
+        // Create the missing policies first (in name order, so concurrent registrations
+        // creating several policies cannot dead-lock): ON CONFLICT waits for a concurrent
+        // creator, so the lookup below sees its committed document.
+        let documents: Vec<(&str, String)> = requested
+            .iter()
+            .filter_map(|p| p.document.map(|d| (p.name, to_json(d))))
+            .collect();
+        let created: HashSet<String> = if documents.is_empty() {
+            HashSet::new()
+        } else {
+            sqlx::query(AssertSqlSafe(sql_create_policies::<R>()))
+                .bind(to_json(&documents))
+                .bind(reg.at)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(step("creating policies"))?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<sqlx::Result<_>>()
+                .map_err(step("creating policies"))?
+        };
+        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
+        let rows = sqlx::query(AssertSqlSafe(sql_find_policies::<R>()))
+            .bind(to_json(&names))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(step("reading policies"))?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.try_get(0).map_err(step("reading policies"))?;
+            let document: String = row.try_get(1).map_err(step("reading policies"))?;
+            let stored = common::parse_json(&document).map_err(step("reading policies"))?;
+            found.insert(name.clone(), FoundPolicy::new(stored, requested, &name));
+        }
+        let plan = match common::plan_registration(reg, &thing, requested, &created, &found) {
+            Ok(plan) => plan,
+            Err(reason) => {
+                if undo && !created.is_empty() {
+                    sqlx::query(AssertSqlSafe(sql_delete_policies::<R>()))
+                        .bind(to_json(&created))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(step("creating policies"))?;
+                }
+                return refused(reason);
+            }
+        };
+
+        if let Some((details, version)) = &plan.thing {
+            sqlx::query(AssertSqlSafe(sql_update_thing::<R>()))
+                .bind(&reg.thing_name)
+                .bind(&reg.template)
+                .bind(details.thing_type.clone())
+                .bind(to_json(&details.attributes))
+                .bind(to_json(&details.groups))
+                .bind(details.billing_group.clone())
+                .bind(*version)
+                .bind(reg.at)
+                .execute(&mut *conn)
+                .await
+                .map_err(step("updating the thing"))?;
+        }
+        if !plan.attach.is_empty() {
+            sqlx::query(AssertSqlSafe(sql_attach::<R>()))
+                .bind(to_json(&plan.attach))
+                .bind(&reg.serial)
+                .bind(reg.at)
+                .execute(&mut *conn)
+                .await
+                .map_err(step("attaching policies"))?;
+        }
+        sqlx::query(SQL_MARK_REGISTERED)
+            .bind(&reg.serial)
+            .bind(reg.at)
+            .execute(&mut *conn)
+            .await
+            .map_err(step("marking the certificate registered"))?;
+        R::insert_events(conn, &plan.events)
+            .await
+            .map_err(step("appending events"))?;
+        Ok((
+            RegistrationOutcome::Registered {
+                policies: plan.attach,
+            },
+            true,
+        ))
+    }
+}
