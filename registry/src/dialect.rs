@@ -69,6 +69,11 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// ` FOR NO KEY UPDATE`; SQLite: nothing).
     const FOR_NO_KEY_UPDATE: &'static str;
 
+    /// The device-state statement: [`crate::connections::device_state_sql!`] with this
+    /// backend's aggregate of attached policy names into a JSON array (SQLite
+    /// `json_group_array`, PostgreSQL `json_agg`), a constant for the hot path.
+    const SQL_DEVICE_STATE: &'static str;
+
     /// A subquery yielding one `value` row per element of the JSON array of strings
     /// bound at `$n` (SQLite `json_each`, PostgreSQL `jsonb_array_elements_text`).
     /// Lists travel as one JSON text bind on both backends.
@@ -115,6 +120,10 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         conn: &mut <Self::Db as Database>::Connection,
         key: i64,
     ) -> sqlx::Result<()>;
+
+    /// Makes the current transaction write, changing nothing anyone reads, so that its
+    /// commit does the I/O of a registration's (for `/healthz`).
+    async fn probe_write(conn: &mut <Self::Db as Database>::Connection) -> sqlx::Result<()>;
 
     /// The connection pool.
     fn pool(&self) -> &Pool<Self::Db>;

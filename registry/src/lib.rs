@@ -12,6 +12,7 @@
 // workspace's `missing_docs` applies once that lands.
 #![allow(missing_docs)]
 mod common;
+mod connections;
 mod dialect;
 mod error;
 mod issuance;

@@ -1,80 +1,32 @@
-//! The PostgreSQL registry.
+//! The PostgreSQL registry: the connection pool, migrations and the dialect (`$n`
+//! placeholders, row locks, arrays, retried serialisation failures).
 //!
-//! Group commits of issued certificates and first-connect registrations are written
-//! once for both backends; `issuance.rs` and `registrations.rs` say how they lock here.
-//!
-//! Connection flushes serialise on an advisory lock, so pruning is exact. Flushes that
-//! lose a deadlock or serialisation race are retried.
-//!
-//! Rotation and revocation take row locks in one order (the rotation flows, written
-//! once in `rotations.rs`, describe it): the thing, then the old (replaced) certificate,
-//! then its replacements, then the rotation row. Revocation takes `FOR UPDATE` on the
-//! thing, so it sees every replacement committed before it and no replacement slips in
-//! behind it. CRL stores serialise on an advisory lock.
+//! Every flow is written once for both backends; the modules that hold them say how
+//! they lock here: group commits and first-connect registrations in `issuance.rs` and
+//! `registrations.rs`, rotation in `rotations.rs` (the lock order every writer follows:
+//! the thing, then the old certificate, then its replacements, then the rotation row),
+//! revocation and CRL stores in `revocations.rs`, connection flushes (serialised on an
+//! advisory lock, so pruning is exact) in `connections.rs`.
 
-use crate::common::{
-    self, EVENT_CERT_REVOKED, EVENT_ROTATION_CANCELLED, NewEvent, cert_columns, migrate_error,
-    rotation_columns,
-};
+use crate::common::{self, NewEvent, migrate_error};
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord,
-    PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
-    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
-    ThingFilter, ThingRecord,
+    IssueOutcome, IssueRecord, PolicyRecord, PreparedReplacement, Registration,
+    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ReplaceOutcome, Replacement,
+    Revocation, RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord,
+    StoredCrl, TakenReplacement, ThingFilter, ThingRecord,
 };
 
 use crate::dialect::{Dialect, Flows};
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Postgres};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 /// How long connecting (and waiting for a pooled connection) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Retries of a write (a connection flush, a rotation or revocation step) that lost a
-/// deadlock or serialisation race.
-const MAX_ATTEMPTS: usize = 5;
-
-/// The advisory lock that serialises connection flushes, so that pruning to the newest
-/// [`MAX_CONNECTIONS_PER_CERTIFICATE`] is exact ("fleetcon").
-const CONNECTIONS_LOCK: i64 = 0x666c_6565_7463_6f6e;
-
-/// A certificate, its thing, its attached policies (sorted), its rotation (as the old
-/// certificate) and whether its first use confirms a rotation, by fingerprint: the hot
-/// path of every returning connection (primary-key and unique-index lookups only).
-const SQL_DEVICE_STATE: &str = concat!(
-    "SELECT ",
-    cert_columns!(c),
-    ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes::text, \
-       t.groups::text, t.billing_group, t.version, \
-       ARRAY(SELECT a.policy_name::text FROM policy_attachments a \
-             WHERE a.serial = c.serial ORDER BY a.policy_name), \
-       (o.serial IS NOT NULL AND o.status <> 'revoked'), ",
-    rotation_columns!(r),
-    " FROM certificates c JOIN things t ON t.name = c.thing_name \
-     LEFT JOIN rotations r ON r.old_serial = c.serial \
-     LEFT JOIN certificates o ON o.serial = c.replaces \
-     WHERE c.fingerprint_sha256 = $1"
-);
-
-/// Columns of a [`RevokedEntry`] (see [`common::revoked_entry_from_row`]).
-macro_rules! revoked_columns {
-    () => {
-        "serial, thing_name, COALESCE(revoked_at, created_at), revocation_reason, not_after"
-    };
-}
-
-/// Where a registration attempt stopped.
-type StepError = (&'static str, sqlx::Error);
-
-fn step(context: &'static str) -> impl Fn(sqlx::Error) -> StepError {
-    move |e| (context, e)
-}
 
 #[derive(Debug)]
 pub(crate) struct PgRegistry {
@@ -127,213 +79,6 @@ impl PgRegistry {
             url: redacted,
             probes: common::ProbeGate::default(),
         })
-    }
-
-    /// One attempt at [`Registry::record_connections`].
-    async fn connections_attempt(
-        &self,
-        keep: &[&ConnectionRecord],
-        fingerprints: &[&str],
-    ) -> Result<(), StepError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CONNECTIONS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(step("locking connections"))?;
-        sqlx::query(
-            "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at) \
-             SELECT u.fp, u.thing, u.addr, u.at \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) \
-                WITH ORDINALITY AS u(fp, thing, addr, at, ord) \
-             ORDER BY u.ord",
-        )
-        .bind(
-            keep.iter()
-                .map(|c| c.fingerprint_sha256.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            keep.iter()
-                .map(|c| c.thing_name.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            keep.iter()
-                .map(|c| c.client_addr.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(keep.iter().map(|c| c.at).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await
-        .map_err(step("recording connections"))?;
-        sqlx::query(
-            "DELETE FROM connections c USING ( \
-                SELECT f.fp, (SELECT k.id FROM connections k WHERE k.fingerprint_sha256 = f.fp \
-                              ORDER BY k.id DESC OFFSET $2 LIMIT 1) AS cutoff \
-                FROM UNNEST($1::text[]) AS f(fp)) AS t \
-             WHERE c.fingerprint_sha256 = t.fp AND c.id < t.cutoff",
-        )
-        .bind(fingerprints)
-        .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64 - 1)
-        .execute(&mut *tx)
-        .await
-        .map_err(step("pruning connections"))?;
-        tx.commit().await.map_err(step("committing connections"))
-    }
-
-    /// Runs `attempt` until it succeeds, fails for a reason other than a lost race, or
-    /// has lost [`MAX_ATTEMPTS`] races.
-    async fn retrying<'a, T, F, Fut>(&'a self, what: &str, attempt: F) -> Result<T, RegistryError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StepError>> + 'a,
-    {
-        self.retrying_raw(what, attempt)
-            .await
-            .map_err(|(context, e)| self.err(context, e))
-    }
-
-    /// [`Self::retrying`], handing back the last error as it came.
-    async fn retrying_raw<'a, T, F, Fut>(&'a self, what: &str, attempt: F) -> Result<T, StepError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StepError>> + 'a,
-    {
-        let mut n = 1;
-        loop {
-            match attempt().await {
-                Ok(value) => return Ok(value),
-                Err((_, e)) if is_retryable(&e) && n < MAX_ATTEMPTS => {
-                    tracing::debug!(attempt = n, error = %e, "{what} lost a race; retrying");
-                    tokio::time::sleep(Duration::from_millis(10 * n as u64)).await;
-                    n += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// One attempt at [`Registry::revoke`]. The thing is locked `FOR UPDATE` first, so
-    /// every replacement committed before is seen and none is added until this commits.
-    async fn revoke_attempt(
-        &self,
-        rev: &Revocation,
-    ) -> Result<Result<Vec<RevokedEntry>, RegistryError>, StepError> {
-        let (thing, target) = match &rev.target {
-            RevocationTarget::Serial(serial) => {
-                let thing: Option<String> =
-                    sqlx::query_scalar("SELECT thing_name FROM certificates WHERE serial = $1")
-                        .bind(serial)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(step("reading the certificate"))?;
-                match thing {
-                    Some(thing) => (thing, Some(serial.as_str())),
-                    None => {
-                        return Ok(Err(RegistryError::NotFound(format!(
-                            "certificate {serial}"
-                        ))));
-                    }
-                }
-            }
-            RevocationTarget::Thing(name) => (name.clone(), None),
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(step("starting a transaction"))?;
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT name FROM things WHERE name = $1 FOR UPDATE")
-                .bind(&thing)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(step("locking the thing"))?;
-        if found.is_none() {
-            return Ok(Err(RegistryError::NotFound(format!("thing {thing}"))));
-        }
-        let rows = match target {
-            Some(serial) => sqlx::query(concat!(
-                "UPDATE certificates SET status = 'revoked', revoked_at = $2,                     revocation_reason = $3                  WHERE (serial = $1 OR (replaces = $1 AND delivered_at IS NULL))                     AND status <> 'revoked'                  RETURNING ",
-                revoked_columns!(),
-                ", replaces"
-            ))
-            .bind(serial),
-            None => sqlx::query(concat!(
-                "UPDATE certificates SET status = 'revoked', revoked_at = $2,                     revocation_reason = $3                  WHERE thing_name = $1 AND status <> 'revoked'                  RETURNING ",
-                revoked_columns!(),
-                ", replaces"
-            ))
-            .bind(&thing),
-        }
-        .bind(rev.at)
-        .bind(&rev.reason)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(step("revoking certificates"))?;
-        let mut revoked = Vec::with_capacity(rows.len());
-        for row in &rows {
-            use sqlx::Row;
-            let entry = common::revoked_entry_from_row(row).map_err(step("reading revocations"))?;
-            let replaces: Option<String> = row.try_get(5).map_err(step("reading revocations"))?;
-            revoked.push((entry, replaces));
-        }
-        revoked.sort_by(|a, b| a.0.serial.cmp(&b.0.serial));
-        let serials: Vec<&str> = revoked.iter().map(|(e, _)| e.serial.as_str()).collect();
-        let cancelled: HashSet<String> = if serials.is_empty() {
-            HashSet::new()
-        } else {
-            sqlx::query_scalar(
-                "UPDATE rotations SET state = 'cancelled', sealed_key = NULL, lease_owner = NULL, \
-                    lease_until = NULL, updated_at = $2 \
-                 WHERE old_serial = ANY($1) AND state IN ('due', 'issued', 'delivered') \
-                 RETURNING old_serial::text",
-            )
-            .bind(&serials)
-            .bind(rev.at)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(step("cancelling rotations"))?
-            .into_iter()
-            .collect()
-        };
-        let mut events = Vec::with_capacity(revoked.len() + cancelled.len());
-        for (entry, replaces) in &revoked {
-            // An undelivered replacement revoked together with the certificate it
-            // replaces says so.
-            let with = replaces
-                .as_deref()
-                .filter(|old| target.is_some_and(|t| t == *old && entry.serial != t));
-            events.push(NewEvent {
-                at: rev.at,
-                kind: EVENT_CERT_REVOKED,
-                thing_name: Some(entry.thing_name.clone()),
-                serial: Some(entry.serial.clone()),
-                detail: common::revoked_detail(&rev.reason, with),
-            });
-        }
-        for (entry, _) in revoked
-            .iter()
-            .filter(|(e, _)| cancelled.contains(&e.serial))
-        {
-            events.push(NewEvent {
-                at: rev.at,
-                kind: EVENT_ROTATION_CANCELLED,
-                thing_name: Some(entry.thing_name.clone()),
-                serial: Some(entry.serial.clone()),
-                detail: common::rotation_cancelled_detail(&rev.reason),
-            });
-        }
-        insert_events(&mut tx, &events)
-            .await
-            .map_err(step("appending events"))?;
-        tx.commit().await.map_err(step("committing a revocation"))?;
-        Ok(Ok(revoked.into_iter().map(|(e, _)| e).collect()))
     }
 }
 
@@ -390,6 +135,9 @@ impl Dialect for PgRegistry {
     const FOR_SHARE: &'static str = " FOR SHARE";
     const FOR_KEY_SHARE: &'static str = " FOR KEY SHARE";
     const FOR_NO_KEY_UPDATE: &'static str = " FOR NO KEY UPDATE";
+    const SQL_DEVICE_STATE: &'static str = crate::connections::device_state_sql!(
+        "COALESCE(CAST(json_agg(a.policy_name ORDER BY a.policy_name) AS TEXT), '[]')"
+    );
     const NOT_INDEXED: &'static str = "";
 
     fn json_values(n: u8) -> String {
@@ -427,6 +175,15 @@ impl Dialect for PgRegistry {
             .execute(conn)
             .await
             .map(drop)
+    }
+
+    async fn probe_write(conn: &mut PgConnection) -> sqlx::Result<()> {
+        // A transaction that gets an id must write and flush its commit record: a
+        // read-only server (a standby) refuses it, a full WAL disk fails it.
+        let _: i64 = sqlx::query_scalar("SELECT txid_current()")
+            .fetch_one(conn)
+            .await?;
+        Ok(())
     }
 
     fn pool(&self) -> &PgPool {
@@ -501,24 +258,7 @@ impl Registry for PgRegistry {
     }
 
     async fn probe_writes(&self) -> Result<(), RegistryError> {
-        self.probes
-            .run(async {
-                // A transaction that gets an id must write and flush its commit record:
-                // a read-only server (a standby) refuses it, a full WAL disk fails it.
-                let mut tx = self
-                    .pool
-                    .begin()
-                    .await
-                    .map_err(|e| self.err("starting a transaction", e))?;
-                let _: i64 = sqlx::query_scalar("SELECT txid_current()")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| self.err("probing writes", e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a write probe", e))
-            })
-            .await
+        self.probes.run(Flows(self).probe_writes()).await
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
@@ -536,25 +276,7 @@ impl Registry for PgRegistry {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Option<DeviceState>, RegistryError> {
-        let row = sqlx::query(SQL_DEVICE_STATE)
-            .bind(fingerprint_sha256)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err("reading a device", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let decode = |row: &PgRow| -> sqlx::Result<DeviceState> {
-            use sqlx::Row;
-            Ok(DeviceState {
-                certificate: common::cert_from_row(row)?,
-                thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
-                policies: row.try_get(common::CERT_COLUMN_COUNT + 9)?,
-                confirms_rotation: row.try_get(common::CERT_COLUMN_COUNT + 10)?,
-                rotation: common::optional_rotation_at(row, common::CERT_COLUMN_COUNT + 11)?,
-            })
-        };
-        decode(&row)
-            .map(Some)
-            .map_err(|e| self.err("reading a device", e))
+        Flows(self).device_state(fingerprint_sha256).await
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
@@ -576,14 +298,7 @@ impl Registry for PgRegistry {
         &self,
         connections: &[ConnectionRecord],
     ) -> Result<(), RegistryError> {
-        let (keep, fingerprints) = common::connections_to_keep(connections);
-        if keep.is_empty() {
-            return Ok(());
-        }
-        self.retrying("a connection flush", || {
-            self.connections_attempt(&keep, &fingerprints)
-        })
-        .await
+        Flows(self).record_connections(connections).await
     }
 
     async fn recent_connections(
@@ -691,8 +406,7 @@ impl Registry for PgRegistry {
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
-        self.retrying("a revocation", || self.revoke_attempt(revocation))
-            .await?
+        Flows(self).revoke(revocation).await
     }
 
     async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
@@ -809,8 +523,8 @@ mod tests {
     //! via `scripts/with-postgres.sh`). The behaviour shared with SQLite is covered by
     //! `tests/stories.rs`.
     use super::*;
-    use crate::NewCertificate;
     use crate::{CertOrigin, IssueOutcome, RotationState};
+    use crate::{NewCertificate, RevocationTarget};
     use sqlx::AssertSqlSafe;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};

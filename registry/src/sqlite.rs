@@ -7,27 +7,23 @@
 //! `VALUES` lists in power-of-two chunks (so few distinct statements get prepared and
 //! cached per connection). The rotation flows (`rotations.rs`) work the same way.
 
-use crate::common::{
-    self, EVENT_CERT_REVOKED, NewEvent, cert_columns,
-    migrate_error, rotation_columns, to_json,
-};
+use crate::common::{self, NewEvent, migrate_error};
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord,
-    PreparedReplacement, Registration, RegistrationOutcome, Registry, RegistryCounts,
-    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationClaim, RotationFilter, RotationRecord, StoredCrl, TakenReplacement,
-    ThingFilter, ThingRecord,
+    IssueOutcome, IssueRecord, PolicyRecord, PreparedReplacement, Registration,
+    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ReplaceOutcome, Replacement,
+    Revocation, RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord,
+    StoredCrl, TakenReplacement, ThingFilter, ThingRecord,
 };
 
 use crate::dialect::{Dialect, Flows};
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,56 +45,8 @@ pub(crate) enum SqliteTarget {
 // The statements of the hot paths (their query plans are checked by a test; the
 // issuance and registration ones live in `issuance.rs` and `registrations.rs`).
 
-/// A certificate, its thing, its attached policies (a JSON array), whether it confirms a
-/// rotation, and its own rotation (if any) by fingerprint: the hot path of every
-/// returning connection.
-const SQL_DEVICE_STATE: &str = concat!(
-    "SELECT ",
-    cert_columns!(c),
-    ", t.name, t.template, t.created_at, t.updated_at, t.thing_type, t.attributes, \
-       t.groups, t.billing_group, t.version, \
-       (SELECT json_group_array(a.policy_name) FROM policy_attachments a \
-        WHERE a.serial = c.serial), \
-       EXISTS (SELECT 1 FROM certificates o \
-        WHERE o.serial = c.replaces AND +o.status <> 'revoked'), ",
-    rotation_columns!(r),
-    " FROM certificates c JOIN things t ON t.name = c.thing_name \
-     LEFT JOIN rotations r ON r.old_serial = c.serial \
-     WHERE c.fingerprint_sha256 = ?1"
-);
-
-/// Deletes all but the newest `?2` connections of each fingerprint of `?1` (a JSON
-/// array): one cutoff id per fingerprint, then a range delete through the index.
-const SQL_PRUNE_CONNECTIONS: &str = "WITH cutoff AS MATERIALIZED ( \
-        SELECT f.value AS fp, \
-           (SELECT k.id FROM connections k WHERE k.fingerprint_sha256 = f.value \
-            ORDER BY k.id DESC LIMIT 1 OFFSET ?2) AS id \
-        FROM json_each(?1) AS f) \
-     DELETE FROM connections WHERE id IN ( \
-        SELECT c.id FROM cutoff \
-        JOIN connections c ON c.fingerprint_sha256 = cutoff.fp AND c.id < cutoff.id)";
-
 // ---- rotation, revocation and CRLs ------------------------------------------------------
 
-/// Open rotations of the certificates of ?1 (JSON array) become `cancelled` at ?2.
-const SQL_CANCEL_ROTATIONS: &str = "UPDATE rotations SET state = 'cancelled', \
-        sealed_key = NULL, lease_owner = NULL, lease_until = NULL, updated_at = ?2 \
-     WHERE old_serial IN (SELECT value FROM json_each(?1)) \
-       AND +state IN ('due', 'issued', 'delivered') \
-     RETURNING old_serial, thing_name";
-const SQL_CERT_EXISTS: &str = "SELECT serial FROM certificates WHERE serial = ?1";
-/// Undelivered replacements of ?1 that are not revoked.
-const SQL_UNDELIVERED_REPLACEMENTS: &str = "SELECT serial FROM certificates \
-     WHERE replaces = ?1 AND delivered_at IS NULL AND +status <> 'revoked' ORDER BY serial";
-const SQL_THING_EXISTS: &str = "SELECT name FROM things WHERE name = ?1";
-const SQL_UNREVOKED_OF_THING: &str = "SELECT serial FROM certificates \
-     WHERE thing_name = ?1 AND status <> 'revoked' ORDER BY serial";
-/// Revokes the certificates of ?1 (JSON array) that are not revoked yet, at ?2 for
-/// reason ?3.
-const SQL_REVOKE_MANY: &str = "UPDATE certificates SET status = 'revoked', \
-        revoked_at = ?2, revocation_reason = ?3 \
-     WHERE serial IN (SELECT value FROM json_each(?1)) AND +status <> 'revoked' \
-     RETURNING serial, thing_name, revoked_at, revocation_reason, not_after";
 #[derive(Debug)]
 pub(crate) struct SqliteRegistry {
     pool: SqlitePool,
@@ -195,125 +143,6 @@ impl SqliteRegistry {
             migrate(&mut conn).await?;
         }
         Ok(registry)
-    }
-
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RegistryError> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))
-    }
-
-    /// The body of [`Registry::revoke`], inside the caller's transaction.
-    /// `Ok(Err(NotFound))`: roll back.
-    async fn revoke_in(
-        conn: &mut SqliteConnection,
-        revocation: &Revocation,
-    ) -> Result<Result<Vec<RevokedEntry>, RegistryError>, WriteError> {
-        // The certificates to revoke, in event order, and the certificate an undelivered
-        // replacement is revoked with.
-        let (targets, replaced) = match &revocation.target {
-            RevocationTarget::Serial(serial) => {
-                let found: Option<String> = sqlx::query_scalar(SQL_CERT_EXISTS)
-                    .bind(serial)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading the certificate", e))?;
-                if found.is_none() {
-                    return Ok(Err(RegistryError::NotFound(format!(
-                        "certificate {serial}"
-                    ))));
-                }
-                let replacements: Vec<String> = sqlx::query_scalar(SQL_UNDELIVERED_REPLACEMENTS)
-                    .bind(serial)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading replacements", e))?;
-                let mut targets = vec![serial.clone()];
-                targets.extend(replacements);
-                (targets, Some(serial.as_str()))
-            }
-            RevocationTarget::Thing(name) => {
-                let found: Option<String> = sqlx::query_scalar(SQL_THING_EXISTS)
-                    .bind(name)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading the thing", e))?;
-                if found.is_none() {
-                    return Ok(Err(RegistryError::NotFound(format!("thing {name}"))));
-                }
-                let targets: Vec<String> = sqlx::query_scalar(SQL_UNREVOKED_OF_THING)
-                    .bind(name)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| WriteError::new("reading certificates", e))?;
-                (targets, None)
-            }
-        };
-        if targets.is_empty() {
-            return Ok(Ok(Vec::new()));
-        }
-        let rows = sqlx::query(SQL_REVOKE_MANY)
-            .bind(to_json(&targets))
-            .bind(revocation.at)
-            .bind(&revocation.reason)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("revoking certificates", e))?;
-        let mut entries = rows
-            .iter()
-            .map(common::revoked_entry_from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| WriteError::new("revoking certificates", e))?;
-        if entries.is_empty() {
-            return Ok(Ok(entries));
-        }
-        let things: HashMap<&str, &str> = entries
-            .iter()
-            .map(|e| (e.serial.as_str(), e.thing_name.as_str()))
-            .collect();
-        let event = |kind: &'static str, serial: &str, detail: String| NewEvent {
-            at: revocation.at,
-            kind,
-            thing_name: things.get(serial).map(|t| (*t).to_owned()),
-            serial: Some(serial.to_owned()),
-            detail,
-        };
-        let revoked: Vec<&str> = targets
-            .iter()
-            .map(String::as_str)
-            .filter(|s| things.contains_key(s))
-            .collect();
-        let mut events: Vec<NewEvent> = revoked
-            .iter()
-            .map(|s| {
-                let replaces = replaced.filter(|old| old != s);
-                event(
-                    EVENT_CERT_REVOKED,
-                    s,
-                    common::revoked_detail(&revocation.reason, replaces),
-                )
-            })
-            .collect();
-        let cancelled: Vec<(String, String)> = sqlx::query_as(SQL_CANCEL_ROTATIONS)
-            .bind(to_json(&revoked))
-            .bind(revocation.at)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| WriteError::new("cancelling rotations", e))?;
-        let cancelled: HashSet<&str> = cancelled.iter().map(|(s, _)| s.as_str()).collect();
-        for s in revoked.iter().filter(|s| cancelled.contains(**s)) {
-            events.push(event(
-                common::EVENT_ROTATION_CANCELLED,
-                s,
-                common::rotation_cancelled_detail(&revocation.reason),
-            ));
-        }
-        insert_events(conn, &events)
-            .await
-            .map_err(|e| WriteError::new("appending events", e))?;
-        entries.sort_by(|a, b| a.serial.cmp(&b.serial));
-        Ok(Ok(entries))
     }
 }
 
@@ -464,17 +293,6 @@ async fn insert_rows<T>(
     Ok(())
 }
 
-struct WriteError {
-    context: &'static str,
-    error: sqlx::Error,
-}
-
-impl WriteError {
-    fn new(context: &'static str, error: sqlx::Error) -> Self {
-        WriteError { context, error }
-    }
-}
-
 impl Dialect for SqliteRegistry {
     type Db = sqlx::Sqlite;
     const FOR_UPDATE: &'static str = "";
@@ -483,6 +301,8 @@ impl Dialect for SqliteRegistry {
     const FOR_SHARE: &'static str = "";
     const FOR_KEY_SHARE: &'static str = "";
     const FOR_NO_KEY_UPDATE: &'static str = "";
+    const SQL_DEVICE_STATE: &'static str =
+        crate::connections::device_state_sql!("json_group_array(a.policy_name)");
     const NOT_INDEXED: &'static str = "+";
 
     fn json_values(n: u8) -> String {
@@ -514,6 +334,19 @@ impl Dialect for SqliteRegistry {
 
     async fn lock_for_transaction(_: &mut SqliteConnection, _: i64) -> sqlx::Result<()> {
         Ok(())
+    }
+
+    async fn probe_write(conn: &mut SqliteConnection) -> sqlx::Result<()> {
+        // Rewriting `user_version` with its own value changes nothing anyone reads, yet
+        // it dirties the header page: the commit appends a WAL frame and syncs it,
+        // exactly the I/O a registration's commit needs.
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {version}")))
+            .execute(conn)
+            .await
+            .map(drop)
     }
 
     fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
@@ -588,25 +421,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn probe_writes(&self) -> Result<(), RegistryError> {
-        self.probes
-            .run(async {
-                // Rewriting `user_version` with its own value changes nothing anyone
-                // reads, yet it dirties the header page: the commit appends a WAL frame
-                // and syncs it, exactly the I/O a registration's commit needs.
-                let mut tx = self.begin().await?;
-                let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| self.err("probing writes", e))?;
-                sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {version}")))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err("probing writes", e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a write probe", e))
-            })
-            .await
+        self.probes.run(Flows(self).probe_writes()).await
     }
 
     async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
@@ -635,29 +450,7 @@ impl Registry for SqliteRegistry {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Option<DeviceState>, RegistryError> {
-        let row = sqlx::query(SQL_DEVICE_STATE)
-            .bind(fingerprint_sha256)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err("reading a device", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let decode = |row: &SqliteRow| -> sqlx::Result<DeviceState> {
-            use sqlx::Row;
-            let policies: String = row.try_get(common::CERT_COLUMN_COUNT + 9)?;
-            let mut policies: Vec<String> = common::parse_json(&policies)?;
-            policies.sort();
-            let at = common::CERT_COLUMN_COUNT + 10;
-            Ok(DeviceState {
-                certificate: common::cert_from_row(row)?,
-                thing: common::thing_from_row_at(row, common::CERT_COLUMN_COUNT)?,
-                policies,
-                confirms_rotation: row.try_get(at)?,
-                rotation: common::optional_rotation_at(row, at + 1)?,
-            })
-        };
-        decode(&row)
-            .map(Some)
-            .map_err(|e| self.err("reading a device", e))
+        Flows(self).device_state(fingerprint_sha256).await
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
@@ -679,40 +472,7 @@ impl Registry for SqliteRegistry {
         &self,
         connections: &[ConnectionRecord],
     ) -> Result<(), RegistryError> {
-        let (keep, fingerprints) = common::connections_to_keep(connections);
-        if keep.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err("starting a transaction", e))?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at) VALUES ",
-            "(?, ?, ?, ?)",
-            4,
-            "",
-            &keep,
-            |q, c| {
-                q.bind(c.fingerprint_sha256.as_str())
-                    .bind(c.thing_name.as_str())
-                    .bind(c.client_addr.as_str())
-                    .bind(c.at)
-            },
-        )
-        .await
-        .map_err(|e| self.err("recording connections", e))?;
-        sqlx::query(SQL_PRUNE_CONNECTIONS)
-            .bind(to_json(&fingerprints))
-            .bind(MAX_CONNECTIONS_PER_CERTIFICATE as i64 - 1)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err("pruning connections", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.err("committing connections", e))
+        Flows(self).record_connections(connections).await
     }
 
     async fn recent_connections(
@@ -820,25 +580,7 @@ impl Registry for SqliteRegistry {
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
-        let mut tx = self.begin().await?;
-        match Self::revoke_in(&mut tx, revocation).await {
-            Ok(Ok(entries)) => {
-                tx.commit()
-                    .await
-                    .map_err(|e| self.err("committing a revocation", e))?;
-                Ok(entries)
-            }
-            Ok(Err(not_found)) => {
-                tx.rollback()
-                    .await
-                    .map_err(|e| self.err("ending a transaction", e))?;
-                Err(not_found)
-            }
-            Err(WriteError { context, error }) => {
-                let _ = tx.rollback().await;
-                Err(self.err(context, error))
-            }
-        }
+        Flows(self).revoke(revocation).await
     }
 
     async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
@@ -1061,6 +803,7 @@ mod tests {
         }
         // The registration, device and connection statements: every table reached
         // through an index (only `json_each` is scanned).
+        let prune_connections = crate::connections::sql_prune_connections::<SqliteRegistry>();
         let registration_cert = registrations::sql_registration_cert::<SqliteRegistry>();
         let registration_thing = registrations::sql_thing::<SqliteRegistry>();
         let create_policies = registrations::sql_create_policies::<SqliteRegistry>();
@@ -1068,7 +811,7 @@ mod tests {
         let update_thing = registrations::sql_update_thing::<SqliteRegistry>();
         let attach = registrations::sql_attach::<SqliteRegistry>();
         for (sql, ints) in [
-            (SQL_DEVICE_STATE, 0),
+            (SqliteRegistry::SQL_DEVICE_STATE, 0),
             (registration_cert.as_str(), 0),
             (SQL_ATTACHED, 0),
             (SQL_THING, 0),
@@ -1080,7 +823,7 @@ mod tests {
             (SQL_MARK_REGISTERED, 1),
             (SQL_POLICY, 0),
             (SQL_POLICIES_OF_THING, 0),
-            (SQL_PRUNE_CONNECTIONS, 1),
+            (prune_connections.as_str(), 1),
             (SQL_RECENT_CONNECTIONS, 1),
         ] {
             let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
@@ -1127,6 +870,7 @@ mod tests {
         let issued_events = rot::sql_rotation_issued_events::<Sqlite>();
         let replace_auth = rot::sql_replace_auth::<Sqlite>();
         let cancel_rotations = rot::sql_cancel_rotations::<Sqlite>();
+        let lock_thing = crate::revocations::sql_lock_thing::<Sqlite>();
         for (sql, ints, sorted) in [
             (rot::SQL_DUE_CERTIFICATES, 2, true),
             (due_by_renewal.as_str(), 3, false),
@@ -1150,7 +894,6 @@ mod tests {
             (rot::SQL_REVOKE_UNUSED, 2, true),
             (rot::SQL_ROTATION_DELIVERED, 4, true),
             (cancel_rotations.as_str(), 1, true),
-            (SQL_CANCEL_ROTATIONS, 1, true),
             (rot::SQL_TAKEABLE, 0, true),
             (rot::SQL_ROTATION_TAKEN, 1, true),
             (rot::SQL_DELIVER_ONE, 1, true),
@@ -1158,11 +901,10 @@ mod tests {
             (rot::SQL_REVOKE_SUPERSEDED, 1, true),
             (rot::SQL_ROTATION_CONFIRMED, 2, true),
             (SQL_ROTATION, 0, true),
-            (SQL_CERT_EXISTS, 0, true),
-            (SQL_UNDELIVERED_REPLACEMENTS, 0, true),
-            (SQL_THING_EXISTS, 0, true),
-            (SQL_UNREVOKED_OF_THING, 0, true),
-            (SQL_REVOKE_MANY, 2, true),
+            (crate::revocations::SQL_THING_OF_CERTIFICATE, 0, true),
+            (lock_thing.as_str(), 0, true),
+            (crate::revocations::SQL_REVOKE_SERIAL, 2, true),
+            (crate::revocations::SQL_REVOKE_THING, 2, true),
             (SQL_REVOKED_ENTRIES, 0, true),
         ] {
             let mut q = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind("[]");
