@@ -4,7 +4,7 @@
 //! durable commit per transaction (SQLite) those commits set the pace, not the
 //! handshakes; so registrations that arrive while one group commits wait for the next
 //! group and share its commit. On a backend that runs registrations in parallel
-//! (PostgreSQL, [`Registry::registration_group_size`] = 1) each goes straight through.
+//! (PostgreSQL, [`Registrations::registration_group_size`] = 1) each goes straight through.
 use fleetcert_registry::{Registration, RegistrationOutcome, Registry, RegistryError};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};

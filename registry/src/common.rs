@@ -979,7 +979,7 @@ pub(crate) fn revoked_by_rotation_detail(replaced_by: &str) -> String {
     serde_json::json!({ "reason": "superseded", "replaced_by": replaced_by }).to_string()
 }
 
-/// `certificate.revoked` by [`crate::Registry::revoke`]: `{"reason": reason}`, plus
+/// `certificate.revoked` by [`crate::Revocations::revoke`]: `{"reason": reason}`, plus
 /// `"replaces": old` for an undelivered replacement revoked with the certificate it
 /// replaces.
 pub(crate) fn revoked_detail(reason: &str, replaces: Option<&str>) -> String {
@@ -1009,7 +1009,7 @@ pub(crate) fn rotation_cancelled_detail(reason: &str) -> String {
 // `rotation.due` details are built in SQL from the certificate row:
 // `{"origin": …, "renew_at": …, "not_after": …}`.
 
-/// The checks of [`crate::Registry::replace_certificate`] on the authenticated
+/// The checks of [`crate::Rotations::replace_certificate`] on the authenticated
 /// certificate, in order: exists, belongs to the thing, is not revoked. `Err`: the
 /// refusal.
 pub(crate) fn check_replacement(

@@ -145,16 +145,21 @@ where
         .map_err(|(context, e)| self.0.err(context, e))
     }
 
-    /// The body of [`crate::Registry::probe_writes`], run by the backend's
-    /// [`common::ProbeGate`]: a transaction of the kind a registration takes
+    /// [`crate::Registry::probe_writes`], through the backend's [`common::ProbeGate`]
+    /// (a recent success is reused): a transaction of the kind a registration takes
     /// ([`Dialect::begin_write`]) that writes ([`Dialect::probe_write`]) and commits.
     pub(crate) async fn probe_writes(&self) -> Result<(), RegistryError> {
-        let mut tx = self.0.begin_write().await?;
-        R::probe_write(&mut tx)
+        self.0
+            .probe_gate()
+            .run(async {
+                let mut tx = self.0.begin_write().await?;
+                R::probe_write(&mut tx)
+                    .await
+                    .map_err(|e| self.0.err("probing writes", e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| self.0.err("committing a write probe", e))
+            })
             .await
-            .map_err(|e| self.0.err("probing writes", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.0.err("committing a write probe", e))
     }
 }

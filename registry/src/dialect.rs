@@ -51,6 +51,12 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// The `sqlx` database.
     type Db: Database<QueryResult: RowsAffected>;
 
+    /// The backend's name, as [`crate::Registry::backend`] reports it.
+    const NAME: &'static str;
+    /// How many concurrent first connects are grouped into one registration
+    /// transaction ([`crate::Registrations::registration_group_size`]).
+    const REGISTRATION_GROUP: usize;
+
     /// Row locks taken by a read that precedes a write in the same transaction
     /// (PostgreSQL: ` FOR UPDATE`; SQLite: nothing, the writer holds the database).
     const FOR_UPDATE: &'static str;
@@ -127,6 +133,9 @@ pub(crate) trait Dialect: Send + Sync + 'static {
 
     /// The connection pool.
     fn pool(&self) -> &Pool<Self::Db>;
+
+    /// The gate that lets concurrent write probes share one recent result.
+    fn probe_gate(&self) -> &crate::common::ProbeGate;
 
     /// The database URL with its password redacted, for messages.
     fn url(&self) -> &str;

@@ -1,5 +1,5 @@
 //! Issuance, written once for both backends: the group commit of factory provisioning
-//! ([`crate::Registry::record_issued`]), deliveries and the active certificates of things.
+//! ([`crate::Issuance::record_issued`]), deliveries and the active certificates of things.
 //!
 //! A group commit is one write transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: read
 //! committed) of a fixed handful of statements whatever the slice size: lookups and

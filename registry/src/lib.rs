@@ -21,6 +21,7 @@ mod postgres;
 mod queries;
 mod registrations;
 mod revocations;
+mod role_impls;
 mod rotations;
 mod sqlite;
 pub mod testing;
@@ -192,7 +193,7 @@ pub struct CertificateRecord {
     pub delivered_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<String>,
-    /// Set by the first successful [`Registry::register`] of this certificate.
+    /// Set by the first successful [`Registrations::register`] of this certificate.
     pub registered_at: Option<i64>,
     /// From then on the certificate is due for rotation.
     pub renew_at: i64,
@@ -226,7 +227,7 @@ pub struct PolicyWrite {
     pub document: Option<serde_json::Value>,
 }
 
-/// A first-connect registration of a certificate (see [`Registry::register`]).
+/// A first-connect registration of a certificate (see [`Registrations::register`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
     /// The certificate the device presented (must exist, be `active`, and belong to
@@ -246,7 +247,7 @@ pub struct Registration {
     pub at: i64,
 }
 
-/// What [`Registry::register`] did.
+/// What [`Registrations::register`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrationOutcome {
     /// This call registered the certificate (HTTP 201). Policy names attached, in
@@ -271,7 +272,7 @@ pub struct DeviceState {
     /// The open rotation of this certificate (it is the *old* one), if any.
     pub rotation: Option<RotationRecord>,
     /// True if this certificate replaces one that is not revoked yet: the first use of
-    /// this certificate confirms the rotation (see [`Registry::confirm_replacement`]).
+    /// this certificate confirms the rotation (see [`Rotations::confirm_replacement`]).
     pub confirms_rotation: bool,
 }
 
@@ -333,7 +334,7 @@ pub struct RotationFilter {
 }
 
 /// Open rotations that are not issued yet, for `rotate` to report what a sweep could
-/// not take (see [`Registry::rotation_backlog`]).
+/// not take (see [`Rotations::rotation_backlog`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RotationBacklog {
     /// Rotations of generated keys in state `due` whose lease is free or expired: the
@@ -349,7 +350,7 @@ pub struct RotationBacklog {
     pub awaiting_devices: u64,
 }
 
-/// A due rotation claimed by one worker (see [`Registry::claim_rotations`]).
+/// A due rotation claimed by one worker (see [`Rotations::claim_rotations`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RotationClaim {
     /// The certificate to replace.
@@ -370,7 +371,7 @@ pub struct PreparedReplacement {
 }
 
 /// A replacement delivered in the same exchange (EST re-enrollment, or a key generated
-/// on demand and returned at once). See [`Registry::replace_certificate`].
+/// on demand and returned at once). See [`Rotations::replace_certificate`].
 #[derive(Debug, Clone)]
 pub struct Replacement {
     /// The certificate the device authenticated with.
@@ -387,7 +388,7 @@ pub struct Replacement {
     pub at: i64,
 }
 
-/// What [`Registry::replace_certificate`] did.
+/// What [`Rotations::replace_certificate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplaceOutcome {
     Replaced {
@@ -401,7 +402,7 @@ pub enum ReplaceOutcome {
     Refused { code: &'static str, reason: String },
 }
 
-/// A replacement handed to the device (see [`Registry::take_replacement`]).
+/// A replacement handed to the device (see [`Rotations::take_replacement`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TakenReplacement {
     pub certificate: CertificateRecord,
@@ -652,13 +653,9 @@ pub struct MirroredCertificate {
     pub recorded_at: i64,
 }
 
-/// The one storage interface. Both backends implement it identically; the story tests
-/// in `tests/` run against each.
+/// Factory issuance: group commits of issued certificates and their delivery (`provision`).
 #[async_trait]
-pub trait Registry: Send + Sync + fmt::Debug {
-    /// Which backend this is: `sqlite` or `postgres`.
-    fn backend(&self) -> &'static str;
-
+pub trait Issuance: Send + Sync {
     /// Commits a group of issued certificates in ONE transaction: creates each thing if
     /// missing (event `thing.created`), checks its active set against
     /// `expected_active`, applies supersede/revoke of the expected ones (events
@@ -681,30 +678,11 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         thing_names: &[String],
     ) -> Result<HashMap<String, Vec<CertificateRecord>>, RegistryError>;
+}
 
-    async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError>;
-    async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError>;
-    async fn get_certificate(
-        &self,
-        serial: &str,
-    ) -> Result<Option<CertificateRecord>, RegistryError>;
-    async fn list_certificates(
-        &self,
-        filter: &CertificateFilter,
-    ) -> Result<Vec<CertificateRecord>, RegistryError>;
-    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError>;
-    async fn counts(&self) -> Result<RegistryCounts, RegistryError>;
-    /// A cheap round trip to the database (a read).
-    async fn ping(&self) -> Result<(), RegistryError>;
-
-    /// Whether the database takes a durable write now, through the same pool and the
-    /// same kind of transaction as a registration (SQLite: `BEGIN IMMEDIATE`, a header
-    /// write, a synchronous commit; PostgreSQL: a transaction that gets an id and
-    /// commits). A full disk, a read-only database or a pool of broken connections fail
-    /// it; for `/healthz`. Probes are serialised and a success is reused for a fraction
-    /// of a second, so polling cannot turn into a stream of commits.
-    async fn probe_writes(&self) -> Result<(), RegistryError>;
-
+/// First connects and returning devices: registration from a template, the device state read on every connection, connection records (the JITP server, the broker integration).
+#[async_trait]
+pub trait Registrations: Send + Sync {
     /// Registers a certificate on its first connection, in ONE transaction that is safe
     /// under concurrency (of ten concurrent calls for one certificate exactly one gets
     /// `Registered`, the others `AlreadyRegistered`):
@@ -724,13 +702,14 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Result<RegistrationOutcome, RegistryError>;
 
     /// Several registrations in one transaction and one durable commit (group commit):
-    /// each applies entirely or not at all, exactly as [`Registry::register`] would one
+    /// each applies entirely or not at all, exactly as [`Registrations::register`] would one
     /// after another, and the outcomes come back in order. A database error fails the
     /// whole group and writes nothing; the caller may then register one by one.
     ///
-    /// The default registers one after another (each its own transaction); backends
-    /// whose commits are serialised override it (see
-    /// [`Registry::registration_group_size`]).
+    /// Both backends run the group in one transaction with a savepoint per
+    /// registration; the default (for other implementations) registers one after
+    /// another, each in its own transaction. Callers group only as many as
+    /// [`Registrations::registration_group_size`] says is worth it.
     async fn register_batch(
         &self,
         registrations: &[Registration],
@@ -743,8 +722,8 @@ pub trait Registry: Send + Sync + fmt::Debug {
     }
 
     /// How many concurrent first connects are worth grouping into one
-    /// [`Registry::register_batch`]. 1 (the default) means: call
-    /// [`Registry::register`] concurrently, the database runs them in parallel
+    /// [`Registrations::register_batch`]. 1 (the default) means: call
+    /// [`Registrations::register`] concurrently, the database runs them in parallel
     /// (PostgreSQL). SQLite has one writer and one fsync per commit, so grouping is what
     /// lets its registrations keep up with the handshakes.
     fn registration_group_size(&self) -> usize {
@@ -757,15 +736,6 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Option<DeviceState>, RegistryError>;
-
-    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError>;
-
-    /// All policies, by name.
-    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError>;
-
-    /// Policies attached to any of the thing's active certificates, distinct, by name.
-    async fn policies_of_thing(&self, thing_name: &str)
-    -> Result<Vec<PolicyRecord>, RegistryError>;
 
     /// Appends connection records in one transaction and prunes each affected
     /// certificate to its newest [`MAX_CONNECTIONS_PER_CERTIFICATE`] (newest: latest
@@ -780,13 +750,11 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         fingerprint_sha256: &str,
     ) -> Result<Vec<ConnectionRecord>, RegistryError>;
+}
 
-    /// Serials of revoked certificates that have not expired at `now` (`not_after >=
-    /// now`), sorted (for the handshake check).
-    async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError>;
-
-    // ---- rotation ----------------------------------------------------------------
-
+/// The rotation lifecycle: due certificates, leased claims, replacements issued ahead or in the exchange, confirmation on first use (the rotation worker, EST re-enrollment).
+#[async_trait]
+pub trait Rotations: Send + Sync {
     /// Certificates due for rotation at `now`, without changing anything (for
     /// `rotate --dry-run`): `active`, delivered, no rotation row yet, and either
     /// `renew_at <= now` or (if given) `not_after <= expiring_before`. Ordered by
@@ -799,7 +767,7 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Result<Vec<CertificateRecord>, RegistryError>;
 
     /// Opens a rotation (state `due`, event `rotation.due`) for every certificate that
-    /// [`Registry::due_certificates`] would list, in transactions of at most a few
+    /// [`Rotations::due_certificates`] would list, in transactions of at most a few
     /// thousand rows. Idempotent and safe under concurrency: a certificate gets one
     /// rotation row, ever. Returns how many this call opened.
     async fn open_due_rotations(
@@ -915,8 +883,14 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// Counts the open rotations (state `due`) at `now`: claimable, under an unexpired
     /// lease (and when the last lease expires), waiting for devices. One indexed query.
     async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError>;
+}
 
-    // ---- revocation and CRL --------------------------------------------------------
+/// Revocation and the CRLs (operators, the CRL publisher, the handshake's revoked set).
+#[async_trait]
+pub trait Revocations: Send + Sync {
+    /// Serials of revoked certificates that have not expired at `now` (`not_after >=
+    /// now`), sorted (for the handshake check).
+    async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError>;
 
     /// Revokes in ONE transaction: for `Serial`, that certificate and its replacements
     /// that were never delivered; for `Thing`, every certificate of the thing that is not
@@ -939,13 +913,11 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// nothing written: another publisher was first; re-read and retry), and prunes all
     /// but the newest [`CRLS_KEPT`].
     async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError>;
+}
 
-    /// Policies attached to one certificate, by name.
-    async fn policies_of_certificate(
-        &self,
-        serial: &str,
-    ) -> Result<Vec<PolicyRecord>, RegistryError>;
-
+/// The AWS IoT mirror: its settings, the outbox the event log fills, the AWS ids recorded (the mirror worker).
+#[async_trait]
+pub trait MirrorOutbox: Send + Sync {
     /// The AWS mirror settings, if `aws enable` ever ran.
     async fn mirror_settings(&self) -> Result<Option<MirrorSettings>, RegistryError>;
 
@@ -1018,6 +990,74 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// Puts parked operations back in their queues (attempts reset), e.g. after the
     /// cause was fixed. Returns how many.
     async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError>;
+}
+
+/// Read-only lookups and listings (the CLI, the effective policy, the audit).
+#[async_trait]
+pub trait Queries: Send + Sync {
+    async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError>;
+
+    async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError>;
+
+    async fn get_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Option<CertificateRecord>, RegistryError>;
+
+    async fn list_certificates(
+        &self,
+        filter: &CertificateFilter,
+    ) -> Result<Vec<CertificateRecord>, RegistryError>;
+
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError>;
+
+    async fn counts(&self) -> Result<RegistryCounts, RegistryError>;
+
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError>;
+
+    /// All policies, by name.
+    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError>;
+
+    /// Policies attached to any of the thing's active certificates, distinct, by name.
+    async fn policies_of_thing(&self, thing_name: &str)
+    -> Result<Vec<PolicyRecord>, RegistryError>;
+
+    /// Policies attached to one certificate, by name.
+    async fn policies_of_certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Vec<PolicyRecord>, RegistryError>;
+}
+
+/// The one storage interface: the sum of the role traits, which both backends implement
+/// identically (each flow written once over the backend's dialect; the story tests in
+/// `tests/` run against each). A consumer names the role it needs (`use
+/// fleetcert_registry::Rotations`) to call its methods on an `Arc<dyn Registry>`, or
+/// imports them all with `use fleetcert_registry::roles::*`.
+#[async_trait]
+pub trait Registry:
+    Issuance + Registrations + Rotations + Revocations + MirrorOutbox + Queries + fmt::Debug
+{
+    /// Which backend this is: `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// A cheap round trip to the database (a read).
+    async fn ping(&self) -> Result<(), RegistryError>;
+
+    /// Whether the database takes a durable write now, through the same pool and the
+    /// same kind of transaction as a registration (SQLite: `BEGIN IMMEDIATE`, a header
+    /// write, a synchronous commit; PostgreSQL: a transaction that gets an id and
+    /// commits). A full disk, a read-only database or a pool of broken connections fail
+    /// it; for `/healthz`. Probes are serialised and a success is reused for a fraction
+    /// of a second, so polling cannot turn into a stream of commits.
+    async fn probe_writes(&self) -> Result<(), RegistryError>;
+}
+
+/// Every role trait, for `use fleetcert_registry::roles::*`.
+pub mod roles {
+    pub use crate::{
+        Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations, Rotations,
+    };
 }
 
 /// Opens (creating if needed) and migrates the registry at `url`:

@@ -1,6 +1,6 @@
 //! First-connect registrations, written once for both backends
-//! ([`crate::Registry::register`] and the group commit of
-//! [`crate::Registry::register_batch`]).
+//! ([`crate::Registrations::register`] and the group commit of
+//! [`crate::Registrations::register_batch`]).
 //!
 //! A registration locks the thing, then the certificate (`FOR NO KEY UPDATE`; the same
 //! order as group commits of issued certificates, so the two cannot dead-lock), so

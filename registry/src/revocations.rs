@@ -70,7 +70,7 @@ where
     for<'q> i64: Encode<'q, R::Db> + Decode<'q, R::Db> + Type<R::Db>,
     (String,): for<'r> sqlx::FromRow<'r, <R::Db as Database>::Row>,
 {
-    /// Revokes `rev.target` (see [`crate::Registry::revoke`]); the entries revoked, by
+    /// Revokes `rev.target` (see [`crate::Revocations::revoke`]); the entries revoked, by
     /// serial.
     pub(crate) async fn revoke(
         &self,

@@ -401,7 +401,7 @@ const SQL_ROTATION_BACKLOG: &str = "SELECT \
         CAST(coalesce(sum(CASE WHEN origin = 'csr' THEN 1 ELSE 0 END), 0) AS BIGINT) \
      FROM rotations WHERE state = 'due'";
 
-/// One item of [`crate::Registry::complete_rotations`] that still holds its lease.
+/// One item of [`crate::Rotations::complete_rotations`] that still holds its lease.
 struct Completion<'a> {
     item: &'a PreparedReplacement,
     /// The old certificate's thing.
@@ -613,7 +613,7 @@ where
             .collect())
     }
 
-    /// The writes of [`crate::Registry::complete_rotations`] for `items` (distinct old
+    /// The writes of [`crate::Rotations::complete_rotations`] for `items` (distinct old
     /// serials), inside the caller's transaction: the old serials of the rotations
     /// completed (none: nothing written). Lock order: the things, the old certificates
     /// (`FOR SHARE`, so their registration and policies cannot change underneath), then
@@ -783,7 +783,7 @@ where
         }
     }
 
-    /// The body of [`crate::Registry::replace_certificate`], inside the caller's
+    /// The body of [`crate::Rotations::replace_certificate`], inside the caller's
     /// transaction (a refusal writes nothing). Lock order: the thing, the authenticated
     /// certificate, its other replacements, their rotations and its own.
     async fn replace_in(
@@ -1006,7 +1006,7 @@ where
         common::cert_from_row(&row).map_err(step("reading the replacement"))
     }
 
-    /// The body of [`crate::Registry::take_replacement`], inside the caller's
+    /// The body of [`crate::Rotations::take_replacement`], inside the caller's
     /// transaction. Lock order: the thing, the old certificate, the new one, the rotation
     /// (re-checked under its lock).
     async fn take_in(
@@ -1138,7 +1138,7 @@ where
         confirmed.map_err(|(ctx, e)| self.0.err(ctx, e))
     }
 
-    /// The body of [`crate::Registry::confirm_replacement`], inside the caller's
+    /// The body of [`crate::Rotations::confirm_replacement`], inside the caller's
     /// transaction.
     async fn confirm_in(
         conn: &mut <R::Db as Database>::Connection,

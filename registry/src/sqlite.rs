@@ -7,23 +7,15 @@
 //! `VALUES` lists in power-of-two chunks (so few distinct statements get prepared and
 //! cached per connection). The rotation flows (`rotations.rs`) work the same way.
 
+use crate::RegistryError;
 use crate::common::{self, NewEvent, migrate_error};
-use crate::{
-    CertificateFilter, CertificateRecord, ConnectionRecord, DeviceState, EventFilter, EventRecord,
-    IssueOutcome, IssueRecord, PolicyRecord, PreparedReplacement, Registration,
-    RegistrationOutcome, Registry, RegistryCounts, RegistryError, ReplaceOutcome, Replacement,
-    Revocation, RevokedEntry, RotationBacklog, RotationClaim, RotationFilter, RotationRecord,
-    StoredCrl, TakenReplacement, ThingFilter, ThingRecord,
-};
 
-use crate::dialect::{Dialect, Flows};
-use async_trait::async_trait;
+use crate::dialect::Dialect;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -295,6 +287,8 @@ async fn insert_rows<T>(
 
 impl Dialect for SqliteRegistry {
     type Db = sqlx::Sqlite;
+    const NAME: &'static str = "sqlite";
+    const REGISTRATION_GROUP: usize = REGISTRATION_GROUP;
     const FOR_UPDATE: &'static str = "";
     const SKIP_LOCKED: &'static str = "";
     const BEGIN_SNAPSHOT: &'static str = "BEGIN";
@@ -349,6 +343,10 @@ impl Dialect for SqliteRegistry {
             .map(drop)
     }
 
+    fn probe_gate(&self) -> &common::ProbeGate {
+        &self.probes
+    }
+
     fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
     }
@@ -366,331 +364,6 @@ impl Dialect for SqliteRegistry {
     }
 }
 
-#[async_trait]
-impl Registry for SqliteRegistry {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn record_issued(
-        &self,
-        records: &[IssueRecord],
-    ) -> Result<Vec<IssueOutcome>, RegistryError> {
-        Flows(self).record_issued(records).await
-    }
-
-    async fn mark_delivered(&self, serials: &[String], at: i64) -> Result<(), RegistryError> {
-        Flows(self).mark_delivered(serials, at).await
-    }
-
-    async fn active_certificates(
-        &self,
-        thing_names: &[String],
-    ) -> Result<HashMap<String, Vec<CertificateRecord>>, RegistryError> {
-        Flows(self).active_certificates(thing_names).await
-    }
-
-    async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
-        Flows(self).get_thing(name).await
-    }
-
-    async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError> {
-        Flows(self).list_things(filter).await
-    }
-
-    async fn get_certificate(
-        &self,
-        serial: &str,
-    ) -> Result<Option<CertificateRecord>, RegistryError> {
-        Flows(self).get_certificate(serial).await
-    }
-
-    async fn list_certificates(
-        &self,
-        filter: &CertificateFilter,
-    ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        Flows(self).list_certificates(filter).await
-    }
-
-    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError> {
-        Flows(self).list_events(filter).await
-    }
-
-    async fn ping(&self) -> Result<(), RegistryError> {
-        Flows(self).ping().await
-    }
-
-    async fn probe_writes(&self) -> Result<(), RegistryError> {
-        self.probes.run(Flows(self).probe_writes()).await
-    }
-
-    async fn counts(&self) -> Result<RegistryCounts, RegistryError> {
-        Flows(self).counts().await
-    }
-
-    async fn register(
-        &self,
-        registration: &Registration,
-    ) -> Result<RegistrationOutcome, RegistryError> {
-        Flows(self).register(registration).await
-    }
-
-    async fn register_batch(
-        &self,
-        registrations: &[Registration],
-    ) -> Result<Vec<RegistrationOutcome>, RegistryError> {
-        Flows(self).register_batch(registrations).await
-    }
-
-    fn registration_group_size(&self) -> usize {
-        REGISTRATION_GROUP
-    }
-
-    async fn device_state(
-        &self,
-        fingerprint_sha256: &str,
-    ) -> Result<Option<DeviceState>, RegistryError> {
-        Flows(self).device_state(fingerprint_sha256).await
-    }
-
-    async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError> {
-        Flows(self).get_policy(name).await
-    }
-
-    async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError> {
-        Flows(self).list_policies().await
-    }
-
-    async fn policies_of_thing(
-        &self,
-        thing_name: &str,
-    ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        Flows(self).policies_of_thing(thing_name).await
-    }
-
-    async fn record_connections(
-        &self,
-        connections: &[ConnectionRecord],
-    ) -> Result<(), RegistryError> {
-        Flows(self).record_connections(connections).await
-    }
-
-    async fn recent_connections(
-        &self,
-        fingerprint_sha256: &str,
-    ) -> Result<Vec<ConnectionRecord>, RegistryError> {
-        Flows(self).recent_connections(fingerprint_sha256).await
-    }
-
-    async fn revoked_serials(&self, now: i64) -> Result<Vec<String>, RegistryError> {
-        Flows(self).revoked_serials(now).await
-    }
-
-    async fn due_certificates(
-        &self,
-        now: i64,
-        expiring_before: Option<i64>,
-        limit: Option<u32>,
-    ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        Flows(self)
-            .due_certificates(now, expiring_before, limit)
-            .await
-    }
-
-    async fn open_due_rotations(
-        &self,
-        now: i64,
-        expiring_before: Option<i64>,
-    ) -> Result<u64, RegistryError> {
-        Flows(self).open_due_rotations(now, expiring_before).await
-    }
-
-    async fn claim_rotations(
-        &self,
-        owner: &str,
-        now: i64,
-        lease_secs: i64,
-        limit: u32,
-    ) -> Result<Vec<RotationClaim>, RegistryError> {
-        Flows(self)
-            .claim_rotations(owner, now, lease_secs, limit)
-            .await
-    }
-
-    async fn complete_rotations(
-        &self,
-        owner: &str,
-        items: &[PreparedReplacement],
-    ) -> Result<Vec<bool>, RegistryError> {
-        Flows(self).complete_rotations(owner, items).await
-    }
-
-    async fn fail_rotation(
-        &self,
-        owner: &str,
-        old_serial: &str,
-        error: &str,
-        at: i64,
-        max_attempts: u32,
-    ) -> Result<bool, RegistryError> {
-        Flows(self)
-            .fail_rotation(owner, old_serial, error, at, max_attempts)
-            .await
-    }
-
-    async fn replace_certificate(
-        &self,
-        replacement: &Replacement,
-    ) -> Result<ReplaceOutcome, RegistryError> {
-        Flows(self).replace_certificate(replacement).await
-    }
-
-    async fn take_replacement(
-        &self,
-        old_serial: &str,
-        at: i64,
-    ) -> Result<Option<TakenReplacement>, RegistryError> {
-        Flows(self).take_replacement(old_serial, at).await
-    }
-
-    async fn confirm_replacement(
-        &self,
-        serial: &str,
-        at: i64,
-    ) -> Result<Option<String>, RegistryError> {
-        Flows(self).confirm_replacement(serial, at).await
-    }
-
-    async fn get_rotation(
-        &self,
-        old_serial: &str,
-    ) -> Result<Option<RotationRecord>, RegistryError> {
-        Flows(self).get_rotation(old_serial).await
-    }
-
-    async fn list_rotations(
-        &self,
-        filter: &RotationFilter,
-    ) -> Result<Vec<RotationRecord>, RegistryError> {
-        Flows(self).list_rotations(filter).await
-    }
-
-    async fn rotation_backlog(&self, now: i64) -> Result<RotationBacklog, RegistryError> {
-        Flows(self).rotation_backlog(now).await
-    }
-
-    async fn revoke(&self, revocation: &Revocation) -> Result<Vec<RevokedEntry>, RegistryError> {
-        Flows(self).revoke(revocation).await
-    }
-
-    async fn revoked_entries(&self, now: i64) -> Result<Vec<RevokedEntry>, RegistryError> {
-        Flows(self).revoked_entries(now).await
-    }
-
-    async fn latest_crl(&self) -> Result<Option<StoredCrl>, RegistryError> {
-        Flows(self).latest_crl().await
-    }
-
-    async fn store_crl(&self, crl: &StoredCrl) -> Result<bool, RegistryError> {
-        Flows(self).store_crl(crl).await
-    }
-
-    async fn policies_of_certificate(
-        &self,
-        serial: &str,
-    ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        Flows(self).policies_of_certificate(serial).await
-    }
-
-    async fn mirror_settings(&self) -> Result<Option<crate::MirrorSettings>, RegistryError> {
-        Flows(self).mirror_settings().await
-    }
-
-    async fn enable_mirror(
-        &self,
-        settings: &crate::MirrorSettings,
-        at: i64,
-    ) -> Result<u64, RegistryError> {
-        Flows(self).enable_mirror(settings, at).await
-    }
-
-    async fn disable_mirror(&self, at: i64) -> Result<bool, RegistryError> {
-        Flows(self).disable_mirror(at).await
-    }
-
-    async fn record_mirror_ca(
-        &self,
-        ca_certificate_id: &str,
-        arn_prefix: &str,
-        at: i64,
-    ) -> Result<(), RegistryError> {
-        Flows(self)
-            .record_mirror_ca(ca_certificate_id, arn_prefix, at)
-            .await
-    }
-
-    async fn record_mirrored_certificate(
-        &self,
-        certificate: &crate::MirroredCertificate,
-    ) -> Result<(), RegistryError> {
-        Flows(self).record_mirrored_certificate(certificate).await
-    }
-
-    async fn mirrored_certificate(
-        &self,
-        serial: &str,
-    ) -> Result<Option<crate::MirroredCertificate>, RegistryError> {
-        Flows(self).mirrored_certificate(serial).await
-    }
-
-    async fn mirrored_certificates(
-        &self,
-    ) -> Result<Vec<crate::MirroredCertificate>, RegistryError> {
-        Flows(self).mirrored_certificates().await
-    }
-
-    async fn queue_mirror_ops(
-        &self,
-        ops: &[crate::NewMirrorOp],
-        at: i64,
-    ) -> Result<u64, RegistryError> {
-        Flows(self).queue_mirror_ops(ops, at).await
-    }
-
-    async fn claim_mirror_ops(
-        &self,
-        owner: &str,
-        now: i64,
-        lease_secs: i64,
-        limit: u32,
-        ignore_backoff: bool,
-    ) -> Result<Vec<crate::MirrorOp>, RegistryError> {
-        Flows(self)
-            .claim_mirror_ops(owner, now, lease_secs, limit, ignore_backoff)
-            .await
-    }
-
-    async fn finish_mirror_ops(
-        &self,
-        owner: &str,
-        results: &[crate::MirrorResult],
-        at: i64,
-    ) -> Result<u64, RegistryError> {
-        Flows(self).finish_mirror_ops(owner, results, at).await
-    }
-
-    async fn mirror_backlog(
-        &self,
-        parked_limit: u32,
-    ) -> Result<crate::MirrorBacklog, RegistryError> {
-        Flows(self).mirror_backlog(parked_limit).await
-    }
-
-    async fn requeue_parked_mirror_ops(&self, at: i64) -> Result<u64, RegistryError> {
-        Flows(self).requeue_parked_mirror_ops(at).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,6 +372,7 @@ mod tests {
         SQL_ROTATION, SQL_THING, certificates_query, events_query, things_query,
     };
     use crate::registrations::{SQL_ATTACHED, SQL_MARK_REGISTERED};
+    use crate::*;
     use crate::{issuance, registrations};
     use sqlx::Row;
 

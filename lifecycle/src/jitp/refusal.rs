@@ -148,7 +148,7 @@ impl Refusal {
         Refusal::RegistryUnavailable
     }
 
-    /// A refusal of [`fleetcert_registry::Registry::replace_certificate`], by its code.
+    /// A refusal of [`fleetcert_registry::Rotations::replace_certificate`], by its code.
     pub(crate) fn of_replacement(code: &'static str, message: String) -> Self {
         match code {
             "unknown_certificate" => Refusal::UnknownCertificate(message),
