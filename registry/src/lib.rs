@@ -24,6 +24,7 @@ mod revocations;
 mod role_impls;
 mod rotations;
 mod sqlite;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use error::RegistryError;
