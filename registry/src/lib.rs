@@ -1,16 +1,31 @@
-//! fleetcert's registry: things, certificates, policies, connections and the append-only
-//! event log.
+//! fleetcert's registry: things, certificates, policies, rotations, revocations and CRLs,
+//! device connections, the AWS mirror's outbox and the append-only event log.
 //!
-//! One storage trait, [`Registry`], with a SQLite implementation (the default: a file in
-//! the data directory, WAL mode) and a PostgreSQL one (selected by a `postgres://` URL).
-//! Each backend has its own migrations under `migrations/sqlite` and
-//! `migrations/postgres`; [`open`] applies them. This is the only crate that speaks SQL.
+//! The storage interface is a set of role traits, one per kind of consumer:
+//! [`Issuance`] (factory provisioning), [`Registrations`] (first connects and returning
+//! devices), [`Rotations`] (the rotation worker, EST re-enrollment), [`Revocations`]
+//! (operators, the CRL publisher), [`MirrorOutbox`] (the AWS IoT mirror) and [`Queries`]
+//! (read-only lookups). [`Registry`] is their sum, plus health checks; [`open`] returns
+//! one as an `Arc<dyn Registry>`. Call a method by naming its role trait
+//! (`use fleetcert_registry::Rotations;`) or import them all with
+//! `use fleetcert_registry::roles::*;` (see [`roles`]).
+//!
+//! There are two backends: SQLite (the default: a file in the data directory, WAL mode)
+//! and PostgreSQL (selected by a `postgres://` URL). Each flow is written once, generic
+//! over a crate-private `Dialect` (`dialect.rs`: transaction start, row-lock clauses,
+//! JSON helpers, the few statements that differ), and the role traits are implemented
+//! for both backends at once in `role_impls.rs` by handing each call to that flow; the
+//! backends themselves keep only their connection pool, their migrations
+//! (`migrations/sqlite`, `migrations/postgres`, applied by [`open`]) and their dialect.
+//! This is the only crate that speaks SQL.
 //!
 //! Times are Unix seconds (`i64`) everywhere, so both backends store them the same way.
+//! Serials, fingerprints and key hashes are lowercase hex.
+//!
+//! Test support (throwaway PostgreSQL databases, raw SQL past the registry's guards) is
+//! the `testing` module, compiled only with the `testing` cargo feature, which no
+//! release build enables.
 
-// Not yet documented item by item: this crate is being reshaped (issue 13); the
-// workspace's `missing_docs` applies once that lands.
-#![allow(missing_docs)]
 mod common;
 mod connections;
 mod dialect;
@@ -62,6 +77,8 @@ pub enum CertStatus {
 macro_rules! text_enum {
     ($ty:ident { $($variant:ident => $text:literal),* $(,)? }) => {
         impl $ty {
+            /// The value's name as the database stores it and `Display` and JSON write it
+            /// (lowercase); `FromStr` parses it back.
             pub fn as_str(self) -> &'static str {
                 match self { $($ty::$variant => $text),* }
             }
@@ -100,22 +117,35 @@ pub struct NewCertificate {
     pub public_key_sha256: String,
     /// Issuer subject (RFC 4514).
     pub issuer: String,
+    /// Start of the validity period (Unix seconds), as in the certificate.
     pub not_before: i64,
+    /// End of the validity period (Unix seconds), as in the certificate. Once past, the
+    /// certificate drops off the CRL and out of the revoked set.
     pub not_after: i64,
+    /// Who made the key pair: decides how the certificate is rotated (a `generated` key
+    /// is replaced by the rotation worker, a `csr` one by the device re-enrolling).
     pub origin: CertOrigin,
+    /// The key algorithm in fleetcert's spelling (`p256`, `p384`, `ed25519`, `rsa2048`,
+    /// `rsa3072`); a replacement for a generated key reuses it. Stored as given.
     pub key_algorithm: String,
     /// The renewal point (Unix seconds): from then on the certificate is due for
     /// rotation. Computed by the caller (fraction of the lifetime, with jitter).
     pub renew_at: i64,
+    /// The certificate, DER-encoded.
     pub der: Vec<u8>,
 }
 
 /// One certificate to commit for one thing, as part of a group commit.
 #[derive(Debug, Clone)]
 pub struct IssueRecord {
+    /// The thing the certificate is for (the certificate's common name); created if the
+    /// registry does not have it yet.
     pub thing_name: String,
-    /// Template the thing is provisioned with (recorded on the thing), if any.
+    /// Template the thing is provisioned with (recorded on the thing), if any. `None`
+    /// leaves the template of an existing thing as it is.
     pub template: Option<String>,
+    /// The certificate, inserted as `active` and undelivered (until
+    /// [`Issuance::mark_delivered`]).
     pub certificate: NewCertificate,
     /// The thing's active certificate serials as the caller saw them when it decided to
     /// issue (sorted or not). If the thing's active set differs at commit time, nothing
@@ -127,7 +157,8 @@ pub struct IssueRecord {
     /// unless the caller is replacing undelivered certificates (see `revoke_expected`).
     pub supersede_expected: bool,
     /// If true, the `expected_active` certificates are revoked (reason `superseded`)
-    /// instead: they were never delivered, so no device can be using them.
+    /// instead: they were never delivered, so no device can be using them. Setting both
+    /// this and `supersede_expected` is [`RegistryError::InvalidValue`].
     pub revoke_expected: bool,
     /// When this happened (Unix seconds); used for timestamps and events.
     pub at: i64,
@@ -136,21 +167,31 @@ pub struct IssueRecord {
 /// What happened to one [`IssueRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IssueOutcome {
+    /// The certificate is recorded as `active`, and the expected ones superseded or
+    /// revoked if the record asked for it.
     Committed {
         /// True if the thing did not exist before.
         thing_created: bool,
     },
     /// The thing's active certificates changed since the caller looked; nothing written.
-    Conflict { current_active: Vec<String> },
+    Conflict {
+        /// The thing's active serials at commit time (including any committed by earlier
+        /// records of the same call), sorted; the caller decides again from these.
+        current_active: Vec<String>,
+    },
 }
 
 /// Thing details a provisioning template sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ThingDetails {
+    /// The AWS IoT thing type (the template's `ThingTypeName`); `None`: no type.
     pub thing_type: Option<String>,
+    /// Attribute name to value (the template's `AttributePayload`); empty: none.
     pub attributes: BTreeMap<String, String>,
-    /// Sorted, without duplicates (the registry normalises).
+    /// Thing group names (the template's `ThingGroups`). Sorted, without duplicates
+    /// (the registry normalises).
     pub groups: Vec<String>,
+    /// The AWS IoT billing group (the template's `BillingGroup`); `None`: none.
     pub billing_group: Option<String>,
 }
 
@@ -164,43 +205,84 @@ impl ThingDetails {
     }
 }
 
+/// A thing (a device) as stored: created by provisioning, its details set by the
+/// registration on first connect.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ThingRecord {
+    /// The thing's name, unique in the registry and never changed; the common name of
+    /// its certificates (`[a-zA-Z0-9:_-]{1,128}`, checked by the callers).
     pub name: String,
+    /// The provisioning template last recorded for the thing (by provisioning or a
+    /// registration); `None` if it was never given one (the JITP server then uses its
+    /// default template).
     pub template: Option<String>,
+    /// When the thing was first recorded (Unix seconds): the `at` of the group commit
+    /// that created it.
     pub created_at: i64,
+    /// When the thing was last written (Unix seconds): a group commit that recorded a
+    /// template for it, or a registration that changed its details or template.
     pub updated_at: i64,
+    /// Type, attributes, groups and billing group, as the last registration set them
+    /// (empty until the first registration).
     pub details: ThingDetails,
     /// 1 at creation, +1 on every change of details or template (optimistic
     /// concurrency for [`Registration::expected_thing_version`]).
     pub version: i64,
 }
 
+/// A certificate as stored, with where it stands in its lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CertificateRecord {
+    /// The serial number, lowercase hex; the certificate's key in the registry.
     pub serial: String,
+    /// SHA-256 of the DER, lowercase hex; unique. A connecting device is looked up by it
+    /// ([`Registrations::device_state`]).
     pub fingerprint_sha256: String,
+    /// SHA-256 of the SubjectPublicKeyInfo DER, lowercase hex. A replacement must not
+    /// reuse the key of any certificate of the same thing.
     pub public_key_sha256: String,
+    /// The thing the certificate belongs to; never changes.
     pub thing_name: String,
+    /// Issuer subject (RFC 4514).
     pub issuer: String,
+    /// `active` when recorded; `superseded` once replaced (a forced re-issue, or its
+    /// replacement handed to the device); `revoked` by an operator, or by fleetcert once
+    /// no device can need it (see `revocation_reason`).
     pub status: CertStatus,
+    /// Who made the key pair (decides how the certificate is rotated).
     pub origin: CertOrigin,
+    /// The key algorithm in fleetcert's spelling (`p256`, `rsa2048`, …).
     pub key_algorithm: String,
+    /// Start of the validity period (Unix seconds).
     pub not_before: i64,
+    /// End of the validity period (Unix seconds); a revoked certificate stays on the CRL
+    /// until then.
     pub not_after: i64,
+    /// When it was recorded (Unix seconds): the `at` of the group commit, completed
+    /// rotation or replacement that inserted it.
     pub created_at: i64,
-    /// When the certificate (and key, if generated) was written out; `None` if a crash
-    /// happened between commit and delivery.
+    /// When the certificate (and key, if generated) was handed over: files written by
+    /// provisioning, or the replacement returned to the device. `None` if a crash
+    /// happened between commit and delivery, or for a pre-issued replacement not
+    /// fetched yet.
     pub delivered_at: Option<i64>,
+    /// When it was revoked (Unix seconds); `None` unless `status` is `revoked`.
     pub revoked_at: Option<i64>,
+    /// Why: the RFC 5280 reason name given to [`Revocations::revoke`] (e.g.
+    /// `keyCompromise`), or `superseded` when fleetcert revoked it itself (a re-issue of
+    /// an undelivered certificate, a confirmed rotation, an unused replacement). `None`
+    /// unless revoked.
     pub revocation_reason: Option<String>,
-    /// Set by the first successful [`Registrations::register`] of this certificate.
+    /// Set by the first successful [`Registrations::register`] of this certificate; a
+    /// replacement made by a rotation starts registered (at its creation) if the
+    /// certificate it replaces was.
     pub registered_at: Option<i64>,
     /// From then on the certificate is due for rotation.
     pub renew_at: i64,
     /// The certificate this one replaced in a rotation (`None` for a certificate made
     /// by provisioning: the thing's factory certificate).
     pub replaces: Option<String>,
+    /// The certificate, DER-encoded. Left out of the JSON form (`#[serde(skip)]`).
     #[serde(skip)]
     pub der: Vec<u8>,
 }
@@ -209,15 +291,21 @@ pub struct CertificateRecord {
 /// different document uses a new policy name.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PolicyRecord {
+    /// The policy's name, unique in the registry: the template's policy name, or one
+    /// the JITP server derives for a nameless policy (`TEMPLATE-LOGICALID`).
     pub name: String,
+    /// The policy document (an AWS IoT policy, JSON), exactly as first stored.
     pub document: serde_json::Value,
+    /// When the registration that created it ran (Unix seconds).
     pub created_at: i64,
+    /// Equal to `created_at`: nothing in the registry changes a policy.
     pub updated_at: i64,
 }
 
 /// A policy a registration attaches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyWrite {
+    /// The policy's name; must not be empty (else the registration is `Refused`).
     pub name: String,
     /// `Some`: create the policy if missing; if it exists with an identical document
     /// (`serde_json::Value` equality; documents are stored as JSON text exactly as
@@ -234,6 +322,7 @@ pub struct Registration {
     /// The certificate the device presented (must exist, be `active`, and belong to
     /// `thing_name`, else `Refused` with a reason).
     pub serial: String,
+    /// The certificate's thing, which must exist (else `Refused`).
     pub thing_name: String,
     /// Template used (recorded on the thing).
     pub template: String,
@@ -244,33 +333,51 @@ pub struct Registration {
     /// The thing `version` the caller read; if it changed meanwhile the outcome is
     /// [`RegistrationOutcome::ThingChanged`] and nothing is written.
     pub expected_thing_version: i64,
+    /// The template's policies, to create or reuse and attach to the certificate, in
+    /// template order (a name given twice is one policy; given twice with different
+    /// documents, the registration is `Refused`).
     pub policies: Vec<PolicyWrite>,
+    /// When the device connected (Unix seconds): the certificate's `registered_at`, the
+    /// thing's `updated_at`, new policies' `created_at`, and the events' time.
     pub at: i64,
 }
 
 /// What [`Registrations::register`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrationOutcome {
-    /// This call registered the certificate (HTTP 201). Policy names attached, in
-    /// request order (a name given twice is attached once).
-    Registered { policies: Vec<String> },
-    /// The certificate was registered before (HTTP 200); names of its attached
-    /// policies, sorted.
-    AlreadyRegistered { policies: Vec<String> },
+    /// This call registered the certificate (HTTP 201).
+    Registered {
+        /// Policy names attached, in request order (a name given twice is attached
+        /// once).
+        policies: Vec<String>,
+    },
+    /// The certificate was registered before (HTTP 200).
+    AlreadyRegistered {
+        /// Names of the certificate's attached policies, sorted.
+        policies: Vec<String>,
+    },
     /// The thing changed since the caller read it: re-read, recompute, retry.
     ThingChanged,
     /// Cannot register; nothing written.
-    Refused { reason: String },
+    Refused {
+        /// Why, for humans (the device and the logs): an unknown, inactive or foreign
+        /// certificate, a missing thing, a missing or conflicting policy.
+        reason: String,
+    },
 }
 
 /// What the server needs to answer a connection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceState {
+    /// The certificate with the fingerprint asked for, in whatever status (the caller
+    /// refuses a revoked one).
     pub certificate: CertificateRecord,
+    /// The certificate's thing.
     pub thing: ThingRecord,
     /// Names of the policies attached to this certificate, sorted.
     pub policies: Vec<String>,
-    /// The open rotation of this certificate (it is the *old* one), if any.
+    /// The rotation of this certificate (it is the *old* one), in whatever state
+    /// (finished ones too); `None` if none was ever opened.
     pub rotation: Option<RotationRecord>,
     /// True if this certificate replaces one that is not revoked yet: the first use of
     /// this certificate confirms the rotation (see [`Rotations::confirm_replacement`]).
@@ -312,23 +419,43 @@ text_enum!(RotationState {
 /// The rotation of one certificate (keyed by the old certificate's serial).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RotationRecord {
+    /// The certificate being replaced; a certificate has at most one rotation, ever.
     pub old_serial: String,
+    /// The old certificate's thing.
     pub thing_name: String,
+    /// The old certificate's origin: `generated` rotations are claimed by the rotation
+    /// worker, `csr` ones wait for the device to re-enroll.
     pub origin: CertOrigin,
+    /// Where the rotation stands.
     pub state: RotationState,
-    /// When the rotation was opened.
+    /// When the rotation was opened (Unix seconds).
     pub due_at: i64,
+    /// The replacement's serial, once there is one (`issued` and later; `None` while
+    /// `due`, and for a rotation that failed or was cancelled before any replacement).
     pub new_serial: Option<String>,
+    /// The worker that last claimed the rotation ([`Rotations::claim_rotations`]'s
+    /// `owner`) while it is `due`; cleared when the worker completes it or records a
+    /// failure, and when the rotation moves on otherwise. An expired lease is not
+    /// cleared: check `lease_until`.
     pub lease_owner: Option<String>,
+    /// Until when (Unix seconds) `lease_owner` holds the rotation; it can be claimed
+    /// again once `lease_until < now`.
     pub lease_until: Option<i64>,
+    /// Failed attempts recorded by [`Rotations::fail_rotation`]; the rotation becomes
+    /// `failed` once they reach the worker's maximum.
     pub attempts: i64,
+    /// The message of the latest failed attempt; `None` if none failed.
     pub last_error: Option<String>,
+    /// When the row last changed (Unix seconds); claims do not count.
     pub updated_at: i64,
 }
 
+/// Which rotations [`Rotations::list_rotations`] returns (conditions combine with AND).
 #[derive(Debug, Clone, Default)]
 pub struct RotationFilter {
+    /// Only rotations in this state.
     pub state: Option<RotationState>,
+    /// Only rotations of this thing's certificates.
     pub thing_name: Option<String>,
     /// Ordered by (due_at, old_serial); `None`: all.
     pub limit: Option<u32>,
@@ -363,11 +490,14 @@ pub struct RotationClaim {
 /// A replacement issued ahead of time by a worker holding the lease.
 #[derive(Debug, Clone)]
 pub struct PreparedReplacement {
+    /// The certificate replaced: a rotation the caller claimed and still leases.
     pub old_serial: String,
     /// Origin `generated`.
     pub new: NewCertificate,
     /// The new private key, encrypted by the caller (opaque to the registry).
     pub sealed_key: Vec<u8>,
+    /// When it was issued (Unix seconds): the new certificate's `created_at` (and
+    /// `registered_at`, if the old one was registered) and the events' time.
     pub at: i64,
 }
 
@@ -377,7 +507,11 @@ pub struct PreparedReplacement {
 pub struct Replacement {
     /// The certificate the device authenticated with.
     pub authenticated_serial: String,
+    /// The thing the device authenticated as; the authenticated certificate must belong
+    /// to it (else `wrong_thing`).
     pub thing_name: String,
+    /// The replacement: origin `csr` for EST, `generated` for a key made on demand.
+    /// Inserted `active` and delivered.
     pub new: NewCertificate,
     /// For a key generated on demand: the new private key, encrypted by the caller, kept
     /// (like a pre-issued one) so the replacement can be handed out again until it is
@@ -386,12 +520,16 @@ pub struct Replacement {
     /// Refuse (`replacement_limit`) if the authenticated certificate already has this
     /// many replacements, in any status. `None`: no limit.
     pub max_replacements: Option<u32>,
+    /// When the exchange happened (Unix seconds): the new certificate's `created_at`
+    /// and `delivered_at`, revocations of unused replacements, the events' time.
     pub at: i64,
 }
 
 /// What [`Rotations::replace_certificate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplaceOutcome {
+    /// The replacement is recorded (`active`, delivered), the authenticated certificate
+    /// is `superseded` (if it was `active`) and its rotation `delivered`.
     Replaced {
         /// Earlier replacements of the authenticated certificate that were never used
         /// and are now revoked (reason `superseded`).
@@ -400,13 +538,22 @@ pub enum ReplaceOutcome {
     /// Nothing written. `code` is stable: `unknown_certificate`, `wrong_thing`,
     /// `certificate_revoked`, `key_reused`, `replacement_pending` (a sealed replacement
     /// can be handed out: take it instead), `replacement_limit`.
-    Refused { code: &'static str, reason: String },
+    Refused {
+        /// The refusal's stable code (one of those above), for the caller to act on.
+        code: &'static str,
+        /// Why, for humans (names the certificates involved).
+        reason: String,
+    },
 }
 
 /// A replacement handed to the device (see [`Rotations::take_replacement`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TakenReplacement {
+    /// The replacement certificate (`active`, `delivered_at` set).
     pub certificate: CertificateRecord,
+    /// Its private key, sealed as the caller stored it
+    /// ([`PreparedReplacement::sealed_key`] or [`Replacement::sealed_key`]); opaque to
+    /// the registry.
     pub sealed_key: Vec<u8>,
     /// True if it had been handed out before (nothing was written this time).
     pub again: bool,
@@ -421,22 +568,31 @@ pub enum RevocationTarget {
     Thing(String),
 }
 
+/// A revocation asked for by an operator (see [`Revocations::revoke`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
+    /// The certificate or thing to revoke.
     pub target: RevocationTarget,
     /// RFC 5280 reason name as the caller spells it (e.g. `keyCompromise`); stored as
     /// given.
     pub reason: String,
+    /// When (Unix seconds): the certificates' `revoked_at` and the events' time.
     pub at: i64,
 }
 
 /// A revoked certificate, as the CRL and the handshake check see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RevokedEntry {
+    /// The revoked certificate's serial (lowercase hex).
     pub serial: String,
+    /// Its thing.
     pub thing_name: String,
+    /// When it was revoked (Unix seconds): the CRL entry's revocation date.
     pub revoked_at: i64,
+    /// The stored revocation reason (an RFC 5280 reason name, `superseded` for
+    /// fleetcert's own revocations); `None` if none was stored.
     pub reason: Option<String>,
+    /// The certificate's expiry (Unix seconds); it drops off the CRL after that.
     pub not_after: i64,
 }
 
@@ -445,12 +601,17 @@ pub struct RevokedEntry {
 pub struct StoredCrl {
     /// The CRL number (strictly increasing).
     pub number: i64,
+    /// The CRL's thisUpdate (Unix seconds): when it was signed.
     pub this_update: i64,
+    /// The CRL's nextUpdate (Unix seconds): relying parties may cache it until then; a
+    /// publisher signs a new one well before.
     pub next_update: i64,
     /// SHA-256 (hex) over the entries it lists, so a publisher can tell whether the
     /// revocation set changed since.
     pub entries_digest: String,
+    /// How many revoked certificates it lists.
     pub entry_count: i64,
+    /// The signed CRL, DER-encoded.
     pub der: Vec<u8>,
 }
 
@@ -460,9 +621,14 @@ pub const CRLS_KEPT: i64 = 16;
 /// One device connection, as the JITP server saw it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConnectionRecord {
+    /// The certificate the device presented: SHA-256 of its DER, lowercase hex
+    /// (connections are kept per fingerprint).
     pub fingerprint_sha256: String,
+    /// The certificate's thing at the time.
     pub thing_name: String,
+    /// The peer's socket address as the server saw it (`IP:PORT`, IPv6 in brackets).
     pub client_addr: String,
+    /// When the connection was answered (Unix seconds).
     pub at: i64,
 }
 
@@ -472,20 +638,33 @@ pub const MAX_CONNECTIONS_PER_CERTIFICATE: usize = 32;
 /// An entry of the append-only event log.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EventRecord {
+    /// The event's position in the log, assigned on insert and increasing; listings are
+    /// ordered by it.
     pub id: i64,
+    /// When it happened (Unix seconds): the `at` the caller passed to the call that
+    /// wrote it.
     pub at: i64,
     /// e.g. `thing.created`, `thing.updated`, `certificate.issued`,
     /// `certificate.superseded`, `certificate.revoked`, `certificate.delivered`,
     /// `certificate.registered`, `policy.created`, `policy.attached`.
     pub kind: String,
+    /// The thing concerned; `None` for events about no thing (`mirror.enabled`, …).
     pub thing_name: Option<String>,
+    /// The certificate concerned (for `rotation.*` events, the old certificate); `None`
+    /// for `thing.*` events and those about no certificate.
     pub serial: Option<String>,
+    /// A JSON object whose fields depend on `kind` (e.g. `reason` for
+    /// `certificate.revoked`, `replaced_by` for `certificate.superseded`).
     pub detail: serde_json::Value,
 }
 
+/// Which certificates [`Queries::list_certificates`] returns (conditions combine with
+/// AND; the default: all).
 #[derive(Debug, Clone, Default)]
 pub struct CertificateFilter {
+    /// Only this thing's certificates.
     pub thing_name: Option<String>,
+    /// Only certificates in this status.
     pub status: Option<CertStatus>,
     /// Only certificates with `not_after <= expires_before`.
     pub expires_before: Option<i64>,
@@ -493,6 +672,7 @@ pub struct CertificateFilter {
     pub limit: Option<u32>,
 }
 
+/// Which things [`Queries::list_things`] returns (the default: all).
 #[derive(Debug, Clone, Default)]
 pub struct ThingFilter {
     /// Ordered by name; `None`: all.
@@ -501,9 +681,13 @@ pub struct ThingFilter {
     pub after: Option<String>,
 }
 
+/// Which events [`Queries::list_events`] returns (conditions combine with AND; the
+/// default: the whole log).
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
+    /// Only events about this thing.
     pub thing_name: Option<String>,
+    /// Only events about this certificate (for `rotation.*` events: as the old one).
     pub serial: Option<String>,
     /// Ordered by id; `None`: all.
     pub limit: Option<u32>,
@@ -512,8 +696,12 @@ pub struct EventFilter {
 /// Counts for `things list` summaries and the demo.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RegistryCounts {
+    /// Things recorded.
     pub things: u64,
+    /// (status name, count) for each [`CertStatus`] that has certificates, sorted by
+    /// name; a status without any is absent.
     pub certificates_by_status: Vec<(String, u64)>,
+    /// Entries in the event log.
     pub events: u64,
 }
 
@@ -521,8 +709,15 @@ pub struct RegistryCounts {
 /// `aws enable`. The mirror worker reads it on every run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MirrorSettings {
+    /// Whether changes are queued for the mirror (by the event log's trigger). Stored
+    /// `true` by [`MirrorOutbox::enable_mirror`] whatever this says; `false` after
+    /// [`MirrorOutbox::disable_mirror`].
     pub enabled: bool,
+    /// The AWS region (e.g. `eu-west-1`); must not be empty. A new region or endpoint
+    /// forgets the recorded AWS ids (another account).
     pub region: String,
+    /// An endpoint to use instead of the region's (LocalStack, moto, a VPC endpoint);
+    /// `None`: AWS's regional endpoint.
     pub endpoint_url: Option<String>,
     /// `default` (registered with a verification certificate) or `sni-only`.
     pub ca_mode: String,
@@ -534,6 +729,8 @@ pub struct MirrorSettings {
     /// `arn:PARTITION:iot:REGION:ACCOUNT:`, learnt when the CA was registered; a
     /// certificate's ARN is this + `cert/` + its id (the SHA-256 of its DER).
     pub arn_prefix: Option<String>,
+    /// When the settings last changed (Unix seconds): enabled, disabled, CA recorded.
+    /// [`MirrorOutbox::enable_mirror`] stores its `at` instead of this.
     pub updated_at: i64,
 }
 
@@ -559,12 +756,16 @@ text_enum!(MirrorOpKind { Thing => "thing", Certificate => "certificate", Policy
 /// operations share the queue `thing:NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMirrorOp {
+    /// The queue: `thing:NAME` (a thing and its certificates), `policy:NAME` or `ca`.
     pub queue: String,
+    /// What to make AWS match.
     pub kind: MirrorOpKind,
+    /// The thing name, serial, policy name or `ca`, by `kind`.
     pub subject: String,
 }
 
 impl NewMirrorOp {
+    /// Mirror thing `name`, in its own queue `thing:NAME`.
     pub fn thing(name: &str) -> Self {
         NewMirrorOp {
             queue: format!("thing:{name}"),
@@ -572,6 +773,8 @@ impl NewMirrorOp {
             subject: name.to_owned(),
         }
     }
+    /// Mirror certificate `serial`, in the queue of its thing (so it applies after the
+    /// thing's earlier operations).
     pub fn certificate(thing_name: &str, serial: &str) -> Self {
         NewMirrorOp {
             queue: format!("thing:{thing_name}"),
@@ -579,6 +782,7 @@ impl NewMirrorOp {
             subject: serial.to_owned(),
         }
     }
+    /// Mirror policy `name`, in its own queue `policy:NAME`.
     pub fn policy(name: &str) -> Self {
         NewMirrorOp {
             queue: format!("policy:{name}"),
@@ -586,6 +790,7 @@ impl NewMirrorOp {
             subject: name.to_owned(),
         }
     }
+    /// Register the issuing CA, in the queue `ca` (subject `ca`).
     pub fn ca() -> Self {
         NewMirrorOp {
             queue: "ca".to_owned(),
@@ -598,15 +803,26 @@ impl NewMirrorOp {
 /// A queued (or parked) mirror operation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MirrorOp {
+    /// The operation's id, increasing in queueing order; operations of one queue apply
+    /// in id order. Named in its [`MirrorResult`].
     pub id: i64,
+    /// Its queue (see [`NewMirrorOp::queue`]).
     pub queue: String,
+    /// What it makes AWS match.
     pub kind: MirrorOpKind,
+    /// The thing name, serial, policy name or `ca`, by `kind`.
     pub subject: String,
     /// `pending` or `parked`.
     pub state: String,
+    /// When it was queued (Unix seconds; for one queued by the event log, the event's
+    /// time).
     pub created_at: i64,
+    /// Backoff: not claimed before this (Unix seconds) unless the claim ignores backoff;
+    /// 0 until a retry sets it, and again once requeued.
     pub not_before: i64,
+    /// Failed applications so far (retried or parked); 0 again once requeued.
     pub attempts: i64,
+    /// The error of the latest failed application; `None` if none failed.
     pub last_error: Option<String>,
 }
 
@@ -616,14 +832,25 @@ pub enum MirrorOutcome {
     /// Done: the operation is removed from the outbox.
     Applied,
     /// Try again, not before `not_before`.
-    Retry { error: String, not_before: i64 },
+    Retry {
+        /// What went wrong (stored as the operation's `last_error`).
+        error: String,
+        /// The end of the backoff (Unix seconds).
+        not_before: i64,
+    },
     /// Failed for good: kept as `parked` with its error, out of the way of the others.
-    Park { error: String },
+    Park {
+        /// What went wrong (stored as `last_error` and in the `mirror.parked` event).
+        error: String,
+    },
 }
 
+/// How one claimed operation went, for [`MirrorOutbox::finish_mirror_ops`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorResult {
+    /// The operation's [`MirrorOp::id`], as claimed.
     pub id: i64,
+    /// What to do with it.
     pub outcome: MirrorOutcome,
 }
 
@@ -637,7 +864,9 @@ pub struct MirrorBacklog {
     pub in_flight: i64,
     /// Of those, waiting for a retry after an error.
     pub retrying: i64,
+    /// The waiting operation queued first (lowest id); `None` if nothing waits.
     pub oldest_pending: Option<MirrorOp>,
+    /// Parked operations, all of them (`parked_ops` lists at most the limit).
     pub parked: i64,
     /// The oldest parked operations (at most the limit asked for).
     pub parked_ops: Vec<MirrorOp>,
@@ -648,9 +877,13 @@ pub struct MirrorBacklog {
 /// these for attachments and status changes, never an id computed here.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MirroredCertificate {
+    /// The certificate's serial in the registry.
     pub serial: String,
+    /// AWS's `certificateId`, as AWS returned it.
     pub certificate_id: String,
+    /// AWS's `certificateArn`, as AWS returned it.
     pub certificate_arn: String,
+    /// When the mirror recorded them (Unix seconds).
     pub recorded_at: i64,
 }
 
@@ -876,6 +1109,8 @@ pub trait Rotations: Send + Sync {
     async fn get_rotation(&self, old_serial: &str)
     -> Result<Option<RotationRecord>, RegistryError>;
 
+    /// Rotations matching `filter`, ordered by (due_at, old_serial), at most
+    /// `filter.limit`.
     async fn list_rotations(
         &self,
         filter: &RotationFilter,
@@ -996,24 +1231,34 @@ pub trait MirrorOutbox: Send + Sync {
 /// Read-only lookups and listings (the CLI, the effective policy, the audit).
 #[async_trait]
 pub trait Queries: Send + Sync {
+    /// The thing named `name`; `None` if the registry does not have it.
     async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError>;
 
+    /// Things ordered by name, after `filter.after` (keyset pagination), at most
+    /// `filter.limit`.
     async fn list_things(&self, filter: &ThingFilter) -> Result<Vec<ThingRecord>, RegistryError>;
 
+    /// The certificate with this serial, in whatever status; `None` if unknown.
     async fn get_certificate(
         &self,
         serial: &str,
     ) -> Result<Option<CertificateRecord>, RegistryError>;
 
+    /// Certificates matching `filter`, ordered by (thing_name, created_at, serial), at
+    /// most `filter.limit`.
     async fn list_certificates(
         &self,
         filter: &CertificateFilter,
     ) -> Result<Vec<CertificateRecord>, RegistryError>;
 
+    /// Events matching `filter`, oldest first (by id), at most `filter.limit`.
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>, RegistryError>;
 
+    /// How many things, certificates (by status) and events there are, read from one
+    /// snapshot so the numbers agree.
     async fn counts(&self) -> Result<RegistryCounts, RegistryError>;
 
+    /// The policy named `name`; `None` if the registry does not have it.
     async fn get_policy(&self, name: &str) -> Result<Option<PolicyRecord>, RegistryError>;
 
     /// All policies, by name.

@@ -6,7 +6,7 @@ use crate::sqlite::SqliteRegistry;
 use crate::*;
 use std::collections::HashMap;
 
-/// Implements the role traits (and so [`Registry`](crate::Registry)) for a backend.
+/// Implements the role traits (and so [`Registry`]) for a backend.
 macro_rules! impl_roles {
     ($backend:ty) => {
         #[async_trait::async_trait]
