@@ -142,8 +142,8 @@ fn log(level: LogLevel, message: &str) {
         LogLevel::Warning => MOSQ_LOG_WARNING,
         LogLevel::Error => MOSQ_LOG_ERR,
     };
-    let text = CString::new(format!("fleetcert: {}", message.replace('\0', "\\0")))
-        .unwrap_or_default();
+    let text =
+        CString::new(format!("fleetcert: {}", message.replace('\0', "\\0"))).unwrap_or_default();
     // SAFETY: "%s" with one NUL-terminated string argument.
     unsafe { mosquitto_log_printf(level, c"%s".as_ptr(), text.as_ptr()) };
 }
@@ -176,13 +176,16 @@ unsafe fn client_certificate_der(client: *const Mosquitto) -> Option<Vec<u8>> {
     }
     // SAFETY: a valid X509*; with NULL `out`, i2d only measures.
     let len = unsafe { i2d_X509(x509, std::ptr::null_mut()) };
-    let der = usize::try_from(len).ok().filter(|&n| n > 0).and_then(|len| {
-        let mut der = vec![0u8; len];
-        let mut out = der.as_mut_ptr();
-        // SAFETY: `der` has exactly the `len` bytes i2d said it writes.
-        let written = unsafe { i2d_X509(x509, &mut out) };
-        (written == len as c_int).then_some(der)
-    });
+    let der = usize::try_from(len)
+        .ok()
+        .filter(|&n| n > 0)
+        .and_then(|len| {
+            let mut der = vec![0u8; len];
+            let mut out = der.as_mut_ptr();
+            // SAFETY: `der` has exactly the `len` bytes i2d said it writes.
+            let written = unsafe { i2d_X509(x509, &mut out) };
+            (written == len as c_int).then_some(der)
+        });
     // SAFETY: mosquitto 2.0 returns SSL_get_peer_certificate's new reference.
     unsafe { X509_free(x509) };
     der
@@ -199,12 +202,21 @@ fn guarded(userdata: *mut c_void, on_panic: c_int, body: impl FnOnce(&Plugin) ->
     let result = catch_unwind(AssertUnwindSafe(|| body(&handle.plugin)));
     let _ = catch_unwind(AssertUnwindSafe(|| flush_logs(&handle.plugin)));
     result.unwrap_or_else(|_| {
-        let _ = catch_unwind(|| log(LogLevel::Error, "internal error (panic) in a callback: denied"));
+        let _ = catch_unwind(|| {
+            log(
+                LogLevel::Error,
+                "internal error (panic) in a callback: denied",
+            )
+        });
         on_panic
     })
 }
 
-unsafe extern "C" fn on_basic_auth(_event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_basic_auth(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guarded(userdata, MOSQ_ERR_AUTH, |plugin| {
         let event = event_data as *const EvtBasicAuth;
         if event.is_null() {
@@ -247,7 +259,11 @@ unsafe extern "C" fn on_basic_auth(_event: c_int, event_data: *mut c_void, userd
     })
 }
 
-unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_acl_check(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guarded(userdata, MOSQ_ERR_ACL_DENIED, |plugin| {
         let event = event_data as *const EvtAclCheck;
         if event.is_null() {
@@ -279,7 +295,11 @@ unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userda
     })
 }
 
-unsafe extern "C" fn on_disconnect(_event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_disconnect(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guarded(userdata, MOSQ_ERR_SUCCESS, |plugin| {
         let event = event_data as *const EvtDisconnect;
         if !event.is_null() {
@@ -291,7 +311,11 @@ unsafe extern "C" fn on_disconnect(_event: c_int, event_data: *mut c_void, userd
     })
 }
 
-unsafe extern "C" fn on_tick(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+unsafe extern "C" fn on_tick(
+    _event: c_int,
+    _event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
     guarded(userdata, MOSQ_ERR_SUCCESS, |plugin| {
         // Kicking runs the DISCONNECT callback re-entrantly: no lock is held here.
         for client_id in plugin.tick() {
@@ -324,9 +348,8 @@ pub unsafe extern "C" fn mosquitto_plugin_version(
         return -1;
     }
     // SAFETY: per mosquitto's contract above.
-    let versions = unsafe {
-        std::slice::from_raw_parts(supported_versions, supported_version_count as usize)
-    };
+    let versions =
+        unsafe { std::slice::from_raw_parts(supported_versions, supported_version_count as usize) };
     if versions.contains(&MOSQ_PLUGIN_VERSION) {
         MOSQ_PLUGIN_VERSION
     } else {
@@ -379,13 +402,29 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
         for (index, (event, callback)) in CALLBACKS.iter().enumerate() {
             // SAFETY: identifier from mosquitto; handle outlives the registration.
             let rc = unsafe {
-                mosquitto_callback_register(identifier, *event, *callback, std::ptr::null(), handle.cast())
+                mosquitto_callback_register(
+                    identifier,
+                    *event,
+                    *callback,
+                    std::ptr::null(),
+                    handle.cast(),
+                )
             };
             if rc != MOSQ_ERR_SUCCESS {
-                log(LogLevel::Error, &format!("cannot register callback for event {event}: error {rc}"));
+                log(
+                    LogLevel::Error,
+                    &format!("cannot register callback for event {event}: error {rc}"),
+                );
                 for (event, callback) in &CALLBACKS[..index] {
                     // SAFETY: registered just above.
-                    unsafe { mosquitto_callback_unregister(identifier, *event, *callback, std::ptr::null()) };
+                    unsafe {
+                        mosquitto_callback_unregister(
+                            identifier,
+                            *event,
+                            *callback,
+                            std::ptr::null(),
+                        )
+                    };
                 }
                 // SAFETY: from Box::into_raw above, no callback refers to it any more.
                 drop(unsafe { Box::from_raw(handle) });
@@ -417,7 +456,14 @@ pub unsafe extern "C" fn mosquitto_plugin_cleanup(
         let handle = unsafe { Box::from_raw(userdata as *mut Handle) };
         for (event, callback) in &CALLBACKS {
             // SAFETY: registered in init with this identifier.
-            unsafe { mosquitto_callback_unregister(handle.identifier, *event, *callback, std::ptr::null()) };
+            unsafe {
+                mosquitto_callback_unregister(
+                    handle.identifier,
+                    *event,
+                    *callback,
+                    std::ptr::null(),
+                )
+            };
         }
         let Handle { plugin, .. } = *handle;
         flush_logs(&plugin);

@@ -81,7 +81,11 @@ impl Metrics {
         let c = |r| self.connects(r);
         let a = |k, allowed| self.acl_decisions(k, allowed);
         let calls = self.serve_calls.load(Relaxed);
-        let mean = self.serve_micros_total.load(Relaxed).checked_div(calls).unwrap_or(0);
+        let mean = self
+            .serve_micros_total
+            .load(Relaxed)
+            .checked_div(calls)
+            .unwrap_or(0);
         format!(
             "metrics: connects allowed_serve={} allowed_cache={} refused={} unavailable={}; \
              subscribe allowed={} denied={}; publish allowed={} denied={}; receive allowed={} denied={}; \

@@ -33,7 +33,11 @@ impl std::fmt::Display for OptionError {
 
 impl std::error::Error for OptionError {}
 
-fn milliseconds(name: &str, value: Option<&str>, default: Duration) -> Result<Duration, OptionError> {
+fn milliseconds(
+    name: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, OptionError> {
     let Some(value) = value else {
         return Ok(default);
     };
@@ -72,7 +76,9 @@ impl PluginOptions {
             }
         }
         let broker_api = broker_api
-            .ok_or_else(|| OptionError("plugin_opt_broker_api is missing (e.g. http://127.0.0.1:8884)".into()))?
+            .ok_or_else(|| {
+                OptionError("plugin_opt_broker_api is missing (e.g. http://127.0.0.1:8884)".into())
+            })?
             .trim()
             .trim_end_matches('/')
             .to_string();
@@ -104,9 +110,8 @@ impl PluginOptions {
     /// Reads the bearer secret: the first line of the secret file, 64 hex characters.
     pub fn read_secret(&self) -> Result<String, OptionError> {
         let path = self.secret_file.display();
-        let text = std::fs::read_to_string(&self.secret_file).map_err(|e| {
-            OptionError(format!("plugin_opt_secret_file: cannot read {path}: {e}"))
-        })?;
+        let text = std::fs::read_to_string(&self.secret_file)
+            .map_err(|e| OptionError(format!("plugin_opt_secret_file: cannot read {path}: {e}")))?;
         let secret = text.trim();
         if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(OptionError(format!(
@@ -144,13 +149,21 @@ mod tests {
 
     #[test]
     fn errors_name_the_option() {
-        let error = |pairs: &[(&str, &str)]| PluginOptions::parse(pairs.iter().copied()).unwrap_err().0;
+        let error =
+            |pairs: &[(&str, &str)]| PluginOptions::parse(pairs.iter().copied()).unwrap_err().0;
         assert!(error(&[("secret_file", "/s")]).contains("plugin_opt_broker_api"));
-        assert!(error(&[("broker_api", "https://x:1"), ("secret_file", "/s")]).contains("plugin_opt_broker_api"));
+        assert!(
+            error(&[("broker_api", "https://x:1"), ("secret_file", "/s")])
+                .contains("plugin_opt_broker_api")
+        );
         assert!(error(&[("broker_api", "http://x:1")]).contains("plugin_opt_secret_file"));
         assert!(
-            error(&[("broker_api", "http://x:1"), ("secret_file", "/s"), ("timeout_ms", "0")])
-                .contains("plugin_opt_timeout_ms")
+            error(&[
+                ("broker_api", "http://x:1"),
+                ("secret_file", "/s"),
+                ("timeout_ms", "0")
+            ])
+            .contains("plugin_opt_timeout_ms")
         );
         assert!(error(&[("brokr_api", "x")]).contains("plugin_opt_brokr_api"));
     }
@@ -166,7 +179,13 @@ mod tests {
         .unwrap();
         assert!(options.read_secret().unwrap_err().0.contains("cannot read"));
         std::fs::write(&path, "abc\n").unwrap();
-        assert!(options.read_secret().unwrap_err().0.contains("64-character"));
+        assert!(
+            options
+                .read_secret()
+                .unwrap_err()
+                .0
+                .contains("64-character")
+        );
         std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
         assert_eq!(options.read_secret().unwrap(), "ab".repeat(32));
     }

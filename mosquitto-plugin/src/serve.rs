@@ -138,7 +138,9 @@ pub struct ServeClient {
 impl std::fmt::Debug for ServeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the secret.
-        f.debug_struct("ServeClient").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("ServeClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 

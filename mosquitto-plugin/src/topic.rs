@@ -56,7 +56,10 @@ mod tests {
         assert_eq!(check_topic("1/2/3/4/5/6/7/8"), Ok(()));
         assert_eq!(check_topic("1/2/3/4/5/6/7/8/9"), Err(TopicRefusal::Depth));
         assert_eq!(check_topic("$aws/rules/r/1/2/3/4/5/6/7/8"), Ok(()));
-        assert_eq!(check_topic("$aws/rules/r/1/2/3/4/5/6/7/8/9"), Err(TopicRefusal::Depth));
+        assert_eq!(
+            check_topic("$aws/rules/r/1/2/3/4/5/6/7/8/9"),
+            Err(TopicRefusal::Depth)
+        );
         assert_eq!(check_topic("$SYS/broker/uptime"), Err(TopicRefusal::System));
         assert_eq!(check_topic("$SYS"), Err(TopicRefusal::System));
         assert_eq!(check_topic("$SYSTEM"), Ok(()));

@@ -146,7 +146,9 @@ struct Shared {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock was caught at the FFI boundary; the maps are still
     // consistent (each update is one insert or remove), so go on rather than deny forever.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unix_now() -> u64 {
@@ -242,7 +244,10 @@ impl Plugin {
             shared.metrics.connect(ConnectResult::Refused);
             shared.log(
                 LogLevel::Notice,
-                format!("CONNECT {:?} refused: no client certificate", attempt.client_id),
+                format!(
+                    "CONNECT {:?} refused: no client certificate",
+                    attempt.client_id
+                ),
             );
             return AuthAnswer::NotAuthorized;
         };
@@ -280,7 +285,10 @@ impl Plugin {
                 shared.metrics.connect(ConnectResult::Unavailable);
                 shared.log(
                     LogLevel::Error,
-                    format!("CONNECT {:?} refused: serve unavailable: {e}", attempt.client_id),
+                    format!(
+                        "CONNECT {:?} refused: serve unavailable: {e}",
+                        attempt.client_id
+                    ),
                 );
                 return AuthAnswer::Unavailable;
             }
@@ -355,7 +363,11 @@ impl Plugin {
                 attempt.source_address,
                 attempt.protocol_version,
                 allowed.thing_name,
-                if allowed.registered { " (registered now)" } else { "" }
+                if allowed.registered {
+                    " (registered now)"
+                } else {
+                    ""
+                }
             ),
         );
         self.open_session(attempt, fingerprint, grant);
@@ -414,7 +426,10 @@ impl Plugin {
         if !allowed {
             shared.log(
                 LogLevel::Debug,
-                format!("{kind:?} {topic:?} denied for connection {:#x}", connection.0),
+                format!(
+                    "{kind:?} {topic:?} denied for connection {:#x}",
+                    connection.0
+                ),
             );
         }
         allowed
@@ -457,8 +472,10 @@ impl Plugin {
         drop(state);
         self.shared.metrics.kicks(kicks.len());
         for client_id in &kicks {
-            self.shared
-                .log(LogLevel::Notice, format!("kicking {client_id:?}: certificate retired"));
+            self.shared.log(
+                LogLevel::Notice,
+                format!("kicking {client_id:?}: certificate retired"),
+            );
         }
         kicks
     }
@@ -525,7 +542,10 @@ fn send_disconnects(shared: &Shared) {
     if let Err(e) = result {
         shared.log(
             LogLevel::Warning,
-            format!("could not send {} disconnect records (kept for the next try): {e}", batch.len()),
+            format!(
+                "could not send {} disconnect records (kept for the next try): {e}",
+                batch.len()
+            ),
         );
         let mut queue = lock(&shared.disconnects);
         let newer = std::mem::replace(&mut *queue, batch);
@@ -575,7 +595,10 @@ fn poll_sessions(shared: &Shared) {
         }
         shared.log(
             LogLevel::Notice,
-            format!("certificate {fingerprint} retired by serve ({})", entry.reason),
+            format!(
+                "certificate {fingerprint} retired by serve ({})",
+                entry.reason
+            ),
         );
     }
 }
