@@ -18,9 +18,6 @@ pub struct Received {
     pub body: serde_json::Value,
 }
 
-/// Answers `(status, body)` for a request.
-pub type Handler = dyn Fn(&Received) -> (u16, String) + Send + Sync;
-
 /// The running fake.
 pub struct FakeServe {
     /// Where it listens.

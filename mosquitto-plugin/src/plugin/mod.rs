@@ -266,6 +266,13 @@ impl Plugin {
         };
         if let Some(grant) = cached {
             shared.metrics.connect(ConnectResult::AllowedFromCache);
+            shared.log(
+                LogLevel::Info,
+                format!(
+                    "CONNECT {:?} from {} allowed from the cache: thing {:?}",
+                    attempt.client_id, attempt.source_address, grant.thing_name
+                ),
+            );
             self.open_session(attempt, fingerprint, grant);
             return AuthAnswer::Allowed;
         }
