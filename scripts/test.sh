@@ -18,6 +18,18 @@ if [ ! -x "$venv/bin/lint_pkix_cert" ]; then
 fi
 export FLEETCERT_PKILINT="$PWD/$venv/bin/lint_pkix_cert"
 
+# The mosquitto plugin's real-broker test (mosquitto-plugin/tests/real_broker.rs).
+if [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null; then
+    echo "test.sh: installing mosquitto and mosquitto-clients" >&2
+    # The package must not start a system broker.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+    fi
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >&2
+fi
+
 for tool in openssl psql; do
     command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
 done

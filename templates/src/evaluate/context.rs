@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 
 /// Everything about one MQTT connection that AWS IoT policy variables and condition keys
 /// can refer to. Built once when the device connects, then used for every decision on that
-/// connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// connection. Serialisable, so the server that decides a CONNECT can hand it to the
+/// broker plugin that decides every message (fields missing from JSON take defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ConnectionContext {
     /// The MQTT client ID (`iot:ClientId`).
     pub client_id: String,
@@ -21,7 +23,8 @@ pub struct ConnectionContext {
 }
 
 /// The thing of a connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ThingContext {
     /// `iot:Connection.Thing.ThingName`.
     pub name: String,
@@ -33,7 +36,8 @@ pub struct ThingContext {
 
 /// The attributes of a certificate that AWS IoT exposes as `iot:Certificate.*` variables.
 /// Multi-valued attributes keep the certificate's order; AWS uses the first five values.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct CertificateContext {
     /// `iot:Certificate.Subject.*`.
     pub subject: DistinguishedName,
@@ -52,7 +56,8 @@ pub struct CertificateContext {
 }
 
 /// The attributes of a subject or issuer name, each with every value it has.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DistinguishedName {
     /// `Country` (C).
     pub country: Vec<String>,
@@ -83,7 +88,8 @@ pub struct DistinguishedName {
 }
 
 /// The entries of a subject or issuer alternative name extension, by kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct AlternativeNames {
     /// `RFC822Name` (e-mail addresses).
     pub rfc822_name: Vec<String>,

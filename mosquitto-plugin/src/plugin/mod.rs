@@ -1,0 +1,614 @@
+//! The plugin's logic, without FFI: sessions, the CONNECT cache, decisions, and the worker
+//! thread that talks to serve off the broker's thread.
+//!
+//! Threads: [`Plugin::authenticate`], [`Plugin::authorize`], [`Plugin::disconnected`] and
+//! [`Plugin::tick`] run on the broker's thread. Only `authenticate` may do I/O (one bounded
+//! call to serve, for a device not in the cache). Everything else that talks to serve runs
+//! on the worker; what it finds for the broker (kicks, log lines) waits in queues the
+//! broker's thread drains.
+
+use crate::metrics::{AclKind, ConnectResult, Metrics};
+use crate::options::{OptionError, PluginOptions};
+use crate::serve::{ConnectAnswer, ConnectRequest, DisconnectRecord, ServeClient};
+use crate::topic::check_topic;
+use base64::Engine as _;
+use fleetcert_templates::{ArnContext, ConnectionContext, Policy, Request, evaluate_policies};
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Log lines kept for the broker's thread at most; older ones are dropped first.
+const MAX_QUEUED_LOG_LINES: usize = 10_000;
+/// Disconnect records kept while serve is unreachable at most; older ones are dropped.
+const MAX_QUEUED_DISCONNECTS: usize = 100_000;
+/// How often the worker logs the metrics.
+const METRICS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Identifies one live connection: the address of mosquitto's `struct mosquitto`, which is
+/// stable from CONNECT to DISCONNECT (only ever compared, never dereferenced here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionKey(pub usize);
+
+/// A CONNECT to decide.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectAttempt<'a> {
+    /// The connection.
+    pub connection: ConnectionKey,
+    /// The MQTT client ID.
+    pub client_id: &'a str,
+    /// The verified client certificate, DER; `None` when the client sent none.
+    pub certificate_der: Option<&'a [u8]>,
+    /// The client's address.
+    pub source_address: &'a str,
+    /// The MQTT username (informational).
+    pub username: Option<&'a str>,
+    /// The MQTT protocol level: 3 (3.1), 4 (3.1.1) or 5.
+    pub protocol_version: i32,
+}
+
+/// The answer to a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthAnswer {
+    /// Accepted.
+    Allowed,
+    /// Refused by policy or credentials.
+    NotAuthorized,
+    /// serve could not be asked: refused, fail closed.
+    Unavailable,
+}
+
+/// What an ACL check asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// SUBSCRIBE to a filter.
+    Subscribe,
+    /// PUBLISH by the client; `retain` also needs `iot:RetainPublish`.
+    Publish {
+        /// The retain flag.
+        retain: bool,
+    },
+    /// Delivery of a message to the client.
+    Receive,
+    /// UNSUBSCRIBE: AWS IoT does not authorize it.
+    Unsubscribe,
+}
+
+/// Severity of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Debug detail.
+    Debug,
+    /// Normal events.
+    Info,
+    /// Noteworthy events (refusals, kicks).
+    Notice,
+    /// Something is wrong but the plugin goes on.
+    Warning,
+    /// Something failed.
+    Error,
+}
+
+/// A line for the broker's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Severity.
+    pub level: LogLevel,
+    /// Text, without the `fleetcert:` prefix.
+    pub message: String,
+}
+
+/// What serve granted a certificate + client id: compiled policies and their context.
+#[derive(Debug)]
+struct Grant {
+    thing_name: String,
+    policies: Vec<Policy>,
+    context: ConnectionContext,
+    arn: ArnContext,
+}
+
+#[derive(Debug)]
+struct Session {
+    client_id: String,
+    fingerprint: String,
+    source_address: String,
+    connected_at: u64,
+    grant: Arc<Grant>,
+    /// serve said the certificate is retired: deny everything until the kick lands.
+    retired: bool,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    grant: Arc<Grant>,
+    expires_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<ConnectionKey, Session>,
+    /// (fingerprint, client id) → grant, for returning devices.
+    cache: HashMap<(String, String), CacheEntry>,
+    /// Fingerprints serve retired since the last tick: their sessions are kicked there.
+    to_kick: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: ServeClient,
+    state: Mutex<State>,
+    disconnects: Mutex<Vec<DisconnectRecord>>,
+    logs: Mutex<Vec<LogLine>>,
+    metrics: Metrics,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock was caught at the FFI boundary; the maps are still
+    // consistent (each update is one insert or remove), so go on rather than deny forever.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex.
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A certificate's DER as PEM.
+pub fn certificate_pem(der: &[u8]) -> String {
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+impl Shared {
+    fn log(&self, level: LogLevel, message: impl Into<String>) {
+        let mut logs = lock(&self.logs);
+        if logs.len() >= MAX_QUEUED_LOG_LINES {
+            logs.remove(0);
+        }
+        logs.push(LogLine {
+            level,
+            message: message.into(),
+        });
+    }
+}
+
+/// The running plugin: its state and its worker thread.
+#[derive(Debug)]
+pub struct Plugin {
+    shared: Arc<Shared>,
+    stop: Option<Sender<()>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Plugin {
+    /// Reads the secret and starts the worker.
+    pub fn start(options: &PluginOptions) -> Result<Plugin, OptionError> {
+        let secret = options.read_secret()?;
+        let client = ServeClient::new(&options.broker_api, &secret, options.timeout);
+        let shared = Arc::new(Shared {
+            client,
+            state: Mutex::default(),
+            disconnects: Mutex::default(),
+            logs: Mutex::default(),
+            metrics: Metrics::default(),
+        });
+        let (stop, stopped) = channel();
+        let worker_shared = Arc::clone(&shared);
+        let interval = options.sessions_interval;
+        let worker = std::thread::Builder::new()
+            .name("fleetcert-broker-api".into())
+            .spawn(move || worker(&worker_shared, interval, &stopped))
+            .map_err(|e| OptionError(format!("cannot start the worker thread: {e}")))?;
+        shared.log(
+            LogLevel::Info,
+            format!(
+                "broker API {} (timeout {} ms, sessions every {} ms)",
+                options.broker_api,
+                options.timeout.as_millis(),
+                options.sessions_interval.as_millis()
+            ),
+        );
+        Ok(Plugin {
+            shared,
+            stop: Some(stop),
+            worker: Some(worker),
+        })
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Decides a CONNECT: from the cache for a returning device, else by asking serve
+    /// (bounded by the timeout). Records the session when allowed.
+    pub fn authenticate(&self, attempt: &ConnectAttempt<'_>) -> AuthAnswer {
+        let shared = &*self.shared;
+        let Some(der) = attempt.certificate_der else {
+            shared.metrics.connect(ConnectResult::Refused);
+            shared.log(
+                LogLevel::Notice,
+                format!(
+                    "CONNECT {:?} refused: no client certificate",
+                    attempt.client_id
+                ),
+            );
+            return AuthAnswer::NotAuthorized;
+        };
+        let fingerprint = fingerprint_sha256(der);
+        let key = (fingerprint.clone(), attempt.client_id.to_string());
+        let cached = {
+            let mut state = lock(&shared.state);
+            match state.cache.get(&key) {
+                Some(entry) if entry.expires_at > Instant::now() => Some(Arc::clone(&entry.grant)),
+                Some(_) => {
+                    state.cache.remove(&key);
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(grant) = cached {
+            shared.metrics.connect(ConnectResult::AllowedFromCache);
+            shared.log(
+                LogLevel::Info,
+                format!(
+                    "CONNECT {:?} from {} allowed from the cache: thing {:?}",
+                    attempt.client_id, attempt.source_address, grant.thing_name
+                ),
+            );
+            self.open_session(attempt, fingerprint, grant);
+            return AuthAnswer::Allowed;
+        }
+
+        let pem = certificate_pem(der);
+        let request = ConnectRequest {
+            client_id: attempt.client_id,
+            certificate_pem: &pem,
+            source_address: attempt.source_address,
+            username: attempt.username,
+        };
+        let started = Instant::now();
+        let answer = shared.client.connect(&request);
+        shared.metrics.serve_call(started.elapsed(), answer.is_ok());
+        let allowed = match answer {
+            Err(e) => {
+                shared.metrics.connect(ConnectResult::Unavailable);
+                shared.log(
+                    LogLevel::Error,
+                    format!(
+                        "CONNECT {:?} refused: serve unavailable: {e}",
+                        attempt.client_id
+                    ),
+                );
+                return AuthAnswer::Unavailable;
+            }
+            Ok(ConnectAnswer::Refused(refused)) => {
+                shared.metrics.connect(ConnectResult::Refused);
+                shared.log(
+                    LogLevel::Notice,
+                    format!(
+                        "CONNECT {:?} from {} refused by serve: {} ({}) {}",
+                        attempt.client_id,
+                        attempt.source_address,
+                        refused.reason,
+                        refused.code,
+                        refused.message
+                    ),
+                );
+                return AuthAnswer::NotAuthorized;
+            }
+            Ok(ConnectAnswer::Allowed(allowed)) => allowed,
+        };
+        if allowed.context.client_id != attempt.client_id {
+            shared.metrics.connect(ConnectResult::Unavailable);
+            shared.log(
+                LogLevel::Error,
+                format!(
+                    "CONNECT {:?} refused: serve answered for client id {:?}",
+                    attempt.client_id, allowed.context.client_id
+                ),
+            );
+            return AuthAnswer::Unavailable;
+        }
+        let mut policies = Vec::with_capacity(allowed.policies.len());
+        for text in &allowed.policies {
+            match Policy::from_json(&text.document) {
+                Ok(policy) => policies.push(policy),
+                Err(e) => {
+                    // Dropping one policy could drop a Deny: refuse the connection instead.
+                    shared.metrics.connect(ConnectResult::Unavailable);
+                    shared.log(
+                        LogLevel::Error,
+                        format!(
+                            "CONNECT {:?} refused: policy {:?} cannot be used: {e}",
+                            attempt.client_id, text.name
+                        ),
+                    );
+                    return AuthAnswer::Unavailable;
+                }
+            }
+        }
+        let grant = Arc::new(Grant {
+            thing_name: allowed.thing_name.clone(),
+            policies,
+            context: allowed.context,
+            arn: ArnContext::new(allowed.arn.region, allowed.arn.account),
+        });
+        if allowed.cache_seconds > 0 {
+            let expires_at = Instant::now() + Duration::from_secs(allowed.cache_seconds);
+            lock(&shared.state).cache.insert(
+                key,
+                CacheEntry {
+                    grant: Arc::clone(&grant),
+                    expires_at,
+                },
+            );
+        }
+        shared.metrics.connect(ConnectResult::AllowedByServe);
+        shared.log(
+            LogLevel::Info,
+            format!(
+                "CONNECT {:?} from {} (MQTT level {}) allowed: thing {:?}{}",
+                attempt.client_id,
+                attempt.source_address,
+                attempt.protocol_version,
+                allowed.thing_name,
+                if allowed.registered {
+                    " (registered now)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        self.open_session(attempt, fingerprint, grant);
+        AuthAnswer::Allowed
+    }
+
+    fn open_session(&self, attempt: &ConnectAttempt<'_>, fingerprint: String, grant: Arc<Grant>) {
+        let session = Session {
+            client_id: attempt.client_id.to_string(),
+            fingerprint,
+            source_address: attempt.source_address.to_string(),
+            connected_at: unix_now(),
+            grant,
+            retired: false,
+        };
+        lock(&self.shared.state)
+            .sessions
+            .insert(attempt.connection, session);
+    }
+
+    /// Decides a SUBSCRIBE, PUBLISH or delivery in process: the session's policies, no I/O.
+    /// An unknown or retired session is denied.
+    pub fn authorize(&self, connection: ConnectionKey, access: Access, topic: &str) -> bool {
+        let shared = &*self.shared;
+        let grant = {
+            let state = lock(&shared.state);
+            match state.sessions.get(&connection) {
+                Some(session) if !session.retired => Some(Arc::clone(&session.grant)),
+                _ => None,
+            }
+        };
+        let kind = match access {
+            Access::Subscribe => AclKind::Subscribe,
+            Access::Publish { .. } => AclKind::Publish,
+            Access::Receive => AclKind::Receive,
+            Access::Unsubscribe => return grant.is_some(),
+        };
+        let allowed = grant.is_some_and(|grant| {
+            check_topic(topic).is_ok() && {
+                let decide = |request: Request<'_>| {
+                    evaluate_policies(&grant.policies, &grant.arn, &grant.context, &request)
+                        .is_allowed()
+                };
+                match access {
+                    Access::Subscribe => decide(Request::subscribe(topic)),
+                    Access::Publish { retain } => {
+                        decide(Request::publish(topic))
+                            && (!retain || decide(Request::retain_publish(topic)))
+                    }
+                    Access::Receive => decide(Request::receive(topic)),
+                    Access::Unsubscribe => false,
+                }
+            }
+        });
+        shared.metrics.acl(kind, allowed);
+        if !allowed {
+            shared.log(
+                LogLevel::Debug,
+                format!(
+                    "{kind:?} {topic:?} denied for connection {:#x}",
+                    connection.0
+                ),
+            );
+        }
+        allowed
+    }
+
+    /// Forgets a session and queues its record for the worker.
+    pub fn disconnected(&self, connection: ConnectionKey) {
+        let Some(session) = lock(&self.shared.state).sessions.remove(&connection) else {
+            return;
+        };
+        let record = DisconnectRecord {
+            client_id: session.client_id,
+            fingerprint_sha256: session.fingerprint,
+            source_address: session.source_address,
+            connected_at: session.connected_at,
+            disconnected_at: unix_now(),
+        };
+        let mut queue = lock(&self.shared.disconnects);
+        if queue.len() >= MAX_QUEUED_DISCONNECTS {
+            queue.remove(0);
+        }
+        queue.push(record);
+    }
+
+    /// On the broker's thread, periodically: the client ids to kick now (sessions of
+    /// certificates serve retired). Only sessions still live with a retired certificate are
+    /// named, so a client id reused by a new certificate is not kicked.
+    pub fn tick(&self) -> Vec<String> {
+        let mut state = lock(&self.shared.state);
+        if state.to_kick.is_empty() {
+            return Vec::new();
+        }
+        let retired = std::mem::take(&mut state.to_kick);
+        let kicks: Vec<String> = state
+            .sessions
+            .values()
+            .filter(|s| retired.contains(&s.fingerprint))
+            .map(|s| s.client_id.clone())
+            .collect();
+        drop(state);
+        self.shared.metrics.kicks(kicks.len());
+        for client_id in &kicks {
+            self.shared.log(
+                LogLevel::Notice,
+                format!("kicking {client_id:?}: certificate retired"),
+            );
+        }
+        kicks
+    }
+
+    /// The log lines waiting for the broker's log.
+    pub fn drain_logs(&self) -> Vec<LogLine> {
+        std::mem::take(&mut *lock(&self.shared.logs))
+    }
+
+    /// The thing of a live session (for tests and diagnostics).
+    pub fn session_thing(&self, connection: ConnectionKey) -> Option<String> {
+        lock(&self.shared.state)
+            .sessions
+            .get(&connection)
+            .map(|s| s.grant.thing_name.clone())
+    }
+
+    /// Stops the worker (it sends what is queued first, within one timeout per call).
+    pub fn shutdown(mut self) {
+        self.stop_worker();
+    }
+
+    fn stop_worker(&mut self) {
+        drop(self.stop.take());
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// The worker: every `interval`, sends queued disconnects and asks which live sessions
+/// must go. Returns when `stop` is dropped.
+fn worker(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
+    let mut last_metrics = Instant::now();
+    loop {
+        let stopping = !matches!(stop.recv_timeout(interval), Err(RecvTimeoutError::Timeout));
+        send_disconnects(shared);
+        if stopping {
+            shared.log(LogLevel::Info, shared.metrics.summary());
+            return;
+        }
+        poll_sessions(shared);
+        if last_metrics.elapsed() >= METRICS_INTERVAL {
+            last_metrics = Instant::now();
+            shared.log(LogLevel::Info, shared.metrics.summary());
+        }
+    }
+}
+
+fn send_disconnects(shared: &Shared) {
+    let batch = std::mem::take(&mut *lock(&shared.disconnects));
+    if batch.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let result = shared.client.disconnect(&batch);
+    shared.metrics.serve_call(started.elapsed(), result.is_ok());
+    if let Err(e) = result {
+        shared.log(
+            LogLevel::Warning,
+            format!(
+                "could not send {} disconnect records (kept for the next try): {e}",
+                batch.len()
+            ),
+        );
+        let mut queue = lock(&shared.disconnects);
+        let newer = std::mem::replace(&mut *queue, batch);
+        queue.extend(newer);
+        let excess = queue.len().saturating_sub(MAX_QUEUED_DISCONNECTS);
+        queue.drain(..excess);
+    }
+}
+
+fn poll_sessions(shared: &Shared) {
+    // Cached certificates too: a revoked device must not come back from the cache.
+    let fingerprints: Vec<String> = {
+        let state = lock(&shared.state);
+        let mut all: HashSet<&String> = state.sessions.values().map(|s| &s.fingerprint).collect();
+        all.extend(state.cache.keys().map(|(fingerprint, _)| fingerprint));
+        all.into_iter().cloned().collect()
+    };
+    if fingerprints.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let result = shared.client.sessions(&fingerprints);
+    shared.metrics.serve_call(started.elapsed(), result.is_ok());
+    let retired = match result {
+        Ok(retired) => retired,
+        Err(e) => {
+            shared.log(LogLevel::Warning, format!("sessions poll failed: {e}"));
+            return;
+        }
+    };
+    if retired.is_empty() {
+        return;
+    }
+    let mut state = lock(&shared.state);
+    for entry in retired {
+        let fingerprint = entry.fingerprint_sha256.to_ascii_lowercase();
+        state.cache.retain(|(cached, _), _| *cached != fingerprint);
+        let mut live = false;
+        for session in state.sessions.values_mut() {
+            if session.fingerprint == fingerprint {
+                session.retired = true;
+                live = true;
+            }
+        }
+        if live {
+            state.to_kick.insert(fingerprint.clone());
+        }
+        shared.log(
+            LogLevel::Notice,
+            format!(
+                "certificate {fingerprint} retired by serve ({})",
+                entry.reason
+            ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

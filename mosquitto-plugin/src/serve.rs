@@ -1,0 +1,221 @@
+//! The HTTP client of serve's broker API (docs/broker-api.md): plain HTTP/1.1 on loopback,
+//! JSON bodies, a bearer secret, every call bounded by the configured timeout.
+
+use fleetcert_templates::ConnectionContext;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Largest answer body read from serve.
+const MAX_ANSWER_BYTES: u64 = 4 << 20;
+
+/// `POST /broker/v1/connect` request.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectRequest<'a> {
+    /// The MQTT client ID.
+    pub client_id: &'a str,
+    /// The client's leaf certificate, PEM.
+    pub certificate_pem: &'a str,
+    /// The client's address as the broker sees it.
+    pub source_address: &'a str,
+    /// The MQTT username, informational only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<&'a str>,
+}
+
+/// One policy attached to the certificate.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PolicyText {
+    /// The policy name.
+    pub name: String,
+    /// The policy document, JSON text.
+    pub document: String,
+}
+
+/// The region and account resources are matched in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ArnJson {
+    /// The region.
+    pub region: String,
+    /// The account.
+    pub account: String,
+}
+
+/// serve allowed the CONNECT.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Allowed {
+    /// The thing the connection is for.
+    pub thing_name: String,
+    /// Whether this CONNECT registered the thing (JITP).
+    #[serde(default)]
+    pub registered: bool,
+    /// The effective policies.
+    #[serde(default)]
+    pub policies: Vec<PolicyText>,
+    /// The policy variables' values.
+    pub context: ConnectionContext,
+    /// The ARN region and account.
+    pub arn: ArnJson,
+    /// How long a reconnect may be answered from the cache.
+    #[serde(default)]
+    pub cache_seconds: u64,
+}
+
+/// serve refused the CONNECT.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Refused {
+    /// `not_authorized` or `bad_credentials`.
+    #[serde(default)]
+    pub reason: String,
+    /// lifecycle's stable refusal code.
+    #[serde(default)]
+    pub code: String,
+    /// In words.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// serve's decision on a CONNECT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ConnectAnswer {
+    /// Allowed.
+    Allowed(Box<Allowed>),
+    /// Refused.
+    Refused(Refused),
+}
+
+/// One ended connection, for `POST /broker/v1/disconnect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DisconnectRecord {
+    /// The MQTT client ID.
+    pub client_id: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub fingerprint_sha256: String,
+    /// The client's address.
+    pub source_address: String,
+    /// Unix seconds.
+    pub connected_at: u64,
+    /// Unix seconds.
+    pub disconnected_at: u64,
+}
+
+/// A certificate whose sessions must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Retired {
+    /// SHA-256 of the certificate's DER, hex.
+    pub fingerprint_sha256: String,
+    /// Why (`revoked`, `rotated`…).
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct SessionsAnswer {
+    #[serde(default)]
+    retired: Vec<Retired>,
+}
+
+/// serve could not be asked, or did not answer as the contract says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeError(pub String);
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+/// The client. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct ServeClient {
+    agent: ureq::Agent,
+    base: String,
+    authorization: String,
+}
+
+impl std::fmt::Debug for ServeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("ServeClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeClient {
+    /// A client of the broker API at `base` (`http://HOST:PORT`), each call bounded by
+    /// `timeout` (connect, send and receive together).
+    pub fn new(base: &str, secret: &str, timeout: Duration) -> ServeClient {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            // serve is on loopback; an HTTP_PROXY in the broker's environment must not apply.
+            .proxy(None)
+            .build();
+        ServeClient {
+            agent: config.into(),
+            base: base.trim_end_matches('/').to_string(),
+            authorization: format!("Bearer {secret}"),
+        }
+    }
+
+    fn post(&self, path: &str, body: &impl Serialize) -> Result<(u16, String), ServeError> {
+        let url = format!("{}{path}", self.base);
+        let body = serde_json::to_vec(body).map_err(|e| ServeError(format!("{path}: {e}")))?;
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &self.authorization)
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .map_err(|e| ServeError(format!("{url}: {e}")))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()
+            .map_err(|e| ServeError(format!("{url}: reading the answer: {e}")))?;
+        Ok((status, text))
+    }
+
+    /// `POST /broker/v1/connect`.
+    pub fn connect(&self, request: &ConnectRequest<'_>) -> Result<ConnectAnswer, ServeError> {
+        let (status, text) = self.post("/broker/v1/connect", request)?;
+        if status != 200 {
+            return Err(ServeError(format!("connect: HTTP status {status}")));
+        }
+        serde_json::from_str(&text).map_err(|e| ServeError(format!("connect: bad answer: {e}")))
+    }
+
+    /// `POST /broker/v1/disconnect`.
+    pub fn disconnect(&self, sessions: &[DisconnectRecord]) -> Result<(), ServeError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            sessions: &'a [DisconnectRecord],
+        }
+        let (status, _) = self.post("/broker/v1/disconnect", &Body { sessions })?;
+        match status {
+            200..=299 => Ok(()),
+            _ => Err(ServeError(format!("disconnect: HTTP status {status}"))),
+        }
+    }
+
+    /// `POST /broker/v1/sessions`: which of these certificates' sessions must be dropped.
+    pub fn sessions(&self, fingerprints: &[String]) -> Result<Vec<Retired>, ServeError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            fingerprints: &'a [String],
+        }
+        let (status, text) = self.post("/broker/v1/sessions", &Body { fingerprints })?;
+        if status != 200 {
+            return Err(ServeError(format!("sessions: HTTP status {status}")));
+        }
+        let answer: SessionsAnswer = serde_json::from_str(&text)
+            .map_err(|e| ServeError(format!("sessions: bad answer: {e}")))?;
+        Ok(answer.retired)
+    }
+}
