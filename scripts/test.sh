@@ -3,6 +3,8 @@
 #   - installs what the service tests need if it is missing (PostgreSQL from Debian,
 #     pkilint from PyPI into a virtualenv under .ci-cache/),
 #   - starts a throwaway PostgreSQL cluster on a loopback port (scripts/with-postgres.sh),
+#     a moto server (scripts/with-moto.sh), and installs mosquitto and paho-mqtt for the
+#     MQTT tests, which start their own brokers (scripts/with-mosquitto.sh),
 #   - checks formatting (cargo fmt --check) and lints (cargo clippy -D warnings: the
 #     workspace lints in Cargo.toml, forbidden unsafe and documented public items among them),
 #   - runs every test, the #[ignore]d service tests included.
@@ -18,18 +20,6 @@ if [ ! -x "$venv/bin/lint_pkix_cert" ]; then
 fi
 export FLEETCERT_PKILINT="$PWD/$venv/bin/lint_pkix_cert"
 
-# The mosquitto plugin's real-broker test (mosquitto-plugin/tests/real_broker.rs).
-if [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null; then
-    echo "test.sh: installing mosquitto and mosquitto-clients" >&2
-    # The package must not start a system broker.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-    fi
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >&2
-fi
-
 for tool in openssl psql; do
     command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
 done
@@ -39,4 +29,4 @@ cargo fmt --all --check
 echo "test.sh: cargo clippy -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-exec scripts/with-moto.sh scripts/with-postgres.sh cargo test --workspace --locked -- --include-ignored "$@"
+exec scripts/with-moto.sh scripts/with-postgres.sh scripts/with-mosquitto.sh cargo test --workspace --locked -- --include-ignored "$@"
