@@ -30,10 +30,12 @@
 //!   a few seconds of the revocation reaching the revocation view.
 
 mod admin;
+pub mod broker;
 mod client;
 mod conns;
 mod metrics;
 
+pub use broker::{BrokerApi, BrokerApiError};
 pub use client::DeviceClient;
 pub use fleetcert_device_auth::tls::{ClientAuth, TlsError, server_tls_config};
 pub use metrics::Metrics;
@@ -112,6 +114,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     limits: Limits,
     mirror: Option<Arc<fleetcert_lifecycle::mirror::Mirror>>,
+    broker: Option<BrokerApi>,
 }
 
 impl Server {
@@ -137,6 +140,7 @@ impl Server {
             metrics: Arc::new(Metrics::new()),
             limits,
             mirror: None,
+            broker: None,
         })
     }
 
@@ -145,6 +149,17 @@ impl Server {
     pub fn with_mirror(mut self, mirror: Arc<fleetcert_lifecycle::mirror::Mirror>) -> Self {
         self.mirror = Some(mirror);
         self
+    }
+
+    /// Also answers the mosquitto plugin on this broker API listener (see [`broker`]).
+    pub fn with_broker_api(mut self, api: BrokerApi) -> Self {
+        self.broker = Some(api);
+        self
+    }
+
+    /// The broker API listener's address, if there is one.
+    pub fn broker_api_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(|b| b.local_addr().ok())
     }
 
     /// (device listener, admin listener) addresses actually bound.
@@ -172,6 +187,7 @@ impl Server {
             metrics,
             limits,
             mirror,
+            broker,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -181,6 +197,8 @@ impl Server {
             jitp.clone(),
             mirror,
         ));
+        let broker =
+            broker.map(|api| tokio::spawn(broker::serve(api, jitp.clone(), metrics.clone())));
         // Revocation view, CRL, connection records: kept fresh while serving.
         let upkeep = tokio::spawn(jitp.clone().run_upkeep());
         // Connections by certificate: the per-certificate cap, and the connections of a
@@ -331,6 +349,9 @@ impl Server {
             }
         }
         admin.abort();
+        if let Some(broker) = broker {
+            broker.abort();
+        }
         upkeep.abort();
         sweeper.abort();
         jitp.flush().await;
