@@ -78,9 +78,12 @@ impl ChainVerifier {
             webpki::Error::BadDer | webpki::Error::BadDerTime | webpki::Error::TrailingData(_) => {
                 Refusal::CertificateUnreadable(format!("cannot read the certificate: {e}"))
             }
-            webpki::Error::UnknownIssuer => Refusal::UnknownIssuer(
-                "the certificate is not issued by this fleet's issuing CA".into(),
-            ),
+            // A CA of the same name that did not sign it (another fleet's) is as unknown.
+            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                Refusal::UnknownIssuer(
+                    "the certificate is not issued by this fleet's issuing CA".into(),
+                )
+            }
             webpki::Error::CertExpired { .. } => {
                 Refusal::CertificateExpired("the certificate has expired".into())
             }
