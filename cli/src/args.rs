@@ -51,7 +51,9 @@ pub enum Command {
     Ca(CaCommand),
     /// Issue device certificates: one thing, or a batch from a CSV file.
     Provision(ProvisionArgs),
-    /// Run the JITP server: mutual-TLS device listener and plain-HTTP admin listener.
+    /// Run the JITP server: mutual-TLS device listener and plain-HTTP admin listener;
+    /// with --broker-api, also the broker API the mosquitto plugin asks about every
+    /// CONNECT (set up with `fleetcert mosquitto config`).
     Serve(ServeArgs),
     /// Provisioning templates: lint files, list the data directory's templates.
     #[command(subcommand)]

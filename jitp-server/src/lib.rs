@@ -28,6 +28,9 @@
 //!   to 10 s).
 //! - The open connections of a certificate revoked while they are open are closed within
 //!   a few seconds of the revocation reaching the revocation view.
+//! - Optionally a third listener, the broker API for the mosquitto plugin ([`broker`]):
+//!   plain HTTP/1.1 on loopback, bearer secret, `POST /broker/v1/connect`,
+//!   `/broker/v1/disconnect`, `/broker/v1/sessions` (docs/broker-api.md).
 
 mod admin;
 pub mod broker;
