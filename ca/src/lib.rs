@@ -559,6 +559,33 @@ pub struct DeviceIdentity {
     pub not_after: OffsetDateTime,
 }
 
+/// A certificate's names and validity as policy variables see them
+/// (`iot:Certificate.*`): every subject and issuer attribute in the certificate's order,
+/// the subject alternative names, the serial and the validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateAttributes {
+    /// Subject attributes, in order: (short name, value). Short names: `C`, `O`, `OU`,
+    /// `dnQualifier`, `ST`, `L`, `CN`, `serialNumber`, `title`, `SN`, `GN`, `initials`,
+    /// `pseudonym`, `generationQualifier`; other attributes are left out.
+    pub subject: Vec<(&'static str, String)>,
+    /// Issuer attributes, as `subject`.
+    pub issuer: Vec<(&'static str, String)>,
+    /// Subject alternative names: (`DNSName` | `RFC822Name` | `UniformResourceIdentifier`
+    /// | `IPAddress` | `DirectoryName`, value).
+    pub subject_alternative_names: Vec<(&'static str, String)>,
+    /// Lowercase hex of the certificate serial.
+    pub serial_hex: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+/// Reads a DER certificate's names and validity (see [`CertificateAttributes`]).
+pub fn certificate_attributes(der: &[u8]) -> Result<CertificateAttributes, CaError> {
+    x509::attributes(der)
+}
+
 /// Reads the identity fields of a DER certificate (already verified by the caller).
 pub fn device_identity(der: &[u8]) -> Result<DeviceIdentity, CaError> {
     x509::identity(der)

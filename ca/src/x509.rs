@@ -340,6 +340,79 @@ pub(crate) fn identity(der: &[u8]) -> Result<crate::DeviceIdentity, CaError> {
     })
 }
 
+fn name_attributes(name: &X509Name<'_>) -> Vec<(&'static str, String)> {
+    // X.520 attribute types (2.5.4.*).
+    const KNOWN: [(&str, &str); 14] = [
+        ("2.5.4.6", "C"),
+        ("2.5.4.10", "O"),
+        ("2.5.4.11", "OU"),
+        ("2.5.4.46", "dnQualifier"),
+        ("2.5.4.8", "ST"),
+        ("2.5.4.7", "L"),
+        ("2.5.4.3", "CN"),
+        ("2.5.4.5", "serialNumber"),
+        ("2.5.4.12", "title"),
+        ("2.5.4.4", "SN"),
+        ("2.5.4.42", "GN"),
+        ("2.5.4.43", "initials"),
+        ("2.5.4.65", "pseudonym"),
+        ("2.5.4.44", "generationQualifier"),
+    ];
+    name.iter_attributes()
+        .filter_map(|a| {
+            let oid = a.attr_type().to_id_string();
+            let (_, short) = KNOWN.iter().find(|(known, _)| *known == oid)?;
+            let value = a.as_str().ok()?;
+            Some((*short, value.to_owned()))
+        })
+        .collect()
+}
+
+pub(crate) fn attributes(der: &[u8]) -> Result<crate::CertificateAttributes, CaError> {
+    use x509_parser::extensions::GeneralName;
+    let cert = parse_cert(der)?;
+    let mut alternative = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => alternative.push(("DNSName", (*n).to_owned())),
+                GeneralName::RFC822Name(n) => alternative.push(("RFC822Name", (*n).to_owned())),
+                GeneralName::URI(n) => {
+                    alternative.push(("UniformResourceIdentifier", (*n).to_owned()))
+                }
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes)
+                            .map(|b| std::net::IpAddr::from(b).to_string())
+                            .ok(),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .map(|b| std::net::IpAddr::from(b).to_string())
+                            .ok(),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        alternative.push(("IPAddress", ip));
+                    }
+                }
+                GeneralName::DirectoryName(n) => alternative.push(("DirectoryName", n.to_string())),
+                _ => {}
+            }
+        }
+    }
+    let serial = match strip_zeros(cert.raw_serial()) {
+        [] => "00".to_owned(),
+        s => hex::encode(s),
+    };
+    Ok(crate::CertificateAttributes {
+        subject: name_attributes(cert.subject()),
+        issuer: name_attributes(cert.issuer()),
+        subject_alternative_names: alternative,
+        serial_hex: serial,
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

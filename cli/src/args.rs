@@ -51,7 +51,9 @@ pub enum Command {
     Ca(CaCommand),
     /// Issue device certificates: one thing, or a batch from a CSV file.
     Provision(ProvisionArgs),
-    /// Run the JITP server: mutual-TLS device listener and plain-HTTP admin listener.
+    /// Run the JITP server: mutual-TLS device listener and plain-HTTP admin listener;
+    /// with --broker-api, also the broker API the mosquitto plugin asks about every
+    /// CONNECT (set up with `fleetcert mosquitto config`).
     Serve(ServeArgs),
     /// Provisioning templates: lint files, list the data directory's templates.
     #[command(subcommand)]
@@ -82,6 +84,47 @@ pub enum Command {
     /// attachments and status changes, through an outbox that survives outages.
     #[command(subcommand)]
     Aws(AwsCommand),
+    /// The MQTT broker integration: mosquitto with the fleetcert plugin, which asks
+    /// `serve --broker-api` about every CONNECT.
+    #[command(subcommand)]
+    Mosquitto(MosquittoCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MosquittoCommand {
+    /// Write a mosquitto configuration for the fleet into --out (default
+    /// <data-dir>/mosquitto): mosquitto.conf (a TLS listener requiring fleet client
+    /// certificates, checked against the CRL, and the fleetcert plugin), ca.pem (issuing
+    /// CA + root), server.crt/server.key (the broker's certificate from the fleet CA,
+    /// for localhost, 127.0.0.1 and each --server-name), crl.pem (the current CRL) and
+    /// broker-api.secret (the shared secret, mode 0600; the same secret is kept at
+    /// <data-dir>/broker/broker-api.secret for `serve --broker-api`). An existing secret
+    /// is reused, never replaced. Then start `fleetcert serve --broker-api ADDR` and
+    /// `mosquitto -c DIR/mosquitto.conf`. Re-run before the CRL's nextUpdate (24 h) and
+    /// restart mosquitto: the broker refuses every client once its CRL file is stale.
+    Config(MosquittoConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MosquittoConfigArgs {
+    /// The broker's MQTT listener, HOST:PORT (e.g. 0.0.0.0:8883, [::]:8883).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Where the plugin reaches `fleetcert serve --broker-api`, e.g.
+    /// http://127.0.0.1:8884.
+    #[arg(long, value_name = "URL")]
+    pub broker_api: String,
+    /// Directory to write into (created, mode 0700). Default: <data-dir>/mosquitto.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Host name devices use to reach the broker; the broker's certificate names it,
+    /// plus localhost and 127.0.0.1. Repeatable.
+    #[arg(long = "server-name", value_name = "NAME")]
+    pub server_names: Vec<String>,
+    /// The plugin library. Default: libfleetcert_mosquitto.so beside the fleetcert
+    /// executable.
+    #[arg(long, value_name = "PATH")]
+    pub plugin: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -355,6 +398,17 @@ pub struct ServeArgs {
     /// at most 3650d.
     #[arg(long, default_value = "0s", value_parser = renew_after_expiry)]
     pub renew_after_expiry: std::time::Duration,
+    /// Also answer the mosquitto plugin on this address (plain HTTP/1.1, e.g.
+    /// 127.0.0.1:8884): POST /broker/v1/connect, /broker/v1/disconnect,
+    /// /broker/v1/sessions (docs/broker-api.md). Requests must carry the secret in
+    /// <data-dir>/broker/broker-api.secret, written by `fleetcert mosquitto config`.
+    /// Loopback only unless --broker-api-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub broker_api: Option<std::net::SocketAddr>,
+    /// Let --broker-api listen on a non-loopback address (the secret then travels in
+    /// clear text on that network: use it only on a trusted one).
+    #[arg(long, requires = "broker_api")]
+    pub broker_api_allow_remote: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -61,6 +61,9 @@ pub async fn run(cli: Cli) -> CmdResult {
         Command::Revoke(args) => crate::lifecycle_cmds::revoke(&ctx, args).await,
         Command::Crl(args) => crate::lifecycle_cmds::crl(&ctx, args).await,
         Command::Aws(cmd) => crate::aws_cmd::run(&ctx, cmd).await,
+        Command::Mosquitto(MosquittoCommand::Config(args)) => {
+            crate::mosquitto_cmd::config(&ctx, args).await
+        }
         Command::Demo(args) => crate::commands::demo(&ctx, args).await,
     }
 }

@@ -7,6 +7,7 @@ mod commands;
 mod context;
 mod demo;
 mod lifecycle_cmds;
+mod mosquitto_cmd;
 mod output;
 mod serve;
 mod templates_cmd;

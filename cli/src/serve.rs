@@ -1,6 +1,6 @@
 //! `fleetcert serve`: the JITP server until SIGTERM or Ctrl-C.
 use crate::args::ServeArgs;
-use crate::context::{CliError, Ctx, failed, passphrase};
+use crate::context::{CliError, Ctx, bad_input, failed, passphrase};
 use fleetcert_jitp::{ClientAuth, Limits, Server, server_tls_config};
 use fleetcert_lifecycle::jitp::{Jitp, JitpOptions};
 use fleetcert_lifecycle::mirror::{self, Mirror, MirrorOptions};
@@ -14,6 +14,19 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         code: 2,
         message: e.to_string(),
     })?;
+    if let Some(addr) = args.broker_api
+        && !addr.ip().is_loopback()
+        && !args.broker_api_allow_remote
+    {
+        return Err(bad_input(
+            fleetcert_jitp::BrokerApiError::NotLoopback(addr).to_string(),
+        ));
+    }
+    // The broker API's secret must exist before anything starts.
+    let broker_secret = match args.broker_api {
+        Some(_) => Some(ctx.data().read_broker_secret()?),
+        None => None,
+    };
     let clock = clock_from_env()?;
     let passphrase = passphrase();
     let ca = Arc::new(ctx.data().load_issuing_ca(passphrase.as_deref())?);
@@ -85,6 +98,18 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         }
         _ => None,
     };
+    if let (Some(addr), Some(secret)) = (args.broker_api, broker_secret) {
+        let api = fleetcert_jitp::BrokerApi::bind(
+            addr,
+            args.broker_api_allow_remote,
+            secret,
+            ca.issuing_cert_pem(),
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        server = server.with_broker_api(api);
+    }
+    let broker_addr = server.broker_api_addr();
     let (device_addr, admin_addr) = server.local_addrs().map_err(|e| failed(e.to_string()))?;
     let out = ctx.out();
     if out.is_json() {
@@ -96,6 +121,7 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             "template": args.template,
             "rotation_worker": !args.no_rotation_worker,
             "mirror_worker": mirror.is_some(),
+            "broker_api": broker_addr,
         }));
     } else {
         out.note(format!(
@@ -103,6 +129,11 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             credentials.names.join(", "),
             if credentials.issued { "issued now" } else { "reused" }
         ));
+        if let Some(addr) = broker_addr {
+            out.note(format!(
+                "fleetcert serve: broker API for the mosquitto plugin on http://{addr} (/broker/v1/connect, /disconnect, /sessions)"
+            ));
+        }
     }
     let worker = (!args.no_rotation_worker).then(|| {
         let rotator = Arc::new(Rotator::new(

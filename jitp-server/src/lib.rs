@@ -28,12 +28,17 @@
 //!   to 10 s).
 //! - The open connections of a certificate revoked while they are open are closed within
 //!   a few seconds of the revocation reaching the revocation view.
+//! - Optionally a third listener, the broker API for the mosquitto plugin ([`broker`]):
+//!   plain HTTP/1.1 on loopback, bearer secret, `POST /broker/v1/connect`,
+//!   `/broker/v1/disconnect`, `/broker/v1/sessions` (docs/broker-api.md).
 
 mod admin;
+pub mod broker;
 mod client;
 mod conns;
 mod metrics;
 
+pub use broker::{BrokerApi, BrokerApiError};
 pub use client::DeviceClient;
 pub use fleetcert_device_auth::tls::{ClientAuth, TlsError, server_tls_config};
 pub use metrics::Metrics;
@@ -112,6 +117,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     limits: Limits,
     mirror: Option<Arc<fleetcert_lifecycle::mirror::Mirror>>,
+    broker: Option<BrokerApi>,
 }
 
 impl Server {
@@ -137,6 +143,7 @@ impl Server {
             metrics: Arc::new(Metrics::new()),
             limits,
             mirror: None,
+            broker: None,
         })
     }
 
@@ -145,6 +152,17 @@ impl Server {
     pub fn with_mirror(mut self, mirror: Arc<fleetcert_lifecycle::mirror::Mirror>) -> Self {
         self.mirror = Some(mirror);
         self
+    }
+
+    /// Also answers the mosquitto plugin on this broker API listener (see [`broker`]).
+    pub fn with_broker_api(mut self, api: BrokerApi) -> Self {
+        self.broker = Some(api);
+        self
+    }
+
+    /// The broker API listener's address, if there is one.
+    pub fn broker_api_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(|b| b.local_addr().ok())
     }
 
     /// (device listener, admin listener) addresses actually bound.
@@ -172,6 +190,7 @@ impl Server {
             metrics,
             limits,
             mirror,
+            broker,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -181,6 +200,8 @@ impl Server {
             jitp.clone(),
             mirror,
         ));
+        let broker =
+            broker.map(|api| tokio::spawn(broker::serve(api, jitp.clone(), metrics.clone())));
         // Revocation view, CRL, connection records: kept fresh while serving.
         let upkeep = tokio::spawn(jitp.clone().run_upkeep());
         // Connections by certificate: the per-certificate cap, and the connections of a
@@ -331,6 +352,9 @@ impl Server {
             }
         }
         admin.abort();
+        if let Some(broker) = broker {
+            broker.abort();
+        }
         upkeep.abort();
         sweeper.abort();
         jitp.flush().await;

@@ -2,13 +2,16 @@
 //! against (the TLS handshake, open connections, a broker's CONNECT). Kept fresh from
 //! the registry by [`crate::jitp::Jitp::run_upkeep`]; the CRL is published from the
 //! same entries (see [`crate::revocation`]).
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
 /// Revoked certificates, as the TLS handshake sees them. Refreshed from the registry.
 #[derive(Debug, Default)]
 pub struct RevocationView {
     revoked_serials: RwLock<HashSet<String>>,
+    /// The RFC 5280 reason name of each revoked serial that has one (`superseded` for
+    /// the old certificate of a confirmed rotation).
+    reasons: RwLock<HashMap<String, String>>,
 }
 
 impl RevocationView {
@@ -38,11 +41,31 @@ impl RevocationView {
             .contains(serial_hex)
     }
 
-    /// Replaces the revoked set (lowercase hex serials, as the registry keeps them).
-    pub(crate) fn replace(&self, serials: Vec<String>) {
+    /// The revocation reason recorded for a serial in the current revoked set, if any
+    /// (e.g. `superseded` when a confirmed rotation retired it).
+    pub fn reason_of(&self, serial_hex: &str) -> Option<String> {
+        self.reasons
+            .read()
+            .expect("revocation view poisoned")
+            .get(serial_hex)
+            .cloned()
+    }
+
+    /// Replaces the revoked set: (lowercase hex serial, as the registry keeps it, and
+    /// its revocation reason).
+    pub(crate) fn replace(&self, entries: Vec<(String, Option<String>)>) {
+        let mut reasons = HashMap::new();
+        let mut serials = HashSet::with_capacity(entries.len());
+        for (serial, reason) in entries {
+            if let Some(reason) = reason {
+                reasons.insert(serial.clone(), reason);
+            }
+            serials.insert(serial);
+        }
         *self
             .revoked_serials
             .write()
-            .expect("revocation view poisoned") = serials.into_iter().collect();
+            .expect("revocation view poisoned") = serials;
+        *self.reasons.write().expect("revocation view poisoned") = reasons;
     }
 }

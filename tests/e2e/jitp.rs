@@ -10,6 +10,8 @@ pub struct Served {
     child: Child,
     pub device: String,
     pub admin: String,
+    /// The broker API's address, when started with `--broker-api`.
+    pub broker_api: Option<String>,
 }
 
 impl Served {
@@ -48,6 +50,7 @@ impl Served {
             child,
             device: ready["listening"].as_str().unwrap().to_owned(),
             admin: ready["admin"].as_str().unwrap().to_owned(),
+            broker_api: ready["broker_api"].as_str().map(str::to_owned),
         }
     }
 

@@ -10,6 +10,7 @@ mod util;
 mod aws;
 mod bad_input;
 mod batch;
+mod broker;
 mod ca;
 mod crash;
 mod demo;

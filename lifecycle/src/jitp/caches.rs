@@ -4,7 +4,6 @@
 use super::connect::ConnectReply;
 use fleetcert_registry::ConnectionRecord;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -64,13 +63,7 @@ impl Caches {
     }
 
     /// Buffers a connection record (dropped, and counted, when the buffer is full).
-    pub(super) fn remember_connection(
-        &self,
-        fingerprint: &str,
-        thing: &str,
-        peer: SocketAddr,
-        at: i64,
-    ) {
+    pub(super) fn remember_connection(&self, fingerprint: &str, thing: &str, peer: &str, at: i64) {
         let mut buffer = self.connections.lock().expect("buffer poisoned");
         if buffer.len() >= CONNECTION_BUFFER {
             self.dropped_connection_records
@@ -80,7 +73,7 @@ impl Caches {
         buffer.push(ConnectionRecord {
             fingerprint_sha256: fingerprint.to_owned(),
             thing_name: thing.to_owned(),
-            client_addr: peer.to_string(),
+            client_addr: peer.to_owned(),
             at,
         });
     }

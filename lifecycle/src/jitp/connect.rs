@@ -103,6 +103,16 @@ impl Jitp {
         cert_der: &[u8],
         peer: SocketAddr,
     ) -> Result<ConnectOutcome, Refusal> {
+        self.connect_from(cert_der, Some(&peer.to_string())).await
+    }
+
+    /// [`Jitp::connect`], recording the connection from `peer` (an address as the front
+    /// end knows it) unless `None` (the caller records it once it has decided).
+    pub(super) async fn connect_from(
+        &self,
+        cert_der: &[u8],
+        peer: Option<&str>,
+    ) -> Result<ConnectOutcome, Refusal> {
         let identity = Self::identity(cert_der)?;
         self.refuse_if_expired(&identity)?;
         let fingerprint = identity.fingerprint_sha256_hex.clone();
@@ -171,9 +181,11 @@ impl Jitp {
         unreachable!("the loop returns")
     }
 
-    fn remember_connection(&self, fingerprint: &str, thing: &str, peer: SocketAddr) {
-        self.caches
-            .remember_connection(fingerprint, thing, peer, self.clock.now());
+    pub(super) fn remember_connection(&self, fingerprint: &str, thing: &str, peer: Option<&str>) {
+        if let Some(peer) = peer {
+            self.caches
+                .remember_connection(fingerprint, thing, peer, self.clock.now());
+        }
     }
 
     fn reply(

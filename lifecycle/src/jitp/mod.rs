@@ -8,6 +8,10 @@
 //!   devices whose key fleetcert generated.
 //! - [`Jitp::identify`] (`identify.rs`): certificate → thing, read-only, for front
 //!   ends that authorize each action of a device (the broker integration).
+//! - [`Jitp::authorize_connect`], [`Jitp::retired`], [`Jitp::record_disconnects`]
+//!   (`broker.rs`): an MQTT broker's CONNECT (first use registers, then `iot:Connect`
+//!   is evaluated against the certificate's policies), live sessions to drop, and
+//!   finished sessions.
 //! - `caches.rs`: returning-device replies and buffered connection records.
 //!
 //! Replies are typed ([`ConnectReply`], [`FetchedCredentials`]); refusals are a
@@ -24,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 
+mod broker;
 mod caches;
 mod connect;
 mod identify;
@@ -32,6 +37,9 @@ mod refusal;
 mod replacement;
 
 pub use crate::revocation_view::RevocationView;
+pub use broker::{
+    AttachedPolicy, AuthorizedConnect, BrokerDisconnect, RetiredCertificate, RetiredReason,
+};
 pub use connect::{ConnectOutcome, ConnectReply, ConnectStatus, RotationAdvice, RotationMethod};
 pub use identify::IdentifiedDevice;
 pub use reenroll::{MAX_REPLACEMENTS_PER_CERTIFICATE, decode_csr_body};
@@ -89,6 +97,7 @@ pub struct Jitp {
     templates: crate::templates::TemplateSet,
     default_template: String,
     caches: caches::Caches,
+    broker: broker::BrokerMemo,
     revocation: Arc<RevocationView>,
     issuance: Arc<Issuance>,
     sealer: Arc<KeySealer>,
@@ -157,6 +166,7 @@ impl Jitp {
             templates,
             default_template: options.default_template,
             caches: caches::Caches::default(),
+            broker: broker::BrokerMemo::default(),
             revocation: Arc::new(RevocationView::default()),
             issuance: options.issuance,
             sealer: options.sealer,
@@ -204,8 +214,12 @@ impl Jitp {
     /// set changed (or the current one is half-way to its nextUpdate).
     async fn refresh_revocations(&self) -> Result<(), LifecycleError> {
         let entries = self.registry.revoked_entries(self.clock.now()).await?;
-        self.revocation
-            .replace(entries.iter().map(|e| e.serial.clone()).collect());
+        self.revocation.replace(
+            entries
+                .iter()
+                .map(|e| (e.serial.clone(), e.reason.clone()))
+                .collect(),
+        );
         self.crl.publish(&entries).await?;
         Ok(())
     }

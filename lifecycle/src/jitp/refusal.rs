@@ -59,6 +59,20 @@ pub enum Refusal {
     ReplacementUnreadable,
     /// `sealing_failed`: a generated key could not be sealed (its fault).
     SealingFailed,
+    /// `unknown_issuer`: the certificate does not chain to the fleet's issuing CA.
+    UnknownIssuer(String),
+    /// `certificate_invalid`: path validation failed for another reason than the issuer
+    /// or expiry (not yet valid, bad signature, not for client authentication…).
+    CertificateInvalid(String),
+    /// `client_id_mismatch`: the certificate's policies do not allow `iot:Connect` with
+    /// this client ID, which is not the name of the thing the certificate is attached to.
+    ClientIdMismatch(String),
+    /// `connect_denied`: the certificate's policies do not allow `iot:Connect` with this
+    /// client ID (an explicit deny, or no statement allows it).
+    ConnectDenied(String),
+    /// `policy_invalid`: a policy attached to the certificate cannot be evaluated (the
+    /// server's data is at fault; refused rather than judged without that policy).
+    PolicyInvalid(String),
 }
 
 impl Refusal {
@@ -87,6 +101,11 @@ impl Refusal {
             Refusal::IssuanceFailed => "issuance_failed",
             Refusal::ReplacementUnreadable => "replacement_unreadable",
             Refusal::SealingFailed => "sealing_failed",
+            Refusal::UnknownIssuer(_) => "unknown_issuer",
+            Refusal::CertificateInvalid(_) => "certificate_invalid",
+            Refusal::ClientIdMismatch(_) => "client_id_mismatch",
+            Refusal::ConnectDenied(_) => "connect_denied",
+            Refusal::PolicyInvalid(_) => "policy_invalid",
         }
     }
 
@@ -109,6 +128,11 @@ impl Refusal {
             | Refusal::ReplacementPending(m)
             | Refusal::ReplacementLimit(m)
             | Refusal::RotationNotDue(m)
+            | Refusal::UnknownIssuer(m)
+            | Refusal::CertificateInvalid(m)
+            | Refusal::ClientIdMismatch(m)
+            | Refusal::ConnectDenied(m)
+            | Refusal::PolicyInvalid(m)
             | Refusal::ReplacementRefused { message: m, .. } => m.clone(),
             Refusal::RegistryUnavailable => "the registry is unavailable; try again later".into(),
             Refusal::UseEst => {

@@ -1,0 +1,422 @@
+//! The broker integration's use cases, transport-neutral: what an MQTT CONNECT of a
+//! certificate means (first use registers the thing, as a first connect does; then
+//! `iot:Connect` is evaluated against the certificate's policies), recording
+//! disconnects, and which live sessions' certificates are retired.
+//!
+//! The certificate is path-validated by the front end first (device-auth, as the TLS
+//! handshake does); the broker's wire format, statuses and MQTT reason codes are the
+//! front end's.
+use super::{ConnectOutcome, Jitp, Refusal, rfc3339};
+use fleetcert_registry::CertStatus;
+use fleetcert_templates::{
+    AlternativeNames, ArnContext, CertificateContext, ConnectionContext, DistinguishedName, Policy,
+    Request, ThingContext, evaluate_policies,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// A policy attached to a connecting certificate, with its document as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedPolicy {
+    /// The policy name.
+    pub name: String,
+    /// The document, JSON text as the registry stores it (policy variables unsubstituted).
+    pub document: String,
+}
+
+/// An MQTT CONNECT that the certificate's policies allow.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AuthorizedConnect {
+    /// The thing the certificate belongs to.
+    pub thing_name: String,
+    /// The certificate serial (lowercase hex).
+    pub serial: String,
+    /// SHA-256 of the certificate DER (lowercase hex).
+    pub fingerprint_sha256: String,
+    /// True when this CONNECT registered the thing (the certificate's first use).
+    pub registered: bool,
+    /// The policies attached to the certificate, by name.
+    pub policies: Vec<AttachedPolicy>,
+    /// What the policies were evaluated with (and every later action is).
+    pub context: ConnectionContext,
+    /// The region and account resources were matched in.
+    pub arn: ArnContext,
+}
+
+/// A finished broker session, as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerDisconnect {
+    /// The MQTT client ID.
+    pub client_id: String,
+    /// SHA-256 of the certificate DER (lowercase hex).
+    pub fingerprint_sha256: String,
+    /// The client's address as the broker saw it.
+    pub source_address: String,
+    /// When the session started (Unix seconds).
+    pub connected_at: i64,
+    /// When it ended (Unix seconds).
+    pub disconnected_at: i64,
+}
+
+/// Why a live session's certificate must be dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetiredReason {
+    /// Revoked by an operator (or for any reason other than a rotation).
+    Revoked,
+    /// Revoked because the device was seen using its replacement (a confirmed rotation).
+    Rotated,
+}
+
+impl RetiredReason {
+    /// The stable name (`revoked`, `rotated`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetiredReason::Revoked => "revoked",
+            RetiredReason::Rotated => "rotated",
+        }
+    }
+}
+
+/// A certificate of a live session that must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredCertificate {
+    /// SHA-256 of the certificate DER (lowercase hex), as the broker sent it.
+    pub fingerprint_sha256: String,
+    /// Why.
+    pub reason: RetiredReason,
+}
+
+/// Certificates (and compiled policies) the broker use cases have seen, so that the
+/// broker's frequent session checks cost no registry round trip.
+#[derive(Debug, Default)]
+pub(super) struct BrokerMemo {
+    /// fingerprint → (serial, thing name).
+    certificates: RwLock<HashMap<String, (String, String)>>,
+    /// Policy name → (document text, compiled). Stored policies never change under a
+    /// name, so a compiled policy stays valid; the text is compared anyway.
+    policies: RwLock<HashMap<String, (String, Arc<Policy>)>>,
+}
+
+const MEMO_CAPACITY: usize = 200_000;
+
+impl BrokerMemo {
+    fn certificate(&self, fingerprint: &str) -> Option<(String, String)> {
+        self.certificates
+            .read()
+            .expect("broker memo poisoned")
+            .get(fingerprint)
+            .cloned()
+    }
+
+    fn remember(&self, fingerprint: &str, serial: &str, thing: &str) {
+        let mut certificates = self.certificates.write().expect("broker memo poisoned");
+        if certificates.len() >= MEMO_CAPACITY {
+            certificates.clear();
+        }
+        certificates.insert(
+            fingerprint.to_owned(),
+            (serial.to_owned(), thing.to_owned()),
+        );
+    }
+
+    fn compiled(&self, name: &str, text: &str) -> Result<Arc<Policy>, Refusal> {
+        if let Some((known, policy)) = self
+            .policies
+            .read()
+            .expect("broker memo poisoned")
+            .get(name)
+            && known == text
+        {
+            return Ok(policy.clone());
+        }
+        let policy = Arc::new(Policy::from_json(text).map_err(|e| {
+            tracing::error!(policy = name, "a stored policy cannot be evaluated: {e}");
+            Refusal::PolicyInvalid(format!("policy {name:?} cannot be evaluated"))
+        })?);
+        let mut policies = self.policies.write().expect("broker memo poisoned");
+        if policies.len() >= MEMO_CAPACITY {
+            policies.clear();
+        }
+        policies.insert(name.to_owned(), (text.to_owned(), policy.clone()));
+        Ok(policy)
+    }
+}
+
+/// The certificate's names and validity as `iot:Certificate.*` policy variables see them.
+fn certificate_context(cert_der: &[u8]) -> Result<CertificateContext, Refusal> {
+    let attributes = fleetcert_ca::certificate_attributes(cert_der)
+        .map_err(|e| Refusal::CertificateUnreadable(format!("cannot read the certificate: {e}")))?;
+    let name = |pairs: &[(&'static str, String)]| {
+        let mut dn = DistinguishedName::default();
+        for (short, value) in pairs {
+            let field = match *short {
+                "C" => &mut dn.country,
+                "O" => &mut dn.organization,
+                "OU" => &mut dn.organizational_unit,
+                "dnQualifier" => &mut dn.distinguished_name_qualifier,
+                "ST" => &mut dn.state,
+                "CN" => &mut dn.common_name,
+                "serialNumber" => &mut dn.serial_number,
+                "title" => &mut dn.title,
+                "SN" => &mut dn.surname,
+                "GN" => &mut dn.given_name,
+                "initials" => &mut dn.initials,
+                "pseudonym" => &mut dn.pseudonym,
+                "generationQualifier" => &mut dn.generation_qualifier,
+                _ => continue,
+            };
+            field.push(value.clone());
+        }
+        dn
+    };
+    let mut alternative = AlternativeNames::default();
+    for (kind, value) in &attributes.subject_alternative_names {
+        let field = match *kind {
+            "DNSName" => &mut alternative.dns_name,
+            "RFC822Name" => &mut alternative.rfc822_name,
+            "UniformResourceIdentifier" => &mut alternative.uniform_resource_identifier,
+            "IPAddress" => &mut alternative.ip_address,
+            "DirectoryName" => &mut alternative.directory_name,
+            _ => continue,
+        };
+        field.push(value.clone());
+    }
+    Ok(CertificateContext {
+        subject: name(&attributes.subject),
+        issuer: name(&attributes.issuer),
+        subject_alternative_name: alternative,
+        issuer_alternative_name: AlternativeNames::default(),
+        serial_number: Some(attributes.serial_hex),
+        not_before: Some(rfc3339(attributes.not_before.unix_timestamp())),
+        not_after: Some(rfc3339(attributes.not_after.unix_timestamp())),
+    })
+}
+
+impl Jitp {
+    /// An MQTT CONNECT of `cert_der` (DER, already path-validated to the issuing CA and
+    /// checked against the revocation view by the front end) with `client_id`, from
+    /// `source` (the client's address as the broker saw it).
+    ///
+    /// The certificate's first use registers the thing from its template, as
+    /// [`Jitp::connect`] does (the same path: concurrent first uses make one
+    /// registration). Then `iot:Connect` on `client/<client_id>` is evaluated against the
+    /// policies attached to the certificate, in `arn`; the thing's name, type and
+    /// attributes are in the context only when `client_id` is the name of the thing the
+    /// certificate is attached to (as AWS IoT does). An allowed CONNECT is recorded as a
+    /// connection of the certificate.
+    pub async fn authorize_connect(
+        &self,
+        cert_der: &[u8],
+        client_id: &str,
+        source: &str,
+        arn: &ArnContext,
+    ) -> Result<AuthorizedConnect, Refusal> {
+        let identity = Self::identity(cert_der)?;
+        let registered = matches!(
+            self.connect_from(cert_der, None).await?,
+            ConnectOutcome::Provisioned(_)
+        );
+        let state = self
+            .registry
+            .device_state(&identity.fingerprint_sha256_hex)
+            .await
+            .map_err(Refusal::unavailable)?
+            .ok_or_else(|| {
+                Refusal::UnknownCertificate(
+                    "this certificate is not in the fleetcert registry".into(),
+                )
+            })?;
+        let certificate = &state.certificate;
+        if certificate.status == CertStatus::Revoked
+            || self.revocation.is_serial_revoked(&certificate.serial)
+        {
+            return Err(Refusal::CertificateRevoked(format!(
+                "certificate {} is revoked",
+                certificate.serial
+            )));
+        }
+        self.broker.remember(
+            &certificate.fingerprint_sha256,
+            &certificate.serial,
+            &state.thing.name,
+        );
+        let attached = certificate.registered_at.is_some();
+        let records = self
+            .registry
+            .policies_of_certificate(&certificate.serial)
+            .await
+            .map_err(Refusal::unavailable)?;
+        let mut policies = Vec::with_capacity(records.len());
+        let mut compiled = Vec::with_capacity(records.len());
+        for record in records {
+            let document = serde_json::to_string(&record.document)
+                .map_err(|e| Refusal::PolicyInvalid(format!("policy {:?}: {e}", record.name)))?;
+            compiled.push(self.broker.compiled(&record.name, &document)?);
+            policies.push(AttachedPolicy {
+                name: record.name,
+                document,
+            });
+        }
+        let thing = (attached && client_id == state.thing.name).then(|| ThingContext {
+            name: state.thing.name.clone(),
+            thing_type_name: state.thing.details.thing_type.clone(),
+            attributes: state.thing.details.attributes.clone(),
+        });
+        let context = ConnectionContext {
+            client_id: client_id.to_owned(),
+            thing,
+            certificate: Some(certificate_context(cert_der)?),
+        };
+        let decision = evaluate_policies(
+            compiled.iter().map(|p| &**p),
+            arn,
+            &context,
+            &Request::connect(client_id),
+        );
+        if !decision.is_allowed() {
+            let shown = fleetcert_templates::clip(client_id, fleetcert_templates::MAX_ECHO_CHARS);
+            return Err(if client_id != state.thing.name {
+                Refusal::ClientIdMismatch(format!(
+                    "client ID {shown:?} is not {:?}, the thing this certificate is attached to, and its policies do not allow iot:Connect with it ({decision})",
+                    state.thing.name
+                ))
+            } else {
+                Refusal::ConnectDenied(format!(
+                    "the certificate's policies do not allow iot:Connect on client/{shown} ({decision})"
+                ))
+            });
+        }
+        self.remember_connection(
+            &certificate.fingerprint_sha256,
+            &state.thing.name,
+            Some(source),
+        );
+        Ok(AuthorizedConnect {
+            thing_name: state.thing.name.clone(),
+            serial: certificate.serial.clone(),
+            fingerprint_sha256: certificate.fingerprint_sha256.clone(),
+            registered,
+            policies,
+            context,
+            arn: arn.clone(),
+        })
+    }
+
+    /// Records finished broker sessions as connections of their certificates (address and
+    /// disconnect time; the registry's connection records hold no client ID or connect
+    /// time yet). Sessions of certificates the registry does not hold are skipped.
+    /// Returns how many were recorded.
+    pub async fn record_disconnects(
+        &self,
+        sessions: &[BrokerDisconnect],
+    ) -> Result<usize, Refusal> {
+        let mut recorded = 0;
+        for session in sessions {
+            let Some((_, thing)) = self.known_certificate(&session.fingerprint_sha256).await?
+            else {
+                continue;
+            };
+            self.caches.remember_connection(
+                &session.fingerprint_sha256,
+                &thing,
+                &session.source_address,
+                session.disconnected_at,
+            );
+            recorded += 1;
+        }
+        Ok(recorded)
+    }
+
+    /// Which of these certificates (SHA-256 fingerprints of live sessions) must be
+    /// dropped: revoked, or retired by a confirmed rotation. Answered from the revocation
+    /// view (refreshed every couple of seconds) for certificates seen before, from the
+    /// registry otherwise. Certificates the registry does not hold are not listed.
+    pub async fn retired(
+        &self,
+        fingerprints: &[String],
+    ) -> Result<Vec<RetiredCertificate>, Refusal> {
+        let mut retired = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for fingerprint in fingerprints {
+            if !seen.insert(fingerprint.as_str()) {
+                continue;
+            }
+            let reason = if let Some((serial, _)) = self.broker.certificate(fingerprint) {
+                self.revocation
+                    .is_serial_revoked(&serial)
+                    .then(|| self.revocation.reason_of(&serial))
+            } else {
+                let Some(state) = self
+                    .registry
+                    .device_state(fingerprint)
+                    .await
+                    .map_err(Refusal::unavailable)?
+                else {
+                    continue;
+                };
+                let c = &state.certificate;
+                self.broker
+                    .remember(fingerprint, &c.serial, &state.thing.name);
+                (c.status == CertStatus::Revoked || self.revocation.is_serial_revoked(&c.serial))
+                    .then(|| {
+                        c.revocation_reason
+                            .clone()
+                            .or_else(|| self.revocation.reason_of(&c.serial))
+                    })
+            };
+            if let Some(reason) = reason {
+                retired.push(RetiredCertificate {
+                    fingerprint_sha256: fingerprint.clone(),
+                    reason: if reason.as_deref() == Some("superseded") {
+                        RetiredReason::Rotated
+                    } else {
+                        RetiredReason::Revoked
+                    },
+                });
+            }
+        }
+        Ok(retired)
+    }
+
+    /// (serial, thing name) of a certificate by fingerprint, remembered or from the
+    /// registry.
+    async fn known_certificate(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<(String, String)>, Refusal> {
+        if let Some(known) = self.broker.certificate(fingerprint) {
+            return Ok(Some(known));
+        }
+        let state = self
+            .registry
+            .device_state(fingerprint)
+            .await
+            .map_err(Refusal::unavailable)?;
+        Ok(state.map(|s| {
+            self.broker
+                .remember(fingerprint, &s.certificate.serial, &s.thing.name);
+            (s.certificate.serial, s.thing.name)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retired_reasons_have_stable_names() {
+        assert_eq!(RetiredReason::Revoked.as_str(), "revoked");
+        assert_eq!(RetiredReason::Rotated.as_str(), "rotated");
+    }
+
+    #[test]
+    fn garbage_has_no_certificate_context() {
+        assert_eq!(
+            certificate_context(b"junk").unwrap_err().code(),
+            "certificate_unreadable"
+        );
+    }
+}
