@@ -108,8 +108,9 @@ provision_timed() { # NAME PALLET EXPECT_KEYS(0|1) [OUT_BASE]
     sync
     local t0 t1
     t0=$(now)
+    # `fleetcert-bench csrs` names each CSR by its absolute path.
     run "$fleetcert" --data-dir "$data" --output json provision --batch "$pallet" --out "$out" \
-        >"$work/provision-$name.jsonl" 2>"$work/provision-$name.err" \
+        --allow-absolute-csr-paths >"$work/provision-$name.jsonl" 2>"$work/provision-$name.err" \
         || { tail -n 5 "$work/provision-$name.err" >&2; die "fleetcert provision ($name) failed"; }
     t1=$(now)
     tail -n 1 "$work/provision-$name.jsonl" >"$work/provision-$name.summary.json"
