@@ -20,6 +20,7 @@ mod harden_registry;
 mod harden_secrets;
 mod harden_server;
 mod jitp;
+mod mqtt;
 mod provision;
 mod rotation;
 mod services;
