@@ -427,9 +427,40 @@ fn mosquitto_config_writes_the_broker_files() {
             "127.0.0.1:8883",
             "--broker-api",
             "http://127.0.0.1:8884",
+            "--plugin",
+            "/nonexistent/libfleetcert_mosquitto.so",
         ],
         2,
     );
     assert!(err.contains("--plugin"), "{err}");
     assert!(!env.data_dir().join("mosquitto").exists());
+
+    // Without --plugin: the library beside the fleetcert executable (a workspace build
+    // puts it there), or an error that says to pass --plugin.
+    let beside = std::path::Path::new(env!("CARGO_BIN_EXE_fleetcert"))
+        .parent()
+        .unwrap()
+        .join("libfleetcert_mosquitto.so");
+    let args = [
+        "mosquitto",
+        "config",
+        "--listen",
+        "127.0.0.1:8883",
+        "--broker-api",
+        "http://127.0.0.1:8884",
+    ];
+    if beside.exists() {
+        env.ok(&args);
+        let conf =
+            std::fs::read_to_string(env.data_dir().join("mosquitto/mosquitto.conf")).unwrap();
+        let found = std::fs::canonicalize(&beside).unwrap();
+        assert!(
+            conf.contains(&format!("plugin {}", found.display())),
+            "{conf}"
+        );
+    } else {
+        let err = env.fails(&args, 2);
+        assert!(err.contains("--plugin"), "{err}");
+        assert!(!env.data_dir().join("mosquitto").exists());
+    }
 }

@@ -394,3 +394,92 @@ fn a_revoked_session_is_dropped_and_serve_down_refuses_new_devices() {
     assert_ne!(stranger["connack"], SUCCESS, "{stranger}");
     assert!(fleet.broker.as_mut().unwrap().is_running());
 }
+
+#[test]
+#[ignore = "needs mosquitto and paho-mqtt (scripts/with-mosquitto.sh)"]
+fn ten_concurrent_first_connects_of_one_device_register_once() {
+    let env = Env::new();
+    env.init_ca();
+    let one = device(&env, "sensor-1");
+    let fleet = Fleet::start(&env);
+
+    // Ten sessions of one certificate at once (mosquitto lets the newest session with a
+    // client id take over, so later ones may end earlier ones; each must be let in).
+    let sessions: Vec<_> = (0..10)
+        .map(|_| probe_in_background(&fleet, &one, "sensor-1", &[], 0.5))
+        .collect();
+    for session in sessions {
+        let session = session.join().unwrap();
+        assert_eq!(
+            session["connack"],
+            SUCCESS,
+            "{session}\n{}",
+            fleet.broker_log()
+        );
+    }
+    let events = env.json(&["things", "show", "sensor-1"]).to_string();
+    assert_eq!(
+        events.matches("certificate.registered").count(),
+        1,
+        "{events}"
+    );
+}
+
+#[test]
+#[ignore = "needs mosquitto and paho-mqtt (scripts/with-mosquitto.sh)"]
+fn a_certificate_from_a_stranger_ca_never_reaches_fleetcert() {
+    let env = Env::new();
+    env.init_ca();
+    let fleet = Fleet::start(&env);
+
+    // A stranger CA that issues a certificate with a fleet-like name.
+    let dir = env.path("stranger");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca_key, ca_cert) = (dir.join("ca.key"), dir.join("ca.crt"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=stranger-ca",
+        "-days",
+        "30",
+        "-keyout",
+        ca_key.to_str().unwrap(),
+        "-out",
+        ca_cert.to_str().unwrap(),
+    ]);
+    let csr = p256_csr(&dir, "sensor-1");
+    let cert = dir.join("sensor-1.crt");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        ca_cert.to_str().unwrap(),
+        "-CAkey",
+        ca_key.to_str().unwrap(),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    let stranger = Device {
+        name: "sensor-1".to_owned(),
+        cert,
+        key: dir.join("sensor-1.devkey"),
+    };
+    let session = probe(&fleet, &stranger, "sensor-1", &[], &[], 0.2);
+    assert_ne!(session["connack"], SUCCESS, "{session}");
+    let events = env.json(&["things", "list"]).to_string();
+    assert!(
+        !events.contains("sensor-1"),
+        "a stranger's device was registered: {events}"
+    );
+}
