@@ -7,7 +7,8 @@
 #     MQTT tests, which start their own brokers (scripts/with-mosquitto.sh),
 #   - checks formatting (cargo fmt --check) and lints (cargo clippy -D warnings: the
 #     workspace lints in Cargo.toml, forbidden unsafe and documented public items among them),
-#   - runs every test, the #[ignore]d service tests included.
+#   - runs every test, the #[ignore]d service tests included; a failing test binary does
+#     not stop the others (--no-fail-fast), so one run shows every failure.
 # Plain `cargo test` runs only the hermetic tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,4 @@ cargo fmt --all --check
 echo "test.sh: cargo clippy -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-exec scripts/with-moto.sh scripts/with-postgres.sh scripts/with-mosquitto.sh cargo test --workspace --locked -- --include-ignored "$@"
+exec scripts/with-moto.sh scripts/with-postgres.sh scripts/with-mosquitto.sh cargo test --workspace --locked --no-fail-fast -- --include-ignored "$@"
