@@ -32,16 +32,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The plugin built beside the fleetcert binary by `cargo test --workspace`.
+/// The plugin that `cargo test --workspace` builds: in `target/<profile>/deps` (a test
+/// build does not copy a cdylib up beside the binaries; `cargo build` does).
 fn plugin_path() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_fleetcert"));
-    let plugin = exe.parent().unwrap().join("libfleetcert_mosquitto.so");
-    assert!(
-        plugin.exists(),
-        "{} is missing: build the workspace (cargo build --workspace)",
-        plugin.display()
-    );
-    plugin
+    let dir = exe.parent().unwrap();
+    [dir.to_path_buf(), dir.join("deps")]
+        .into_iter()
+        .map(|d| d.join("libfleetcert_mosquitto.so"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "libfleetcert_mosquitto.so is missing in {} and its deps/: build the workspace",
+                dir.display()
+            )
+        })
 }
 
 /// A running mosquitto, stopped when dropped.
