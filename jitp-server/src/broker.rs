@@ -186,22 +186,7 @@ pub(crate) async fn serve(api: BrokerApi, jitp: Arc<Jitp>, metrics: Arc<Metrics>
     }
 }
 
-type Body = Full<Bytes>;
-
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(value.to_string())))
-        .expect("valid response")
-}
-
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(
-        status,
-        &serde_json::json!({ "error": code, "message": message }),
-    )
-}
+use crate::{Body, error_response, json_response};
 
 fn empty(status: StatusCode) -> Response<Body> {
     Response::builder()

@@ -365,7 +365,7 @@ impl Server {
 /// follows the registry every couple of seconds).
 const REVOKED_SWEEP: Duration = Duration::from_millis(500);
 
-type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// What [`handle`] enforces on one request.
 #[derive(Debug, Clone, Copy)]
@@ -383,7 +383,7 @@ fn closing(mut response: Response<Body>) -> Response<Body> {
     response
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -391,7 +391,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
         .expect("valid response")
 }
 
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub(crate) fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json_response(
         status,
         &serde_json::json!({ "error": code, "message": message }),

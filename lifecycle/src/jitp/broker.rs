@@ -218,16 +218,7 @@ impl Jitp {
             self.connect_from(cert_der, None).await?,
             ConnectOutcome::Provisioned(_)
         );
-        let state = self
-            .registry
-            .device_state(&identity.fingerprint_sha256_hex)
-            .await
-            .map_err(Refusal::unavailable)?
-            .ok_or_else(|| {
-                Refusal::UnknownCertificate(
-                    "this certificate is not in the fleetcert registry".into(),
-                )
-            })?;
+        let state = self.known_device_state(&identity).await?;
         let certificate = &state.certificate;
         if certificate.status == CertStatus::Revoked
             || self.revocation.is_serial_revoked(&certificate.serial)

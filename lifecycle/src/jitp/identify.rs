@@ -36,16 +36,7 @@ impl Jitp {
     pub async fn identify(&self, cert_der: &[u8]) -> Result<IdentifiedDevice, Refusal> {
         let identity = Self::identity(cert_der)?;
         self.refuse_if_expired(&identity)?;
-        let state = self
-            .registry
-            .device_state(&identity.fingerprint_sha256_hex)
-            .await
-            .map_err(Refusal::unavailable)?
-            .ok_or_else(|| {
-                Refusal::UnknownCertificate(
-                    "this certificate is not in the fleetcert registry".into(),
-                )
-            })?;
+        let state = self.known_device_state(&identity).await?;
         if state.certificate.status == CertStatus::Revoked
             || self.revocation.is_serial_revoked(&state.certificate.serial)
         {

@@ -281,15 +281,13 @@ impl Jitp {
         Ok(())
     }
 
-    /// The registry's view of a certificate that passed the handshake. Confirms a
-    /// rotation on the first use of a replacement: the old certificate is revoked now,
-    /// because the device has been seen with the new one.
-    async fn authenticate(
+    /// The registry's state of this certificate; a certificate it does not know is
+    /// refused as unknown.
+    pub(crate) async fn known_device_state(
         &self,
         identity: &fleetcert_ca::DeviceIdentity,
     ) -> Result<DeviceState, Refusal> {
-        let state = self
-            .registry
+        self.registry
             .device_state(&identity.fingerprint_sha256_hex)
             .await
             .map_err(Refusal::unavailable)?
@@ -297,7 +295,17 @@ impl Jitp {
                 Refusal::UnknownCertificate(
                     "this certificate is not in the fleetcert registry".into(),
                 )
-            })?;
+            })
+    }
+
+    /// The registry's view of a certificate that passed the handshake. Confirms a
+    /// rotation on the first use of a replacement: the old certificate is revoked now,
+    /// because the device has been seen with the new one.
+    async fn authenticate(
+        &self,
+        identity: &fleetcert_ca::DeviceIdentity,
+    ) -> Result<DeviceState, Refusal> {
+        let state = self.known_device_state(identity).await?;
         if state.certificate.status == CertStatus::Revoked {
             return Err(Refusal::CertificateRevoked(format!(
                 "certificate {} is revoked",
