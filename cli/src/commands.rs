@@ -474,7 +474,8 @@ async fn things_show(ctx: &Ctx, name: &str) -> CmdResult {
         .map(|p| p.name)
         .collect();
     let mut connections = Vec::new();
-    for c in certs.iter().filter(|c| c.status == CertStatus::Active) {
+    // Every certificate's: a revoked certificate seen connecting matters most.
+    for c in &certs {
         connections.extend(registry.recent_connections(&c.fingerprint_sha256).await?);
     }
     connections.sort_by_key(|c| std::cmp::Reverse(c.at));
@@ -512,8 +513,42 @@ async fn things_show(ctx: &Ctx, name: &str) -> CmdResult {
                 e.detail
             ));
         }
+        ctx.out.line("recent connections:");
+        if connections.is_empty() {
+            ctx.out.line("  none recorded");
+        }
+        for c in &connections {
+            ctx.out.line(format!("  {}", connection_row(c)));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One connection record for `things show`: when, how, who, from where, until when, the
+/// certificate (fingerprint prefix).
+fn connection_row(c: &fleetcert_registry::ConnectionRecord) -> String {
+    let mut row = format!(
+        "{} {:<5} from {}",
+        timestamp(c.at),
+        c.transport,
+        c.client_addr
+    );
+    if let Some(client_id) = &c.client_id {
+        row.push_str(&format!(" client id {client_id:?}"));
+    }
+    if let Some(until) = c.disconnected_at {
+        row.push_str(&format!(" until {}", timestamp(until)));
+    }
+    if let Some(reason) = &c.disconnect_reason {
+        row.push_str(&format!(" ({reason})"));
+    }
+    row.push_str(&format!(
+        " certificate sha256:{}",
+        c.fingerprint_sha256
+            .get(..16)
+            .unwrap_or(&c.fingerprint_sha256)
+    ));
+    row
 }
 
 async fn certs_list(

@@ -7,14 +7,15 @@
 //!   lifecycle clock, then the revocation view), then
 //!   [`Jitp::authorize_connect`] decides (first use registers; `iot:Connect` evaluated).
 //!   Answered `200` `allowed` or `refused` (with a `reason` class and lifecycle's stable
-//!   `code`); `503` when the registry is unavailable or busy (the plugin then answers
-//!   CONNACK 0x88, server unavailable).
+//!   `code`); `503` when the registry is unavailable or busy (the plugin then fails
+//!   closed: mosquitto 2.0 closes the connection without a CONNACK).
 //! - `POST /broker/v1/disconnect`: finished sessions recorded, `204`.
 //! - `POST /broker/v1/sessions`: which of the live sessions' certificates are retired.
 //!
 //! Mapping lifecycle's [`Refusal`] to the contract's `reason` classes is transport, so
 //! it lives here.
 use crate::Metrics;
+use crate::metrics::BrokerCounters;
 use bytes::Bytes;
 use fleetcert_device_auth::ChainVerifier;
 use fleetcert_lifecycle::broker::BrokerSecret;
@@ -52,6 +53,8 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const CACHE_SECONDS: u32 = 30;
 /// Longest MQTT client ID considered (AWS IoT's limit is 128 bytes); longer is refused.
 const MAX_CLIENT_ID_BYTES: usize = 1024;
+/// The longest disconnect reason recorded (the plugin sends short snake_case words).
+const MAX_REASON_BYTES: usize = 64;
 
 /// Why the broker API cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -383,11 +386,20 @@ async fn connect(body: &[u8], shared: &Shared) -> Response<Body> {
     {
         return refused(&refusal, metrics);
     }
-    let source = request.source_address.unwrap_or_default();
-    match jitp
-        .authorize_connect(der.as_ref(), &request.client_id, &source, &shared.arn)
-        .await
-    {
+    let started = std::time::Instant::now();
+    let outcome = jitp
+        .authorize_connect(der.as_ref(), &request.client_id, &shared.arn)
+        .await;
+    metrics.broker_connect_answered(started.elapsed());
+    if let Err(refusal) = &outcome {
+        tracing::info!(
+            client_id = %fleetcert_templates::clip(&request.client_id, fleetcert_templates::MAX_ECHO_CHARS),
+            source = request.source_address.as_deref().unwrap_or(""),
+            code = refusal.code(),
+            "broker CONNECT refused"
+        );
+    }
+    match outcome {
         Ok(allowed) => {
             metrics.request(if allowed.registered {
                 "broker_connect_registered"
@@ -416,6 +428,8 @@ struct DisconnectedSession {
     #[serde(default)]
     connected_at: i64,
     disconnected_at: i64,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 async fn disconnect(body: &[u8], shared: &Shared) -> Response<Body> {
@@ -432,6 +446,9 @@ async fn disconnect(body: &[u8], shared: &Shared) -> Response<Body> {
             source_address: s.source_address,
             connected_at: s.connected_at,
             disconnected_at: s.disconnected_at,
+            reason: s
+                .reason
+                .filter(|r| r.len() <= MAX_REASON_BYTES && r.bytes().all(|b| b.is_ascii_graphic())),
         })
         .collect();
     match shared.jitp.record_disconnects(&sessions).await {
@@ -446,13 +463,36 @@ async fn disconnect(body: &[u8], shared: &Shared) -> Response<Body> {
 #[derive(serde::Deserialize)]
 struct SessionsRequest {
     fingerprints: Vec<String>,
+    #[serde(default)]
+    broker: Option<BrokerReport>,
 }
+
+/// Who polls and its counters (the plugin's `MetricsSnapshot`).
+#[derive(serde::Deserialize)]
+struct BrokerReport {
+    instance: String,
+    #[serde(default)]
+    sessions: u64,
+    #[serde(default)]
+    metrics: BrokerCounters,
+}
+
+/// The longest broker instance id taken (the plugin sends 32 hex characters).
+const MAX_INSTANCE_BYTES: usize = 64;
 
 async fn sessions(body: &[u8], shared: &Shared) -> Response<Body> {
     let request: SessionsRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return bad_json(e),
     };
+    if let Some(broker) = &request.broker
+        && !broker.instance.is_empty()
+        && broker.instance.len() <= MAX_INSTANCE_BYTES
+    {
+        let mut counters = broker.metrics;
+        counters.sessions = broker.sessions;
+        shared.metrics.broker_report(&broker.instance, &counters);
+    }
     let fingerprints: Vec<String> = request
         .fingerprints
         .iter()

@@ -23,6 +23,12 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionResultLabel {
+    action: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabel {
     stage: String,
 }
@@ -54,6 +60,7 @@ pub struct Metrics {
     mirror_backlog: Family<StateLabel, Gauge>,
     mirror_oldest_pending_seconds: Gauge,
     open_connections: Gauge,
+    broker: BrokerMetrics,
     /// When a device request last got `registry_unavailable` with no registry write
     /// succeeding since: `/healthz` reports that rather than its own small probe, which can
     /// still fit in space a larger registration's commit cannot (a full disk).
@@ -161,8 +168,10 @@ impl Metrics {
             "Age of the oldest pending AWS IoT mirror operation (0 when none)",
             mirror_oldest_pending_seconds.clone(),
         );
+        let broker = BrokerMetrics::register(&mut registry);
         Metrics {
             registry,
+            broker,
             handshakes,
             connects,
             rejections,
@@ -279,6 +288,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Times serve's answer to one broker CONNECT (`POST /broker/v1/connect`).
+    pub(crate) fn broker_connect_answered(&self, took: Duration) {
+        self.broker.connect_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Takes in a broker plugin's counters (cumulative since that plugin `instance`
+    /// started): the increments since its previous report are added to the
+    /// `fleetcert_broker_*` counters.
+    pub(crate) fn broker_report(&self, instance: &str, report: &BrokerCounters) {
+        self.broker.report(instance, report);
+    }
+
     /// Brings the rotation counters up to the totals kept by the lifecycle layer (the
     /// worker and the device endpoints count there; this exports them).
     pub fn sync_rotations(&self, stats: &fleetcert_lifecycle::rotation::RotationStats) {
@@ -345,5 +366,264 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// CONNECTs by result as a broker plugin counts them (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct BrokerConnectCounts {
+    pub allowed_serve: u64,
+    pub allowed_cache: u64,
+    pub refused: u64,
+    pub unavailable: u64,
+}
+
+/// ACL decisions of one kind as a broker plugin counts them (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct BrokerAclCounts {
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// A broker plugin's counters, as it sends them with each sessions poll
+/// (docs/broker-api.md). Cumulative since the plugin started, except `serve_micros_max`
+/// (the longest call since its previous report).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct BrokerCounters {
+    pub connects: BrokerConnectCounts,
+    pub subscribe: BrokerAclCounts,
+    pub publish: BrokerAclCounts,
+    pub receive: BrokerAclCounts,
+    pub kicks: u64,
+    pub serve_calls: u64,
+    pub serve_failures: u64,
+    pub serve_micros_total: u64,
+    pub serve_micros_max: u64,
+    /// Live sessions at the report (sent beside the counters; kept here for the gauge).
+    #[serde(skip)]
+    pub sessions: u64,
+}
+
+/// Broker plugin instances remembered at most (a restart makes a new one; the oldest
+/// are forgotten first).
+const BROKER_INSTANCES_KEPT: usize = 64;
+/// A broker instance that has not reported for this long no longer counts towards the
+/// live-sessions gauge.
+const BROKER_REPORT_STALE: Duration = Duration::from_secs(60);
+
+/// The `fleetcert_broker_*` metrics: the mosquitto plugins' own counters, reported with
+/// their sessions polls, and serve's time to answer a broker CONNECT.
+#[derive(Debug)]
+struct BrokerMetrics {
+    connects: Family<ResultLabel, Counter>,
+    acl: Family<ActionResultLabel, Counter>,
+    kicks: Counter,
+    api_calls: Family<ResultLabel, Counter>,
+    api_call_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    api_call_max_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    sessions: Gauge,
+    connect_seconds: Histogram,
+    last: std::sync::Mutex<Vec<(String, std::time::Instant, BrokerCounters)>>,
+}
+
+impl BrokerMetrics {
+    fn register(registry: &mut Registry) -> BrokerMetrics {
+        let metrics = BrokerMetrics {
+            connects: Family::default(),
+            acl: Family::default(),
+            kicks: Counter::default(),
+            api_calls: Family::default(),
+            api_call_seconds: Counter::default(),
+            api_call_max_seconds: Gauge::default(),
+            sessions: Gauge::default(),
+            connect_seconds: latency_buckets(),
+            last: std::sync::Mutex::new(Vec::new()),
+        };
+        registry.register(
+            "broker_connects",
+            "MQTT CONNECTs decided by the mosquitto plugin, by result: allowed_serve (asked serve), allowed_cache (returning device, from the plugin's cache), refused, unavailable (serve unreachable: refused, fail closed)",
+            metrics.connects.clone(),
+        );
+        registry.register(
+            "broker_acl_decisions",
+            "SUBSCRIBE, PUBLISH and delivery decisions made by the mosquitto plugin in process, by action (subscribe, publish, receive) and result (allowed, denied)",
+            metrics.acl.clone(),
+        );
+        registry.register(
+            "broker_kicks",
+            "MQTT clients dropped by the plugin because their certificate was revoked or retired by a rotation",
+            metrics.kicks.clone(),
+        );
+        registry.register(
+            "broker_api_calls",
+            "calls from the mosquitto plugin to serve's broker API, by result (ok, failed), as the plugin saw them",
+            metrics.api_calls.clone(),
+        );
+        registry.register(
+            "broker_api_call_seconds",
+            "time the mosquitto plugin spent in calls to serve's broker API (divide by broker_api_calls for the mean)",
+            metrics.api_call_seconds.clone(),
+        );
+        registry.register(
+            "broker_api_call_max_seconds",
+            "the longest call from the mosquitto plugin to serve in its latest report interval",
+            metrics.api_call_max_seconds.clone(),
+        );
+        registry.register(
+            "broker_sessions",
+            "live MQTT sessions on the brokers reporting within the last minute",
+            metrics.sessions.clone(),
+        );
+        registry.register(
+            "broker_connect_seconds",
+            "time serve took to answer a broker CONNECT (POST /broker/v1/connect), registrations included",
+            metrics.connect_seconds.clone(),
+        );
+        for result in ["allowed_serve", "allowed_cache", "refused", "unavailable"] {
+            let _ = metrics.connects.get_or_create(&ResultLabel {
+                result: result.into(),
+            });
+        }
+        metrics
+    }
+
+    fn report(&self, instance: &str, report: &BrokerCounters) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let previous = match last.iter().position(|(id, _, _)| id == instance) {
+            Some(i) => last.remove(i).2,
+            None => BrokerCounters::default(),
+        };
+        if last.len() >= BROKER_INSTANCES_KEPT {
+            last.remove(0);
+        }
+        last.push((instance.to_owned(), now, *report));
+        // Increments since the previous report; a counter that went down (cannot happen
+        // within one instance) counts from zero rather than going negative.
+        let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+        let add = |counter: &Counter, now: u64, before: u64| {
+            let d = delta(now, before);
+            if d > 0 {
+                counter.inc_by(d);
+            }
+        };
+        let (c, p) = (&report.connects, &previous.connects);
+        for (result, now, before) in [
+            ("allowed_serve", c.allowed_serve, p.allowed_serve),
+            ("allowed_cache", c.allowed_cache, p.allowed_cache),
+            ("refused", c.refused, p.refused),
+            ("unavailable", c.unavailable, p.unavailable),
+        ] {
+            add(
+                &self.connects.get_or_create(&ResultLabel {
+                    result: result.into(),
+                }),
+                now,
+                before,
+            );
+        }
+        for (action, now, before) in [
+            ("subscribe", report.subscribe, previous.subscribe),
+            ("publish", report.publish, previous.publish),
+            ("receive", report.receive, previous.receive),
+        ] {
+            for (result, n, b) in [
+                ("allowed", now.allowed, before.allowed),
+                ("denied", now.denied, before.denied),
+            ] {
+                add(
+                    &self.acl.get_or_create(&ActionResultLabel {
+                        action: action.into(),
+                        result: result.into(),
+                    }),
+                    n,
+                    b,
+                );
+            }
+        }
+        add(&self.kicks, report.kicks, previous.kicks);
+        let failures = delta(report.serve_failures, previous.serve_failures);
+        let calls = delta(report.serve_calls, previous.serve_calls);
+        add(
+            &self.api_calls.get_or_create(&ResultLabel {
+                result: "ok".into(),
+            }),
+            calls.saturating_sub(failures),
+            0,
+        );
+        add(
+            &self.api_calls.get_or_create(&ResultLabel {
+                result: "failed".into(),
+            }),
+            failures,
+            0,
+        );
+        let micros = delta(report.serve_micros_total, previous.serve_micros_total);
+        self.api_call_seconds.inc_by(micros as f64 / 1e6);
+        self.api_call_max_seconds
+            .set(report.serve_micros_max as f64 / 1e6);
+        let live: u64 = last
+            .iter()
+            .filter(|(_, at, _)| now.duration_since(*at) < BROKER_REPORT_STALE)
+            .map(|(_, _, r)| r.sessions)
+            .sum();
+        self.sessions.set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    /// Cumulative plugin counters become increments per instance; a restarted plugin (a
+    /// new instance) starts from zero without taking anything back.
+    #[test]
+    fn broker_reports_add_increments_per_instance() {
+        let metrics = Metrics::new();
+        let mut report = BrokerCounters::default();
+        report.connects.allowed_serve = 3;
+        report.publish.denied = 2;
+        report.serve_calls = 4;
+        report.serve_failures = 1;
+        report.serve_micros_total = 2_000_000;
+        report.sessions = 3;
+        metrics.broker_report("a", &report);
+        report.connects.allowed_serve = 5;
+        report.kicks = 1;
+        metrics.broker_report("a", &report);
+        let mut restarted = BrokerCounters::default();
+        restarted.connects.allowed_serve = 1;
+        restarted.sessions = 1;
+        metrics.broker_report("b", &restarted);
+        let text = metrics.encode();
+        let has = |prefix: &str, value: &str| {
+            let found = line(&text, prefix);
+            assert_eq!(
+                found.and_then(|l| l.rsplit(' ').next()),
+                Some(value),
+                "{prefix}: {found:?}\n{text}"
+            );
+        };
+        has(
+            "fleetcert_broker_connects_total{result=\"allowed_serve\"}",
+            "6",
+        );
+        has("fleetcert_broker_connects_total{result=\"refused\"}", "0");
+        has(
+            "fleetcert_broker_acl_decisions_total{action=\"publish\",result=\"denied\"}",
+            "2",
+        );
+        has("fleetcert_broker_kicks_total", "1");
+        has("fleetcert_broker_api_calls_total{result=\"ok\"}", "3");
+        has("fleetcert_broker_api_calls_total{result=\"failed\"}", "1");
+        has("fleetcert_broker_api_call_seconds_total", "2.0");
+        has("fleetcert_broker_sessions", "4");
     }
 }

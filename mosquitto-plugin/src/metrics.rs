@@ -1,5 +1,8 @@
-//! Counters kept by the plugin and logged periodically (no exporter yet).
+//! Counters kept by the plugin: logged periodically, and sent to serve with every sessions
+//! poll ([`Metrics::snapshot`]), which exports them on its `/metrics` as
+//! `fleetcert_broker_*` (docs/broker-api.md).
 
+use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -76,6 +79,31 @@ impl Metrics {
         self.acl[kind as usize][usize::from(allowed)].load(Relaxed)
     }
 
+    /// Every counter so far (cumulative since the plugin started), for serve. The
+    /// longest serve call is the longest since the previous snapshot.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let a = |kind| AclCounts {
+            allowed: self.acl_decisions(kind, true),
+            denied: self.acl_decisions(kind, false),
+        };
+        MetricsSnapshot {
+            connects: ConnectCounts {
+                allowed_serve: self.connects(ConnectResult::AllowedByServe),
+                allowed_cache: self.connects(ConnectResult::AllowedFromCache),
+                refused: self.connects(ConnectResult::Refused),
+                unavailable: self.connects(ConnectResult::Unavailable),
+            },
+            subscribe: a(AclKind::Subscribe),
+            publish: a(AclKind::Publish),
+            receive: a(AclKind::Receive),
+            kicks: self.kicks.load(Relaxed),
+            serve_calls: self.serve_calls.load(Relaxed),
+            serve_failures: self.serve_failures.load(Relaxed),
+            serve_micros_total: self.serve_micros_total.load(Relaxed),
+            serve_micros_max: self.serve_micros_max.swap(0, Relaxed),
+        }
+    }
+
     /// One log line with every counter.
     pub fn summary(&self) -> String {
         let c = |r| self.connects(r);
@@ -107,4 +135,49 @@ impl Metrics {
             self.serve_micros_max.load(Relaxed),
         )
     }
+}
+
+/// CONNECTs by result, cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnectCounts {
+    /// Allowed by serve.
+    pub allowed_serve: u64,
+    /// Allowed from the cache.
+    pub allowed_cache: u64,
+    /// Refused (serve's decision, or no certificate).
+    pub refused: u64,
+    /// Refused because serve could not be reached (fail closed).
+    pub unavailable: u64,
+}
+
+/// ACL decisions of one kind, cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AclCounts {
+    /// Allowed.
+    pub allowed: u64,
+    /// Denied.
+    pub denied: u64,
+}
+
+/// The plugin's counters as sent to serve (`POST /broker/v1/sessions`, `broker.metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MetricsSnapshot {
+    /// CONNECTs by result.
+    pub connects: ConnectCounts,
+    /// SUBSCRIBE decisions (`iot:Subscribe`).
+    pub subscribe: AclCounts,
+    /// PUBLISH decisions (`iot:Publish`).
+    pub publish: AclCounts,
+    /// Delivery decisions (`iot:Receive`).
+    pub receive: AclCounts,
+    /// Clients kicked (retired certificates).
+    pub kicks: u64,
+    /// Calls to serve (connect, disconnect, sessions).
+    pub serve_calls: u64,
+    /// Calls to serve that failed (unreachable, timeout, bad answer).
+    pub serve_failures: u64,
+    /// Time spent in calls to serve, microseconds.
+    pub serve_micros_total: u64,
+    /// The longest call to serve since the previous snapshot, microseconds.
+    pub serve_micros_max: u64,
 }

@@ -97,6 +97,21 @@ pub struct DisconnectRecord {
     pub connected_at: u64,
     /// Unix seconds.
     pub disconnected_at: u64,
+    /// Why it ended: `disconnected`, `duplicate_client_id` (another connection took the
+    /// client id over), `certificate_retired` (kicked), `broker_stopped`.
+    pub reason: String,
+}
+
+/// Who is reporting and its counters (`broker` in `POST /broker/v1/sessions`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerReport {
+    /// Random per plugin start: serve turns cumulative counters into increments per
+    /// instance, so a restarted broker starts from zero without double counting.
+    pub instance: String,
+    /// Live sessions now.
+    pub sessions: u64,
+    /// The counters.
+    pub metrics: crate::metrics::MetricsSnapshot,
 }
 
 /// A certificate whose sessions must be dropped.
@@ -204,13 +219,25 @@ impl ServeClient {
         }
     }
 
-    /// `POST /broker/v1/sessions`: which of these certificates' sessions must be dropped.
-    pub fn sessions(&self, fingerprints: &[String]) -> Result<Vec<Retired>, ServeError> {
+    /// `POST /broker/v1/sessions`: which of these certificates' sessions must be dropped;
+    /// the plugin's counters ride along for serve's `/metrics`.
+    pub fn sessions(
+        &self,
+        fingerprints: &[String],
+        broker: &BrokerReport,
+    ) -> Result<Vec<Retired>, ServeError> {
         #[derive(Serialize)]
         struct Body<'a> {
             fingerprints: &'a [String],
+            broker: &'a BrokerReport,
         }
-        let (status, text) = self.post("/broker/v1/sessions", &Body { fingerprints })?;
+        let (status, text) = self.post(
+            "/broker/v1/sessions",
+            &Body {
+                fingerprints,
+                broker,
+            },
+        )?;
         if status != 200 {
             return Err(ServeError(format!("sessions: HTTP status {status}")));
         }

@@ -118,6 +118,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "mirror_certificate_ids",
         sql: include_str!("../../migrations/sqlite/0005_mirror_certificate_ids.sql"),
     },
+    EmbeddedMigration {
+        version: 6,
+        description: "connection_sessions",
+        sql: include_str!("../../migrations/sqlite/0006_connection_sessions.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -146,6 +151,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 5,
         description: "mirror_certificate_ids",
         sql: include_str!("../../migrations/postgres/0005_mirror_certificate_ids.sql"),
+    },
+    EmbeddedMigration {
+        version: 6,
+        description: "connection_sessions",
+        sql: include_str!("../../migrations/postgres/0006_connection_sessions.sql"),
     },
 ];
 
@@ -512,7 +522,16 @@ where
     })
 }
 
-/// Columns: fingerprint_sha256, thing_name, client_addr, at.
+/// The connection columns, in the order [`connection_from_row`] reads them.
+macro_rules! connection_columns {
+    () => {
+        "fingerprint_sha256, thing_name, client_addr, at, transport, client_id, \
+         disconnected_at, disconnect_reason"
+    };
+}
+pub(crate) use connection_columns;
+
+/// Columns: [`connection_columns!`].
 pub(crate) fn connection_from_row<'r, R>(row: &'r R) -> Result<ConnectionRecord, sqlx::Error>
 where
     R: Row,
@@ -520,11 +539,18 @@ where
     String: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
 {
+    let transport: String = row.try_get(4)?;
     Ok(ConnectionRecord {
         fingerprint_sha256: row.try_get(0)?,
         thing_name: row.try_get(1)?,
         client_addr: row.try_get(2)?,
         at: row.try_get(3)?,
+        transport: transport
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        client_id: row.try_get(5)?,
+        disconnected_at: row.try_get(6)?,
+        disconnect_reason: row.try_get(7)?,
     })
 }
 
@@ -1281,12 +1307,7 @@ mod tests {
     #[test]
     fn only_the_newest_connections_of_a_slice_are_kept() {
         let records: Vec<ConnectionRecord> = (0..40)
-            .map(|i| ConnectionRecord {
-                fingerprint_sha256: if i % 4 == 0 { "b" } else { "a" }.to_owned(),
-                thing_name: "t".to_owned(),
-                client_addr: "addr".to_owned(),
-                at: i,
-            })
+            .map(|i| ConnectionRecord::https(if i % 4 == 0 { "b" } else { "a" }, "t", "addr", i))
             .collect();
         let (keep, fingerprints) = connections_to_keep(&records);
         assert_eq!(fingerprints, ["a", "b"]);

@@ -52,8 +52,8 @@ macro_rules! device_state_sql {
 pub(crate) use device_state_sql;
 
 /// The connection insert (rows appended by [`insert_rows`]).
-const INSERT_CONNECTIONS: &str =
-    "INSERT INTO connections (fingerprint_sha256, thing_name, client_addr, at)";
+const INSERT_CONNECTIONS: &str = "INSERT INTO connections (fingerprint_sha256, thing_name, \
+     client_addr, at, transport, client_id, disconnected_at, disconnect_reason)";
 
 /// Deletes all but the newest `$2 + 1` connections of each fingerprint of `$1` (a JSON
 /// array): one cutoff id per fingerprint (materialised), then a range delete through the
@@ -78,6 +78,8 @@ where
     <R::Db as Database>::Arguments: sqlx::IntoArguments<R::Db>,
     usize: ColumnIndex<<R::Db as Database>::Row>,
     for<'q> &'q str: Encode<'q, R::Db> + Type<R::Db>,
+    for<'q> Option<&'q str>: Encode<'q, R::Db>,
+    for<'q> Option<i64>: Encode<'q, R::Db>,
     for<'q> String: Encode<'q, R::Db> + Decode<'q, R::Db> + Type<R::Db>,
     for<'q> i64: Encode<'q, R::Db> + Decode<'q, R::Db> + Type<R::Db>,
     for<'q> i32: Decode<'q, R::Db> + Type<R::Db>,
@@ -126,11 +128,15 @@ where
             R::lock_for_transaction(&mut *tx, CONNECTIONS_LOCK)
                 .await
                 .map_err(step("locking connections"))?;
-            insert_rows(&mut *tx, INSERT_CONNECTIONS, 4, "", &keep, |row, c| {
+            insert_rows(&mut *tx, INSERT_CONNECTIONS, 8, "", &keep, |row, c| {
                 row.push_bind(c.fingerprint_sha256.as_str())
                     .push_bind(c.thing_name.as_str())
                     .push_bind(c.client_addr.as_str())
-                    .push_bind(c.at);
+                    .push_bind(c.at)
+                    .push_bind(c.transport.as_str())
+                    .push_bind(c.client_id.as_deref())
+                    .push_bind(c.disconnected_at)
+                    .push_bind(c.disconnect_reason.as_deref());
             })
             .await
             .map_err(step("recording connections"))?;

@@ -618,7 +618,20 @@ pub struct StoredCrl {
 /// CRLs kept in the registry (older ones are pruned when a new one is stored).
 pub const CRLS_KEPT: i64 = 16;
 
-/// One device connection, as the JITP server saw it.
+/// How a device connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ConnectionTransport {
+    /// fleetcert's own mutual-TLS listener (first connect, EST); recorded when answered.
+    Https,
+    /// An MQTT session through the mosquitto plugin; recorded when it ended.
+    Mqtt,
+}
+
+text_enum!(ConnectionTransport { Https => "https", Mqtt => "mqtt" });
+
+/// One device connection, as the JITP server or the broker saw it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConnectionRecord {
     /// The certificate the device presented: SHA-256 of its DER, lowercase hex
@@ -626,10 +639,38 @@ pub struct ConnectionRecord {
     pub fingerprint_sha256: String,
     /// The certificate's thing at the time.
     pub thing_name: String,
-    /// The peer's socket address as the server saw it (`IP:PORT`, IPv6 in brackets).
+    /// The peer's address as the server saw it (`IP:PORT`, IPv6 in brackets; the broker
+    /// reports the address without the port).
     pub client_addr: String,
-    /// When the connection was answered (Unix seconds).
+    /// When the connection was answered (HTTPS) or the session began (MQTT), Unix seconds.
     pub at: i64,
+    /// Which front end saw it.
+    pub transport: ConnectionTransport,
+    /// The MQTT client id (MQTT sessions only).
+    pub client_id: Option<String>,
+    /// When the session ended (MQTT sessions only), Unix seconds.
+    pub disconnected_at: Option<i64>,
+    /// Why the session ended, as the broker saw it (MQTT sessions only): `disconnected`
+    /// (the client left or its connection dropped), `duplicate_client_id` (another
+    /// connection took its client id over), `certificate_retired` (kicked: revoked or
+    /// rotated), `broker_stopped`.
+    pub disconnect_reason: Option<String>,
+}
+
+impl ConnectionRecord {
+    /// A connection answered by the HTTPS listener.
+    pub fn https(fingerprint_sha256: &str, thing_name: &str, client_addr: &str, at: i64) -> Self {
+        ConnectionRecord {
+            fingerprint_sha256: fingerprint_sha256.to_owned(),
+            thing_name: thing_name.to_owned(),
+            client_addr: client_addr.to_owned(),
+            at,
+            transport: ConnectionTransport::Https,
+            client_id: None,
+            disconnected_at: None,
+            disconnect_reason: None,
+        }
+    }
 }
 
 /// Connections kept per certificate (older ones are pruned as new ones arrive).

@@ -3,7 +3,7 @@
 //! the latest CRL. JSON columns are read as `CAST(… AS TEXT)` (PostgreSQL stores
 //! `jsonb`, SQLite text).
 
-use crate::common::{self, cert_columns, rotation_columns};
+use crate::common::{self, cert_columns, connection_columns, rotation_columns};
 use crate::dialect::{Dialect, Flows};
 use crate::{
     CertificateFilter, CertificateRecord, ConnectionRecord, EventFilter, EventRecord,
@@ -32,8 +32,11 @@ pub(crate) const SQL_POLICIES_OF_THING: &str = "SELECT name, CAST(document AS TE
         JOIN policy_attachments a ON a.serial = c.serial \
         WHERE c.thing_name = $1 AND c.status = 'active') \
      ORDER BY name";
-pub(crate) const SQL_RECENT_CONNECTIONS: &str = "SELECT fingerprint_sha256, thing_name, client_addr, at \
-     FROM connections WHERE fingerprint_sha256 = $1 ORDER BY id DESC LIMIT $2";
+pub(crate) const SQL_RECENT_CONNECTIONS: &str = concat!(
+    "SELECT ",
+    connection_columns!(),
+    " FROM connections WHERE fingerprint_sha256 = $1 ORDER BY id DESC LIMIT $2"
+);
 const SQL_REVOKED_SERIALS: &str = "SELECT serial FROM certificates \
      WHERE status = 'revoked' AND not_after >= $1 ORDER BY serial";
 pub(crate) const SQL_ROTATION: &str = concat!(

@@ -4,13 +4,13 @@
 //! a fresh database of its own).
 
 use fleetcert_registry::{
-    CRLS_KEPT, CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, EventFilter,
-    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, MirrorBacklog,
-    MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings, NewCertificate,
-    NewMirrorOp, PolicyWrite, PreparedReplacement, Registration, RegistrationOutcome, Registry,
-    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, TakenReplacement,
-    ThingDetails, ThingFilter, ThingRecord, open, testing,
+    CRLS_KEPT, CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, ConnectionTransport,
+    EventFilter, EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE,
+    MirrorBacklog, MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings,
+    NewCertificate, NewMirrorOp, PolicyWrite, PreparedReplacement, Registration,
+    RegistrationOutcome, Registry, RegistryError, ReplaceOutcome, Replacement, Revocation,
+    RevocationTarget, RevokedEntry, RotationBacklog, RotationFilter, RotationRecord, RotationState,
+    StoredCrl, TakenReplacement, ThingDetails, ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -1541,11 +1541,21 @@ async fn concurrent_registration_once(url: &str) {
 /// Connection records: newest first, pruned to the newest 32 per certificate.
 async fn connections_are_pruned(url: &str) {
     let reg = open(url).await.unwrap();
-    let conn = |fp: &str, i: i64| ConnectionRecord {
-        fingerprint_sha256: fp.to_owned(),
-        thing_name: format!("thing-{fp}"),
-        client_addr: format!("10.0.0.{}:5000", i % 250),
-        at: AT + i,
+    // Odd ones are MQTT sessions: the session columns round-trip on both backends.
+    let conn = |fp: &str, i: i64| {
+        let mut c = ConnectionRecord::https(
+            fp,
+            &format!("thing-{fp}"),
+            &format!("10.0.0.{}:5000", i % 250),
+            AT + i,
+        );
+        if i % 2 == 1 {
+            c.transport = ConnectionTransport::Mqtt;
+            c.client_id = Some(format!("client-{i}"));
+            c.disconnected_at = Some(AT + i + 7);
+            c.disconnect_reason = Some("duplicate_client_id".to_owned());
+        }
+        c
     };
     let (fa, fb, fc) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
     // Two flushes for `fa` (20 + 20), interleaved with three for `fb`.
@@ -1568,6 +1578,9 @@ async fn connections_are_pruned(url: &str) {
     let a = reg.recent_connections(&fa).await.unwrap();
     assert_eq!(a.len(), MAX_CONNECTIONS_PER_CERTIFICATE);
     assert_eq!(a[0], conn(&fa, 39));
+    assert_eq!(a[0].transport, ConnectionTransport::Mqtt);
+    assert_eq!(a[1], conn(&fa, 38));
+    assert_eq!(a[1].client_id, None);
     assert_eq!(ats(a), (8..40).rev().collect::<Vec<_>>());
     assert_eq!(
         ats(reg.recent_connections(&fb).await.unwrap()),

@@ -6,6 +6,9 @@
 //! `#[ignore]`d: they need mosquitto and paho-mqtt, which `scripts/with-mosquitto.sh`
 //! (through the README's test command) installs and names in `FLEETCERT_TEST_MOSQUITTO`,
 //! `FLEETCERT_TEST_MOSQUITTO_PUB` and `FLEETCERT_TEST_MQTT_PYTHON`.
+#[path = "mqtt_sessions.rs"]
+mod sessions;
+
 use crate::jitp::Served;
 use crate::util::*;
 use std::net::{TcpListener, TcpStream};

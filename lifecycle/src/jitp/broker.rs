@@ -7,7 +7,7 @@
 //! handshake does); the broker's wire format, statuses and MQTT reason codes are the
 //! front end's.
 use super::{ConnectOutcome, Jitp, Refusal, rfc3339};
-use fleetcert_registry::CertStatus;
+use fleetcert_registry::{CertStatus, ConnectionRecord, ConnectionTransport};
 use fleetcert_templates::{
     AlternativeNames, ArnContext, CertificateContext, ConnectionContext, DistinguishedName, Policy,
     Request, ThingContext, evaluate_policies,
@@ -57,6 +57,9 @@ pub struct BrokerDisconnect {
     pub connected_at: i64,
     /// When it ended (Unix seconds).
     pub disconnected_at: i64,
+    /// Why it ended, as the broker saw it (`disconnected`, `duplicate_client_id`,
+    /// `certificate_retired`, `broker_stopped`); `None` when the broker did not say.
+    pub reason: Option<String>,
 }
 
 /// Why a live session's certificate must be dropped.
@@ -196,21 +199,20 @@ fn certificate_context(cert_der: &[u8]) -> Result<CertificateContext, Refusal> {
 
 impl Jitp {
     /// An MQTT CONNECT of `cert_der` (DER, already path-validated to the issuing CA and
-    /// checked against the revocation view by the front end) with `client_id`, from
-    /// `source` (the client's address as the broker saw it).
+    /// checked against the revocation view by the front end) with `client_id`.
     ///
     /// The certificate's first use registers the thing from its template, as
     /// [`Jitp::connect`] does (the same path: concurrent first uses make one
     /// registration). Then `iot:Connect` on `client/<client_id>` is evaluated against the
     /// policies attached to the certificate, in `arn`; the thing's name, type and
     /// attributes are in the context only when `client_id` is the name of the thing the
-    /// certificate is attached to (as AWS IoT does). An allowed CONNECT is recorded as a
-    /// connection of the certificate.
+    /// certificate is attached to (as AWS IoT does). The session is recorded when it ends
+    /// ([`Jitp::record_disconnects`]): returning devices are answered from the broker's
+    /// cache, so a record made here would catch only some sessions.
     pub async fn authorize_connect(
         &self,
         cert_der: &[u8],
         client_id: &str,
-        source: &str,
         arn: &ArnContext,
     ) -> Result<AuthorizedConnect, Refusal> {
         let identity = Self::identity(cert_der)?;
@@ -279,11 +281,6 @@ impl Jitp {
                 ))
             });
         }
-        self.remember_connection(
-            &certificate.fingerprint_sha256,
-            &state.thing.name,
-            Some(source),
-        );
         Ok(AuthorizedConnect {
             thing_name: state.thing.name.clone(),
             serial: certificate.serial.clone(),
@@ -295,9 +292,9 @@ impl Jitp {
         })
     }
 
-    /// Records finished broker sessions as connections of their certificates (address and
-    /// disconnect time; the registry's connection records hold no client ID or connect
-    /// time yet). Sessions of certificates the registry does not hold are skipped.
+    /// Records finished broker sessions as connections of their certificates (client id,
+    /// address, connect and disconnect times, why it ended), with the next connection
+    /// flush. Sessions of certificates the registry does not hold are skipped.
     /// Returns how many were recorded.
     pub async fn record_disconnects(
         &self,
@@ -309,12 +306,16 @@ impl Jitp {
             else {
                 continue;
             };
-            self.caches.remember_connection(
-                &session.fingerprint_sha256,
-                &thing,
-                &session.source_address,
-                session.disconnected_at,
-            );
+            self.caches.remember_connection(ConnectionRecord {
+                fingerprint_sha256: session.fingerprint_sha256.clone(),
+                thing_name: thing,
+                client_addr: session.source_address.clone(),
+                at: session.connected_at,
+                transport: ConnectionTransport::Mqtt,
+                client_id: Some(session.client_id.clone()),
+                disconnected_at: Some(session.disconnected_at),
+                disconnect_reason: session.reason.clone(),
+            });
             recorded += 1;
         }
         Ok(recorded)

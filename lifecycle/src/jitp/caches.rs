@@ -63,19 +63,14 @@ impl Caches {
     }
 
     /// Buffers a connection record (dropped, and counted, when the buffer is full).
-    pub(super) fn remember_connection(&self, fingerprint: &str, thing: &str, peer: &str, at: i64) {
+    pub(super) fn remember_connection(&self, record: ConnectionRecord) {
         let mut buffer = self.connections.lock().expect("buffer poisoned");
         if buffer.len() >= CONNECTION_BUFFER {
             self.dropped_connection_records
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        buffer.push(ConnectionRecord {
-            fingerprint_sha256: fingerprint.to_owned(),
-            thing_name: thing.to_owned(),
-            client_addr: peer.to_owned(),
-            at,
-        });
+        buffer.push(record);
     }
 
     /// The buffered connection records, emptying the buffer.

@@ -7,7 +7,8 @@
 //! are [`ConnectStatus::Known`] and answered from a small cache after one indexed lookup.
 use super::{Jitp, Refusal, rfc3339, rotation_due};
 use fleetcert_registry::{
-    CertOrigin, CertStatus, DeviceState, Registration, RegistrationOutcome, RotationState,
+    CertOrigin, CertStatus, ConnectionRecord, DeviceState, Registration, RegistrationOutcome,
+    RotationState,
 };
 use std::net::SocketAddr;
 
@@ -183,8 +184,12 @@ impl Jitp {
 
     pub(super) fn remember_connection(&self, fingerprint: &str, thing: &str, peer: Option<&str>) {
         if let Some(peer) = peer {
-            self.caches
-                .remember_connection(fingerprint, thing, peer, self.clock.now());
+            self.caches.remember_connection(ConnectionRecord::https(
+                fingerprint,
+                thing,
+                peer,
+                self.clock.now(),
+            ));
         }
     }
 

@@ -9,7 +9,7 @@
 
 use crate::metrics::{AclKind, ConnectResult, Metrics};
 use crate::options::{OptionError, PluginOptions};
-use crate::serve::{ConnectAnswer, ConnectRequest, DisconnectRecord, ServeClient};
+use crate::serve::{BrokerReport, ConnectAnswer, ConnectRequest, DisconnectRecord, ServeClient};
 use crate::topic::check_topic;
 use base64::Engine as _;
 use fleetcert_templates::{ArnContext, ConnectionContext, Policy, Request, evaluate_policies};
@@ -117,6 +117,29 @@ struct Session {
     grant: Arc<Grant>,
     /// serve said the certificate is retired: deny everything until the kick lands.
     retired: bool,
+    /// Another connection was accepted with this client id: mosquitto drops this one.
+    taken_over: bool,
+}
+
+impl Session {
+    /// The record of this session ending now, for serve's connection log.
+    fn ended(self, reason: &str) -> DisconnectRecord {
+        let reason = if self.taken_over {
+            "duplicate_client_id"
+        } else if self.retired {
+            "certificate_retired"
+        } else {
+            reason
+        };
+        DisconnectRecord {
+            client_id: self.client_id,
+            fingerprint_sha256: self.fingerprint,
+            source_address: self.source_address,
+            connected_at: self.connected_at,
+            disconnected_at: unix_now(),
+            reason: reason.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -137,6 +160,8 @@ struct State {
 #[derive(Debug)]
 struct Shared {
     client: ServeClient,
+    /// Random per start, so serve can tell a restarted broker's counters apart.
+    instance: String,
     state: Mutex<State>,
     disconnects: Mutex<Vec<DisconnectRecord>>,
     logs: Mutex<Vec<LogLine>>,
@@ -155,6 +180,14 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// 16 random bytes, hex.
+fn instance_id() -> Result<String, OptionError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| OptionError("the system random generator failed".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// SHA-256 of a certificate's DER, lowercase hex.
@@ -176,6 +209,14 @@ pub fn certificate_pem(der: &[u8]) -> String {
 }
 
 impl Shared {
+    /// Queues ended sessions for the worker (the oldest are dropped past the bound).
+    fn queue_disconnects(&self, records: impl IntoIterator<Item = DisconnectRecord>) {
+        let mut queue = lock(&self.disconnects);
+        queue.extend(records);
+        let excess = queue.len().saturating_sub(MAX_QUEUED_DISCONNECTS);
+        queue.drain(..excess);
+    }
+
     fn log(&self, level: LogLevel, message: impl Into<String>) {
         let mut logs = lock(&self.logs);
         if logs.len() >= MAX_QUEUED_LOG_LINES {
@@ -203,6 +244,7 @@ impl Plugin {
         let client = ServeClient::new(&options.broker_api, &secret, options.timeout);
         let shared = Arc::new(Shared {
             client,
+            instance: instance_id()?,
             state: Mutex::default(),
             disconnects: Mutex::default(),
             logs: Mutex::default(),
@@ -389,10 +431,17 @@ impl Plugin {
             connected_at: unix_now(),
             grant,
             retired: false,
+            taken_over: false,
         };
-        lock(&self.shared.state)
-            .sessions
-            .insert(attempt.connection, session);
+        let mut state = lock(&self.shared.state);
+        // mosquitto disconnects a live connection whose client id a new one takes
+        // (session takeover): the audit's CONFLICTING_CLIENT_IDS check reads this.
+        for other in state.sessions.values_mut() {
+            if other.client_id == attempt.client_id {
+                other.taken_over = true;
+            }
+        }
+        state.sessions.insert(attempt.connection, session);
     }
 
     /// Decides a SUBSCRIBE, PUBLISH or delivery in process: the session's policies, no I/O.
@@ -447,18 +496,8 @@ impl Plugin {
         let Some(session) = lock(&self.shared.state).sessions.remove(&connection) else {
             return;
         };
-        let record = DisconnectRecord {
-            client_id: session.client_id,
-            fingerprint_sha256: session.fingerprint,
-            source_address: session.source_address,
-            connected_at: session.connected_at,
-            disconnected_at: unix_now(),
-        };
-        let mut queue = lock(&self.shared.disconnects);
-        if queue.len() >= MAX_QUEUED_DISCONNECTS {
-            queue.remove(0);
-        }
-        queue.push(record);
+        self.shared
+            .queue_disconnects(std::iter::once(session.ended("disconnected")));
     }
 
     /// On the broker's thread, periodically: the client ids to kick now (sessions of
@@ -506,6 +545,17 @@ impl Plugin {
     }
 
     fn stop_worker(&mut self) {
+        // Sessions still open when the broker stops are recorded as ended now (the worker
+        // sends what is queued before it returns).
+        if self.stop.is_some() {
+            let live: Vec<Session> = lock(&self.shared.state)
+                .sessions
+                .drain()
+                .map(|(_, session)| session)
+                .collect();
+            self.shared
+                .queue_disconnects(live.into_iter().map(|s| s.ended("broker_stopped")));
+        }
         drop(self.stop.take());
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
@@ -564,17 +614,20 @@ fn send_disconnects(shared: &Shared) {
 
 fn poll_sessions(shared: &Shared) {
     // Cached certificates too: a revoked device must not come back from the cache.
-    let fingerprints: Vec<String> = {
+    let (fingerprints, sessions): (Vec<String>, usize) = {
         let state = lock(&shared.state);
         let mut all: HashSet<&String> = state.sessions.values().map(|s| &s.fingerprint).collect();
         all.extend(state.cache.keys().map(|(fingerprint, _)| fingerprint));
-        all.into_iter().cloned().collect()
+        (all.into_iter().cloned().collect(), state.sessions.len())
     };
-    if fingerprints.is_empty() {
-        return;
-    }
+    // Asked even with no sessions: the counters reach serve's /metrics this way.
+    let report = BrokerReport {
+        instance: shared.instance.clone(),
+        sessions: sessions as u64,
+        metrics: shared.metrics.snapshot(),
+    };
     let started = Instant::now();
-    let result = shared.client.sessions(&fingerprints);
+    let result = shared.client.sessions(&fingerprints, &report);
     shared.metrics.serve_call(started.elapsed(), result.is_ok());
     let retired = match result {
         Ok(retired) => retired,

@@ -284,9 +284,23 @@ fn the_worker_sends_disconnects_and_kicks_retired_certificates() {
     assert_eq!(batch.as_array().unwrap().len(), 1);
     assert_eq!(batch[0]["client_id"], "sensor-2");
     assert_eq!(batch[0]["fingerprint_sha256"], fingerprint_sha256(CERT));
+    assert_eq!(batch[0]["reason"], "disconnected");
     wait_until("a sessions poll", || {
         !fake.requests_to("/broker/v1/sessions").is_empty()
     });
+    // The counters ride along, from one instance.
+    let polls = fake.requests_to("/broker/v1/sessions");
+    let broker = &polls.last().unwrap().body["broker"];
+    assert_eq!(broker["instance"].as_str().unwrap().len(), 32, "{broker}");
+    assert_eq!(
+        broker["metrics"]["connects"]["allowed_serve"], 2,
+        "{broker}"
+    );
+    assert_eq!(broker["sessions"], 1, "{broker}");
+    assert!(
+        broker["metrics"]["serve_calls"].as_u64().unwrap() >= 3,
+        "{broker}"
+    );
     assert!(plugin.tick().is_empty());
 
     retire.store(true, Ordering::SeqCst);
@@ -305,6 +319,68 @@ fn the_worker_sends_disconnects_and_kicks_retired_certificates() {
     let asked = fake.requests_to("/broker/v1/connect").len();
     let _ = plugin.authenticate(&attempt(3, "sensor-2"));
     assert_eq!(fake.requests_to("/broker/v1/connect").len(), asked + 1);
+}
+
+/// Why each session ended reaches serve: a takeover of the client id, a kick, the broker
+/// stopping with sessions open.
+#[test]
+fn disconnect_records_say_why_the_session_ended() {
+    let retire = Arc::new(AtomicBool::new(false));
+    let fake = serve(Arc::clone(&retire));
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin_for(&fake.url(), &dir, "20");
+    let sent = |fake: &FakeServe| -> Vec<(String, String)> {
+        fake.requests_to("/broker/v1/disconnect")
+            .iter()
+            .flat_map(|r| r.body["sessions"].as_array().unwrap().clone())
+            .map(|s| {
+                (
+                    s["client_id"].as_str().unwrap().to_owned(),
+                    s["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // Two connections with one client id: mosquitto drops the first.
+    assert_eq!(
+        plugin.authenticate(&attempt(1, "sensor-1")),
+        AuthAnswer::Allowed
+    );
+    assert_eq!(
+        plugin.authenticate(&attempt(2, "sensor-1")),
+        AuthAnswer::Allowed
+    );
+    plugin.disconnected(ConnectionKey(1));
+    wait_until("the takeover record", || !sent(&fake).is_empty());
+    assert_eq!(
+        sent(&fake),
+        [("sensor-1".to_owned(), "duplicate_client_id".to_owned())]
+    );
+    // A refused CONNECT with a live client id takes nothing over.
+    assert_eq!(
+        plugin.authenticate(&attempt(3, "intruder")),
+        AuthAnswer::NotAuthorized
+    );
+    // Retired, kicked, then disconnected by mosquitto.
+    retire.store(true, Ordering::SeqCst);
+    wait_until("a kick", || !plugin.tick().is_empty());
+    plugin.disconnected(ConnectionKey(2));
+    wait_until("the kick record", || sent(&fake).len() == 2);
+    assert_eq!(
+        sent(&fake)[1],
+        ("sensor-1".to_owned(), "certificate_retired".to_owned())
+    );
+    // Still open when the broker stops.
+    retire.store(false, Ordering::SeqCst);
+    assert_eq!(
+        plugin.authenticate(&attempt(4, "sensor-4")),
+        AuthAnswer::Allowed
+    );
+    plugin.shutdown();
+    assert_eq!(
+        sent(&fake)[2],
+        ("sensor-4".to_owned(), "broker_stopped".to_owned())
+    );
 }
 
 #[test]
