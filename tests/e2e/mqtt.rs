@@ -782,7 +782,13 @@ fn expired_device(env: &Env, name: &str) -> Device {
     // It does chain to the fleet: only its dates are wrong.
     let (root, issuing) = env.chain_files();
     let verified = Command::new("openssl")
-        .args(["verify", "-no_check_time", "-purpose", "sslclient", "-CAfile"])
+        .args([
+            "verify",
+            "-no_check_time",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+        ])
         .arg(&root)
         .arg("-untrusted")
         .arg(&issuing)
