@@ -476,6 +476,20 @@ pub struct DemoArgs {
     /// Keep the demo data directory (its path is printed) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+    /// Skip the MQTT round (run when mosquitto and its clients are installed).
+    #[arg(long)]
+    pub no_mqtt: bool,
+    /// The mosquitto broker for the MQTT round [default: `mosquitto` on PATH, then
+    /// /usr/sbin/mosquitto].
+    #[arg(long, env = "FLEETCERT_MOSQUITTO", value_name = "PATH")]
+    pub mosquitto: Option<PathBuf>,
+    /// The directory holding mosquitto_sub, mosquitto_pub and mosquitto_rr [default: PATH].
+    #[arg(long, env = "FLEETCERT_MOSQUITTO_CLIENTS", value_name = "DIR")]
+    pub mosquitto_clients: Option<PathBuf>,
+    /// The fleetcert mosquitto plugin (libfleetcert_mosquitto.so) [default: beside the
+    /// fleetcert executable].
+    #[arg(long, value_name = "PATH")]
+    pub plugin: Option<PathBuf>,
 }
 
 /// A duration (`humantime`: `90s`, `5m`, `1h30m`, `7d`) within `min..=max`: zero or an

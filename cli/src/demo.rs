@@ -1,8 +1,11 @@
 //! `fleetcert demo`: the factory line end to end in a temporary data directory — create a
 //! CA, provision a batch, verify every certificate against the chain with webpki, re-run
-//! the batch to show it is idempotent, and summarise.
+//! the batch to show it is idempotent, connect every device to the JITP server, rotate
+//! and revoke, then (when mosquitto is installed) the MQTT round of `demo_mqtt`, and
+//! summarise.
 use crate::args::DemoArgs;
 use crate::context::CliError;
+use crate::demo_mqtt::{self, MqttFigures};
 use crate::output::Out;
 use fleetcert_device_auth::ChainVerifier;
 use fleetcert_lifecycle::provision::{self, DeviceReport, ProvisionSettings};
@@ -136,13 +139,16 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             .await
             .into_result()?;
     // 5. Each device connects to the JITP server over real mutual TLS on loopback: the
-    //    first connect registers it, the second is a returning device.
-    let jitp_figures = jitp_round_trips(
+    //    first connect registers it, the second is a returning device. 6. With mosquitto
+    //    installed, new devices connect over MQTT through the same server's broker API.
+    let mqtt_tools = demo_mqtt::find_tools(&args);
+    let (jitp_figures, mqtt) = jitp_round_trips(
         &data,
         &ca_for_server,
         registry.clone(),
-        &out_dir,
+        &settings,
         args.devices,
+        mqtt_tools,
     )
     .await?;
     let counts = registry.counts().await?;
@@ -160,7 +166,8 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
         && first.issued == args.devices as u64
         && verified == args.devices as u64
         && second.issued == 0
-        && second.skipped == args.devices as u64;
+        && second.skipped == args.devices as u64
+        && mqtt.ok();
     if out.is_json() {
         out.json(&json!({
             "ok": ok,
@@ -172,6 +179,7 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             "rejected": rejected,
             "rerun": second,
             "jitp": jitp_figures,
+            "mqtt": mqtt,
             "registry": counts,
         }));
     } else {
@@ -212,6 +220,7 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             if rotation.old_certificate_refused { "refused" } else { "STILL ACCEPTED" },
             rotation.crl_number, rotation.crl_entries, rotation.crl_bytes
         ));
+        mqtt_lines(&out, &mqtt);
         out.line(format!(
             "  registry      {} things, certificates {:?}, {} events",
             counts.things, counts.certificates_by_status, counts.events
@@ -239,6 +248,46 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The MQTT round's lines of the summary (one line when it was skipped).
+fn mqtt_lines(out: &Out, mqtt: &MqttFigures) {
+    if let Some(why) = &mqtt.skipped {
+        out.line(format!("  mqtt          skipped: {why}"));
+        return;
+    }
+    let [me, other] = demo_mqtt::DEVICES;
+    let yes_no = |b: bool, yes: &str, no: &str| if b { yes.to_owned() } else { no.to_owned() };
+    out.line(format!(
+        "  mqtt          {} on {} with the fleetcert plugin (configured as `fleetcert mosquitto config` does), asking this demo's serve; {:.2}s",
+        mqtt.broker, mqtt.listen, mqtt.seconds
+    ));
+    out.line(format!(
+        "  mqtt connect  {}/{} new devices registered by their first CONNECT (mosquitto_sub, mosquitto_rr; MQTT 3.1.1, their own certificates)",
+        mqtt.registered,
+        mqtt.devices.len()
+    ));
+    out.line(format!(
+        "  mqtt publish  {me} on devices/{me}/echo: {}; on devices/{other}/telemetry: {}, {}",
+        yes_no(
+            mqtt.own_topic_delivered,
+            "delivered back to it",
+            "NOT DELIVERED"
+        ),
+        yes_no(
+            mqtt.foreign_topic_refused,
+            "refused (MQTT 5 PUBACK: not authorized)",
+            "NOT REFUSED"
+        ),
+        yes_no(
+            mqtt.foreign_topic_delivered,
+            &format!("DELIVERED to {other}"),
+            &format!("not delivered to {other} (subscribed there)")
+        ),
+    ));
+    for e in &mqtt.errors {
+        out.note(format!("  problem: mqtt: {e}"));
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -275,9 +324,11 @@ async fn jitp_round_trips(
     data: &DataDir,
     ca: &Arc<fleetcert_ca::IssuingCa>,
     registry: Arc<dyn fleetcert_registry::Registry>,
-    out_dir: &std::path::Path,
+    settings: &ProvisionSettings,
     devices: u32,
-) -> Result<JitpFigures, CliError> {
+    mqtt_tools: Result<demo_mqtt::Tools, String>,
+) -> Result<(JitpFigures, MqttFigures), CliError> {
+    let out_dir = &settings.out_dir;
     use fleetcert_jitp::{DeviceClient, Limits, Server, server_tls_config};
     let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     let credentials = data.server_credentials(ca, &names, None)?;
@@ -295,6 +346,7 @@ async fn jitp_round_trips(
         },
         options.stats.clone(),
     );
+    let clock = options.clock.clone();
     let jitp =
         Arc::new(fleetcert_lifecycle::jitp::Jitp::new(data, registry.clone(), options).await?);
     let tls = server_tls_config(
@@ -305,9 +357,20 @@ async fn jitp_round_trips(
     )
     .map_err(failed)?;
     let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    let server = Server::bind(loopback, loopback, tls, jitp.clone(), Limits::default())
+    let mut server = Server::bind(loopback, loopback, tls, jitp.clone(), Limits::default())
         .await
         .map_err(failed)?;
+    // The MQTT round's broker asks this same server (its broker API) about CONNECTs.
+    let broker_dir = data.root().join("mosquitto");
+    let mqtt_tools = match mqtt_tools {
+        Ok(tools) => {
+            let api = demo_mqtt::bind_broker_api(data, ca, &broker_dir).await?;
+            server = server.with_broker_api(api);
+            Ok(tools)
+        }
+        Err(why) => Err(why),
+    };
+    let broker_api = server.broker_api_addr();
     let (addr, _) = server.local_addrs().map_err(failed)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async {
@@ -329,13 +392,33 @@ async fn jitp_round_trips(
     let first = round(&clients, addr, 201).await;
     let returning = round(&clients, addr, 200).await;
     let rotation = rotate_all(&rotator, &clients, &root, addr, registry.as_ref()).await;
+    let mqtt = match (mqtt_tools, broker_api) {
+        (Ok(tools), Some(api)) => {
+            demo_mqtt::run(demo_mqtt::Round {
+                tools,
+                data,
+                ca,
+                registry: registry.clone(),
+                clock,
+                settings,
+                dir: broker_dir,
+                api,
+            })
+            .await
+        }
+        (Ok(_), None) => MqttFigures::skipped("the broker API did not start".into()),
+        (Err(why), _) => MqttFigures::skipped(why),
+    };
     let _ = stop_tx.send(());
     let _ = serving.await;
-    Ok(JitpFigures {
-        first,
-        returning,
-        rotation,
-    })
+    Ok((
+        JitpFigures {
+            first,
+            returning,
+            rotation,
+        },
+        mqtt,
+    ))
 }
 
 /// The rotation step: one sweep issues a replacement for every (short-lived) device

@@ -6,6 +6,7 @@ mod aws_cmd;
 mod commands;
 mod context;
 mod demo;
+mod demo_mqtt;
 mod lifecycle_cmds;
 mod mosquitto_cmd;
 mod output;

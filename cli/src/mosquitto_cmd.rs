@@ -6,11 +6,15 @@
 use crate::args::MosquittoConfigArgs;
 use crate::context::{CliError, Ctx, bad_input, passphrase};
 use crate::output::timestamp;
+use fleetcert_ca::IssuingCa;
+use fleetcert_lifecycle::DataDir;
 use fleetcert_lifecycle::broker::{
-    self, SECRET_FILE, SecretOrigin, create_private_dir, issue_broker_credentials,
+    self, BrokerCredentials, SECRET_FILE, SecretOrigin, create_private_dir,
+    issue_broker_credentials,
 };
-use fleetcert_lifecycle::renewal::clock_from_env;
+use fleetcert_lifecycle::renewal::{Clock, clock_from_env};
 use fleetcert_lifecycle::revocation::{CrlPublisher, crl_pem};
+use fleetcert_registry::{Registry, StoredCrl};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -80,7 +84,7 @@ fn check_server_name(name: &str) -> Result<(), CliError> {
 
 /// A path written into mosquitto.conf: absolute, and without whitespace (mosquitto
 /// splits its options on whitespace).
-fn conf_path(path: &Path, what: &str) -> Result<String, CliError> {
+pub(crate) fn conf_path(path: &Path, what: &str) -> Result<String, CliError> {
     let text = path
         .to_str()
         .ok_or_else(|| bad_input(format!("{what} {}: the path is not UTF-8", path.display())))?;
@@ -92,22 +96,22 @@ fn conf_path(path: &Path, what: &str) -> Result<String, CliError> {
     Ok(text.to_owned())
 }
 
-fn plugin_path(given: Option<&Path>) -> Result<PathBuf, CliError> {
+/// The plugin beside the fleetcert executable, if it is there.
+pub(crate) fn plugin_beside_executable() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(PLUGIN_FILE)))
+        .filter(|path| path.is_file())
+}
+
+pub(crate) fn plugin_path(given: Option<&Path>) -> Result<PathBuf, CliError> {
     let path = match given {
         Some(path) => path.to_owned(),
-        None => {
-            let beside = std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(|dir| dir.join(PLUGIN_FILE)));
-            match beside {
-                Some(path) if path.is_file() => path,
-                _ => {
-                    return Err(bad_input(format!(
-                        "no {PLUGIN_FILE} beside the fleetcert executable; pass --plugin PATH (the fleetcert mosquitto plugin library)"
-                    )));
-                }
-            }
-        }
+        None => plugin_beside_executable().ok_or_else(|| {
+            bad_input(format!(
+                "no {PLUGIN_FILE} beside the fleetcert executable; pass --plugin PATH (the fleetcert mosquitto plugin library)"
+            ))
+        })?,
     };
     if !path.is_file() {
         return Err(bad_input(format!(
@@ -118,43 +122,63 @@ fn plugin_path(given: Option<&Path>) -> Result<PathBuf, CliError> {
     std::fs::canonicalize(&path).map_err(|e| bad_input(format!("--plugin {}: {e}", path.display())))
 }
 
-pub async fn config(ctx: &Ctx, args: MosquittoConfigArgs) -> Result<ExitCode, CliError> {
-    // Every input is checked before anything is read or written.
-    let (host, port) = parse_listen(&args.listen)?;
-    let broker_api = parse_broker_api(&args.broker_api)?;
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    for name in &args.server_names {
-        check_server_name(name)?;
-        if !names.contains(name) {
-            names.push(name.clone());
-        }
-    }
-    let plugin = plugin_path(args.plugin.as_deref())?;
-    let plugin = conf_path(&plugin, "--plugin")?;
-    let dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| ctx.data().root().join("mosquitto"));
-    conf_path(&dir, "--out")?;
+/// What goes into a broker's configuration (checked by the caller).
+pub(crate) struct BrokerConfig<'a> {
+    /// The MQTT listener's host and port.
+    pub host: &'a str,
+    pub port: u16,
+    /// `http://HOST:PORT` of `serve --broker-api`.
+    pub broker_api: &'a str,
+    /// The broker certificate's names.
+    pub names: &'a [String],
+    /// The plugin library, absolute, as written into the configuration.
+    pub plugin: &'a str,
+    /// Where the files go (created mode 0700 if missing).
+    pub dir: &'a Path,
+}
 
-    let clock = clock_from_env()?;
-    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase().as_deref())?);
-    let registry = ctx.registry(false).await?;
-    let chain = ctx.data().chain_pem()?;
+/// What [`write_config`] wrote.
+pub(crate) struct WrittenConfig {
+    /// The directory, canonical.
+    pub dir: PathBuf,
+    pub credentials: BrokerCredentials,
+    pub crl: Arc<StoredCrl>,
+    pub origin: SecretOrigin,
+}
+
+/// Writes a broker's configuration: `ca.pem`, `server.crt`/`server.key`, `crl.pem`, the
+/// broker API secret (reused if there is one), then `mosquitto.conf`, each atomically.
+/// `fleetcert mosquitto config` and `fleetcert demo` both write through this.
+pub(crate) async fn write_config(
+    data: &DataDir,
+    ca: &Arc<IssuingCa>,
+    registry: Arc<dyn Registry>,
+    clock: Arc<dyn Clock>,
+    config: &BrokerConfig<'_>,
+) -> Result<WrittenConfig, CliError> {
+    let BrokerConfig {
+        host,
+        port,
+        broker_api,
+        names,
+        plugin,
+        dir,
+    } = *config;
+    let chain = data.chain_pem()?;
     let crl = CrlPublisher::new(registry, ca.clone(), clock)
         .refresh()
         .await?
         .crl;
-    let credentials = issue_broker_credentials(&ca, &names)?;
+    let credentials = issue_broker_credentials(ca, names)?;
 
-    create_private_dir(&dir)?;
+    create_private_dir(dir)?;
     let dir =
-        std::fs::canonicalize(&dir).map_err(|e| fleetcert_lifecycle::LifecycleError::Read {
-            path: dir.clone(),
+        std::fs::canonicalize(dir).map_err(|e| fleetcert_lifecycle::LifecycleError::Read {
+            path: dir.to_owned(),
             reason: e.to_string(),
         })?;
     let at = |name: &str| dir.join(name);
-    let (secret, origin) = ctx.data().ensure_broker_secret(&dir)?;
+    let (secret, origin) = data.ensure_broker_secret(&dir)?;
     drop(secret);
     broker::write_public_file(&at("ca.pem"), chain.as_bytes())?;
     broker::write_public_file(&at("server.crt"), credentials.chain_pem.as_bytes())?;
@@ -191,7 +215,58 @@ pub async fn config(ctx: &Ctx, args: MosquittoConfigArgs) -> Result<ExitCode, Cl
         secret_file = path(SECRET_FILE)?,
     );
     broker::write_public_file(&at("mosquitto.conf"), conf.as_bytes())?;
+    Ok(WrittenConfig {
+        dir,
+        credentials,
+        crl,
+        origin,
+    })
+}
 
+pub async fn config(ctx: &Ctx, args: MosquittoConfigArgs) -> Result<ExitCode, CliError> {
+    // Every input is checked before anything is read or written.
+    let (host, port) = parse_listen(&args.listen)?;
+    let broker_api = parse_broker_api(&args.broker_api)?;
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    for name in &args.server_names {
+        check_server_name(name)?;
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    let plugin = plugin_path(args.plugin.as_deref())?;
+    let plugin = conf_path(&plugin, "--plugin")?;
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| ctx.data().root().join("mosquitto"));
+    conf_path(&dir, "--out")?;
+
+    let clock = clock_from_env()?;
+    let ca = Arc::new(ctx.data().load_issuing_ca(passphrase().as_deref())?);
+    let registry = ctx.registry(false).await?;
+    let written = write_config(
+        ctx.data(),
+        &ca,
+        registry,
+        clock,
+        &BrokerConfig {
+            host: &host,
+            port,
+            broker_api: &broker_api,
+            names: &names,
+            plugin: &plugin,
+            dir: &dir,
+        },
+    )
+    .await?;
+    let WrittenConfig {
+        dir,
+        credentials,
+        crl,
+        origin,
+    } = written;
+    let at = |name: &str| dir.join(name);
     let conf_file = at("mosquitto.conf");
     let command = format!("mosquitto -c {}", conf_file.display());
     let files = [

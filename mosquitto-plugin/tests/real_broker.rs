@@ -204,6 +204,26 @@ impl Broker {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// How many times `needle` is in the broker's log so far.
+    fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits (at most 10 s) until `needle` is in the log more than `before` times:
+    /// mosquitto writes (and flushes) each line as it acts, e.g. `Sending SUBACK to ID`
+    /// once that client's subscription is in place.
+    fn wait_for(&self, needle: &str, before: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.count(needle) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the broker log within 10 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Broker {
@@ -371,6 +391,7 @@ fn real_broker() {
     let v311 = ["-V", "mqttv311"];
 
     // sensor-1 watches every device's telemetry.
+    let subscribed = "Sending SUBACK to sensor-1";
     let watch = client(
         "mosquitto_sub",
         dir,
@@ -381,7 +402,7 @@ fn real_broker() {
     )
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    broker.wait_for(subscribed, 0);
     // sensor-2 forges sensor-1's topic (denied, not delivered), then publishes on its own.
     for (topic, message) in [
         ("devices/sensor-1/telemetry", "forged"),
@@ -439,6 +460,7 @@ fn real_broker() {
     }
 
     // Revocation: the live sensor-1 session is kicked, and its reconnect is refused.
+    let before = broker.count(subscribed);
     let live = client(
         "mosquitto_sub",
         dir,
@@ -449,7 +471,7 @@ fn real_broker() {
     )
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    broker.wait_for(subscribed, before);
     revoked.store(true, Ordering::SeqCst);
     let (kicked, timed_out) = finish(live, Duration::from_secs(15));
     println!(

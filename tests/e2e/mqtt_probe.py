@@ -3,17 +3,25 @@ certificate, subscribes, publishes at QoS 1, collects what it receives, and prin
 object with every reason code the broker answered, so the Rust test can assert on them.
 
     mqtt_probe.py --port P --cafile CA --cert CRT --key KEY --client-id ID \
-        [--subscribe FILTER]... [--publish TOPIC=PAYLOAD]... [--stay SECONDS] [--connect-only]
+        [--subscribe FILTER]... [--publish TOPIC=PAYLOAD]... [--stay SECONDS]
+        [--ready] [--then-publish TOPIC=PAYLOAD]... [--expect-messages N]
+
+With `--ready`, once connected, subscribed and done with `--publish`, it prints a line
+`{"ready": true, "connack": int}` and waits (at most `--timeout`) for a line on stdin
+before publishing the `--then-publish` items. With `--expect-messages N` it stays until N messages arrived (at
+most `--timeout`) instead of `--stay` seconds.
 
 Output: {"connack": int|null, "subscribe": [{"filter", "reason"}], "publish": [{"topic",
 "reason"}], "messages": [{"topic", "payload"}], "disconnect": int|null,
 "disconnected_after": float|null}. `connack` is null when the broker closed the connection
-without answering. Exits 0 whenever it could print a result.
+without answering; `disconnect` and `disconnected_after` (seconds after the start) are null
+unless the broker ended the session (the probe's own DISCONNECT at the end is not counted). Exits 0 whenever it could print a result.
 """
 
 import argparse
 import json
 import ssl
+import sys
 import threading
 import time
 
@@ -33,12 +41,18 @@ def main():
     parser.add_argument("--stay", type=float, default=1.0,
                         help="seconds to stay connected after the last action")
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--ready", action="store_true",
+                        help="say when connected and subscribed, then wait for stdin")
+    parser.add_argument("--then-publish", action="append", default=[],
+                        help="published after a line arrives on stdin (with --ready)")
+    parser.add_argument("--expect-messages", type=int, default=None)
     args = parser.parse_args()
 
     result = {"connack": None, "subscribe": [], "publish": [], "messages": [],
               "disconnect": None, "disconnected_after": None}
     connected = threading.Event()
     closed = threading.Event()
+    leaving = threading.Event()
     acked = threading.Condition()
     pending = {}
     started = time.monotonic()
@@ -53,11 +67,13 @@ def main():
         connected.set()
 
     def on_disconnect(_c, _u, _flags, reason_code, _props):
-        if result["disconnected_after"] is None:
+        if result["disconnected_after"] is None and not leaving.is_set():
             result["disconnect"] = reason_code.value if reason_code is not None else None
             result["disconnected_after"] = round(time.monotonic() - started, 3)
         closed.set()
         connected.set()
+        with acked:
+            acked.notify_all()
 
     def on_subscribe(_c, _u, mid, reason_codes, _props):
         with acked:
@@ -70,8 +86,10 @@ def main():
             acked.notify_all()
 
     def on_message(_c, _u, message):
-        result["messages"].append({"topic": message.topic,
-                                   "payload": message.payload.decode("utf-8", "replace")})
+        with acked:
+            result["messages"].append({"topic": message.topic,
+                                       "payload": message.payload.decode("utf-8", "replace")})
+            acked.notify_all()
 
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
@@ -103,12 +121,35 @@ def main():
             codes = wait_for(mid)
             result["subscribe"].append({"filter": topic_filter,
                                         "reason": codes[0] if codes else None})
-        for item in args.publish:
-            topic, _, payload = item.partition("=")
-            info = client.publish(topic, payload, qos=1)
-            result["publish"].append({"topic": topic, "reason": wait_for(info.mid)})
-        closed.wait(args.stay)
+        def publish(items):
+            for item in items:
+                topic, _, payload = item.partition("=")
+                info = client.publish(topic, payload, qos=1)
+                result["publish"].append({"topic": topic, "reason": wait_for(info.mid)})
+
+        publish(args.publish)
+        if args.ready:
+            print(json.dumps({"ready": True, "connack": result["connack"]}), flush=True)
+            line = []
+            reader = threading.Thread(target=lambda: line.append(sys.stdin.readline()),
+                                      daemon=True)
+            reader.start()
+            reader.join(args.timeout)
+            if line and not closed.is_set():
+                publish(args.then_publish)
+        if args.expect_messages is not None:
+            deadline = time.monotonic() + args.timeout
+            with acked:
+                while (len(result["messages"]) < args.expect_messages
+                       and not closed.is_set()):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    acked.wait(left)
+        else:
+            closed.wait(args.stay)
         if not closed.is_set():
+            leaving.set()
             client.disconnect()
     client.loop_stop()
     print(json.dumps(result))
