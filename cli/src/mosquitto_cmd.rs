@@ -186,9 +186,12 @@ pub(crate) async fn write_config(
     broker::write_public_file(&at("crl.pem"), crl_pem(&crl.der).as_bytes())?;
     let path = |name: &str| conf_path(&at(name), "--out");
     let conf = format!(
-        "# Written by `fleetcert mosquitto config`. Re-run it (and restart mosquitto) before\n\
-         # the CRL's nextUpdate ({next_update}): a broker whose crlfile is stale refuses\n\
-         # every client. Revocations reach connected devices sooner through the plugin.\n\
+        "# Written by `fleetcert mosquitto config`. The plugin keeps crlfile current: it\n\
+         # fetches serve's CRL (every minute, and right after a revocation), replaces the\n\
+         # file when it changed and makes mosquitto reload it (SIGHUP to itself). The CRL\n\
+         # written now is valid until {next_update}; a broker whose crlfile is stale\n\
+         # refuses every client, so mosquitto must be able to write this directory.\n\
+         # Revocations reach connected devices sooner through the plugin.\n\
          per_listener_settings false\n\
          # Every CONNECT goes to the plugin (MOSQ_EVT_BASIC_AUTH); nobody is anonymous.\n\
          allow_anonymous false\n\
@@ -206,7 +209,9 @@ pub(crate) async fn write_config(
          plugin_opt_broker_api {broker_api}\n\
          plugin_opt_secret_file {secret_file}\n\
          plugin_opt_timeout_ms 2000\n\
-         plugin_opt_sessions_interval_ms 2000\n",
+         plugin_opt_sessions_interval_ms 2000\n\
+         plugin_opt_crl_file {crlfile}\n\
+         plugin_opt_crl_interval_ms 60000\n",
         next_update = timestamp(crl.next_update),
         cafile = path("ca.pem")?,
         certfile = path("server.crt")?,

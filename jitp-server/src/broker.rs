@@ -40,6 +40,8 @@ pub const CONNECT_PATH: &str = "/broker/v1/connect";
 pub const DISCONNECT_PATH: &str = "/broker/v1/disconnect";
 /// `POST` here: which live sessions must be dropped.
 pub const SESSIONS_PATH: &str = "/broker/v1/sessions";
+/// `GET` here: the current CRL, PEM, for the broker's `crlfile`.
+pub const CRL_PATH: &str = "/broker/v1/crl";
 
 /// Largest request body (a sessions check of a large broker lists many fingerprints).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -225,7 +227,15 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     match (&parts.method, path.as_str()) {
+        (&Method::GET, CRL_PATH) => return crl_pem_response(shared),
         (&Method::POST, CONNECT_PATH | DISCONNECT_PATH | SESSIONS_PATH) => {}
+        (_, CRL_PATH) => {
+            return error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("use GET {path}"),
+            );
+        }
         (_, CONNECT_PATH | DISCONNECT_PATH | SESSIONS_PATH) => {
             return error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -267,6 +277,28 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         CONNECT_PATH => connect(&bytes, shared).await,
         DISCONNECT_PATH => disconnect(&bytes, shared).await,
         _ => sessions(&bytes, shared).await,
+    }
+}
+
+/// `GET /broker/v1/crl`: the CRL the device listener serves at `/crl`, as PEM (what
+/// mosquitto's `crlfile` holds). The plugin keeps the broker's file equal to it.
+fn crl_pem_response(shared: &Shared) -> Response<Body> {
+    match shared.jitp.crl_der() {
+        Some(der) => {
+            shared.metrics.request("broker_crl");
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/x-pem-file")
+                .body(Full::new(Bytes::from(
+                    fleetcert_lifecycle::revocation::crl_pem(&der),
+                )))
+                .expect("valid response")
+        }
+        None => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "crl_unavailable",
+            "no CRL has been published yet; try again shortly",
+        ),
     }
 }
 

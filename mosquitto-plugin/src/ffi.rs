@@ -337,6 +337,21 @@ const CALLBACKS: [(c_int, GenericCallback); 4] = [
 
 /// Plugin API negotiation: this plugin speaks version 5 only.
 ///
+/// Makes mosquitto reload its configuration, and with it each listener's `crlfile`: the
+/// SIGHUP an operator would send, to our own process. mosquitto's handler only sets a
+/// flag its main loop acts on (2.0: config, listener certificates and CRLs reloaded;
+/// plugins and connections kept), so this is safe from the worker thread. Logged by the
+/// caller (mosquitto's log is written from the broker's thread only).
+fn reload_broker() -> Result<(), String> {
+    // SAFETY: kill(2) with our own pid and a valid signal number; no memory is shared.
+    let rc = unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
 /// # Safety
 /// `supported_versions` points at `supported_version_count` ints (mosquitto's call).
 #[unsafe(no_mangle)]
@@ -390,7 +405,9 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
                 }
             }
         }
-        let plugin = match PluginOptions::parse(pairs).and_then(|o| Plugin::start(&o)) {
+        let plugin = match PluginOptions::parse(pairs)
+            .and_then(|o| Plugin::start(&o, Box::new(reload_broker)))
+        {
             Ok(plugin) => plugin,
             Err(e) => {
                 log(LogLevel::Error, &format!("cannot start: {e}"));

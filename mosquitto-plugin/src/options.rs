@@ -7,6 +7,8 @@ use std::time::Duration;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Default period of the `sessions` poll.
 pub const DEFAULT_SESSIONS_INTERVAL: Duration = Duration::from_millis(2000);
+/// Default period of the CRL check (also checked right after serve retires a certificate).
+pub const DEFAULT_CRL_INTERVAL: Duration = Duration::from_millis(60_000);
 
 /// The options, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,12 @@ pub struct PluginOptions {
     pub timeout: Duration,
     /// `plugin_opt_sessions_interval_ms`: how often live sessions are checked.
     pub sessions_interval: Duration,
+    /// `plugin_opt_crl_file`: the listener's `crlfile`. When set, the plugin keeps it equal
+    /// to serve's current CRL and makes mosquitto reload it (SIGHUP to its own process)
+    /// when it changes; mosquitto refuses every client once a CRL's nextUpdate passes.
+    pub crl_file: Option<PathBuf>,
+    /// `plugin_opt_crl_interval_ms`: how often the CRL is checked.
+    pub crl_interval: Duration,
 }
 
 /// An option that is missing or invalid; the message names it.
@@ -59,15 +67,19 @@ impl PluginOptions {
         let mut secret_file = None;
         let mut timeout = None;
         let mut sessions_interval = None;
+        let mut crl_file = None;
+        let mut crl_interval = None;
         for (key, value) in pairs {
             let slot = match key {
                 "broker_api" => &mut broker_api,
                 "secret_file" => &mut secret_file,
                 "timeout_ms" => &mut timeout,
                 "sessions_interval_ms" => &mut sessions_interval,
+                "crl_file" => &mut crl_file,
+                "crl_interval_ms" => &mut crl_interval,
                 other => {
                     return Err(OptionError(format!(
-                        "unknown option plugin_opt_{other} (known: broker_api, secret_file, timeout_ms, sessions_interval_ms)"
+                        "unknown option plugin_opt_{other} (known: broker_api, secret_file, timeout_ms, sessions_interval_ms, crl_file, crl_interval_ms)"
                     )));
                 }
             };
@@ -104,6 +116,12 @@ impl PluginOptions {
                 sessions_interval,
                 DEFAULT_SESSIONS_INTERVAL,
             )?,
+            crl_file: match crl_file.map(str::trim) {
+                None => None,
+                Some("") => return Err(OptionError("plugin_opt_crl_file is empty".into())),
+                Some(path) => Some(PathBuf::from(path)),
+            },
+            crl_interval: milliseconds("crl_interval_ms", crl_interval, DEFAULT_CRL_INTERVAL)?,
         })
     }
 
@@ -145,6 +163,19 @@ mod tests {
         .unwrap();
         assert_eq!(options.timeout, Duration::from_millis(500));
         assert_eq!(options.sessions_interval, Duration::from_millis(100));
+        assert_eq!(options.crl_file, None);
+        let options = PluginOptions::parse([
+            ("broker_api", "http://127.0.0.1:8884"),
+            ("secret_file", "/tmp/s"),
+            ("crl_file", "/etc/mosquitto/crl.pem"),
+            ("crl_interval_ms", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            options.crl_file,
+            Some(PathBuf::from("/etc/mosquitto/crl.pem"))
+        );
+        assert_eq!(options.crl_interval, Duration::from_millis(5000));
     }
 
     #[test]

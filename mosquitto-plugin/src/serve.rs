@@ -197,6 +197,33 @@ impl ServeClient {
         Ok((status, text))
     }
 
+    /// `GET /broker/v1/crl`: serve's current CRL, PEM (checked to look like one).
+    pub fn crl(&self) -> Result<String, ServeError> {
+        let url = format!("{}/broker/v1/crl", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.authorization)
+            .call()
+            .map_err(|e| ServeError(format!("{url}: {e}")))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(ServeError(format!("crl: HTTP status {status}")));
+        }
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()
+            .map_err(|e| ServeError(format!("{url}: reading the answer: {e}")))?;
+        if !text.starts_with("-----BEGIN X509 CRL-----")
+            || !text.trim_end().ends_with("-----END X509 CRL-----")
+        {
+            return Err(ServeError("crl: the answer is not a PEM CRL".into()));
+        }
+        Ok(text)
+    }
+
     /// `POST /broker/v1/connect`.
     pub fn connect(&self, request: &ConnectRequest<'_>) -> Result<ConnectAnswer, ServeError> {
         let (status, text) = self.post("/broker/v1/connect", request)?;

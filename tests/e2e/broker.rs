@@ -341,6 +341,7 @@ fn mosquitto_config_writes_the_broker_files() {
         ),
         "plugin_opt_broker_api http://127.0.0.1:8884".to_owned(),
         format!("plugin_opt_secret_file {}", at("broker-api.secret")),
+        format!("plugin_opt_crl_file {}", at("crl.pem")),
     ] {
         assert!(
             conf.lines().any(|l| l == line),

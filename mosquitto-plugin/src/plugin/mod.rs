@@ -229,6 +229,99 @@ impl Shared {
     }
 }
 
+/// Makes the broker reload its configuration (and with it the listener's CRL file): in
+/// the broker, a SIGHUP to its own process ([`crate::ffi`]); in tests, a counter.
+pub type ReloadHook = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Keeps the listener's `crlfile` equal to serve's current CRL (worker thread only).
+struct CrlKeeper {
+    file: std::path::PathBuf,
+    interval: Duration,
+    reload: ReloadHook,
+    /// When the CRL was last checked.
+    checked: Option<Instant>,
+    /// Checks still to make at the next polls, whatever the interval (after serve retired
+    /// a certificate: its CRL may be published a moment after the revocation is seen).
+    soon: u8,
+}
+
+impl std::fmt::Debug for CrlKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrlKeeper")
+            .field("file", &self.file)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CrlKeeper {
+    fn due(&self) -> bool {
+        self.soon > 0 || self.checked.is_none_or(|at| at.elapsed() >= self.interval)
+    }
+
+    /// Fetches serve's CRL; when it differs from the file, replaces the file atomically
+    /// (a temporary file in the same directory, renamed over it) and reloads the broker.
+    fn check(&mut self, shared: &Shared) {
+        self.soon = self.soon.saturating_sub(1);
+        self.checked = Some(Instant::now());
+        let started = Instant::now();
+        let fetched = shared.client.crl();
+        shared
+            .metrics
+            .serve_call(started.elapsed(), fetched.is_ok());
+        let pem = match fetched {
+            Ok(pem) => pem,
+            Err(e) => {
+                shared.log(LogLevel::Warning, format!("CRL check failed: {e}"));
+                return;
+            }
+        };
+        if std::fs::read_to_string(&self.file).is_ok_and(|current| current == pem) {
+            return;
+        }
+        match replace_file(&self.file, pem.as_bytes()) {
+            Ok(()) => {
+                shared.log(
+                    LogLevel::Notice,
+                    format!(
+                        "{} replaced with serve's current CRL; reloading the broker",
+                        self.file.display()
+                    ),
+                );
+                if let Err(e) = (self.reload)() {
+                    shared.log(
+                        LogLevel::Error,
+                        format!("cannot make the broker reload the CRL: {e}"),
+                    );
+                }
+            }
+            Err(e) => shared.log(
+                LogLevel::Error,
+                format!("cannot write {}: {e}", self.file.display()),
+            ),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, synced and
+/// renamed over it: mosquitto never reads half a CRL.
+fn replace_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the CRL path names no file"))?;
+    let staging = dir.join(format!(".{}.fleetcert-tmp", name.to_string_lossy()));
+    let mut file = std::fs::File::create(&staging)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&staging, path)
+}
+
 /// The running plugin: its state and its worker thread.
 #[derive(Debug)]
 pub struct Plugin {
@@ -238,8 +331,10 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Reads the secret and starts the worker.
-    pub fn start(options: &PluginOptions) -> Result<Plugin, OptionError> {
+    /// Reads the secret and starts the worker. `reload` makes the broker reload its
+    /// configuration; it is called (from the worker) when `plugin_opt_crl_file` was
+    /// replaced with a newer CRL.
+    pub fn start(options: &PluginOptions, reload: ReloadHook) -> Result<Plugin, OptionError> {
         let secret = options.read_secret()?;
         let client = ServeClient::new(&options.broker_api, &secret, options.timeout);
         let shared = Arc::new(Shared {
@@ -253,9 +348,16 @@ impl Plugin {
         let (stop, stopped) = channel();
         let worker_shared = Arc::clone(&shared);
         let interval = options.sessions_interval;
+        let mut crl = options.crl_file.clone().map(|file| CrlKeeper {
+            file,
+            interval: options.crl_interval,
+            reload,
+            checked: None,
+            soon: 0,
+        });
         let worker = std::thread::Builder::new()
             .name("fleetcert-broker-api".into())
-            .spawn(move || worker(&worker_shared, interval, &stopped))
+            .spawn(move || worker(&worker_shared, interval, crl.as_mut(), &stopped))
             .map_err(|e| OptionError(format!("cannot start the worker thread: {e}")))?;
         shared.log(
             LogLevel::Info,
@@ -571,7 +673,12 @@ impl Drop for Plugin {
 
 /// The worker: every `interval`, sends queued disconnects and asks which live sessions
 /// must go. Returns when `stop` is dropped.
-fn worker(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
+fn worker(
+    shared: &Shared,
+    interval: Duration,
+    mut crl: Option<&mut CrlKeeper>,
+    stop: &Receiver<()>,
+) {
     let mut last_metrics = Instant::now();
     loop {
         let stopping = !matches!(stop.recv_timeout(interval), Err(RecvTimeoutError::Timeout));
@@ -580,7 +687,15 @@ fn worker(shared: &Shared, interval: Duration, stop: &Receiver<()>) {
             shared.log(LogLevel::Info, shared.metrics.summary());
             return;
         }
-        poll_sessions(shared);
+        let retired = poll_sessions(shared);
+        if let Some(crl) = crl.as_deref_mut() {
+            if retired {
+                crl.soon = 2;
+            }
+            if crl.due() {
+                crl.check(shared);
+            }
+        }
         if last_metrics.elapsed() >= METRICS_INTERVAL {
             last_metrics = Instant::now();
             shared.log(LogLevel::Info, shared.metrics.summary());
@@ -612,7 +727,8 @@ fn send_disconnects(shared: &Shared) {
     }
 }
 
-fn poll_sessions(shared: &Shared) {
+/// Asks serve which live sessions must go and marks them; true when serve retired any.
+fn poll_sessions(shared: &Shared) -> bool {
     // Cached certificates too: a revoked device must not come back from the cache.
     let (fingerprints, sessions): (Vec<String>, usize) = {
         let state = lock(&shared.state);
@@ -633,11 +749,11 @@ fn poll_sessions(shared: &Shared) {
         Ok(retired) => retired,
         Err(e) => {
             shared.log(LogLevel::Warning, format!("sessions poll failed: {e}"));
-            return;
+            return false;
         }
     };
     if retired.is_empty() {
-        return;
+        return false;
     }
     let mut state = lock(&shared.state);
     for entry in retired {
@@ -661,6 +777,7 @@ fn poll_sessions(shared: &Shared) {
             ),
         );
     }
+    true
 }
 
 #[cfg(test)]

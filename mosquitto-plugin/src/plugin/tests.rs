@@ -79,7 +79,11 @@ fn plugin_for(url: &str, dir: &tempfile::TempDir, interval_ms: &str) -> Plugin {
         ("sessions_interval_ms", interval_ms),
     ])
     .unwrap();
-    Plugin::start(&options).unwrap()
+    Plugin::start(&options, no_reload()).unwrap()
+}
+
+fn no_reload() -> ReloadHook {
+    Box::new(|| Ok(()))
 }
 
 fn attempt(connection: usize, client_id: &str) -> ConnectAttempt<'_> {
@@ -187,6 +191,7 @@ fn refusals_and_fail_closed() {
             ("secret_file", secret.to_str().unwrap()),
         ])
         .unwrap(),
+        no_reload(),
     )
     .unwrap();
     assert_eq!(
@@ -381,6 +386,100 @@ fn disconnect_records_say_why_the_session_ended() {
         sent(&fake)[2],
         ("sensor-4".to_owned(), "broker_stopped".to_owned())
     );
+}
+
+/// With `crl_file`, the worker keeps the file equal to serve's CRL: written atomically and
+/// the broker reloaded when it changes, left alone (no reload) when it does not, checked
+/// again right after serve retires a certificate.
+#[test]
+fn the_crl_file_follows_serve_and_reloads_the_broker_on_change() {
+    use std::sync::atomic::AtomicUsize;
+    const CRL_1: &str = "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n";
+    const CRL_2: &str = "-----BEGIN X509 CRL-----\nBBBB\n-----END X509 CRL-----\n";
+    let second = Arc::new(AtomicBool::new(false));
+    let retire = Arc::new(AtomicBool::new(false));
+    let (second_in, retire_in) = (Arc::clone(&second), Arc::clone(&retire));
+    let fake = FakeServe::start(move |request: &Received| match request.path.as_str() {
+        "/broker/v1/crl" => (
+            200,
+            if second_in.load(Ordering::SeqCst) {
+                CRL_2
+            } else {
+                CRL_1
+            }
+            .to_owned(),
+        ),
+        "/broker/v1/sessions" => {
+            let retired: Vec<_> = if retire_in.swap(false, Ordering::SeqCst) {
+                request.body["fingerprints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| json!({"fingerprint_sha256": f, "reason": "revoked"}))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (200, json!({ "retired": retired }).to_string())
+        }
+        "/broker/v1/connect" => (200, allowed("sensor-1", 30)),
+        _ => (204, String::new()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let crl_file = dir.path().join("crl.pem");
+    std::fs::write(&crl_file, "stale").unwrap();
+    let reloads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&reloads);
+    let options = PluginOptions::parse([
+        ("broker_api", fake.url().as_str()),
+        ("secret_file", secret.to_str().unwrap()),
+        ("sessions_interval_ms", "20"),
+        ("crl_file", crl_file.to_str().unwrap()),
+        ("crl_interval_ms", "600000"),
+    ])
+    .unwrap();
+    let plugin = Plugin::start(
+        &options,
+        Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    // At start: the stale file is replaced, once.
+    wait_until("the first CRL", || reloads.load(Ordering::SeqCst) == 1);
+    assert_eq!(std::fs::read_to_string(&crl_file).unwrap(), CRL_1);
+    // The interval is long: serve's new CRL is not fetched until a certificate is retired.
+    second.store(true, Ordering::SeqCst);
+    let polls = fake.requests_to("/broker/v1/sessions").len();
+    wait_until("more polls", || {
+        fake.requests_to("/broker/v1/sessions").len() > polls + 3
+    });
+    assert_eq!(fake.requests_to("/broker/v1/crl").len(), 1);
+    assert_eq!(std::fs::read_to_string(&crl_file).unwrap(), CRL_1);
+    assert_eq!(
+        plugin.authenticate(&attempt(1, "sensor-1")),
+        AuthAnswer::Allowed
+    );
+    retire.store(true, Ordering::SeqCst);
+    wait_until("the new CRL", || reloads.load(Ordering::SeqCst) == 2);
+    assert_eq!(std::fs::read_to_string(&crl_file).unwrap(), CRL_2);
+    // Checked again on the next poll too; unchanged, so no third reload.
+    wait_until("the follow-up check", || {
+        fake.requests_to("/broker/v1/crl").len() >= 3
+    });
+    assert_eq!(reloads.load(Ordering::SeqCst), 2);
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("tmp")),
+        "a staging file was left behind"
+    );
+    plugin.shutdown();
 }
 
 #[test]
