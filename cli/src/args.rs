@@ -409,6 +409,38 @@ pub struct ServeArgs {
     /// clear text on that network: use it only on a trusted one).
     #[arg(long, requires = "broker_api")]
     pub broker_api_allow_remote: bool,
+    /// The AWS region policy resources are matched in on the broker
+    /// (`arn:aws:iot:REGION:ACCOUNT:topic/...`). Set it, with --broker-account, to the
+    /// account the AWS mirror writes to when policies name a real region and account
+    /// rather than `*`; the default template's policies use `*` and match any.
+    #[arg(long, requires = "broker_api", value_name = "REGION", default_value = "local", value_parser = parse_region)]
+    pub broker_region: String,
+    /// The AWS account ID (12 digits) policy resources are matched in on the broker.
+    #[arg(long, requires = "broker_api", value_name = "ACCOUNT", default_value = "000000000000", value_parser = parse_account)]
+    pub broker_account: String,
+}
+
+fn parse_region(text: &str) -> Result<String, String> {
+    if !text.is_empty()
+        && text.len() <= 32
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a region name (lowercase letters, digits and '-', e.g. us-east-1)"
+        ))
+    }
+}
+
+fn parse_account(text: &str) -> Result<String, String> {
+    if text.len() == 12 && text.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("{text:?} is not an AWS account ID (12 digits)"))
+    }
 }
 
 #[derive(Debug, Subcommand)]

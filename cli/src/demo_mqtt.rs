@@ -166,9 +166,15 @@ pub(crate) async fn bind_broker_api(
     fleetcert_lifecycle::broker::create_private_dir(dir)?;
     let (secret, _) = data.ensure_broker_secret(dir)?;
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    fleetcert_jitp::BrokerApi::bind(loopback, false, secret, ca.issuing_cert_pem())
-        .await
-        .map_err(|e| crate::context::failed(e.to_string()))
+    fleetcert_jitp::BrokerApi::bind(
+        loopback,
+        false,
+        secret,
+        ca.issuing_cert_pem(),
+        fleetcert_templates::ArnContext::new("local", "000000000000"),
+    )
+    .await
+    .map_err(|e| crate::context::failed(e.to_string()))
 }
 
 /// What [`run`] works with.

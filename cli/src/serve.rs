@@ -104,6 +104,7 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             args.broker_api_allow_remote,
             secret,
             ca.issuing_cert_pem(),
+            fleetcert_templates::ArnContext::new(&args.broker_region, &args.broker_account),
         )
         .await
         .map_err(|e| failed(e.to_string()))?;
@@ -131,7 +132,8 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         ));
         if let Some(addr) = broker_addr {
             out.note(format!(
-                "fleetcert serve: broker API for the mosquitto plugin on http://{addr} (/broker/v1/connect, /disconnect, /sessions)"
+                "fleetcert serve: broker API for the mosquitto plugin on http://{addr} (/broker/v1/connect, /disconnect, /sessions, /crl); policy resources matched as arn:aws:iot:{}:{}:…",
+                args.broker_region, args.broker_account
             ));
         }
     }

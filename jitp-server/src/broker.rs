@@ -98,13 +98,15 @@ impl std::fmt::Debug for BrokerApi {
 
 impl BrokerApi {
     /// Binds the listener at `addr` (loopback only unless `allow_remote`); clients
-    /// must present `secret`; certificates are verified to `issuing_ca_pem`. Resources
-    /// are matched in region `local`, account `000000000000`.
+    /// must present `secret`; certificates are verified to `issuing_ca_pem`. Policy
+    /// resources are matched in `arn`'s region and account (`serve` defaults to region
+    /// `local`, account `000000000000`).
     pub async fn bind(
         addr: SocketAddr,
         allow_remote: bool,
         secret: BrokerSecret,
         issuing_ca_pem: &str,
+        arn: ArnContext,
     ) -> Result<Self, BrokerApiError> {
         if !addr.ip().is_loopback() && !allow_remote {
             return Err(BrokerApiError::NotLoopback(addr));
@@ -121,7 +123,7 @@ impl BrokerApi {
             listener,
             secret,
             verifier: Arc::new(verifier),
-            arn: ArnContext::new("local", "000000000000"),
+            arn,
         })
     }
 

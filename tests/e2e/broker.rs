@@ -465,3 +465,71 @@ fn mosquitto_config_writes_the_broker_files() {
         assert!(!env.data_dir().join("mosquitto").exists());
     }
 }
+
+/// Policies that name a real region and account (as written for the AWS account the mirror
+/// writes to) match on the broker only when serve is told that region and account
+/// (`--broker-region`, `--broker-account`); `*` matches any (the default template).
+#[test]
+fn policy_arns_are_matched_in_the_region_and_account_serve_is_given() {
+    let env = Env::new();
+    env.init_ca();
+    let default = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../templates/src/default-template.yaml"),
+    )
+    .unwrap();
+    let pinned = default
+        .replace("arn:aws:iot:*:*:", "arn:aws:iot:eu-west-1:123456789012:")
+        .replace("fleetcert-device-default", "pinned-account");
+    assert!(pinned.contains("eu-west-1:123456789012:client/"));
+    let dir = env.data_dir().join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pinned.yaml"), pinned).unwrap();
+    for name in ["sensor-a", "sensor-b"] {
+        env.ok(&["provision", name, "--template", "pinned", "--out", "out"]);
+    }
+    let secret = configure(&env);
+
+    // Default (local, 000000000000): the pinned policy does not allow iot:Connect.
+    let served = start(&env);
+    let cert = env.out_dir().join("sensor-a.crt");
+    let refused = connect(&served, &secret, "sensor-a", &cert);
+    assert_eq!(refused["result"], "refused", "{refused}");
+    assert_eq!(refused["code"], "connect_denied", "{refused}");
+    served.stop();
+
+    let served = Served::start(
+        &env,
+        &[
+            "--broker-api",
+            "127.0.0.1:0",
+            "--no-rotation-worker",
+            "--broker-region",
+            "eu-west-1",
+            "--broker-account",
+            "123456789012",
+        ],
+    );
+    let cert = env.out_dir().join("sensor-b.crt");
+    let allowed = connect(&served, &secret, "sensor-b", &cert);
+    assert_eq!(allowed["result"], "allowed", "{allowed}");
+    assert_eq!(
+        allowed["arn"],
+        json!({"region": "eu-west-1", "account": "123456789012"})
+    );
+
+    // A malformed account is a usage error naming the flag.
+    let out = env
+        .cmd()
+        .args([
+            "serve",
+            "--broker-api",
+            "127.0.0.1:0",
+            "--broker-account",
+            "1234",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--broker-account"));
+}
