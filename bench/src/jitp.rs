@@ -283,7 +283,7 @@ pub(crate) type Failure = (ErrorKind, String);
 
 /// `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full`: what was negotiated, so a comparison
 /// between servers can show it compared like with like.
-fn describe_session(conn: &rustls::ClientConnection) -> String {
+pub(crate) fn describe_session(conn: &rustls::ClientConnection) -> String {
     let version = conn
         .protocol_version()
         .map(|v| format!("{v:?}"))

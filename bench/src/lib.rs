@@ -9,6 +9,10 @@
 //!   input of the CSR-issuance comparison (`bench/compare-issuance.sh`).
 //! - [`hold`]: many idle mutual-TLS keep-alive connections open at once (for a server's
 //!   memory with N devices connected), with early closes by the server counted.
+//! - [`mqtt`]: MQTT 3.1.1 over mutual TLS (a hand-written codec over tokio-rustls):
+//!   CONNECT rate and latency (first or returning devices), QoS 1 publish throughput and
+//!   latency (optionally while new devices onboard), and N sessions held open — against
+//!   mosquitto with the fleetcert plugin and without it (`bench/mqtt-compare.sh`).
 
 pub mod certs;
 pub mod csrs;
@@ -16,4 +20,5 @@ pub mod hold;
 pub mod issuance;
 pub mod jitp;
 pub mod metrics;
+pub mod mqtt;
 pub mod stats;

@@ -33,6 +33,12 @@ enum Command {
     /// as <out>/<prefix>-<index>.csr, optionally a `provision --batch` pallet naming them.
     /// Prints a one-line JSON summary.
     Csrs(fleetcert_bench::csrs::CsrsArgs),
+    /// MQTT 3.1.1 over mutual TLS against a broker that authenticates devices by client
+    /// certificate (mosquitto, with or without the fleetcert plugin): `connect` (a new
+    /// connection and CONNECT per device), `publish` (QoS 1 throughput and latency,
+    /// optionally while new devices onboard) and `hold` (N sessions open, for memory).
+    /// Client id = the device's name; see `fleetcert-bench mqtt MODE --help`.
+    Mqtt(fleetcert_bench::mqtt::MqttArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
         Command::Jitp(args) => run_jitp(args),
         Command::Hold(args) => fleetcert_bench::hold::run_cli(args),
         Command::Csrs(args) => fleetcert_bench::csrs::run_cli(args),
+        Command::Mqtt(args) => fleetcert_bench::mqtt::run_cli(args),
         Command::Issuance(args) => {
             let threads = args.threads.unwrap_or_else(|| {
                 std::thread::available_parallelism()
