@@ -22,9 +22,13 @@
 #    - QoS 1 publish, closed loop (peak PUBACKs/s), then open loop at MQTT_PUBLISH_RATE
 #      without and with new devices onboarding at MQTT_ONBOARD_RATE per second (p99);
 #    - 1,000 sessions held open after a restart of both brokers: VmRSS of each mosquitto.
-#    The plugin logs its counters (serve calls, mean and max call time) when its broker
-#    stops: the plugin broker is restarted between phases, so each phase gets its own line.
-#    serve's /metrics counts broker connects (registered / allowed) as a cross-check.
+#    The plugin broker is restarted between phases (its CONNECT cache starts empty) and its
+#    log of each phase is kept: the plugin logs every CONNECT it lets in, from serve or
+#    from its cache, so the report counts which path each phase took. serve's /metrics
+#    counts broker connects (registered / allowed) as a cross-check.
+#    The synchronous call itself is timed alone too: `POST /broker/v1/connect` to serve,
+#    one at a time on one keep-alive connection as the plugin makes it, for MQTT_API_DEVICES
+#    new certificates (registration) and then the same again (returning: lookup only).
 # 5. A markdown report on stdout (and --out FILE); progress on stderr. KEEP_WORK=1 keeps
 #    the temp dir (every generator JSON, broker logs); SUMMARY_JSON=FILE writes the figures.
 #
@@ -32,7 +36,10 @@
 # the returning, publish and hold runs), MQTT_NEW_HALF_DEVICES (3000), MQTT_SECONDS (10),
 # MQTT_CONCURRENCY (32), MQTT_PUBLISH_DEVICES (100), MQTT_PUBLISH_WINDOW (8 per session),
 # MQTT_PUBLISH_RATE (2000 messages/s in all), MQTT_ONBOARD_RATE (100/s), MQTT_HOLD_DEVICES
-# (1000), MQTT_HOLD_SECONDS (10). --quick: small sizes, a smoke run.
+# (1000), MQTT_HOLD_SECONDS (10), MQTT_API_DEVICES (500). MQTT_NODELAY=1 adds
+# `set_tcp_nodelay true` to BOTH brokers' configurations (`fleetcert mosquitto config` does
+# not write it; without it, mosquitto's CONNACK waits on the client's delayed ACK, ~40 ms).
+# --quick: small sizes, a smoke run.
 #
 # Needs mosquitto 2.0 and mosquitto_pub (Debian `mosquitto`, `mosquitto-clients`), curl and
 # python3; downloads nothing. Everything listens on 127.0.0.1; every process it starts is
@@ -66,6 +73,7 @@ fi
 if [ "$quick" = 1 ]; then
     : "${MQTT_DEVICES:=1000}" "${MQTT_NEW_HALF_DEVICES:=400}" "${MQTT_SECONDS:=3}"
     : "${MQTT_PUBLISH_DEVICES:=20}" "${MQTT_PUBLISH_RATE:=500}" "${MQTT_HOLD_DEVICES:=200}" "${MQTT_HOLD_SECONDS:=2}"
+    : "${MQTT_API_DEVICES:=100}"
 fi
 devices=${MQTT_DEVICES:-3000}
 new_half_devices=${MQTT_NEW_HALF_DEVICES:-3000}
@@ -77,6 +85,8 @@ pub_rate=${MQTT_PUBLISH_RATE:-2000}
 onboard_rate=${MQTT_ONBOARD_RATE:-100}
 hold_devices=${MQTT_HOLD_DEVICES:-1000}
 hold_seconds=${MQTT_HOLD_SECONDS:-10}
+api_devices=${MQTT_API_DEVICES:-500}
+nodelay=${MQTT_NODELAY:-0}
 if [ "$hold_devices" -gt "$devices" ] || [ "$pub_devices" -gt "$devices" ]; then
     note "MQTT_DEVICES ($devices) must be at least MQTT_HOLD_DEVICES and MQTT_PUBLISH_DEVICES"
     exit 2
@@ -129,6 +139,7 @@ provision "$work/devices" mqtt-dev "$devices"
 provision "$work/new-half" mqtt-new "$new_half_devices"
 provision "$work/onboard" mqtt-onb "$onboard_devices"
 provision "$work/check" mqtt-chk 1
+provision "$work/api" mqtt-api "$api_devices"
 
 conf=$work/mosquitto
 "$fleetcert" --data-dir "$data" mosquitto config --listen "127.0.0.1:$port_plugin" \
@@ -149,6 +160,11 @@ use_identity_as_username true
 tls_version tlsv1.2
 EOF
 if [ "$(id -u)" = 0 ]; then echo "user root" >>"$work/ceiling.conf"; fi
+if [ "$nodelay" = 1 ]; then
+    for f in "$conf/mosquitto.conf" "$work/ceiling.conf"; do
+        printf '# Added by bench/mqtt-compare.sh (MQTT_NODELAY=1).\nset_tcp_nodelay true\n' >>"$f"
+    done
+fi
 
 "$fleetcert" --data-dir "$data" serve --listen "127.0.0.1:$port_tls" \
     --admin-listen "127.0.0.1:$port_admin" --broker-api "127.0.0.1:$port_api" \
@@ -225,6 +241,35 @@ scrape 1
 stop_plugin new
 start_plugin
 
+note "1b/6 the synchronous call alone: POST /broker/v1/connect, $api_devices new certificates, then the same again"
+python3 - "$work/api" "$conf/broker-api.secret" "$port_api" >"$work/api-timing.json" <<'PY'
+import http.client, json, os, sys, time
+certs, secret_file, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+secret = open(secret_file).read().strip()
+names = sorted(f[:-4] for f in os.listdir(certs) if f.endswith(".crt"))
+pems = {n: open(os.path.join(certs, n + ".crt")).read() for n in names}
+conn = http.client.HTTPConnection("127.0.0.1", port)
+headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+def run():
+    times, registered, bad = [], 0, []
+    for n in names:
+        body = json.dumps({"client_id": n, "certificate_pem": pems[n], "source_address": "127.0.0.1", "username": None})
+        t = time.perf_counter()
+        conn.request("POST", "/broker/v1/connect", body, headers)
+        r = conn.getresponse()
+        answer = r.read()
+        times.append(time.perf_counter() - t)
+        if r.status != 200 or json.loads(answer).get("result") != "allowed":
+            bad.append(f"{n}: {r.status} {answer[:200]!r}")
+        elif json.loads(answer).get("registered"):
+            registered += 1
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3
+    return {"calls": len(times), "registered": registered, "errors": len(bad), "error_samples": bad[:3],
+            "mean_ms": sum(times) / len(times) * 1e3, "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": times[-1] * 1e3}
+print(json.dumps({"new": run(), "returning": run()}))
+PY
+
 note "2/6 returning devices: once each with the plugin's cache empty, then round-robin (${seconds}s)"
 mqtt p-uncached connect "$p_broker" --certs "$work/devices" --new-devices --duration 600 --concurrency "$concurrency"
 mqtt c-returning connect "$c_broker" --certs "$work/devices" --duration "$seconds" --concurrency "$concurrency"
@@ -300,16 +345,17 @@ stop_plugin hold
 
 revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then revision+=" (with uncommitted changes)"; fi
-mosquitto_version=$("$mosquitto" -h 2>&1 | head -n 1)
+mosquitto_version=$({ "$mosquitto" -h 2>&1 || true; } | head -n 1)
 
 # --- report -----------------------------------------------------------------------------
 python3 - "$work" "$started" "$revision" "$quick" "$mosquitto_version" \
     "$devices" "$seconds" "$concurrency" "$pub_devices" "$pub_window" "$pub_rate" "$onboard_rate" \
-    "$hold_devices" <<'EOF' | tee ${out:+"$out"}
+    "$hold_devices" "$nodelay" <<'EOF' | tee ${out:+"$out"}
 import json, os, platform, re, sys
 (work, started, revision, quick, mosquitto_version, devices, seconds, concurrency,
- pub_devices, pub_window, pub_rate, onboard_rate, hold_devices) = sys.argv[1:]
+ pub_devices, pub_window, pub_rate, onboard_rate, hold_devices, nodelay) = sys.argv[1:]
 load = lambda name: json.load(open(os.path.join(work, name + ".json")))
+api = load("api-timing")
 R = {n: load(n) for n in ["c-new", "p-new", "p-uncached", "p-uncached-2", "c-returning", "p-returning",
                           "c-returning-half", "p-returning-half", "p-new-half", "c-publish", "p-publish",
                           "c-publish-rate", "p-publish-rate", "c-publish-onboard", "p-publish-onboard",
@@ -317,18 +363,19 @@ R = {n: load(n) for n in ["c-new", "p-new", "p-uncached", "p-uncached-2", "c-ret
 
 def plugin_counters(phase):
     path = os.path.join(work, f"plugin-phase-{phase}.log")
-    text = open(path).read() if os.path.exists(path) else ""
-    lines = [l for l in text.splitlines() if "metrics: connects" in l]
-    if not lines:
+    if not os.path.exists(path):
         return None
-    line = lines[-1]
-    num = lambda key: int(re.search(rf"{key}=(\d+)", line).group(1))
-    return {"allowed_serve": num("allowed_serve"), "allowed_cache": num("allowed_cache"),
-            "refused": num("refused"), "unavailable": num("unavailable"),
-            "publish_allowed": int(re.search(r"publish allowed=(\d+)", line).group(1)),
-            "publish_denied": int(re.search(r"publish allowed=\d+ denied=(\d+)", line).group(1)),
-            "serve_calls": num("serve calls"), "serve_failures": num("failures"),
-            "mean_us": num("mean_us"), "max_us": num("max_us")}
+    counts = {"from_serve": 0, "from_cache": 0, "refused": 0}
+    for line in open(path, errors="replace"):
+        if "fleetcert: CONNECT" not in line:
+            continue
+        if "allowed from the cache" in line:
+            counts["from_cache"] += 1
+        elif ") allowed: " in line or " allowed: thing" in line:
+            counts["from_serve"] += 1
+        elif "refused" in line:
+            counts["refused"] += 1
+    return counts
 phases = {p: plugin_counters(p) for p in ["new", "returning", "returning-half", "new-half", "publish", "hold"]}
 
 def counter(n, endpoint):
@@ -369,13 +416,10 @@ p99_onb = R["p-publish-onboard"]["latency_ms"]["p99"]
 g_onb = ratio(p99_onb, p99_base)
 p99_half = lat(R["p-returning-half"])["p99"]
 p99_new_half = lat(R["p-new-half"])["p99"]
-new_counters = phases["new"]
-bound = None
-if new_counters and new_counters["mean_us"]:
-    # mosquitto's one thread spends, per new device, the ceiling's cost of a connect plus
-    # the synchronous call to serve.
-    per_connect_s = 1 / cps(R["c-new"]) + new_counters["mean_us"] / 1e6
-    bound = 1 / per_connect_s
+# mosquitto's one thread spends, per new device, the ceiling's cost of a connect plus the
+# synchronous call to serve (timed alone, one at a time, as the plugin makes it).
+bound = 1 / (1 / cps(R["c-new"]) + api["new"]["mean_ms"] / 1e3)
+bound_uncached = 1 / (1 / cps(R["c-returning"]) + api["returning"]["mean_ms"] / 1e3)
 rows = [
     ("returning-device CONNECT (plugin cache hit)", f'{cps(R["p-returning"]):,.0f}/s', f'{cps(R["c-returning"]):,.0f}/s', f"{g_ret:.2f}×", "≥ 0.9×", met(g_ret >= 0.9)),
     ("&nbsp;&nbsp;returning, plugin cache empty (serve asked, no registration)", f'{cps(R["p-uncached"]):,.0f}/s', f'{cps(R["c-returning"]):,.0f}/s', f"{g_unc:.2f}×", "(≥ 0.9×)", met(g_unc >= 0.9)),
@@ -396,14 +440,21 @@ print("|---|---:|---:|---:|---:|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")
 print()
-if bound:
-    print(f"Bound on new-device CONNECTs: mosquitto's one thread spends per new device the ceiling's "
-          f"connect cost (1/{cps(R['c-new']):,.0f} s = {1e3 / cps(R['c-new']):.2f} ms) plus the synchronous "
-          f"`POST /broker/v1/connect` ({new_counters['mean_us'] / 1e3:.2f} ms mean, {new_counters['max_us'] / 1e3:.1f} ms max over "
-          f"{new_counters['serve_calls']:,} calls, the plugin's own counters): at most ≈ {bound:,.0f}/s "
-          f"= {ratio(bound, cps(R['c-new'])):.2f}× the ceiling; measured {cps(R['p-new']):,.0f}/s.")
-    print()
-print(f"{int(devices):,} devices registered by the first-connect run; concurrency {concurrency}; {seconds} s timed runs; "
+a_new, a_ret = api["new"], api["returning"]
+print(f"The synchronous call, timed alone (`POST /broker/v1/connect`, one at a time on one keep-alive "
+      f"connection, Python client): first use of a certificate (registration, durable) mean {a_new['mean_ms']:.2f} ms, "
+      f"p50 {a_new['p50_ms']:.2f}, p99 {a_new['p99_ms']:.2f}, max {a_new['max_ms']:.1f} ms ({a_new['registered']:,} of "
+      f"{a_new['calls']:,} registered); returning certificate (lookup) mean {a_ret['mean_ms']:.2f} ms, p50 {a_ret['p50_ms']:.2f}, "
+      f"p99 {a_ret['p99_ms']:.2f} ms.")
+print()
+print(f"Bound on new-device CONNECTs: mosquitto's one thread spends per new device the ceiling's connect cost "
+      f"(1/{cps(R['c-new']):,.0f} s = {1e3 / cps(R['c-new']):.2f} ms) plus the synchronous call ({a_new['mean_ms']:.2f} ms): "
+      f"at most ≈ {bound:,.0f}/s = {ratio(bound, cps(R['c-new'])):.2f}× the ceiling; measured {cps(R['p-new']):,.0f}/s "
+      f"= {ratio(cps(R['p-new']), bound):.2f}× that bound. Same for a returning device the plugin has not cached: "
+      f"≈ {bound_uncached:,.0f}/s, measured {cps(R['p-uncached']):,.0f}/s.")
+print()
+print(f"Both brokers {'with `set_tcp_nodelay true` (MQTT_NODELAY=1)' if nodelay == '1' else 'as configured (no `set_tcp_nodelay`: mosquitto default)'}. "
+      f"{int(devices):,} devices registered by the first-connect run; concurrency {concurrency}; {seconds} s timed runs; "
       f"publish: {pub_devices} sessions, 64-byte payloads, topic devices/<name>/telemetry.")
 print()
 print("| run | broker | rate asked | ok | errors | per second | p50 ms | p90 ms | p99 ms | max ms |")
@@ -456,12 +507,10 @@ print(f'- TLS negotiated: ceiling {sessions(R["c-returning"])}; plugin {sessions
 print(f"- serve counted {registered_by_new:,} registrations during the new-device run (generator: {R['p-new']['ok']:,} accepted)")
 for phase, c in phases.items():
     if c:
-        print(f"- plugin counters, phase {phase}: connects from serve {c['allowed_serve']:,}, from the cache "
-              f"{c['allowed_cache']:,}, refused {c['refused']}, unavailable {c['unavailable']}; publish allowed "
-              f"{c['publish_allowed']:,} denied {c['publish_denied']}; serve calls {c['serve_calls']:,} "
-              f"(failures {c['serve_failures']}), mean {c['mean_us'] / 1e3:.2f} ms, max {c['max_us'] / 1e3:.1f} ms")
+        print(f"- plugin broker log, phase {phase}: CONNECTs let in after asking serve {c['from_serve']:,}, "
+              f"from the plugin's cache {c['from_cache']:,}, refused {c['refused']}")
     else:
-        print(f"- plugin counters, phase {phase}: not found in the broker's log")
+        print(f"- plugin broker log, phase {phase}: missing")
 problems = []
 for name, r in R.items():
     if name.endswith("-rss"):
@@ -474,6 +523,11 @@ for name, r in R.items():
         problems.append(f"{name} onboarding: {r['onboarding']['errors_total']} errors {r['onboarding']['error_samples']}")
     if r.get("mode") == "hold" and not r["all_open_at_once"]:
         problems.append(f"{name}: not every session open at once {r['error_samples']}")
+for k in ("new", "returning"):
+    if api[k]["errors"]:
+        problems.append(f"broker API timing ({k}): {api[k]['errors']} errors {api[k]['error_samples']}")
+if api["new"]["registered"] != api["new"]["calls"]:
+    problems.append(f"broker API timing: {api['new']['registered']} of {api['new']['calls']} first calls registered")
 if registered_by_new != R["p-new"]["ok"]:
     problems.append(f"serve registered {registered_by_new} devices, the generator saw {R['p-new']['ok']} first connects accepted")
 for p in problems:
@@ -481,7 +535,7 @@ for p in problems:
 if os.environ.get("SUMMARY_JSON"):
     json.dump({"started": started, "revision": revision, "goals": {
         "returning_vs_ceiling": g_ret, "returning_uncached_vs_ceiling": g_unc, "new_vs_ceiling": g_new,
-        "new_bound_per_second": bound, "publish_vs_ceiling": g_pub, "p99_publish_onboarding_ratio": g_onb,
+        "new_bound_per_second": bound, "returning_uncached_bound_per_second": bound_uncached, "api_timing": api, "publish_vs_ceiling": g_pub, "p99_publish_onboarding_ratio": g_onb,
         "p99_returning_half_ms": p99_half, "p99_new_half_ms": p99_new_half,
         "rss_held_kib": {"plugin": R["plugin-rss"]["held_kib"], "ceiling": R["ceiling-rss"]["held_kib"]}},
         "runs": R, "plugin_counters": phases, "serve_counts": serve_counts, "problems": problems},

@@ -214,10 +214,7 @@ impl Session {
                 MqttError::Protocol,
                 format!("expected CONNACK, got {other:?}"),
             )),
-            None => Err((
-                MqttError::Closed,
-                "connection closed before CONNACK".into(),
-            )),
+            None => Err((MqttError::Closed, "connection closed before CONNACK".into())),
         }
     }
 
@@ -843,10 +840,12 @@ pub async fn publish(
             tokio::spawn(async move {
                 let _permit = semaphore.acquire_owned().await;
                 let mut code = None;
-                let result =
-                    tokio::time::timeout(timeout, Session::open(&broker, &device, keep_alive, &mut code))
-                        .await
-                        .unwrap_or_else(|_| Err((MqttError::Timeout, "no CONNACK".into())));
+                let result = tokio::time::timeout(
+                    timeout,
+                    Session::open(&broker, &device, keep_alive, &mut code),
+                )
+                .await
+                .unwrap_or_else(|_| Err((MqttError::Timeout, "no CONNACK".into())));
                 (device.name, result)
             })
         })
@@ -860,7 +859,10 @@ pub async fn publish(
             Ok((session, _)) => sessions.push((name, session)),
             Err((kind, message)) => {
                 *connect_errors.entry(kind).or_default() += 1;
-                add_sample(&mut error_samples, format!("connect {}: {message}", kind.as_str()));
+                add_sample(
+                    &mut error_samples,
+                    format!("connect {}: {message}", kind.as_str()),
+                );
             }
         }
     }
@@ -1144,8 +1146,7 @@ pub async fn hold(
     if let Some(path) = &opts.ready_file
         && shared.open.load(Ordering::Relaxed) == total
     {
-        std::fs::write(path, b"")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, b"").with_context(|| format!("cannot write {}", path.display()))?;
         ready_file_written = true;
     }
     if opts.progress {
@@ -1363,8 +1364,14 @@ pub fn run_cli(args: MqttArgs) -> std::result::Result<String, String> {
                         c.certs.display(),
                         broker.addr,
                         load.concurrency,
-                        load.rate.map(|r| format!(", paced at {r:.0}/s")).unwrap_or_default(),
-                        if load.new_devices { ", each device once" } else { "" }
+                        load.rate
+                            .map(|r| format!(", paced at {r:.0}/s"))
+                            .unwrap_or_default(),
+                        if load.new_devices {
+                            ", each device once"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 let start = Instant::now();
@@ -1472,8 +1479,13 @@ mod tests {
     async fn broker_addresses() {
         let b = Broker::resolve("127.0.0.1:8883", None).await.unwrap();
         assert_eq!(b.addr.port(), 8883);
-        assert_eq!(format!("{:?}", b.server_name), format!("{:?}", ServerName::try_from("127.0.0.1").unwrap()));
-        let b = Broker::resolve("[::1]:1883", Some("localhost")).await.unwrap();
+        assert_eq!(
+            format!("{:?}", b.server_name),
+            format!("{:?}", ServerName::try_from("127.0.0.1").unwrap())
+        );
+        let b = Broker::resolve("[::1]:1883", Some("localhost"))
+            .await
+            .unwrap();
         assert!(b.addr.is_ipv6());
         assert!(Broker::resolve("127.0.0.1", None).await.is_err());
         assert!(Broker::resolve("127.0.0.1:x", None).await.is_err());

@@ -303,7 +303,17 @@ mod tests {
             encoded_length(MAX_REMAINING_LENGTH),
             [0xff, 0xff, 0xff, 0x7f]
         );
-        for len in [0, 1, 127, 128, 300, 16_383, 16_384, 2_097_152, MAX_REMAINING_LENGTH] {
+        for len in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            2_097_152,
+            MAX_REMAINING_LENGTH,
+        ] {
             let bytes = encoded_length(len);
             assert_eq!(
                 read_remaining_length(&bytes),
@@ -345,7 +355,10 @@ mod tests {
     #[test]
     fn publish_qos1_and_qos0() {
         let got = publish("a/b", Some(0x1234), b"hi");
-        assert_eq!(got, [0x32, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'h', b'i']);
+        assert_eq!(
+            got,
+            [0x32, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'h', b'i']
+        );
         let got = publish("a/b", None, b"hi");
         assert_eq!(got, [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i']);
         // A payload that needs a two-byte remaining length.
