@@ -363,7 +363,8 @@ mod tests {
         assert_eq!(got, [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i']);
         // A payload that needs a two-byte remaining length.
         let big = publish("t", Some(1), &[7u8; 200]);
-        assert_eq!(&big[..3], [0x32, 0xcf, 0x01]); // 3 + 2 + 200 = 205
+        // 2 + 2 + 1 + 200 = 205 = 77 + 1 * 128: 0x80 | 77, then 1.
+        assert_eq!(&big[..3], [0x32, 0xcd, 0x01]);
         assert_eq!(big.len(), 3 + 205);
     }
 
