@@ -203,7 +203,10 @@ pub(crate) async fn write_config(
          keyfile {keyfile}\n\
          crlfile {crlfile}\n\
          require_certificate true\n\
+         # Minimum TLS version (1.3 is negotiated when the device offers it).\n\
          tls_version tlsv1.2\n\
+         # Without it every CONNACK waits ~40 ms for Nagle + delayed ACK.\n\
+         set_tcp_nodelay true\n\
          \n\
          plugin {plugin}\n\
          plugin_opt_broker_api {broker_api}\n\

@@ -334,6 +334,7 @@ fn mosquitto_config_writes_the_broker_files() {
         format!("keyfile {}", at("server.key")),
         format!("crlfile {}", at("crl.pem")),
         "require_certificate true".to_owned(),
+        "set_tcp_nodelay true".to_owned(),
         "allow_anonymous false".to_owned(),
         format!(
             "plugin {}",

@@ -60,7 +60,7 @@ pub enum AuthAnswer {
 }
 
 /// What an ACL check asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Access {
     /// SUBSCRIBE to a filter.
     Subscribe,
@@ -99,6 +99,10 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// Decisions remembered per grant at most (a device uses few topics; past this the memo
+/// is cleared and refilled, so a device cycling through topics costs only evaluations).
+const MAX_REMEMBERED_DECISIONS: usize = 256;
+
 /// What serve granted a certificate + client id: compiled policies and their context.
 #[derive(Debug)]
 struct Grant {
@@ -106,6 +110,54 @@ struct Grant {
     policies: Vec<Policy>,
     context: ConnectionContext,
     arn: ArnContext,
+    /// (access, topic) → allowed: a decision depends only on the grant, the access and
+    /// the topic, so each is evaluated once; the message path then costs a lookup.
+    decisions: Mutex<HashMap<(Access, String), bool>>,
+}
+
+impl Grant {
+    fn new(
+        thing_name: String,
+        policies: Vec<Policy>,
+        context: ConnectionContext,
+        arn: ArnContext,
+    ) -> Grant {
+        Grant {
+            thing_name,
+            policies,
+            context,
+            arn,
+            decisions: Mutex::default(),
+        }
+    }
+
+    /// Whether the policies allow `access` on `topic` (topic limits checked first).
+    fn allows(&self, access: Access, topic: &str) -> bool {
+        let key = (access, topic.to_owned());
+        if let Some(&allowed) = lock(&self.decisions).get(&key) {
+            return allowed;
+        }
+        let allowed = check_topic(topic).is_ok() && {
+            let decide = |request: Request<'_>| {
+                evaluate_policies(&self.policies, &self.arn, &self.context, &request).is_allowed()
+            };
+            match access {
+                Access::Subscribe => decide(Request::subscribe(topic)),
+                Access::Publish { retain } => {
+                    decide(Request::publish(topic))
+                        && (!retain || decide(Request::retain_publish(topic)))
+                }
+                Access::Receive => decide(Request::receive(topic)),
+                Access::Unsubscribe => false,
+            }
+        };
+        let mut decisions = lock(&self.decisions);
+        if decisions.len() >= MAX_REMEMBERED_DECISIONS {
+            decisions.clear();
+        }
+        decisions.insert(key, allowed);
+        allowed
+    }
 }
 
 #[derive(Debug)]
@@ -489,12 +541,12 @@ impl Plugin {
                 }
             }
         }
-        let grant = Arc::new(Grant {
-            thing_name: allowed.thing_name.clone(),
+        let grant = Arc::new(Grant::new(
+            allowed.thing_name.clone(),
             policies,
-            context: allowed.context,
-            arn: ArnContext::new(allowed.arn.region, allowed.arn.account),
-        });
+            allowed.context,
+            ArnContext::new(allowed.arn.region, allowed.arn.account),
+        ));
         if allowed.cache_seconds > 0 {
             let expires_at = Instant::now() + Duration::from_secs(allowed.cache_seconds);
             lock(&shared.state).cache.insert(
@@ -563,23 +615,7 @@ impl Plugin {
             Access::Receive => AclKind::Receive,
             Access::Unsubscribe => return grant.is_some(),
         };
-        let allowed = grant.is_some_and(|grant| {
-            check_topic(topic).is_ok() && {
-                let decide = |request: Request<'_>| {
-                    evaluate_policies(&grant.policies, &grant.arn, &grant.context, &request)
-                        .is_allowed()
-                };
-                match access {
-                    Access::Subscribe => decide(Request::subscribe(topic)),
-                    Access::Publish { retain } => {
-                        decide(Request::publish(topic))
-                            && (!retain || decide(Request::retain_publish(topic)))
-                    }
-                    Access::Receive => decide(Request::receive(topic)),
-                    Access::Unsubscribe => false,
-                }
-            }
-        });
+        let allowed = grant.is_some_and(|grant| grant.allows(access, topic));
         shared.metrics.acl(kind, allowed);
         if !allowed {
             shared.log(

@@ -140,6 +140,22 @@ fn decides_from_the_session_policies() {
     assert!(plugin.authorize(key, Access::Receive, "commands/sensor-1/reboot"));
     assert!(!plugin.authorize(key, Access::Receive, "commands/sensor-2/reboot"));
     assert!(plugin.authorize(key, Access::Unsubscribe, "anything"));
+    // Remembered decisions answer the same, per access (publish vs receive vs retain),
+    // also after the memo has been cleared by many distinct topics.
+    for round in 0..2 {
+        assert!(plugin.authorize(key, publish, "devices/sensor-1/telemetry"));
+        assert!(!plugin.authorize(key, publish, "devices/sensor-2/telemetry"));
+        assert!(!plugin.authorize(key, Access::Receive, "devices/sensor-1/telemetry"));
+        assert!(!plugin.authorize(
+            key,
+            Access::Publish { retain: true },
+            "devices/sensor-1/telemetry"
+        ));
+        for i in 0..(MAX_REMEMBERED_DECISIONS + 10) {
+            let allowed = plugin.authorize(key, publish, &format!("devices/sensor-1/t{i}"));
+            assert!(allowed, "round {round}, topic {i}");
+        }
+    }
     // Over AWS's limits, or $SYS: denied before the policy.
     assert!(!plugin.authorize(
         key,
@@ -155,7 +171,7 @@ fn decides_from_the_session_policies() {
         plugin
             .metrics()
             .acl_decisions(crate::metrics::AclKind::Publish, true),
-        1
+        (1 + 2 * (1 + MAX_REMEMBERED_DECISIONS + 10)) as u64
     );
 }
 
