@@ -7,11 +7,12 @@
 # Installs Debian's mosquitto, mosquitto-clients and mosquitto-dev if /usr/sbin/mosquitto is
 # missing (with a policy-rc.d in place, so the package does not start a system broker on port
 # 1883; the tests start their own brokers on free loopback ports and stop them), and
-# paho-mqtt 2.x into a virtualenv at .ci-cache/mqtt. Exports for the command:
+# paho-mqtt 2.x and the AWS IoT Device SDK v2 for Python (awsiotsdk, with awscrt) into a
+# virtualenv at .ci-cache/mqtt. Exports for the command:
 #
 #   FLEETCERT_TEST_MOSQUITTO=/usr/sbin/mosquitto     the broker
 #   FLEETCERT_TEST_MOSQUITTO_PUB / _SUB              mosquitto_pub / mosquitto_sub (MQTT 3.1.1)
-#   FLEETCERT_TEST_MQTT_PYTHON=/abs/.../python3      a python3 with paho-mqtt 2.x (MQTT 5)
+#   FLEETCERT_TEST_MQTT_PYTHON=/abs/.../python3      a python3 with paho-mqtt 2.x (MQTT 5) and awsiotsdk
 #
 # Then runs the command and exits with its status.
 set -euo pipefail
@@ -52,10 +53,10 @@ if [[ ! -x /usr/sbin/mosquitto || ! -x /usr/bin/mosquitto_pub ]]; then
     fi
 fi
 
-if [[ ! -x $VENV/bin/python3 ]] || ! "$VENV/bin/python3" -c 'import paho.mqtt' 2>/dev/null; then
-    echo "with-mosquitto: installing paho-mqtt 2.x into $VENV" >&2
+if [[ ! -x $VENV/bin/python3 ]] || ! "$VENV/bin/python3" -c 'import paho.mqtt, awsiot, awscrt' 2>/dev/null; then
+    echo "with-mosquitto: installing paho-mqtt 2.x and awsiotsdk into $VENV" >&2
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' >&2
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' awsiotsdk >&2
 fi
 
 export FLEETCERT_TEST_MOSQUITTO=/usr/sbin/mosquitto

@@ -88,6 +88,45 @@ pub enum Command {
     /// `serve --broker-api` about every CONNECT.
     #[command(subcommand)]
     Mosquitto(MosquittoCommand),
+    /// Provisioning by claim: claim certificates shared by a batch of devices, which may
+    /// only ask the AWS IoT Fleet Provisioning MQTT API (through mosquitto with the
+    /// fleetcert plugin) for each device's own certificate and registration.
+    #[command(subcommand)]
+    Claims(ClaimsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClaimsCommand {
+    /// Issue a claim certificate bound to one template: writes NAME.crt (the claim
+    /// certificate, then the issuing CA) and NAME.key (mode 0600) into --out. The claim
+    /// is recorded before the files are written; existing files are never overwritten.
+    Create(ClaimsCreateArgs),
+    /// List the claims: template, uses, limit, validity, status.
+    List,
+    /// Revoke a claim: a running server drops its sessions within seconds, the CRL lists
+    /// it, and certificates it got that still wait for RegisterThing are revoked too.
+    Revoke {
+        /// The claim's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ClaimsCreateArgs {
+    /// The claim's name (letters, digits, `:`, `_`, `-`; up to 128).
+    pub name: String,
+    /// The provisioning template devices are registered with (RegisterThing must name it).
+    #[arg(long)]
+    pub template: String,
+    /// Validity of the claim certificate in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// How many devices the claim may provision (default: no limit).
+    #[arg(long)]
+    pub max_uses: Option<u32>,
+    /// Directory for NAME.crt and NAME.key (default: the current directory).
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -64,6 +64,7 @@ pub async fn run(cli: Cli) -> CmdResult {
         Command::Mosquitto(MosquittoCommand::Config(args)) => {
             crate::mosquitto_cmd::config(&ctx, args).await
         }
+        Command::Claims(cmd) => crate::claims_cmd::run(&ctx, cmd).await,
         Command::Demo(args) => crate::commands::demo(&ctx, args).await,
     }
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod aws_cmd;
+mod claims_cmd;
 mod commands;
 mod context;
 mod demo;

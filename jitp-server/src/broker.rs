@@ -42,6 +42,10 @@ pub const DISCONNECT_PATH: &str = "/broker/v1/disconnect";
 pub const SESSIONS_PATH: &str = "/broker/v1/sessions";
 /// `GET` here: the current CRL, PEM, for the broker's `crlfile`.
 pub const CRL_PATH: &str = "/broker/v1/crl";
+/// `POST` here: Fleet Provisioning requests published by claim sessions.
+pub const PROVISION_PATH: &str = "/broker/v1/provision";
+/// Fleet Provisioning requests in one call at most.
+const MAX_PROVISION_BATCH: usize = 1024;
 
 /// Largest request body (a sessions check of a large broker lists many fingerprints).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -230,7 +234,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     let path = parts.uri.path().to_owned();
     match (&parts.method, path.as_str()) {
         (&Method::GET, CRL_PATH) => return crl_pem_response(shared),
-        (&Method::POST, CONNECT_PATH | DISCONNECT_PATH | SESSIONS_PATH) => {}
+        (&Method::POST, CONNECT_PATH | DISCONNECT_PATH | SESSIONS_PATH | PROVISION_PATH) => {}
         (_, CRL_PATH) => {
             return error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -238,7 +242,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
                 &format!("use GET {path}"),
             );
         }
-        (_, CONNECT_PATH | DISCONNECT_PATH | SESSIONS_PATH) => {
+        (_, CONNECT_PATH | DISCONNECT_PATH | SESSIONS_PATH | PROVISION_PATH) => {
             return error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -278,6 +282,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     match path.as_str() {
         CONNECT_PATH => connect(&bytes, shared).await,
         DISCONNECT_PATH => disconnect(&bytes, shared).await,
+        PROVISION_PATH => provision(&bytes, shared).await,
         _ => sessions(&bytes, shared).await,
     }
 }
@@ -372,6 +377,10 @@ fn allowed_json(allowed: &AuthorizedConnect) -> serde_json::Value {
         "context": allowed.context,
         "arn": { "region": allowed.arn.region, "account": allowed.arn.account },
         "cache_seconds": CACHE_SECONDS,
+        "claim": allowed.claim.as_ref().map(|c| serde_json::json!({
+            "name": c.claim_name,
+            "template": c.template,
+        })),
     })
 }
 
@@ -550,6 +559,96 @@ async fn sessions(body: &[u8], shared: &Shared) -> Response<Body> {
         }
         Err(refusal) => unavailable(&refusal, &shared.metrics),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct ProvisionRequest {
+    requests: Vec<ProvisionItem>,
+}
+
+/// One Fleet Provisioning request as the plugin relays it.
+#[derive(serde::Deserialize)]
+struct ProvisionItem {
+    /// The plugin's id, echoed in the reply.
+    id: u64,
+    /// The broker session that published it (ownership tokens are bound to it).
+    session: String,
+    /// The claim certificate's SHA-256 fingerprint (the session's certificate).
+    fingerprint_sha256: String,
+    topic: String,
+    /// The payload, base64.
+    payload_b64: String,
+}
+
+/// `POST /broker/v1/provision`: each request answered concurrently (so their
+/// registrations share group commits); replies in the same order, each with the topic
+/// to publish it on (to the asking client only) and the payload.
+async fn provision(body: &[u8], shared: &Shared) -> Response<Body> {
+    let request: ProvisionRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad_json(e),
+    };
+    if request.requests.len() > MAX_PROVISION_BATCH {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            &format!("at most {MAX_PROVISION_BATCH} requests per call"),
+        );
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, item) in request.requests.into_iter().enumerate() {
+        let jitp = shared.jitp.clone();
+        tasks.spawn(async move {
+            let payload = crate::fleet_provisioning::unb64(&item.payload_b64);
+            let reply = match payload {
+                Some(payload) => {
+                    crate::fleet_provisioning::answer(
+                        &jitp,
+                        &item.fingerprint_sha256.to_ascii_lowercase(),
+                        &item.session,
+                        &item.topic,
+                        &payload,
+                    )
+                    .await
+                }
+                None => None,
+            };
+            (index, item.id, reply)
+        });
+    }
+    let mut replies = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let Ok((index, id, reply)) = done else {
+            continue;
+        };
+        let Some(reply) = reply else {
+            shared.metrics.request("broker_provision_ignored");
+            continue;
+        };
+        shared.metrics.request(if reply.error_code.is_some() {
+            "broker_provision_rejected"
+        } else {
+            "broker_provision_accepted"
+        });
+        if let Some(code) = reply.error_code {
+            tracing::info!(topic = %reply.topic, code, "Fleet Provisioning request rejected");
+        }
+        replies.push((
+            index,
+            serde_json::json!({
+                "id": id,
+                "topic": reply.topic,
+                "payload_b64": crate::fleet_provisioning::b64(&reply.payload),
+            }),
+        ));
+    }
+    replies.sort_by_key(|(index, _)| *index);
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "replies": replies.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+        }),
+    )
 }
 
 #[cfg(test)]

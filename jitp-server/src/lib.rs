@@ -36,6 +36,7 @@ mod admin;
 pub mod broker;
 mod client;
 mod conns;
+pub mod fleet_provisioning;
 mod metrics;
 
 pub use broker::{BrokerApi, BrokerApiError};

@@ -7,6 +7,7 @@
 //! `fleetcert-device-auth`.
 
 pub mod broker;
+pub mod claims;
 mod datadir;
 mod error;
 mod fsio;

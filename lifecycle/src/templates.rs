@@ -201,6 +201,66 @@ impl TemplateSet {
     }
 }
 
+/// What a template produced for RegisterThing: the thing's name and the rendered
+/// resources, before the existing thing's details are merged in ([`TemplateSet::merge`]).
+#[derive(Debug, Clone)]
+pub(crate) struct RenderedForRegisterThing {
+    pub rendered: fleetcert_templates::RenderedProvisioning,
+}
+
+impl TemplateSet {
+    /// Whether a template of this name is loaded.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.templates.contains_key(name)
+    }
+
+    /// Renders `name` with RegisterThing's parameters (the device's, plus
+    /// `AWS::IoT::Certificate::Id`, which the caller sets and the device cannot).
+    pub(crate) fn render_with_parameters(
+        &self,
+        name: &str,
+        params: &std::collections::BTreeMap<String, String>,
+    ) -> Result<RenderedForRegisterThing, TemplateError> {
+        let template = self
+            .templates
+            .get(name)
+            .ok_or_else(|| TemplateError::Invalid {
+                name: name.to_owned(),
+                location: "template".into(),
+                reason: "not loaded by this server".into(),
+            })?;
+        Ok(RenderedForRegisterThing {
+            rendered: fleetcert_templates::render(template, params)?,
+        })
+    }
+
+    /// The registration of a RegisterThing render against the thing as it exists.
+    pub(crate) fn merge(
+        name: &str,
+        rendered: &RenderedForRegisterThing,
+        current: &ThingDetails,
+    ) -> Result<RenderedRegistration, TemplateError> {
+        let details = apply_overrides(name, current, &rendered.rendered.thing)?;
+        let policies = rendered
+            .rendered
+            .policies
+            .iter()
+            .map(|p| PolicyWrite {
+                name: p
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{name}-{}", p.logical_id)),
+                document: p.document.clone(),
+            })
+            .collect();
+        Ok(RenderedRegistration {
+            thing_name: rendered.rendered.thing.name.clone(),
+            details,
+            policies,
+        })
+    }
+}
+
 /// AWS OverrideSettings against the thing as it exists. Without a setting, a property
 /// the thing does not have yet is filled in and one it has is kept: operator-set values
 /// are never overwritten silently.

@@ -28,6 +28,7 @@ const MOSQ_LOG_DEBUG: c_int = 1 << 4;
 // mosquitto_broker.h: enum mosquitto_plugin_event (the events used).
 const MOSQ_EVT_ACL_CHECK: c_int = 2;
 const MOSQ_EVT_BASIC_AUTH: c_int = 3;
+const MOSQ_EVT_MESSAGE: c_int = 7;
 const MOSQ_EVT_TICK: c_int = 9;
 const MOSQ_EVT_DISCONNECT: c_int = 10;
 
@@ -73,6 +74,24 @@ struct EvtBasicAuth {
     client: *mut Mosquitto,
     username: *mut c_char,
     password: *mut c_char,
+    future2: [*mut c_void; 4],
+}
+
+/// `struct mosquitto_evt_message`: mosquitto takes back `topic`, `payload` and
+/// `retain` after the callback (a replaced topic must be allocated with
+/// `mosquitto_strdup`; the old one is the callback's to free).
+#[repr(C)]
+struct EvtMessage {
+    future: *mut c_void,
+    client: *mut Mosquitto,
+    topic: *mut c_char,
+    payload: *mut c_void,
+    properties: *mut c_void,
+    reason_string: *mut c_char,
+    payloadlen: u32,
+    qos: u8,
+    reason_code: u8,
+    retain: bool,
     future2: [*mut c_void; 4],
 }
 
@@ -123,6 +142,19 @@ unsafe extern "C" {
     fn mosquitto_client_protocol_version(client: *const Mosquitto) -> c_int;
     /// NULL kicks every client: never passed here.
     fn mosquitto_kick_client_by_clientid(clientid: *const c_char, with_will: bool) -> c_int;
+    /// Queues a message for one client (`clientid` non-NULL: that client only, whatever
+    /// its subscriptions); copies `payload`. Broker thread only.
+    fn mosquitto_broker_publish_copy(
+        clientid: *const c_char,
+        topic: *const c_char,
+        payloadlen: c_int,
+        payload: *const c_void,
+        qos: c_int,
+        retain: bool,
+        properties: *mut c_void,
+    ) -> c_int;
+    fn mosquitto_strdup(s: *const c_char) -> *mut c_char;
+    fn mosquitto_free(mem: *mut c_void);
     // OpenSSL's libcrypto, already loaded by the broker.
     fn i2d_X509(x509: *mut c_void, out: *mut *mut u8) -> c_int;
     fn X509_free(x509: *mut c_void);
@@ -295,6 +327,51 @@ unsafe extern "C" fn on_acl_check(
     })
 }
 
+unsafe extern "C" fn on_message(
+    _event: c_int,
+    event_data: *mut c_void,
+    userdata: *mut c_void,
+) -> c_int {
+    // A panic here denies the PUBLISH: a request must never be routed by accident.
+    guarded(userdata, MOSQ_ERR_ACL_DENIED, |plugin| {
+        let event = event_data as *mut EvtMessage;
+        if event.is_null() {
+            return MOSQ_ERR_SUCCESS;
+        }
+        // SAFETY: mosquitto passes a valid mosquitto_evt_message for this event.
+        let event = unsafe { &mut *event };
+        // SAFETY: NUL-terminated topic, alive for this call.
+        let Some(topic) = (unsafe { text(event.topic) }) else {
+            return MOSQ_ERR_SUCCESS;
+        };
+        let payload: &[u8] = if event.payload.is_null() || event.payloadlen == 0 {
+            &[]
+        } else {
+            // SAFETY: mosquitto's payload of `payloadlen` bytes, alive for this call.
+            unsafe {
+                std::slice::from_raw_parts(event.payload as *const u8, event.payloadlen as usize)
+            }
+        };
+        if !plugin.take_provisioning_request(ConnectionKey(event.client as usize), topic, payload) {
+            return MOSQ_ERR_SUCCESS;
+        }
+        let Ok(sink) = CString::new(crate::plugin::PROVISIONING_SINK_TOPIC) else {
+            return MOSQ_ERR_ACL_DENIED;
+        };
+        // SAFETY: a NUL-terminated string; mosquitto frees the copy with the message.
+        let replacement = unsafe { mosquitto_strdup(sink.as_ptr()) };
+        if replacement.is_null() {
+            return MOSQ_ERR_ACL_DENIED;
+        }
+        // SAFETY: the old topic was allocated by mosquitto and is no longer referenced
+        // once replaced (plugin__handle_message assigns event.topic back).
+        unsafe { mosquitto_free(event.topic.cast()) };
+        event.topic = replacement;
+        event.retain = false;
+        MOSQ_ERR_SUCCESS
+    })
+}
+
 unsafe extern "C" fn on_disconnect(
     _event: c_int,
     event_data: *mut c_void,
@@ -324,13 +401,36 @@ unsafe extern "C" fn on_tick(
                 unsafe { mosquitto_kick_client_by_clientid(id.as_ptr(), false) };
             }
         }
+        for reply in plugin.take_replies() {
+            let (Ok(id), Ok(topic), Ok(len)) = (
+                CString::new(reply.client_id),
+                CString::new(reply.topic),
+                c_int::try_from(reply.payload.len()),
+            ) else {
+                continue;
+            };
+            // SAFETY: NUL-terminated, non-NULL client id and topic; the payload is
+            // copied by mosquitto; no properties.
+            unsafe {
+                mosquitto_broker_publish_copy(
+                    id.as_ptr(),
+                    topic.as_ptr(),
+                    len,
+                    reply.payload.as_ptr().cast(),
+                    1,
+                    false,
+                    std::ptr::null_mut(),
+                )
+            };
+        }
         MOSQ_ERR_SUCCESS
     })
 }
 
-const CALLBACKS: [(c_int, GenericCallback); 4] = [
+const CALLBACKS: [(c_int, GenericCallback); 5] = [
     (MOSQ_EVT_BASIC_AUTH, on_basic_auth),
     (MOSQ_EVT_ACL_CHECK, on_acl_check),
+    (MOSQ_EVT_MESSAGE, on_message),
     (MOSQ_EVT_DISCONNECT, on_disconnect),
     (MOSQ_EVT_TICK, on_tick),
 ];
@@ -509,6 +609,13 @@ mod tests {
         assert_eq!(size_of::<EvtBasicAuth>(), 64);
         assert_eq!(offset_of!(EvtDisconnect, reason), 16);
         assert_eq!(size_of::<EvtDisconnect>(), 56);
+        assert_eq!(offset_of!(EvtMessage, topic), 16);
+        assert_eq!(offset_of!(EvtMessage, payload), 24);
+        assert_eq!(offset_of!(EvtMessage, payloadlen), 48);
+        assert_eq!(offset_of!(EvtMessage, qos), 52);
+        assert_eq!(offset_of!(EvtMessage, retain), 54);
+        assert_eq!(offset_of!(EvtMessage, future2), 56);
+        assert_eq!(size_of::<EvtMessage>(), 88);
         assert_eq!(size_of::<EvtTick>(), 72);
         assert_eq!(size_of::<MosquittoOpt>(), 16);
     }

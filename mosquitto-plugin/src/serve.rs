@@ -58,6 +58,51 @@ pub struct Allowed {
     /// How long a reconnect may be answered from the cache.
     #[serde(default)]
     pub cache_seconds: u64,
+    /// Present for a claim certificate: the session may use the Fleet Provisioning API.
+    #[serde(default)]
+    pub claim: Option<ClaimJson>,
+}
+
+/// The claim a claim certificate is.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClaimJson {
+    /// The claim's name.
+    pub name: String,
+    /// The template it provisions with.
+    pub template: String,
+}
+
+/// One Fleet Provisioning request published by a claim session
+/// (`POST /broker/v1/provision`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProvisionRequest {
+    /// Echoed in the reply.
+    pub id: u64,
+    /// The session that published it.
+    pub session: String,
+    /// The session's (claim) certificate.
+    pub fingerprint_sha256: String,
+    /// The request topic.
+    pub topic: String,
+    /// The payload, base64.
+    pub payload_b64: String,
+}
+
+/// serve's reply to one request: publish `payload` on `topic` to the asking client only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ProvisionReply {
+    /// The request's id.
+    pub id: u64,
+    /// `<request topic>/accepted` or `/rejected`.
+    pub topic: String,
+    /// The payload, base64.
+    pub payload_b64: String,
+}
+
+#[derive(Deserialize)]
+struct ProvisionAnswer {
+    #[serde(default)]
+    replies: Vec<ProvisionReply>,
 }
 
 /// serve refused the CONNECT.
@@ -231,6 +276,25 @@ impl ServeClient {
             return Err(ServeError(format!("connect: HTTP status {status}")));
         }
         serde_json::from_str(&text).map_err(|e| ServeError(format!("connect: bad answer: {e}")))
+    }
+
+    /// `POST /broker/v1/provision`: serve's replies, in request order (requests that
+    /// are not Fleet Provisioning requests get none).
+    pub fn provision(
+        &self,
+        requests: &[ProvisionRequest],
+    ) -> Result<Vec<ProvisionReply>, ServeError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            requests: &'a [ProvisionRequest],
+        }
+        let (status, text) = self.post("/broker/v1/provision", &Body { requests })?;
+        if status != 200 {
+            return Err(ServeError(format!("provision: HTTP status {status}")));
+        }
+        let answer: ProvisionAnswer = serde_json::from_str(&text)
+            .map_err(|e| ServeError(format!("provision: bad answer: {e}")))?;
+        Ok(answer.replies)
     }
 
     /// `POST /broker/v1/disconnect`.

@@ -123,6 +123,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "connection_sessions",
         sql: include_str!("../../migrations/sqlite/0006_connection_sessions.sql"),
     },
+    EmbeddedMigration {
+        version: 7,
+        description: "claims",
+        sql: include_str!("../../migrations/sqlite/0007_claims.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -156,6 +161,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 6,
         description: "connection_sessions",
         sql: include_str!("../../migrations/postgres/0006_connection_sessions.sql"),
+    },
+    EmbeddedMigration {
+        version: 7,
+        description: "claims",
+        sql: include_str!("../../migrations/postgres/0007_claims.sql"),
     },
 ];
 

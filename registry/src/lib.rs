@@ -26,6 +26,7 @@
 //! the `testing` module, compiled only with the `testing` cargo feature, which no
 //! release build enables.
 
+mod claims;
 mod common;
 mod connections;
 mod dialect;
@@ -340,6 +341,139 @@ pub struct Registration {
     /// When the device connected (Unix seconds): the certificate's `registered_at`, the
     /// thing's `updated_at`, new policies' `created_at`, and the events' time.
     pub at: i64,
+}
+
+/// A claim certificate to record ([`Claims::create_claim`]).
+#[derive(Debug, Clone)]
+pub struct NewClaim {
+    /// The claim's name (its certificate's common name), unique among claims.
+    pub name: String,
+    /// The provisioning template the claim may provision with (and only that one).
+    pub template: String,
+    /// How many devices may be provisioned with the claim; `None`: no limit.
+    pub max_uses: Option<i64>,
+    /// The claim certificate (`origin`, `key_algorithm` and `renew_at` are not kept).
+    pub certificate: NewCertificate,
+    /// When (Unix seconds).
+    pub at: i64,
+}
+
+/// A claim certificate as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRecord {
+    /// The claim's name.
+    pub name: String,
+    /// The one template it provisions with.
+    pub template: String,
+    /// The claim certificate's serial (lowercase hex).
+    pub serial: String,
+    /// SHA-256 of its DER (lowercase hex).
+    pub fingerprint_sha256: String,
+    /// `active` or `revoked`.
+    pub revoked: bool,
+    /// Devices it may still provision at most in total; `None`: no limit.
+    pub max_uses: Option<i64>,
+    /// Devices provisioned with it so far (registered things).
+    pub uses: i64,
+    /// Validity (Unix seconds).
+    pub not_before: i64,
+    /// Validity end (Unix seconds).
+    pub not_after: i64,
+    /// When it was recorded (Unix seconds).
+    pub created_at: i64,
+    /// When it was revoked (Unix seconds).
+    pub revoked_at: Option<i64>,
+}
+
+/// A certificate issued through the Fleet Provisioning API, waiting for RegisterThing
+/// ([`Claims::record_provisional`]).
+#[derive(Debug, Clone)]
+pub struct NewProvisional {
+    /// The claim whose holder asked for it.
+    pub claim_name: String,
+    /// The broker session that asked (the ownership token is bound to it).
+    pub session: String,
+    /// SHA-256 of the ownership token (lowercase hex); the token itself is not stored.
+    pub token_sha256: String,
+    /// When the token expires (Unix seconds); an unregistered certificate is revoked then.
+    pub token_expires_at: i64,
+    /// The certificate.
+    pub certificate: NewCertificate,
+    /// When (Unix seconds).
+    pub at: i64,
+}
+
+/// A provisional certificate as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionalRecord {
+    /// Serial (lowercase hex).
+    pub serial: String,
+    /// SHA-256 of the DER (lowercase hex): AWS's certificate id.
+    pub fingerprint_sha256: String,
+    /// The claim whose holder asked for it.
+    pub claim_name: String,
+    /// The broker session that asked.
+    pub session: String,
+    /// `pending`, `registered` or `revoked`.
+    pub state: String,
+    /// When the ownership token expires (Unix seconds).
+    pub token_expires_at: i64,
+    /// The thing it was registered for, once registered.
+    pub thing_name: Option<String>,
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+}
+
+/// RegisterThing: the provisional certificate of an ownership token becomes the
+/// certificate of a thing, registered from its template, in one transaction
+/// ([`Claims::register_provisional`]).
+#[derive(Debug, Clone)]
+pub struct ProvisionalRegistration {
+    /// SHA-256 of the ownership token presented.
+    pub token_sha256: String,
+    /// The broker session presenting it (must be the one that got it).
+    pub session: String,
+    /// The claim the session authenticated with (must be the one that got it).
+    pub claim_name: String,
+    /// The registration, as a first connect would make it. `expected_thing_version` is
+    /// the version of the thing the caller rendered against, or 0 when it did not exist
+    /// (it is created then). `serial` is ignored: the token names the certificate.
+    pub registration: Registration,
+}
+
+/// What [`Claims::register_provisional`] did. Every outcome but `Registered` wrote
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProvisionalOutcome {
+    /// The certificate is the thing's, active and registered, the token spent.
+    Registered {
+        /// The certificate's serial.
+        serial: String,
+        /// The policies attached.
+        policies: Vec<String>,
+        /// True when the thing did not exist before.
+        thing_created: bool,
+    },
+    /// No certificate has this token.
+    TokenUnknown,
+    /// The token was used (or its certificate revoked) already.
+    TokenUsed,
+    /// The token has expired.
+    TokenExpired,
+    /// The token was issued to another session or claim.
+    TokenNotYours,
+    /// The claim is revoked.
+    ClaimRevoked,
+    /// The claim's `max_uses` is reached.
+    ClaimExhausted,
+    /// The thing changed since the caller rendered against it: render again.
+    ThingChanged,
+    /// The registration was refused (as [`RegistrationOutcome::Refused`]).
+    Refused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What [`Registrations::register`] did.
@@ -1316,6 +1450,57 @@ pub trait Queries: Send + Sync {
     ) -> Result<Vec<PolicyRecord>, RegistryError>;
 }
 
+/// Provisioning by claim: claim certificates and the certificates the Fleet Provisioning
+/// API issues until RegisterThing (the broker integration, `claims` commands).
+#[async_trait]
+pub trait Claims: Send + Sync {
+    /// Records a claim (event `claim.created`). A name, serial or fingerprint already
+    /// used is [`RegistryError::DuplicateSerial`].
+    async fn create_claim(&self, claim: &NewClaim) -> Result<(), RegistryError>;
+
+    /// Every claim, by name.
+    async fn list_claims(&self) -> Result<Vec<ClaimRecord>, RegistryError>;
+
+    /// The claim with this name.
+    async fn get_claim(&self, name: &str) -> Result<Option<ClaimRecord>, RegistryError>;
+
+    /// The claim whose certificate has this SHA-256 fingerprint.
+    async fn claim_by_fingerprint(
+        &self,
+        fingerprint_sha256: &str,
+    ) -> Result<Option<ClaimRecord>, RegistryError>;
+
+    /// Revokes a claim (event `claim.revoked`) and the certificates it got that are still
+    /// waiting for RegisterThing. `false` if it was revoked already; an unknown name is
+    /// [`RegistryError::NotFound`].
+    async fn revoke_claim(&self, name: &str, at: i64) -> Result<bool, RegistryError>;
+
+    /// Records a certificate the Fleet Provisioning API issued, before it is handed out
+    /// (event `claim.certificate_issued`).
+    async fn record_provisional(&self, provisional: &NewProvisional) -> Result<(), RegistryError>;
+
+    /// The provisional certificate of an ownership token (by the token's SHA-256).
+    async fn provisional_by_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<ProvisionalRecord>, RegistryError>;
+
+    /// RegisterThing, in ONE transaction: checks the token (known, pending, not expired
+    /// at `registration.at`, issued to this session and claim), the claim (active, under
+    /// `max_uses`), creates the thing if missing (event `thing.created`), inserts the
+    /// certificate as `active`, delivered (event `certificate.issued`), registers it as
+    /// [`Registrations::register`] does, spends the token and counts a use of the claim
+    /// (event `claim.used`).
+    async fn register_provisional(
+        &self,
+        registration: &ProvisionalRegistration,
+    ) -> Result<ProvisionalOutcome, RegistryError>;
+
+    /// Revokes the provisional certificates whose token expired before `now` unused
+    /// (they drop onto the CRL); returns their serials.
+    async fn expire_provisional(&self, now: i64) -> Result<Vec<String>, RegistryError>;
+}
+
 /// The one storage interface: the sum of the role traits, which both backends implement
 /// identically (each flow written once over the backend's dialect; the story tests in
 /// `tests/` run against each). A consumer names the role it needs (`use
@@ -1323,7 +1508,7 @@ pub trait Queries: Send + Sync {
 /// imports them all with `use fleetcert_registry::roles::*`.
 #[async_trait]
 pub trait Registry:
-    Issuance + Registrations + Rotations + Revocations + MirrorOutbox + Queries + fmt::Debug
+    Issuance + Registrations + Rotations + Revocations + MirrorOutbox + Queries + Claims + fmt::Debug
 {
     /// Which backend this is: `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
@@ -1343,7 +1528,7 @@ pub trait Registry:
 /// Every role trait, for `use fleetcert_registry::roles::*`.
 pub mod roles {
     pub use crate::{
-        Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations, Rotations,
+        Claims, Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations, Rotations,
     };
 }
 

@@ -153,7 +153,7 @@ where
     /// One registration, inside the caller's write transaction. Returns the outcome and
     /// whether it wrote (only `Registered` does). A registration refused after it created
     /// policies deletes them again if `undo` (else the caller rolls back to a savepoint).
-    async fn register_in(
+    pub(crate) async fn register_in(
         conn: &mut <R::Db as Database>::Connection,
         reg: &Registration,
         requested: &[RequestedPolicy<'_>],

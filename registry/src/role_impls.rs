@@ -324,6 +324,65 @@ macro_rules! impl_roles {
         }
 
         #[async_trait::async_trait]
+        impl crate::Claims for $backend {
+            async fn create_claim(&self, claim: &NewClaim) -> Result<(), RegistryError> {
+                crate::dialect::Flows(self).create_claim(claim).await
+            }
+
+            async fn list_claims(&self) -> Result<Vec<ClaimRecord>, RegistryError> {
+                crate::dialect::Flows(self).list_claims().await
+            }
+
+            async fn get_claim(&self, name: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+                crate::dialect::Flows(self).get_claim(name).await
+            }
+
+            async fn claim_by_fingerprint(
+                &self,
+                fingerprint_sha256: &str,
+            ) -> Result<Option<ClaimRecord>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .claim_by_fingerprint(fingerprint_sha256)
+                    .await
+            }
+
+            async fn revoke_claim(&self, name: &str, at: i64) -> Result<bool, RegistryError> {
+                crate::dialect::Flows(self).revoke_claim(name, at).await
+            }
+
+            async fn record_provisional(
+                &self,
+                provisional: &NewProvisional,
+            ) -> Result<(), RegistryError> {
+                crate::dialect::Flows(self)
+                    .record_provisional(provisional)
+                    .await
+            }
+
+            async fn provisional_by_token(
+                &self,
+                token_sha256: &str,
+            ) -> Result<Option<ProvisionalRecord>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .provisional_by_token(token_sha256)
+                    .await
+            }
+
+            async fn register_provisional(
+                &self,
+                registration: &ProvisionalRegistration,
+            ) -> Result<ProvisionalOutcome, RegistryError> {
+                crate::dialect::Flows(self)
+                    .register_provisional(registration)
+                    .await
+            }
+
+            async fn expire_provisional(&self, now: i64) -> Result<Vec<String>, RegistryError> {
+                crate::dialect::Flows(self).expire_provisional(now).await
+            }
+        }
+
+        #[async_trait::async_trait]
         impl crate::Queries for $backend {
             async fn get_thing(&self, name: &str) -> Result<Option<ThingRecord>, RegistryError> {
                 crate::dialect::Flows(self).get_thing(name).await

@@ -6,6 +6,8 @@
 //! `#[ignore]`d: they need mosquitto and paho-mqtt, which `scripts/with-mosquitto.sh`
 //! (through the README's test command) installs and names in `FLEETCERT_TEST_MOSQUITTO`,
 //! `FLEETCERT_TEST_MOSQUITTO_PUB` and `FLEETCERT_TEST_MQTT_PYTHON`.
+#[path = "mqtt_fleet_provisioning.rs"]
+mod fleet_provisioning;
 #[path = "mqtt_sessions.rs"]
 mod sessions;
 

@@ -42,6 +42,10 @@ pub struct AuthorizedConnect {
     pub context: ConnectionContext,
     /// The region and account resources were matched in.
     pub arn: ArnContext,
+    /// Present when the certificate is a claim: the session may use the Fleet
+    /// Provisioning API for this template and nothing else (`policies` is the claim
+    /// policy); no thing is registered.
+    pub claim: Option<super::ClaimGrant>,
 }
 
 /// A finished broker session, as the broker reports it.
@@ -216,10 +220,17 @@ impl Jitp {
         arn: &ArnContext,
     ) -> Result<AuthorizedConnect, Refusal> {
         let identity = Self::identity(cert_der)?;
-        let registered = matches!(
-            self.connect_from(cert_der, None).await?,
-            ConnectOutcome::Provisioned(_)
-        );
+        let registered = match self.connect_from(cert_der, None).await {
+            Ok(outcome) => matches!(outcome, ConnectOutcome::Provisioned(_)),
+            // Not a device certificate: a claim certificate, or refused as it was.
+            Err(Refusal::UnknownCertificate(message)) => {
+                return match self.claim_grant(cert_der).await? {
+                    Some(claim) => self.authorize_claim_connect(cert_der, client_id, arn, claim),
+                    None => Err(Refusal::UnknownCertificate(message)),
+                };
+            }
+            Err(refusal) => return Err(refusal),
+        };
         let state = self.known_device_state(&identity).await?;
         let certificate = &state.certificate;
         if certificate.status == CertStatus::Revoked
@@ -289,6 +300,44 @@ impl Jitp {
             policies,
             context,
             arn: arn.clone(),
+            claim: None,
+        })
+    }
+
+    /// A CONNECT with a claim certificate: `iot:Connect` evaluated against the claim
+    /// policy; nothing registered.
+    fn authorize_claim_connect(
+        &self,
+        cert_der: &[u8],
+        client_id: &str,
+        arn: &ArnContext,
+        claim: super::ClaimGrant,
+    ) -> Result<AuthorizedConnect, Refusal> {
+        let name = format!("fleetcert-claim-{}", claim.template);
+        let policy = self.broker.compiled(&name, &claim.policy_document)?;
+        let context = ConnectionContext {
+            client_id: client_id.to_owned(),
+            thing: None,
+            certificate: Some(certificate_context(cert_der)?),
+        };
+        let decision = evaluate_policies([&*policy], arn, &context, &Request::connect(client_id));
+        if !decision.is_allowed() {
+            return Err(Refusal::ConnectDenied(format!(
+                "the claim policy does not allow iot:Connect ({decision})"
+            )));
+        }
+        Ok(AuthorizedConnect {
+            thing_name: claim.claim_name.clone(),
+            serial: claim.serial.clone(),
+            fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, cert_der)),
+            registered: false,
+            policies: vec![AttachedPolicy {
+                name,
+                document: claim.policy_document.clone(),
+            }],
+            context,
+            arn: arn.clone(),
+            claim: Some(claim),
         })
     }
 
@@ -346,6 +395,18 @@ impl Jitp {
                     .await
                     .map_err(Refusal::unavailable)?
                 else {
+                    // A claim certificate's session goes when the claim is revoked.
+                    let claim = self
+                        .registry
+                        .claim_by_fingerprint(fingerprint)
+                        .await
+                        .map_err(Refusal::unavailable)?;
+                    if claim.is_some_and(|c| c.revoked) {
+                        retired.push(RetiredCertificate {
+                            fingerprint_sha256: fingerprint.clone(),
+                            reason: RetiredReason::Revoked,
+                        });
+                    }
                     continue;
                 };
                 let c = &state.certificate;

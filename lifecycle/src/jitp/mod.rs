@@ -31,6 +31,7 @@ use time::format_description::well_known::Rfc3339;
 mod broker;
 mod caches;
 mod connect;
+mod fleet;
 mod identify;
 mod reenroll;
 mod refusal;
@@ -41,6 +42,10 @@ pub use broker::{
     AttachedPolicy, AuthorizedConnect, BrokerDisconnect, RetiredCertificate, RetiredReason,
 };
 pub use connect::{ConnectOutcome, ConnectReply, ConnectStatus, RotationAdvice, RotationMethod};
+pub use fleet::{
+    ClaimGrant, OWNERSHIP_TOKEN_SECONDS, ProvisionalCredentials, ProvisionedThing,
+    ProvisioningError, claim_policy_document,
+};
 pub use identify::IdentifiedDevice;
 pub use reenroll::{MAX_REPLACEMENTS_PER_CERTIFICATE, decode_csr_body};
 pub use refusal::Refusal;
@@ -89,6 +94,8 @@ const REVOCATION_REFRESH: Duration = Duration::from_secs(2);
 /// After a revocation made here, how long to wait for more before refreshing.
 const REVOCATION_DEBOUNCE: Duration = Duration::from_millis(200);
 const CONNECTION_FLUSH: Duration = Duration::from_secs(1);
+/// How often certificates whose ownership token expired unused are revoked.
+const PROVISIONAL_EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
 /// The device use cases, shared by every connection.
 pub struct Jitp {
@@ -230,9 +237,16 @@ impl Jitp {
     pub async fn run_upkeep(self: Arc<Self>) {
         let mut revocations = tokio::time::interval(REVOCATION_REFRESH);
         let mut flushes = tokio::time::interval(CONNECTION_FLUSH);
+        let mut expiries = tokio::time::interval(PROVISIONAL_EXPIRY_CHECK);
         loop {
             tokio::select! {
                 _ = revocations.tick() => {}
+                _ = expiries.tick() => {
+                    if let Err(e) = self.expire_provisional().await {
+                        tracing::warn!("cannot expire provisional certificates: {e}");
+                    }
+                    continue;
+                }
                 _ = self.revoked.notified() => {
                     // A burst of confirmations (a fleet rotating) becomes one new CRL,
                     // not one per device.

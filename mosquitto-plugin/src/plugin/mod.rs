@@ -107,6 +107,8 @@ const MAX_REMEMBERED_DECISIONS: usize = 256;
 #[derive(Debug)]
 struct Grant {
     thing_name: String,
+    /// A claim certificate's template: the session may use the Fleet Provisioning API.
+    claim_template: Option<String>,
     policies: Vec<Policy>,
     context: ConnectionContext,
     arn: ArnContext,
@@ -124,6 +126,7 @@ impl Grant {
     ) -> Grant {
         Grant {
             thing_name,
+            claim_template: None,
             policies,
             context,
             arn,
@@ -162,6 +165,8 @@ impl Grant {
 
 #[derive(Debug)]
 struct Session {
+    /// Unique per session (instance id + counter): ownership tokens are bound to it.
+    id: String,
     client_id: String,
     fingerprint: String,
     source_address: String,
@@ -218,6 +223,63 @@ struct Shared {
     disconnects: Mutex<Vec<DisconnectRecord>>,
     logs: Mutex<Vec<LogLine>>,
     metrics: Metrics,
+    /// Sessions opened since start (for session ids).
+    sessions_opened: std::sync::atomic::AtomicU64,
+    /// Fleet Provisioning replies waiting for the broker's thread.
+    replies: Mutex<Vec<PendingReply>>,
+}
+
+/// A Fleet Provisioning request taken off the message path, for the provisioning threads.
+#[derive(Debug)]
+struct ProvisionJob {
+    connection: ConnectionKey,
+    session: String,
+    client_id: String,
+    fingerprint: String,
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// A reply to publish to one client from the broker's thread.
+#[derive(Debug)]
+struct PendingReply {
+    connection: ConnectionKey,
+    session: String,
+    client_id: String,
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// A reply to publish now, to `client_id` only ([`Plugin::take_replies`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingReply {
+    /// The client that asked.
+    pub client_id: String,
+    /// `<request topic>/accepted|rejected`.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Where a claim session's Fleet Provisioning request is re-routed once taken: a topic
+/// no session may subscribe to or receive, so the request reaches no other client.
+pub const PROVISIONING_SINK_TOPIC: &str = "$fleetcert/provisioning-request";
+
+/// Fleet Provisioning requests waiting for the provisioning threads at most; past this
+/// a request is dropped (the device times out and retries) rather than block the broker.
+const MAX_QUEUED_PROVISION_REQUESTS: usize = 10_000;
+/// Requests sent to serve in one call at most.
+const PROVISION_BATCH: usize = 256;
+/// Threads relaying Fleet Provisioning requests (a slow request does not hold the others).
+const PROVISION_THREADS: usize = 2;
+/// How long serve may take to answer a batch of Fleet Provisioning requests.
+const PROVISION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a topic is a Fleet Provisioning request (not a reply).
+fn is_provisioning_request(topic: &str) -> bool {
+    (topic.starts_with("$aws/certificates/create")
+        || topic.starts_with("$aws/provisioning-templates/"))
+        && (topic.ends_with("/json") || topic.ends_with("/cbor"))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -380,6 +442,8 @@ pub struct Plugin {
     shared: Arc<Shared>,
     stop: Option<Sender<()>>,
     worker: Option<JoinHandle<()>>,
+    provisions: Option<std::sync::mpsc::SyncSender<ProvisionJob>>,
+    provisioners: Vec<JoinHandle<()>>,
 }
 
 impl Plugin {
@@ -396,6 +460,8 @@ impl Plugin {
             disconnects: Mutex::default(),
             logs: Mutex::default(),
             metrics: Metrics::default(),
+            sessions_opened: std::sync::atomic::AtomicU64::new(0),
+            replies: Mutex::default(),
         });
         let (stop, stopped) = channel();
         let worker_shared = Arc::clone(&shared);
@@ -420,10 +486,26 @@ impl Plugin {
                 options.sessions_interval.as_millis()
             ),
         );
+        let (provisions, jobs) = std::sync::mpsc::sync_channel(MAX_QUEUED_PROVISION_REQUESTS);
+        let jobs = Arc::new(Mutex::new(jobs));
+        let provision_client = ServeClient::new(&options.broker_api, &secret, PROVISION_TIMEOUT);
+        let mut provisioners = Vec::with_capacity(PROVISION_THREADS);
+        for index in 0..PROVISION_THREADS {
+            let shared = Arc::clone(&shared);
+            let jobs = Arc::clone(&jobs);
+            let client = provision_client.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("fleetcert-provision-{index}"))
+                .spawn(move || provisioner(&shared, &client, &jobs))
+                .map_err(|e| OptionError(format!("cannot start a provisioning thread: {e}")))?;
+            provisioners.push(thread);
+        }
         Ok(Plugin {
             shared,
             stop: Some(stop),
             worker: Some(worker),
+            provisions: Some(provisions),
+            provisioners,
         })
     }
 
@@ -547,6 +629,14 @@ impl Plugin {
             allowed.context,
             ArnContext::new(allowed.arn.region, allowed.arn.account),
         ));
+        let grant = match &allowed.claim {
+            Some(claim) => {
+                let mut grant = Arc::into_inner(grant).expect("not shared yet");
+                grant.claim_template = Some(claim.template.clone());
+                Arc::new(grant)
+            }
+            None => grant,
+        };
         if allowed.cache_seconds > 0 {
             let expires_at = Instant::now() + Duration::from_secs(allowed.cache_seconds);
             lock(&shared.state).cache.insert(
@@ -578,7 +668,12 @@ impl Plugin {
     }
 
     fn open_session(&self, attempt: &ConnectAttempt<'_>, fingerprint: String, grant: Arc<Grant>) {
+        let number = self
+            .shared
+            .sessions_opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let session = Session {
+            id: format!("{}-{number}", self.shared.instance),
             client_id: attempt.client_id.to_string(),
             fingerprint,
             source_address: attempt.source_address.to_string(),
@@ -602,6 +697,10 @@ impl Plugin {
     /// An unknown or retired session is denied.
     pub fn authorize(&self, connection: ConnectionKey, access: Access, topic: &str) -> bool {
         let shared = &*self.shared;
+        // Taken Fleet Provisioning requests go there: nobody subscribes or receives.
+        if topic.starts_with("$fleetcert") && !matches!(access, Access::Publish { .. }) {
+            return false;
+        }
         let grant = {
             let state = lock(&shared.state);
             match state.sessions.get(&connection) {
@@ -664,6 +763,74 @@ impl Plugin {
         kicks
     }
 
+    /// On the broker's thread, for every PUBLISH that passed its ACL check: a claim
+    /// session's Fleet Provisioning request is taken (queued for the provisioning threads,
+    /// which ask serve) and must not be routed — true means: re-route it to
+    /// [`PROVISIONING_SINK_TOPIC`], not retained. The reply goes to this client only.
+    pub fn take_provisioning_request(
+        &self,
+        connection: ConnectionKey,
+        topic: &str,
+        payload: &[u8],
+    ) -> bool {
+        if !is_provisioning_request(topic) {
+            return false;
+        }
+        let job = {
+            let state = lock(&self.shared.state);
+            let Some(session) = state.sessions.get(&connection) else {
+                return false;
+            };
+            if session.grant.claim_template.is_none() {
+                return false;
+            }
+            ProvisionJob {
+                connection,
+                session: session.id.clone(),
+                client_id: session.client_id.clone(),
+                fingerprint: session.fingerprint.clone(),
+                topic: topic.to_owned(),
+                payload: payload.to_vec(),
+            }
+        };
+        let queued = self
+            .provisions
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(job).is_ok());
+        if !queued {
+            self.shared.log(
+                LogLevel::Warning,
+                format!("Fleet Provisioning request on {topic:?} dropped: too many waiting"),
+            );
+        }
+        // Taken either way: a claim session's request is never routed to other clients.
+        true
+    }
+
+    /// On the broker's thread: Fleet Provisioning replies to publish now, each to the
+    /// client that asked — only while the session that asked is still connected and
+    /// has not been taken over by another connection with its client id.
+    pub fn take_replies(&self) -> Vec<OutgoingReply> {
+        let pending = std::mem::take(&mut *lock(&self.shared.replies));
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        let state = lock(&self.shared.state);
+        pending
+            .into_iter()
+            .filter(|reply| {
+                state.sessions.get(&reply.connection).is_some_and(|s| {
+                    s.id == reply.session && !s.taken_over && s.client_id == reply.client_id
+                })
+            })
+            .map(|reply| OutgoingReply {
+                client_id: reply.client_id,
+                topic: reply.topic,
+                payload: reply.payload,
+            })
+            .collect()
+    }
+
     /// The log lines waiting for the broker's log.
     pub fn drain_logs(&self) -> Vec<LogLine> {
         std::mem::take(&mut *lock(&self.shared.logs))
@@ -695,6 +862,10 @@ impl Plugin {
                 .queue_disconnects(live.into_iter().map(|s| s.ended("broker_stopped")));
         }
         drop(self.stop.take());
+        drop(self.provisions.take());
+        for thread in self.provisioners.drain(..) {
+            let _ = thread.join();
+        }
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
@@ -736,6 +907,97 @@ fn worker(
             last_metrics = Instant::now();
             shared.log(LogLevel::Info, shared.metrics.summary());
         }
+    }
+}
+
+/// A provisioning thread: takes the waiting requests (up to a batch), asks serve for
+/// the replies in one call, and leaves them for the broker's thread. Returns when the
+/// plugin stops.
+fn provisioner(shared: &Shared, client: &ServeClient, jobs: &Mutex<Receiver<ProvisionJob>>) {
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    loop {
+        let batch: Vec<ProvisionJob> = {
+            let jobs = lock(jobs);
+            let Ok(first) = jobs.recv() else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < PROVISION_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let requests: Vec<crate::serve::ProvisionRequest> = batch
+            .iter()
+            .enumerate()
+            .map(|(id, job)| crate::serve::ProvisionRequest {
+                id: id as u64,
+                session: job.session.clone(),
+                fingerprint_sha256: job.fingerprint.clone(),
+                topic: job.topic.clone(),
+                payload_b64: b64.encode(&job.payload),
+            })
+            .collect();
+        let started = Instant::now();
+        let answered = client.provision(&requests);
+        shared
+            .metrics
+            .serve_call(started.elapsed(), answered.is_ok());
+        let mut replies = Vec::with_capacity(batch.len());
+        match answered {
+            Ok(answers) => {
+                for answer in answers {
+                    let (Some(job), Ok(payload)) = (
+                        usize::try_from(answer.id).ok().and_then(|i| batch.get(i)),
+                        b64.decode(&answer.payload_b64),
+                    ) else {
+                        continue;
+                    };
+                    // serve answers on the request's own accepted/rejected topics only.
+                    if !(answer.topic == format!("{}/accepted", job.topic)
+                        || answer.topic == format!("{}/rejected", job.topic))
+                    {
+                        continue;
+                    }
+                    replies.push(PendingReply {
+                        connection: job.connection,
+                        session: job.session.clone(),
+                        client_id: job.client_id.clone(),
+                        topic: answer.topic,
+                        payload,
+                    });
+                }
+            }
+            Err(e) => {
+                shared.log(
+                    LogLevel::Error,
+                    format!(
+                        "{} Fleet Provisioning requests failed: serve unavailable: {e}",
+                        batch.len()
+                    ),
+                );
+                // Fail visibly: a JSON request gets AWS's ServiceUnavailable rejection.
+                for job in batch.iter().filter(|j| j.topic.ends_with("/json")) {
+                    let payload = serde_json::json!({
+                        "statusCode": 503,
+                        "errorCode": "ServiceUnavailable",
+                        "errorMessage": "fleetcert cannot be reached; try again",
+                    });
+                    replies.push(PendingReply {
+                        connection: job.connection,
+                        session: job.session.clone(),
+                        client_id: job.client_id.clone(),
+                        topic: format!("{}/rejected", job.topic),
+                        payload: payload.to_string().into_bytes(),
+                    });
+                }
+            }
+        }
+        lock(&shared.replies).extend(replies);
     }
 }
 

@@ -1,0 +1,343 @@
+//! Provisioning by claim (issue 15): the unmodified AWS IoT Device SDK v2 for Python
+//! (`awsiotsdk`, `IotIdentityClientV2`, driven by `fleet_provisioning_device.py`) against
+//! mosquitto with the fleetcert plugin and `serve --broker-api`.
+use super::*;
+
+/// A Fleet Provisioning template: the thing is named from the device's SerialNumber.
+const TEMPLATE: &str = r#"
+Parameters:
+  SerialNumber:
+    Type: String
+  AWS::IoT::Certificate::Id:
+    Type: String
+Resources:
+  thing:
+    Type: AWS::IoT::Thing
+    Properties:
+      ThingName: {"Fn::Join": ["", ["sensor-", {Ref: SerialNumber}]]}
+      AttributePayload:
+        serial: {Ref: SerialNumber}
+  certificate:
+    Type: AWS::IoT::Certificate
+    Properties:
+      CertificateId: {Ref: "AWS::IoT::Certificate::Id"}
+      Status: ACTIVE
+  policy:
+    Type: AWS::IoT::Policy
+    Properties:
+      PolicyName: sensors-by-claim
+      PolicyDocument:
+        Version: "2012-10-17"
+        Statement:
+          - Effect: Allow
+            Action: iot:Connect
+            Resource: "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"
+          - Effect: Allow
+            Action: [iot:Publish, iot:Receive]
+            Resource: "arn:aws:iot:*:*:topic/devices/${iot:Connection.Thing.ThingName}/*"
+          - Effect: Allow
+            Action: iot:Subscribe
+            Resource: "arn:aws:iot:*:*:topicfilter/devices/${iot:Connection.Thing.ThingName}/*"
+DeviceConfiguration:
+  telemetryTopic: {"Fn::Join": ["", ["devices/sensor-", {Ref: SerialNumber}, "/telemetry"]]}
+"#;
+
+/// What the device script printed and how it exited.
+struct DeviceRun {
+    code: i32,
+    json: serde_json::Value,
+}
+
+fn claim(env: &Env, name: &str, extra: &[&str]) -> Device {
+    let mut args = vec![
+        "claims",
+        "create",
+        name,
+        "--template",
+        "sensors",
+        "--out",
+        "out",
+    ];
+    args.extend_from_slice(extra);
+    env.ok(&args);
+    Device {
+        name: name.to_owned(),
+        cert: env.out_dir().join(format!("{name}.crt")),
+        key: env.out_dir().join(format!("{name}.key")),
+    }
+}
+
+fn run_device(fleet: &Fleet, claim: &Device, client_id: &str, args: &[&str]) -> DeviceRun {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/fleet_provisioning_device.py");
+    let out = Command::new(required_env("FLEETCERT_TEST_MQTT_PYTHON"))
+        .arg(script)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &fleet.broker_port.to_string(),
+        ])
+        .arg("--ca")
+        .arg(&fleet.cafile)
+        .arg("--cert")
+        .arg(&claim.cert)
+        .arg("--key")
+        .arg(&claim.key)
+        .args(["--client-id", client_id, "--timeout", "15"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "the device script printed no JSON ({e}):\n{stdout}\n{}\nbroker log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fleet.broker_log()
+        )
+    });
+    DeviceRun {
+        code: out.status.code().unwrap_or(-1),
+        json,
+    }
+}
+
+fn rejected_code(run: &DeviceRun) -> String {
+    assert_eq!(run.code, 3, "expected a rejected reply: {}", run.json);
+    run.json["rejected"]["errorCode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// PUBACK 0x00 (success) or 0x10 (accepted, no subscribers): authorized either way
+/// (a publish the policy refuses gets 0x87).
+fn assert_publish_accepted(json: &serde_json::Value) {
+    let code = json["puback"].as_i64().unwrap_or(-1);
+    assert!(
+        code == SUCCESS || code == 0x10,
+        "the device's publish on its own topic was refused: {json}"
+    );
+}
+
+fn thing_count(env: &Env) -> usize {
+    env.json(&["things", "list"]).as_array().map_or(0, Vec::len)
+}
+
+#[test]
+#[ignore = "needs mosquitto, paho-mqtt and awsiotsdk (scripts/with-mosquitto.sh)"]
+fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
+    let env = Env::new();
+    env.init_ca();
+    std::fs::create_dir_all(env.data_dir().join("templates")).unwrap();
+    std::fs::write(env.data_dir().join("templates/sensors.yaml"), TEMPLATE).unwrap();
+    std::fs::create_dir_all(env.out_dir()).unwrap();
+    let factory = claim(&env, "factory-line-7", &[]);
+    let fleet = Fleet::start(&env);
+
+    // Another holder of the same claim listens on every reply topic its policy lets it
+    // subscribe to (and tries the wildcards too) while the devices provision.
+    let eavesdropper = probe_in_background(
+        &fleet,
+        &factory,
+        "eavesdropper",
+        &[
+            "$aws/certificates/create-from-csr/json/accepted",
+            "$aws/certificates/create/json/accepted",
+            "$aws/provisioning-templates/sensors/provision/json/accepted",
+            "$aws/certificates/#",
+            "$aws/provisioning-templates/#",
+        ],
+        12.0,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // CreateCertificateFromCsr → RegisterThing → reconnect as the thing → publish.
+    let out_csr = env.path("device-csr");
+    std::fs::create_dir_all(&out_csr).unwrap();
+    let csr = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-001",
+        &[
+            "--template",
+            "sensors",
+            "--mode",
+            "csr",
+            "--param",
+            "SerialNumber=001",
+            "--out",
+            out_csr.to_str().unwrap(),
+            "--then-connect",
+        ],
+    );
+    assert_eq!(csr.code, 0, "{}\n{}", csr.json, fleet.broker_log());
+    assert_eq!(csr.json["thingName"], "sensor-001");
+    assert_eq!(
+        csr.json["deviceConfiguration"]["telemetryTopic"],
+        "devices/sensor-001/telemetry"
+    );
+    assert_eq!(csr.json["reconnected"], true);
+    assert_publish_accepted(&csr.json);
+    let shown = env.json(&["things", "show", "sensor-001"]).to_string();
+    assert!(shown.contains("sensors-by-claim"), "{shown}");
+
+    // CreateKeysAndCertificate → RegisterThing → reconnect → publish.
+    let out_keys = env.path("device-keys");
+    std::fs::create_dir_all(&out_keys).unwrap();
+    let keys = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-002",
+        &[
+            "--template",
+            "sensors",
+            "--mode",
+            "keys",
+            "--param",
+            "SerialNumber=002",
+            "--out",
+            out_keys.to_str().unwrap(),
+            "--then-connect",
+        ],
+    );
+    assert_eq!(keys.code, 0, "{}\n{}", keys.json, fleet.broker_log());
+    assert_eq!(keys.json["thingName"], "sensor-002");
+    assert_publish_accepted(&keys.json);
+    let key = std::fs::read_to_string(out_keys.join("device.key")).unwrap();
+    assert!(key.contains("PRIVATE KEY"), "no key written");
+
+    let heard = eavesdropper.join().unwrap();
+    assert_eq!(
+        heard["messages"].as_array().map_or(0, Vec::len),
+        0,
+        "another holder of the claim received provisioning traffic: {heard}"
+    );
+    assert!(
+        !heard.to_string().contains("BEGIN"),
+        "a certificate or key reached another holder: {heard}"
+    );
+    assert_eq!(thing_count(&env), 2);
+
+    // A replayed token: the first device's token, again.
+    let token = csr.json["ownershipToken"].as_str().unwrap().to_owned();
+    let replay = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-001",
+        &[
+            "--template",
+            "sensors",
+            "--token",
+            &token,
+            "--param",
+            "SerialNumber=003",
+        ],
+    );
+    assert_eq!(rejected_code(&replay), "CertificateOwnershipTokenUsed");
+
+    // A token used from another connection than the one that got it.
+    let created = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-004",
+        &["--template", "sensors", "--only-create"],
+    );
+    assert_eq!(created.code, 0, "{}", created.json);
+    let foreign = created.json["ownershipToken"].as_str().unwrap().to_owned();
+    let stolen = run_device(
+        &fleet,
+        &factory,
+        "thief",
+        &[
+            "--template",
+            "sensors",
+            "--token",
+            &foreign,
+            "--param",
+            "SerialNumber=004",
+        ],
+    );
+    assert_eq!(rejected_code(&stolen), "CertificateOwnershipTokenNotYours");
+
+    // A CSR for a weak key (RSA 1024).
+    let weak_key = env.path("weak.key");
+    let weak_csr = env.path("weak.csr");
+    let status = Command::new("openssl")
+        .args([
+            "req", "-new", "-newkey", "rsa:1024", "-nodes", "-subj", "/CN=weak",
+        ])
+        .arg("-keyout")
+        .arg(&weak_key)
+        .arg("-out")
+        .arg(&weak_csr)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let weak = run_device(
+        &fleet,
+        &factory,
+        "boot-weak",
+        &[
+            "--template",
+            "sensors",
+            "--csr",
+            weak_csr.to_str().unwrap(),
+            "--csr-key",
+            weak_key.to_str().unwrap(),
+            "--param",
+            "SerialNumber=005",
+        ],
+    );
+    assert_eq!(rejected_code(&weak), "InvalidCSR");
+
+    // A template that does not exist.
+    let unknown = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-006",
+        &["--template", "nope", "--param", "SerialNumber=006"],
+    );
+    assert_eq!(rejected_code(&unknown), "ResourceNotFound");
+    assert_eq!(
+        thing_count(&env),
+        2,
+        "a refused request left a thing behind"
+    );
+
+    // An exhausted --max-uses.
+    let once = claim(&env, "one-device", &["--max-uses", "1"]);
+    let first = run_device(
+        &fleet,
+        &once,
+        "boot-once-1",
+        &["--template", "sensors", "--param", "SerialNumber=007"],
+    );
+    assert_eq!(first.code, 0, "{}", first.json);
+    let second = run_device(
+        &fleet,
+        &once,
+        "boot-once-2",
+        &["--template", "sensors", "--param", "SerialNumber=008"],
+    );
+    assert_eq!(rejected_code(&second), "ClaimExhausted");
+    assert_eq!(thing_count(&env), 3);
+
+    // A revoked claim: refused at connect; its certificate is on the CRL.
+    env.ok(&["claims", "revoke", "factory-line-7"]);
+    let listed = env.json(&["claims", "list"]).to_string();
+    assert!(listed.contains("\"revoked\""), "{listed}");
+    std::thread::sleep(Duration::from_secs(4));
+    let refused = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-009",
+        &["--template", "sensors", "--param", "SerialNumber=009"],
+    );
+    assert_eq!(
+        refused.code, 4,
+        "a revoked claim still provisions: {}",
+        refused.json
+    );
+    assert_eq!(thing_count(&env), 3, "a revoked claim left a thing behind");
+}
