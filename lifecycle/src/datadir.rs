@@ -99,6 +99,11 @@ impl DataDir {
     }
 
     /// `<data-dir>/templates`: provisioning templates.
+    /// `<data-dir>/pre-provisioning/`: RegisterThing's checks per template.
+    pub(crate) fn pre_provisioning_dir(&self) -> PathBuf {
+        self.root().join("pre-provisioning")
+    }
+
     pub(crate) fn templates_dir(&self) -> PathBuf {
         self.root.join("templates")
     }

@@ -131,6 +131,13 @@ fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
     env.init_ca();
     std::fs::create_dir_all(env.data_dir().join("templates")).unwrap();
     std::fs::write(env.data_dir().join("templates/sensors.yaml"), TEMPLATE).unwrap();
+    // The pre-provisioning allow-list: serial 666 is not on it.
+    std::fs::create_dir_all(env.data_dir().join("pre-provisioning")).unwrap();
+    std::fs::write(
+        env.data_dir().join("pre-provisioning/sensors.json"),
+        r#"{"allowedSerialNumbers": ["001", "002", "003", "004", "005", "006", "007", "008", "009"]}"#,
+    )
+    .unwrap();
     std::fs::create_dir_all(env.out_dir()).unwrap();
     let factory = claim(&env, "factory-line-7", &[]);
     let fleet = Fleet::start(&env);
@@ -304,6 +311,16 @@ fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
         2,
         "a refused request left a thing behind"
     );
+
+    // A serial number outside the template's allow-list.
+    let outsider = run_device(
+        &fleet,
+        &factory,
+        "boot-sn-666",
+        &["--template", "sensors", "--param", "SerialNumber=666"],
+    );
+    assert_eq!(rejected_code(&outsider), "ProvisioningRefused");
+    assert_eq!(thing_count(&env), 2, "a refused device left a thing behind");
 
     // An exhausted --max-uses.
     let once = claim(&env, "one-device", &["--max-uses", "1"]);

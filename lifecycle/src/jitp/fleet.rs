@@ -355,6 +355,13 @@ impl Jitp {
                 ProvisioningError::TokenInvalid("no certificate has this ownership token".into())
             })?;
         let now = self.clock.now();
+        // Expiry first: an expired token's certificate is revoked by the upkeep, and the
+        // device should hear that its token expired, not that it was used.
+        if provisional.token_expires_at < now {
+            return Err(ProvisioningError::TokenExpired(
+                "this ownership token has expired (tokens are valid for one hour)".into(),
+            ));
+        }
         match provisional.state.as_str() {
             "pending" => {}
             "registered" => {
@@ -368,17 +375,22 @@ impl Jitp {
                 ));
             }
         }
-        if provisional.token_expires_at < now {
-            return Err(ProvisioningError::TokenExpired(
-                "this ownership token has expired (tokens are valid for one hour)".into(),
-            ));
-        }
         if provisional.session != session || provisional.claim_name != claim.name {
             return Err(ProvisioningError::TokenNotYours(
                 "this ownership token was issued to another connection".into(),
             ));
         }
-        let mut params = parameters.clone();
+        let certificate_pem = pem::encode(&pem::Pem::new("CERTIFICATE", provisional.der.clone()));
+        let mut params = self
+            .pre_provisioning
+            .check(&super::preprovision::HookRequest {
+                claim_certificate_id: claim_fingerprint,
+                certificate_id: &provisional.fingerprint_sha256,
+                certificate_pem: &certificate_pem,
+                template_name: template,
+                parameters,
+            })
+            .await?;
         params.insert(
             fleetcert_templates::params::ID.to_owned(),
             provisional.fingerprint_sha256.clone(),

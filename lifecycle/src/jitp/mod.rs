@@ -33,6 +33,7 @@ mod caches;
 mod connect;
 mod fleet;
 mod identify;
+mod preprovision;
 mod reenroll;
 mod refusal;
 mod replacement;
@@ -115,6 +116,8 @@ pub struct Jitp {
     /// Woken after a revocation so the view and the CRL follow at once.
     revoked: tokio::sync::Notify,
     cacerts_pkcs7: Vec<u8>,
+    /// RegisterThing's allow-lists and webhooks, by template.
+    pre_provisioning: preprovision::PreProvisioning,
 }
 
 impl std::fmt::Debug for Jitp {
@@ -182,6 +185,7 @@ impl Jitp {
             stats: options.stats,
             revoked: tokio::sync::Notify::new(),
             cacerts_pkcs7,
+            pre_provisioning: preprovision::PreProvisioning::load(&data.pre_provisioning_dir())?,
         };
         jitp.refresh_revocations().await?;
         Ok(jitp)
