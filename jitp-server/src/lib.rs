@@ -14,7 +14,8 @@
 //!   revocation view is refreshed from the registry every couple of seconds, so a
 //!   revocation takes effect without a restart.
 //! - A device is answered in the connection it opened: no dropped first connection.
-//! - Routes: `POST /v1/connect`, `POST /.well-known/est/simplereenroll` and
+//! - Routes: `POST /v1/connect`, `POST /.well-known/est/simpleenroll` (a claim
+//!   certificate's initial enrollment), `POST /.well-known/est/simplereenroll` and
 //!   `GET /.well-known/est/cacerts` (RFC 7030), `POST /v1/replacement` (fetch a
 //!   replacement key + certificate made by fleetcert), `GET /crl`.
 //! - A certificate that expired less than the renew-after-expiry window ago (default: no
@@ -62,6 +63,8 @@ use tokio::sync::Semaphore;
 
 /// Where a device with its own key (CSR) re-enrolls (RFC 7030).
 pub const EST_REENROLL_PATH: &str = "/.well-known/est/simplereenroll";
+/// RFC 7030 initial enrollment, authenticated by a claim certificate.
+pub const EST_ENROLL_PATH: &str = "/.well-known/est/simpleenroll";
 /// Where a device whose key fleetcert generated fetches its replacement.
 pub const FETCH_REPLACEMENT_PATH: &str = "/v1/replacement";
 
@@ -489,6 +492,22 @@ async fn handle(
                 pkcs7_response(&fleetcert_ca_pkcs7(&der))
             })
         }
+        (&Method::POST, EST_ENROLL_PATH) => {
+            let body = collected.as_deref().unwrap_or_default();
+            return match jitp.enroll_with_claim(cert, body).await {
+                Ok((der, thing)) => {
+                    metrics.request("est_simpleenroll");
+                    tracing::info!(thing = %thing.thing_name, "enrolled by claim over EST");
+                    pkcs7_response(&fleetcert_ca_pkcs7(&der))
+                }
+                Err(e) => {
+                    metrics.rejected(e.code());
+                    let status = StatusCode::from_u16(fleet_provisioning::status_code(&e))
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    error_response(status, e.code(), e.message())
+                }
+            };
+        }
         (&Method::GET, "/.well-known/est/cacerts") => {
             metrics.request("est_cacerts");
             Ok(pkcs7_response(jitp.cacerts_pkcs7()))
@@ -511,7 +530,7 @@ async fn handle(
             metrics.request("crl");
             Ok(crl_response(jitp))
         }
-        (_, "/v1/connect" | FETCH_REPLACEMENT_PATH | EST_REENROLL_PATH) => {
+        (_, "/v1/connect" | FETCH_REPLACEMENT_PATH | EST_REENROLL_PATH | EST_ENROLL_PATH) => {
             return error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -7,10 +7,11 @@ use fleetcert_registry::{
     CRLS_KEPT, CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, ConnectionTransport,
     EventFilter, EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE,
     MirrorBacklog, MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings,
-    NewCertificate, NewMirrorOp, PolicyWrite, PreparedReplacement, Registration,
-    RegistrationOutcome, Registry, RegistryError, ReplaceOutcome, Replacement, Revocation,
-    RevocationTarget, RevokedEntry, RotationBacklog, RotationFilter, RotationRecord, RotationState,
-    StoredCrl, TakenReplacement, ThingDetails, ThingFilter, ThingRecord, open, testing,
+    NewCertificate, NewClaim, NewMirrorOp, NewProvisional, PolicyWrite, PreparedReplacement,
+    ProvisionalOutcome, ProvisionalRegistration, Registration, RegistrationOutcome, Registry,
+    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
+    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, TakenReplacement,
+    ThingDetails, ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -3420,6 +3421,208 @@ async fn rotation_backlog_and_write_probe(url: &str) {
     reg.probe_writes().await.unwrap();
 }
 
+// ---------------------------------------------------------------------------------------
+// Provisioning by claim
+
+fn provisional(claim: &str, session: &str, token: &str) -> NewProvisional {
+    NewProvisional {
+        claim_name: claim.to_owned(),
+        session: session.to_owned(),
+        token_sha256: token.to_owned(),
+        token_expires_at: AT + 3600,
+        certificate: cert(AT + 365 * DAY),
+        at: AT,
+    }
+}
+
+fn register_thing(
+    token: &str,
+    session: &str,
+    claim: &str,
+    thing: &str,
+    version: i64,
+    at: i64,
+) -> ProvisionalRegistration {
+    ProvisionalRegistration {
+        token_sha256: token.to_owned(),
+        session: session.to_owned(),
+        claim_name: claim.to_owned(),
+        registration: Registration {
+            serial: String::new(),
+            thing_name: thing.to_owned(),
+            template: "sensors".to_owned(),
+            details: sensor_details(),
+            expected_thing_version: version,
+            policies: vec![policy("claims-sensor", Some(document("claims")))],
+            at,
+        },
+    }
+}
+
+async fn claims_register_once_and_revoke(url: &str) {
+    let reg = open(url).await.unwrap();
+    let claim_cert = cert(AT + 365 * DAY);
+    let new_claim = NewClaim {
+        name: "batch-1".to_owned(),
+        template: "sensors".to_owned(),
+        max_uses: Some(2),
+        certificate: claim_cert.clone(),
+        at: AT,
+    };
+    reg.create_claim(&new_claim).await.unwrap();
+    assert!(matches!(
+        reg.create_claim(&new_claim).await,
+        Err(RegistryError::DuplicateSerial(_))
+    ));
+    let found = reg
+        .claim_by_fingerprint(&claim_cert.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.name.as_str(), found.uses, found.revoked),
+        ("batch-1", 0, false)
+    );
+
+    let p1 = provisional("batch-1", "s1", "token-1");
+    reg.record_provisional(&p1).await.unwrap();
+    // A device with only a provisional certificate is unknown to every device path.
+    assert!(
+        reg.device_state(&p1.certificate.fingerprint_sha256)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let refused = [
+        (
+            register_thing("token-x", "s1", "batch-1", "sensor-1", 0, AT),
+            ProvisionalOutcome::TokenUnknown,
+        ),
+        (
+            register_thing("token-1", "s2", "batch-1", "sensor-1", 0, AT),
+            ProvisionalOutcome::TokenNotYours,
+        ),
+        (
+            register_thing("token-1", "s1", "batch-1", "sensor-1", 0, AT + 3601),
+            ProvisionalOutcome::TokenExpired,
+        ),
+    ];
+    for (request, expected) in refused {
+        assert_eq!(reg.register_provisional(&request).await.unwrap(), expected);
+    }
+    assert!(
+        reg.get_thing("sensor-1").await.unwrap().is_none(),
+        "a refusal wrote a thing"
+    );
+
+    // Two presentations of one token at once: exactly one registers.
+    let request = register_thing("token-1", "s1", "batch-1", "sensor-1", 0, AT + 10);
+    let (a, b) = tokio::join!(
+        reg.register_provisional(&request),
+        reg.register_provisional(&request)
+    );
+    let outcomes = [a.unwrap(), b.unwrap()];
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| matches!(
+                o,
+                ProvisionalOutcome::Registered {
+                    thing_created: true,
+                    ..
+                }
+            ))
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&ProvisionalOutcome::TokenUsed),
+        "{outcomes:?}"
+    );
+    let state = reg
+        .device_state(&p1.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .expect("the certificate is the thing's now");
+    assert_eq!(state.thing.name, "sensor-1");
+    assert!(state.certificate.registered_at.is_some());
+    assert_eq!(state.policies, ["claims-sensor"]);
+    assert_eq!(state.thing.details.thing_type.as_deref(), Some("sensor"));
+    let kinds = kinds_of(&reg, &p1.certificate.serial).await;
+    for kind in [
+        "claim.certificate_issued",
+        "thing.created",
+        "certificate.issued",
+        "certificate.registered",
+        "claim.used",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{kind} missing from {kinds:?}"
+        );
+    }
+
+    // The second use; the third is over --max-uses and writes nothing.
+    let p2 = provisional("batch-1", "s3", "token-2");
+    reg.record_provisional(&p2).await.unwrap();
+    assert!(matches!(
+        reg.register_provisional(&register_thing(
+            "token-2",
+            "s3",
+            "batch-1",
+            "sensor-2",
+            0,
+            AT + 20
+        ))
+        .await
+        .unwrap(),
+        ProvisionalOutcome::Registered { .. }
+    ));
+    let p3 = provisional("batch-1", "s4", "token-3");
+    reg.record_provisional(&p3).await.unwrap();
+    assert_eq!(
+        reg.register_provisional(&register_thing(
+            "token-3",
+            "s4",
+            "batch-1",
+            "sensor-3",
+            0,
+            AT + 30
+        ))
+        .await
+        .unwrap(),
+        ProvisionalOutcome::ClaimExhausted
+    );
+    assert!(reg.get_thing("sensor-3").await.unwrap().is_none());
+    assert_eq!(reg.get_claim("batch-1").await.unwrap().unwrap().uses, 2);
+
+    // An unused token expires: its certificate is revoked and on the CRL's list.
+    let expired = reg.expire_provisional(AT + 3601).await.unwrap();
+    assert_eq!(expired, vec![p3.certificate.serial.clone()]);
+    let revoked = reg.revoked_serials(AT + 3601).await.unwrap();
+    assert!(revoked.contains(&p3.certificate.serial));
+    assert!(!revoked.contains(&p1.certificate.serial));
+    assert!(
+        revoked.windows(2).all(|w| w[0] <= w[1]),
+        "not sorted: {revoked:?}"
+    );
+
+    // Revoking the claim: once, listed, on the CRL; unknown names are NotFound.
+    assert!(reg.revoke_claim("batch-1", AT + 40).await.unwrap());
+    assert!(!reg.revoke_claim("batch-1", AT + 41).await.unwrap());
+    assert!(matches!(
+        reg.revoke_claim("nope", AT).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    let listed = reg.list_claims().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].revoked);
+    let entries = reg.revoked_entries(AT + 50).await.unwrap();
+    assert!(entries.iter().any(|e| e.serial == claim_cert.serial));
+    assert!(entries.windows(2).all(|w| w[0].serial <= w[1].serial));
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -3476,6 +3679,7 @@ stories!(
     mirror_outbox_follows_changes,
     mirror_outbox_leases_and_rollback,
     rotation_backlog_and_write_probe,
+    claims_register_once_and_revoke,
 );
 
 // ---------------------------------------------------------------------------------------

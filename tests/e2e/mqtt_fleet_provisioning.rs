@@ -358,3 +358,139 @@ fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
     );
     assert_eq!(thing_count(&env), 3, "a revoked claim left a thing behind");
 }
+
+/// curl as a device: POST `path` with `body` (a file), authenticated by (cert, key);
+/// returns (HTTP status, body).
+fn curl_post(
+    env: &Env,
+    served: &crate::jitp::Served,
+    path: &str,
+    cert: &Path,
+    key: &Path,
+    body: &Path,
+) -> (u16, String) {
+    let root = env.path("root.pem");
+    std::fs::write(&root, env.ok(&["ca", "export"])).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg("--cacert")
+        .arg(&root)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg(format!("https://{}{path}", served.device))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// A P-256 key and a CSR with CN = `cn`, by openssl.
+fn openssl_csr(env: &Env, cn: &str) -> (PathBuf, PathBuf) {
+    let key = env.path(&format!("{cn}.key"));
+    let csr = env.path(&format!("{cn}.csr"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-subj", &format!("/CN={cn}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (key, csr)
+}
+
+#[test]
+fn est_simpleenroll_with_a_claim_certificate_registers_the_device() {
+    let env = Env::new();
+    env.init_ca();
+    std::fs::create_dir_all(env.data_dir().join("templates")).unwrap();
+    std::fs::write(env.data_dir().join("templates/sensors.yaml"), TEMPLATE).unwrap();
+    std::fs::create_dir_all(env.out_dir()).unwrap();
+    let factory = claim(&env, "factory-est", &[]);
+    let served = crate::jitp::Served::start(&env, &[]);
+
+    // The claim is not a device: /v1/connect refuses it and registers nothing.
+    let (code, body) = crate::jitp::curl_connect(&env, &served, &factory.cert, &factory.key);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("unknown_certificate"), "{body}");
+
+    let (key, csr) = openssl_csr(&env, "042");
+    let (code, body) = curl_post(
+        &env,
+        &served,
+        "/.well-known/est/simpleenroll",
+        &factory.cert,
+        &factory.key,
+        &csr,
+    );
+    assert_eq!(code, 200, "{body}");
+    // The base64 PKCS#7 certs-only reply, read by openssl.
+    let b64 = env.path("enrolled.p7.b64");
+    std::fs::write(&b64, &body).unwrap();
+    let der = Command::new("base64").arg("-d").arg(&b64).output().unwrap();
+    assert!(der.status.success());
+    let p7 = env.path("enrolled.p7.der");
+    std::fs::write(&p7, der.stdout).unwrap();
+    let printed = Command::new("openssl")
+        .args(["pkcs7", "-inform", "DER", "-print_certs", "-in"])
+        .arg(&p7)
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    let cert = env.path("enrolled.crt");
+    std::fs::write(&cert, &printed.stdout).unwrap();
+
+    // The new certificate is the registered thing's: a returning device.
+    let (code, body) = crate::jitp::curl_connect(&env, &served, &cert, &key);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"thing_name\":\"sensor-042\""), "{body}");
+    assert!(body.contains("sensors-by-claim"), "{body}");
+
+    // A CN that cannot be a serial number, and a weak key: refused, nothing registered.
+    let (_, bad_csr) = openssl_csr(&env, "has space");
+    let (code, body) = curl_post(
+        &env,
+        &served,
+        "/.well-known/est/simpleenroll",
+        &factory.cert,
+        &factory.key,
+        &bad_csr,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("InvalidCSR"), "{body}");
+    assert_eq!(thing_count(&env), 1);
+
+    // A revoked claim cannot enroll.
+    env.ok(&["claims", "revoke", "factory-est"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, csr2) = openssl_csr(&env, "043");
+    let (code, body) = curl_post(
+        &env,
+        &served,
+        "/.well-known/est/simpleenroll",
+        &factory.cert,
+        &factory.key,
+        &csr2,
+    );
+    assert_ne!(code, 200, "a revoked claim enrolled: {body}");
+    assert_eq!(thing_count(&env), 1);
+}

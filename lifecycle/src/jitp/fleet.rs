@@ -264,7 +264,6 @@ impl Jitp {
         session: &str,
         csr_pem: Option<&str>,
     ) -> Result<ProvisionalCredentials, ProvisioningError> {
-        let claim = self.active_claim(claim_fingerprint).await?;
         let csr = csr_pem
             .map(|pem| {
                 DeviceCsr::parse(pem.as_bytes()).map_err(|e| {
@@ -272,10 +271,21 @@ impl Jitp {
                 })
             })
             .transpose()?;
+        self.create_provisional(claim_fingerprint, session, csr.as_ref())
+            .await
+    }
+
+    async fn create_provisional(
+        &self,
+        claim_fingerprint: &str,
+        session: &str,
+        csr: Option<&DeviceCsr>,
+    ) -> Result<ProvisionalCredentials, ProvisioningError> {
+        let claim = self.active_claim(claim_fingerprint).await?;
         // The thing is not known yet; the certificate's name is its own, random.
         let name = ThingName::parse(&format!("provisional-{}", random_hex(12)?))
             .map_err(|e| ProvisioningError::Internal(e.to_string()))?;
-        let key = csr.as_ref().map_or(DeviceKey::Generate, DeviceKey::Csr);
+        let key = csr.map_or(DeviceKey::Generate, DeviceKey::Csr);
         let now = self.clock.now();
         let at = time::OffsetDateTime::from_unix_timestamp(now)
             .map_err(|e| ProvisioningError::Internal(format!("clock out of range: {e}")))?;
@@ -473,6 +483,54 @@ impl Jitp {
             };
         }
         unreachable!("the loop returns")
+    }
+
+    /// RFC 7030 initial enrollment (`simpleenroll`) authenticated by a claim certificate
+    /// (`claim_der`), for devices that speak HTTPS: the CSR's common name is the device's
+    /// `SerialNumber` parameter; the certificate is issued and registered from the
+    /// claim's template as CreateCertificateFromCsr + RegisterThing would (same checks,
+    /// same events). Returns the certificate, DER, and the registration.
+    pub async fn enroll_with_claim(
+        &self,
+        claim_der: &[u8],
+        body: &[u8],
+    ) -> Result<(Vec<u8>, ProvisionedThing), ProvisioningError> {
+        let claim_fingerprint = sha256_hex(claim_der);
+        let claim = self.active_claim(&claim_fingerprint).await?;
+        let csr_bytes = super::decode_csr_body(body).ok_or_else(|| {
+            ProvisioningError::InvalidPayload(
+                "the body is not a PKCS#10 CSR (expected base64 DER, PEM or DER)".into(),
+            )
+        })?;
+        let csr = DeviceCsr::parse(&csr_bytes)
+            .map_err(|e| ProvisioningError::InvalidCsr(e.to_string()))?;
+        let serial_number = csr
+            .common_name()
+            .filter(|cn| ThingName::parse(cn).is_ok())
+            .ok_or_else(|| {
+                ProvisioningError::InvalidCsr(
+                    "the CSR's common name must be the device's serial number (letters, digits, ':', '_', '-')".into(),
+                )
+            })?
+            .to_owned();
+        let session = format!("est:{}", random_hex(16)?);
+        let created = self
+            .create_provisional(&claim_fingerprint, &session, Some(&csr))
+            .await?;
+        let parameters = BTreeMap::from([("SerialNumber".to_owned(), serial_number)]);
+        let thing = self
+            .register_provisioned_thing(
+                &claim_fingerprint,
+                &session,
+                &claim.template,
+                &created.ownership_token,
+                &parameters,
+            )
+            .await?;
+        let der = pem::parse(created.certificate_pem.as_bytes())
+            .map_err(|e| ProvisioningError::Internal(e.to_string()))?
+            .into_contents();
+        Ok((der, thing))
     }
 
     /// Revokes provisional certificates whose ownership token expired unused (they are
