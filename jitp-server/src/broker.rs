@@ -296,6 +296,9 @@ fn crl_pem_response(shared: &Shared) -> Response<Body> {
             Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/x-pem-file")
+                // The clock the CRL was signed with: the plugin refuses to install a CRL
+                // from a serve whose clock is far from the broker's.
+                .header("x-fleetcert-clock", shared.jitp.clock().now().to_string())
                 .body(Full::new(Bytes::from(
                     fleetcert_lifecycle::revocation::crl_pem(&der),
                 )))

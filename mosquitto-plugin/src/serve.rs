@@ -5,6 +5,11 @@ use fleetcert_templates::ConnectionContext;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// The header serve's CRL answer carries its clock in (Unix seconds).
+pub const CLOCK_HEADER: &str = "x-fleetcert-clock";
+/// How far serve's clock may be from the broker's before its CRL is not installed.
+const MAX_CLOCK_SKEW_SECS: i64 = 300;
+
 /// Largest answer body read from serve.
 const MAX_ANSWER_BYTES: u64 = 4 << 20;
 
@@ -255,6 +260,11 @@ impl ServeClient {
         if status != 200 {
             return Err(ServeError(format!("crl: HTTP status {status}")));
         }
+        let serve_now: Option<i64> = response
+            .headers()
+            .get(CLOCK_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
         let text = response
             .body_mut()
             .with_config()
@@ -265,6 +275,19 @@ impl ServeClient {
             || !text.trim_end().ends_with("-----END X509 CRL-----")
         {
             return Err(ServeError("crl: the answer is not a PEM CRL".into()));
+        }
+        // serve signs CRLs with its clock; one far ahead of the broker's would make
+        // mosquitto's TLS refuse every client ("CRL not yet valid"): keep the old file.
+        if let Some(serve_now) = serve_now {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if (serve_now - now).abs() > MAX_CLOCK_SKEW_SECS {
+                return Err(ServeError(format!(
+                    "crl: serve's clock is {}s away from this broker's; the CRL is not installed (fix the clocks)",
+                    serve_now - now
+                )));
+            }
         }
         Ok(text)
     }

@@ -320,16 +320,6 @@ impl Fleet {
                 &format!("plugin_opt_timeout_ms {ms}\n"),
             );
         }
-        if options.serve_time_offset.is_some() {
-            // serve's shifted clock signs CRLs that are not yet valid for mosquitto's real
-            // clock: keeping the broker's CRL file equal to serve's would make mosquitto's
-            // TLS refuse every client. The file `mosquitto config` wrote stays.
-            text = text
-                .lines()
-                .filter(|line| !line.starts_with("plugin_opt_crl_file"))
-                .map(|line| format!("{line}\n"))
-                .collect();
-        }
         // CI runs as root; mosquitto would otherwise switch to its own user, who cannot
         // read the test's private files.
         text.push_str("\nuser root\n");
