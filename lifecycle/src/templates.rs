@@ -163,15 +163,6 @@ impl TemplateSet {
         identity: &DeviceIdentity,
         current: &ThingDetails,
     ) -> Result<RenderedRegistration, TemplateError> {
-        let template = self
-            .templates
-            .get(name)
-            .ok_or_else(|| TemplateError::Invalid {
-                name: name.to_owned(),
-                location: "template".into(),
-                reason: "not loaded by this server (add it to <data-dir>/templates/ and restart)"
-                    .into(),
-            })?;
         let params = fleetcert_templates::certificate_parameters(&CertificateFields {
             common_name: identity.common_name.clone(),
             serial_number: identity.serial_number.clone(),
@@ -182,30 +173,9 @@ impl TemplateSet {
             state_name: identity.state_name.clone(),
             id: Some(identity.fingerprint_sha256_hex.clone()),
         });
-        let rendered = fleetcert_templates::render(template, &params)?;
-        let details = apply_overrides(name, current, &rendered.thing)?;
-        let policies = rendered
-            .policies
-            .into_iter()
-            .map(|p| PolicyWrite {
-                // AWS names a nameless policy itself; ours is stable per template.
-                name: p.name.unwrap_or_else(|| format!("{name}-{}", p.logical_id)),
-                document: p.document,
-            })
-            .collect();
-        Ok(RenderedRegistration {
-            thing_name: rendered.thing.name,
-            details,
-            policies,
-        })
+        let rendered = self.render_with_parameters(name, &params)?;
+        Self::merge(name, &rendered, current)
     }
-}
-
-/// What a template produced for RegisterThing: the thing's name and the rendered
-/// resources, before the existing thing's details are merged in ([`TemplateSet::merge`]).
-#[derive(Debug, Clone)]
-pub(crate) struct RenderedForRegisterThing {
-    pub rendered: fleetcert_templates::RenderedProvisioning,
 }
 
 impl TemplateSet {
@@ -214,38 +184,38 @@ impl TemplateSet {
         self.templates.contains_key(name)
     }
 
-    /// Renders `name` with RegisterThing's parameters (the device's, plus
-    /// `AWS::IoT::Certificate::Id`, which the caller sets and the device cannot).
+    /// Renders `name` with parameter values: a certificate's (JITP), or RegisterThing's
+    /// (the device's, plus `AWS::IoT::Certificate::Id`, which the caller sets).
     pub(crate) fn render_with_parameters(
         &self,
         name: &str,
         params: &std::collections::BTreeMap<String, String>,
-    ) -> Result<RenderedForRegisterThing, TemplateError> {
+    ) -> Result<fleetcert_templates::RenderedProvisioning, TemplateError> {
         let template = self
             .templates
             .get(name)
             .ok_or_else(|| TemplateError::Invalid {
                 name: name.to_owned(),
                 location: "template".into(),
-                reason: "not loaded by this server".into(),
+                reason: "not loaded by this server (add it to <data-dir>/templates/ and restart)"
+                    .into(),
             })?;
-        Ok(RenderedForRegisterThing {
-            rendered: fleetcert_templates::render(template, params)?,
-        })
+        fleetcert_templates::render(template, params)
     }
 
-    /// The registration of a RegisterThing render against the thing as it exists.
+    /// A rendered template as a registration, merged into the thing's `current` details
+    /// (AWS OverrideSettings).
     pub(crate) fn merge(
         name: &str,
-        rendered: &RenderedForRegisterThing,
+        rendered: &fleetcert_templates::RenderedProvisioning,
         current: &ThingDetails,
     ) -> Result<RenderedRegistration, TemplateError> {
-        let details = apply_overrides(name, current, &rendered.rendered.thing)?;
+        let details = apply_overrides(name, current, &rendered.thing)?;
         let policies = rendered
-            .rendered
             .policies
             .iter()
             .map(|p| PolicyWrite {
+                // AWS names a nameless policy itself; ours is stable per template.
                 name: p
                     .name
                     .clone()
@@ -254,7 +224,7 @@ impl TemplateSet {
             })
             .collect();
         Ok(RenderedRegistration {
-            thing_name: rendered.rendered.thing.name.clone(),
+            thing_name: rendered.thing.name.clone(),
             details,
             policies,
         })

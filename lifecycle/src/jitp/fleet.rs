@@ -410,7 +410,7 @@ impl Jitp {
             .render_with_parameters(template, &params)
             .map_err(|e| ProvisioningError::TemplateFailed(e.to_string()))?;
         for attempt in 0.. {
-            let thing_name = rendered.rendered.thing.name.clone();
+            let thing_name = rendered.thing.name.clone();
             let existing = self
                 .registry
                 .get_thing(&thing_name)
@@ -446,7 +446,7 @@ impl Jitp {
                     tracing::info!(claim = %claim.name, thing = %thing_name, %serial, "thing registered by claim");
                     Ok(ProvisionedThing {
                         thing_name,
-                        device_configuration: rendered.rendered.device_configuration.clone(),
+                        device_configuration: rendered.device_configuration.clone(),
                         serial,
                         policies,
                     })
