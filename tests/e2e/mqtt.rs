@@ -270,6 +270,8 @@ impl Device {
 /// A fleet with serve (broker API) and mosquitto configured by `fleetcert mosquitto config`.
 struct Fleet {
     broker_port: u16,
+    /// Where serve answers the plugin (`--broker-api`), behind the gate if there is one.
+    api_port: u16,
     cafile: PathBuf,
     served: Option<Served>,
     broker: Option<Broker>,
@@ -332,6 +334,7 @@ impl Fleet {
         let broker = Broker::start(&conf, broker_port, env.path("mosquitto.log"));
         Fleet {
             broker_port,
+            api_port,
             cafile: dir.join("ca.pem"),
             served: Some(served),
             broker: Some(broker),
@@ -342,11 +345,20 @@ impl Fleet {
     fn clone_paths(&self) -> Fleet {
         Fleet {
             broker_port: self.broker_port,
+            api_port: self.api_port,
             cafile: self.cafile.clone(),
             served: None,
             broker: None,
             gate: None,
         }
+    }
+
+    /// Stops serve and starts it again on the same broker API port with its clock shifted
+    /// by `offset_secs`; mosquitto and its plugin keep running.
+    fn restart_serve_at(&mut self, env: &Env, offset_secs: i64) {
+        drop(self.served.take());
+        let api = ["--broker-api", &format!("127.0.0.1:{}", self.api_port)];
+        self.served = Some(Served::start_at(env, offset_secs, &api));
     }
 
     fn broker_log(&self) -> String {

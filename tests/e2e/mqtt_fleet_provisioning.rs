@@ -140,7 +140,7 @@ fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
     .unwrap();
     std::fs::create_dir_all(env.out_dir()).unwrap();
     let factory = claim(&env, "factory-line-7", &[]);
-    let fleet = Fleet::start(&env);
+    let mut fleet = Fleet::start(&env);
 
     // Another holder of the same claim listens on every reply topic its policy lets it
     // subscribe to (and tries the wildcards too) while the devices provision.
@@ -357,6 +357,39 @@ fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
         refused.json
     );
     assert_eq!(thing_count(&env), 3, "a revoked claim left a thing behind");
+
+    // An expired token: RegisterThing more than an hour after CreateKeysAndCertificate
+    // (serve restarted with its clock 61 minutes ahead; mosquitto and the plugin stay up).
+    let late = claim(&env, "late-line", &[]);
+    let created = run_device(
+        &fleet,
+        &late,
+        "boot-late",
+        &["--template", "sensors", "--only-create"],
+    );
+    assert_eq!(created.code, 0, "{}", created.json);
+    let stale = created.json["ownershipToken"].as_str().unwrap().to_owned();
+    fleet.restart_serve_at(&env, 61 * 60);
+    let expired = run_device(
+        &fleet,
+        &late,
+        "boot-late",
+        &[
+            "--template",
+            "sensors",
+            "--token",
+            &stale,
+            "--param",
+            "SerialNumber=009",
+        ],
+    );
+    assert_eq!(
+        rejected_code(&expired),
+        "CertificateOwnershipTokenExpired",
+        "{}",
+        expired.json
+    );
+    assert_eq!(thing_count(&env), 3, "an expired token left a thing behind");
 }
 
 /// curl as a device: POST `path` with `body` (a file), authenticated by (cert, key);
