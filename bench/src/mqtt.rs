@@ -18,6 +18,7 @@
 //!
 //! The MQTT packets are encoded and decoded by hand ([`codec`]); TLS is rustls with the
 //! ring provider, as for the other tools of this crate.
+pub mod claim;
 pub mod codec;
 
 use crate::certs;
@@ -1210,6 +1211,11 @@ enum MqttMode {
     /// --devices sessions open at once for --seconds (for measuring the broker's memory);
     /// --ready-file is written once all are open.
     Hold(HoldArgs),
+    /// Devices provisioned by claim, end to end, each once: claim CONNECT → CreateCertificateFromCsr
+    /// (or CreateKeysAndCertificate) → RegisterThing → reconnect with the new certificate
+    /// and client id = thing name (the AWS IoT Fleet Provisioning MQTT API, as device SDKs
+    /// use it). Devices per second and latency per device and per step.
+    Claim(ClaimArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -1322,6 +1328,54 @@ struct HoldArgs {
     /// A file to create (empty) once every session is open.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClaimArgs {
+    /// The broker's MQTT over TLS listener, HOST:PORT.
+    #[arg(long)]
+    broker: String,
+    /// PEM trust anchor(s) for the broker's certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// TLS server name (SNI, certificate check); default: HOST of --broker.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// The claim certificate (`fleetcert claims create` writes NAME.crt).
+    #[arg(long)]
+    claim_cert: PathBuf,
+    /// The claim's private key (NAME.key).
+    #[arg(long)]
+    claim_key: PathBuf,
+    /// The provisioning template RegisterThing names (the claim's template).
+    #[arg(long)]
+    template: String,
+    /// Devices to provision, each once.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    devices: u32,
+    /// Devices in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    concurrency: u32,
+    /// csr: CreateCertificateFromCsr (device keys made before the measurement);
+    /// keys: CreateKeysAndCertificate.
+    #[arg(long, value_enum, default_value_t = claim::ClaimApi::Csr)]
+    api: claim::ClaimApi,
+    /// Serial numbers (and the claim session's client ids) are this prefix and a 7-digit
+    /// index; pick a new one per run against the same registry.
+    #[arg(long, default_value = "bench-")]
+    serial_prefix: String,
+    /// The template parameter that carries the serial number.
+    #[arg(long, default_value = "SerialNumber")]
+    parameter: String,
+    /// Limit for one device's whole flow, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Keep-alive announced in CONNECT, seconds.
+    #[arg(long, default_value_t = 60)]
+    keep_alive: u16,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn seconds(s: f64, what: &str) -> std::result::Result<Duration, String> {
@@ -1441,6 +1495,27 @@ pub fn run_cli(args: MqttArgs) -> std::result::Result<String, String> {
                 let broker = Arc::new(Broker::resolve(&c.broker, c.server_name.as_deref()).await?);
                 let devices = load_devices(&c.certs, &c.ca, Some(a.devices as usize))?;
                 hold(broker, devices, opts).await
+            })
+            .map(|r| json(&r))
+            .map_err(err)
+        }
+        MqttMode::Claim(a) => {
+            let opts = claim::ClaimOptions {
+                devices: a.devices as usize,
+                concurrency: a.concurrency as usize,
+                template: a.template.clone(),
+                api: a.api,
+                serial_prefix: a.serial_prefix.clone(),
+                parameter: a.parameter.clone(),
+                timeout: seconds(a.timeout, "--timeout")?,
+                keep_alive: a.keep_alive,
+                progress: !a.quiet,
+            };
+            rt.block_on(async {
+                let broker = Arc::new(Broker::resolve(&a.broker, a.server_name.as_deref()).await?);
+                let roots = certs::read_roots(&a.ca)?;
+                let connector = claim::claim_connector(&roots, &a.claim_cert, &a.claim_key)?;
+                claim::claim(broker, connector, roots, opts).await
             })
             .map(|r| json(&r))
             .map_err(err)

@@ -59,8 +59,8 @@ pub enum Packet {
         packet_id: Option<u16>,
         /// The topic name.
         topic: String,
-        /// Payload length in bytes.
-        payload_len: usize,
+        /// The payload.
+        payload: Vec<u8>,
     },
     /// PINGRESP.
     PingResp,
@@ -192,6 +192,17 @@ pub fn subscribe(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
     packet((kind::SUBSCRIBE << 4) | 0x02, &body)
 }
 
+/// SUBSCRIBE to several filters, each at its QoS, in one packet.
+pub fn subscribe_many(packet_id: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(2 + filters.iter().map(|(f, _)| 3 + f.len()).sum::<usize>());
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    for (filter, qos) in filters {
+        put_str(&mut body, filter);
+        body.push(*qos);
+    }
+    packet((kind::SUBSCRIBE << 4) | 0x02, &body)
+}
+
 /// PINGREQ.
 pub fn pingreq() -> Vec<u8> {
     vec![kind::PINGREQ << 4, 0]
@@ -270,7 +281,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Packet, usize)>, DecodeError> {
                 qos,
                 packet_id,
                 topic,
-                payload_len: body.len() - at,
+                payload: body[at..].to_vec(),
             }
         }
         kind::PINGRESP => Packet::PingResp,
@@ -374,6 +385,11 @@ mod tests {
             subscribe(7, "d/#", 1),
             [0x82, 8, 0, 7, 0, 3, b'd', b'/', b'#', 1]
         );
+        assert_eq!(
+            subscribe_many(7, &[("a", 1), ("b/+", 0)]),
+            [0x82, 12, 0, 7, 0, 1, b'a', 1, 0, 3, b'b', b'/', b'+', 0]
+        );
+        assert_eq!(subscribe_many(7, &[("d/#", 1)]), subscribe(7, "d/#", 1));
         assert_eq!(pingreq(), [0xc0, 0]);
         assert_eq!(disconnect(), [0xe0, 0]);
         assert_eq!(puback(0x0102), [0x40, 2, 1, 2]);
@@ -434,7 +450,7 @@ mod tests {
                     qos,
                     packet_id: id,
                     topic: "devices/d-1/telemetry".into(),
-                    payload_len: 5
+                    payload: vec![1, 2, 3, 4, 5]
                 }
             );
         }

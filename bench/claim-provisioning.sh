@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Provisioning by claim, end to end: devices per second through mosquitto + the fleetcert
+# plugin + `serve --broker-api`, with the AWS IoT Fleet Provisioning MQTT API.
+#
+#   usage: bench/claim-provisioning.sh [--quick] [--out FILE]
+#
+# 1. Release builds of fleetcert, fleetcert-bench and the plugin (libfleetcert_mosquitto.so).
+# 2. A throwaway data directory: `ca init`, a Fleet Provisioning template (thing named from
+#    the SerialNumber parameter, a least-privilege policy), `claims create`, `mosquitto
+#    config`, `serve --broker-api` on loopback, mosquitto with the plugin.
+# 3. `fleetcert-bench mqtt claim`, each device once: claim CONNECT + SUBSCRIBE →
+#    CreateCertificateFromCsr → RegisterThing → reconnect with its new certificate and
+#    client id = thing name (CONNACK 0). Then the same with CreateKeysAndCertificate.
+#    Each run CLAIM_RUNS times (the spread is printed), CLAIM_DEVICES devices at
+#    concurrency CLAIM_CONCURRENCY.
+# 4. Cross-checks: the registry holds exactly one thing per device provisioned; serve's
+#    /metrics counts the provisioning requests.
+# 5. A markdown report on stdout (and --out FILE); progress on stderr. KEEP_WORK=1 keeps
+#    the temp dir; SUMMARY_JSON=FILE writes the figures.
+#
+# Sizes (environment): CLAIM_DEVICES (3000), CLAIM_CONCURRENCY (64), CLAIM_RUNS (3).
+# --quick: 300 devices, one run.
+#
+# Needs mosquitto 2.0 (Debian `mosquitto`), curl and python3; downloads nothing.
+# Everything listens on 127.0.0.1; every process it starts is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+
+usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+note() { echo "claim-provisioning: $*" >&2; }
+
+out=
+quick=0
+while [ $# -gt 0 ]; do
+    case $1 in
+    --quick) quick=1 ;;
+    --out)
+        [ $# -ge 2 ] || { note "--out needs a file name"; exit 2; }
+        out=$2
+        shift
+        ;;
+    -h | --help) usage; exit 0 ;;
+    *) note "unknown argument '$1'"; usage; exit 2 ;;
+    esac
+    shift
+done
+if [ -n "$out" ] && ! touch "$out" 2>/dev/null; then
+    note "cannot write --out $out"
+    exit 2
+fi
+if [ "$quick" = 1 ]; then
+    : "${CLAIM_DEVICES:=300}" "${CLAIM_RUNS:=1}"
+fi
+devices=${CLAIM_DEVICES:-3000}
+concurrency=${CLAIM_CONCURRENCY:-64}
+runs=${CLAIM_RUNS:-3}
+
+for tool in mosquitto curl python3; do
+    command -v "$tool" >/dev/null || { note "$tool is not installed (Debian: mosquitto, curl, python3)"; exit 1; }
+done
+mosquitto=$(command -v mosquitto)
+
+note "building release binaries"
+cargo build --release --quiet -p fleetcert -p fleetcert-bench -p fleetcert-mosquitto
+fleetcert=$PWD/target/release/fleetcert
+bench=$PWD/target/release/fleetcert-bench
+plugin=$PWD/target/release/libfleetcert_mosquitto.so
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/fleetcert-claim-bench.XXXXXX")
+serve_pid=
+broker_pid=
+cleanup() {
+    local p
+    for p in $broker_pid $serve_pid; do kill "$p" 2>/dev/null || true; done
+    for p in $broker_pid $serve_pid; do wait "$p" 2>/dev/null || true; done
+    if [ "${KEEP_WORK:-0}" = 1 ]; then note "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r port_tls port_admin port_api port_broker < <(free_ports 4)
+data=$work/data
+fc() { "$fleetcert" --data-dir "$data" "$@"; }
+fc ca init >/dev/null
+mkdir -p "$data/templates"
+cat >"$data/templates/sensors.yaml" <<'EOF'
+Parameters:
+  SerialNumber:
+    Type: String
+  AWS::IoT::Certificate::Id:
+    Type: String
+Resources:
+  thing:
+    Type: AWS::IoT::Thing
+    Properties:
+      ThingName: {"Fn::Join": ["", ["sensor-", {Ref: SerialNumber}]]}
+      AttributePayload:
+        serial: {Ref: SerialNumber}
+  certificate:
+    Type: AWS::IoT::Certificate
+    Properties:
+      CertificateId: {Ref: "AWS::IoT::Certificate::Id"}
+      Status: ACTIVE
+  policy:
+    Type: AWS::IoT::Policy
+    Properties:
+      PolicyName: sensors-by-claim
+      PolicyDocument:
+        Version: "2012-10-17"
+        Statement:
+          - Effect: Allow
+            Action: iot:Connect
+            Resource: "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"
+          - Effect: Allow
+            Action: [iot:Publish, iot:Receive]
+            Resource: "arn:aws:iot:*:*:topic/devices/${iot:Connection.Thing.ThingName}/*"
+          - Effect: Allow
+            Action: iot:Subscribe
+            Resource: "arn:aws:iot:*:*:topicfilter/devices/${iot:Connection.Thing.ThingName}/*"
+DeviceConfiguration:
+  telemetryTopic: {"Fn::Join": ["", ["devices/sensor-", {Ref: SerialNumber}, "/telemetry"]]}
+EOF
+mkdir -p "$work/claim"
+fc claims create factory-line --template sensors --out "$work/claim" >/dev/null
+conf=$work/mosquitto
+fc mosquitto config --listen "127.0.0.1:$port_broker" --broker-api "http://127.0.0.1:$port_api" \
+    --out "$conf" --plugin "$plugin" >/dev/null
+# mosquitto started as root switches to its own user unless told otherwise; the files are ours.
+if [ "$(id -u)" = 0 ]; then echo "user root" >>"$conf/mosquitto.conf"; fi
+
+"$fleetcert" --data-dir "$data" serve --listen "127.0.0.1:$port_tls" --admin-listen "127.0.0.1:$port_admin" \
+    --broker-api "127.0.0.1:$port_api" --server-name localhost >"$work/serve.log" 2>&1 &
+serve_pid=$!
+wait_for_port "$port_api" "fleetcert serve" "$serve_pid"
+"$mosquitto" -c "$conf/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
+broker_pid=$!
+wait_for_port "$port_broker" "mosquitto" "$broker_pid"
+
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+provisioned_total=0
+for api in csr keys; do
+    for run in $(seq 1 "$runs"); do
+        note "$api run $run/$runs: $devices devices at concurrency $concurrency"
+        "$bench" mqtt claim --broker "127.0.0.1:$port_broker" --ca "$conf/ca.pem" \
+            --server-name localhost --claim-cert "$work/claim/factory-line.crt" \
+            --claim-key "$work/claim/factory-line.key" --template sensors --api "$api" \
+            --devices "$devices" --concurrency "$concurrency" --serial-prefix "$api$run-" \
+            >"$work/$api-$run.json"
+        ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["provisioned"])' "$work/$api-$run.json")
+        provisioned_total=$((provisioned_total + ok))
+    done
+done
+things=$(fc --output json things list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+curl -fsS "http://127.0.0.1:$port_admin/metrics" >"$work/metrics.txt" || echo >"$work/metrics.txt"
+
+python3 - "$work" "$runs" "$things" "$provisioned_total" "$started" "$devices" "$concurrency" <<'PY' | tee ${out:+"$out"}
+import json, os, platform, re, sys
+work, runs, things, provisioned, started, devices, concurrency = sys.argv[1:8]
+runs = int(runs)
+def load(api, r): return json.load(open(os.path.join(work, f"{api}-{r}.json")))
+print(f"### Provisioning by claim, end to end ({started})\n")
+print(f"{devices} devices per run, concurrency {concurrency}, {os.cpu_count()} CPUs, "
+      f"mosquitto + plugin + `serve --broker-api` (SQLite) on one machine with the generator.\n")
+print("| API | run | devices/s | failed | p50 ms | p99 ms | claim connect p50 | create p50 | RegisterThing p50 | reconnect p50 |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+summary = {}
+for api, label in (("csr", "CreateCertificateFromCsr"), ("keys", "CreateKeysAndCertificate")):
+    rates = []
+    for r in range(1, runs + 1):
+        j = load(api, r)
+        s = j["steps_ms"]
+        rates.append(j["devices_per_second"])
+        print(f"| {label} | {r} | {j['devices_per_second']:.0f} | {j['failed']} | {j['latency_ms']['p50']:.1f} | "
+              f"{j['latency_ms']['p99']:.1f} | {s['1_claim_connect']['p50']:.1f} | {s['2_create']['p50']:.1f} | "
+              f"{s['3_register_thing']['p50']:.1f} | {s['4_reconnect']['p50']:.1f} |")
+        if j["failed"]:
+            print(f"|  | errors | {j['errors']} {j['rejected_codes']} {j['error_samples'][:2]} |||||||")
+    summary[api] = {"devices_per_second": rates, "min": min(rates), "max": max(rates)}
+    print(f"| {label} | spread | {min(rates):.0f}–{max(rates):.0f} |||||||| |")
+metrics = open(os.path.join(work, "metrics.txt")).read()
+lines = [l for l in metrics.splitlines() if "provision" in l and not l.startswith("#")]
+print(f"\nRegistry after the runs: {things} things; the generator counted {provisioned} devices provisioned.")
+if lines:
+    print("serve /metrics: " + "; ".join(lines[:6]))
+summary.update({"things": int(things), "provisioned": int(provisioned)})
+if os.environ.get("SUMMARY_JSON"):
+    json.dump(summary, open(os.environ["SUMMARY_JSON"], "w"), indent=2)
+PY
+if [ "$things" != "$provisioned_total" ]; then
+    note "the registry holds $things things but $provisioned_total devices were provisioned"
+    exit 1
+fi
