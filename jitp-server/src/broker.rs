@@ -601,6 +601,8 @@ async fn provision(body: &[u8], shared: &Shared) -> Response<Body> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, item) in request.requests.into_iter().enumerate() {
         let jitp = shared.jitp.clone();
+        let verifier = shared.verifier.clone();
+        let arn = shared.arn.clone();
         tasks.spawn(async move {
             let payload = crate::fleet_provisioning::unb64(&item.payload_b64);
             let reply = match payload {
@@ -616,12 +618,24 @@ async fn provision(body: &[u8], shared: &Shared) -> Response<Body> {
                 }
                 None => None,
             };
-            (index, item.id, reply)
+            // A device registered now reconnects with its new certificate and client id =
+            // thing name (as AWS's SDKs do): the answer to that CONNECT, computed here off
+            // the broker's thread, lets the plugin answer it from its cache.
+            let mut grant = None;
+            if let Some((der, thing)) = reply.as_ref().and_then(|r| r.registered.as_ref())
+                && verifier
+                    .verify_device(der, jitp.clock().now(), &jitp.revocation())
+                    .is_ok()
+                && let Ok(allowed) = jitp.authorize_connect(der, thing, &arn).await
+            {
+                grant = Some(allowed_json(&allowed));
+            }
+            (index, item.id, reply, grant)
         });
     }
     let mut replies = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        let Ok((index, id, reply)) = done else {
+        let Ok((index, id, reply, grant)) = done else {
             continue;
         };
         let Some(reply) = reply else {
@@ -642,6 +656,7 @@ async fn provision(body: &[u8], shared: &Shared) -> Response<Body> {
                 "id": id,
                 "topic": reply.topic,
                 "payload_b64": crate::fleet_provisioning::b64(&reply.payload),
+                "grant": grant,
             }),
         ));
     }

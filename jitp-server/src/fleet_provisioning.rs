@@ -157,6 +157,9 @@ pub struct Reply {
     pub payload: Vec<u8>,
     /// The `errorCode` when rejected (for logs and metrics).
     pub error_code: Option<&'static str>,
+    /// After an accepted RegisterThing: the device's certificate (DER) and thing name,
+    /// so the broker can be told ahead how the device's next CONNECT is answered.
+    pub registered: Option<(Vec<u8>, String)>,
 }
 
 fn rejected(topic: &str, encoding: Encoding, error: &ProvisioningError) -> Reply {
@@ -171,6 +174,7 @@ fn rejected(topic: &str, encoding: Encoding, error: &ProvisioningError) -> Reply
             encoding,
         ),
         error_code: Some(error.code()),
+        registered: None,
     }
 }
 
@@ -196,14 +200,17 @@ pub async fn answer(
                 let created = jitp
                     .create_provisional_certificate(claim_fingerprint, session, None)
                     .await?;
-                Ok(encode(
-                    &CreateAccepted {
-                        certificate_id: &created.certificate_id,
-                        certificate_pem: &created.certificate_pem,
-                        private_key: created.private_key_pem.as_ref().map(|k| k.as_str()),
-                        certificate_ownership_token: &created.ownership_token,
-                    },
-                    encoding,
+                Ok((
+                    encode(
+                        &CreateAccepted {
+                            certificate_id: &created.certificate_id,
+                            certificate_pem: &created.certificate_pem,
+                            private_key: created.private_key_pem.as_ref().map(|k| k.as_str()),
+                            certificate_ownership_token: &created.ownership_token,
+                        },
+                        encoding,
+                    ),
+                    None,
                 ))
             }
             Operation::CreateCertificateFromCsr => {
@@ -215,14 +222,17 @@ pub async fn answer(
                         Some(&request.certificate_signing_request),
                     )
                     .await?;
-                Ok(encode(
-                    &CreateAccepted {
-                        certificate_id: &created.certificate_id,
-                        certificate_pem: &created.certificate_pem,
-                        private_key: None,
-                        certificate_ownership_token: &created.ownership_token,
-                    },
-                    encoding,
+                Ok((
+                    encode(
+                        &CreateAccepted {
+                            certificate_id: &created.certificate_id,
+                            certificate_pem: &created.certificate_pem,
+                            private_key: None,
+                            certificate_ownership_token: &created.ownership_token,
+                        },
+                        encoding,
+                    ),
+                    None,
                 ))
             }
             Operation::RegisterThing { template } => {
@@ -236,22 +246,26 @@ pub async fn answer(
                         &request.parameters,
                     )
                     .await?;
-                Ok(encode(
-                    &RegisterAccepted {
-                        thing_name: &thing.thing_name,
-                        device_configuration: &thing.device_configuration,
-                    },
-                    encoding,
+                Ok((
+                    encode(
+                        &RegisterAccepted {
+                            thing_name: &thing.thing_name,
+                            device_configuration: &thing.device_configuration,
+                        },
+                        encoding,
+                    ),
+                    Some((thing.certificate_der.clone(), thing.thing_name.clone())),
                 ))
             }
         }
     }
     .await;
     Some(match result {
-        Ok(payload) => Reply {
+        Ok((payload, registered)) => Reply {
             topic: format!("{topic}/accepted"),
             payload,
             error_code: None,
+            registered,
         },
         Err(error) => rejected(topic, encoding, &error),
     })

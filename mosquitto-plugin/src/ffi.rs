@@ -452,6 +452,47 @@ fn reload_broker() -> Result<(), String> {
     }
 }
 
+/// The signal that wakes the broker's loop: a realtime signal mosquitto does not use.
+fn wake_signal() -> c_int {
+    libc::SIGRTMIN() + 5
+}
+
+extern "C" fn ignore_wake(_: c_int) {}
+
+/// Sets `handler` for the wake signal (`SA_RESTART`, so other system calls of the broker's
+/// thread carry on; `epoll_wait` is never restarted, which is the point).
+fn set_wake_action(handler: libc::sighandler_t) -> Result<(), String> {
+    // SAFETY: a zeroed sigaction is a valid value to fill in; sigemptyset and sigaction get
+    // valid pointers; the handler (a no-op, async-signal-safe) or SIG_IGN stays valid.
+    let rc = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(wake_signal(), &action, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+/// Called on the broker's thread at init: a no-op handler for the wake signal, and a hook
+/// that sends it to this thread. mosquitto 2.0's loop waits up to 100 ms in `epoll_wait`
+/// between ticks; the signal ends that wait (EINTR, which mosquitto ignores), so a reply
+/// made on a provisioning thread is published at the next tick at once.
+fn broker_waker() -> Result<crate::plugin::WakeHook, String> {
+    set_wake_action(ignore_wake as *const () as libc::sighandler_t)?;
+    // SAFETY: pthread_self has no preconditions.
+    let broker_thread = unsafe { libc::pthread_self() };
+    Ok(Box::new(move || {
+        // SAFETY: the broker's main thread outlives the provisioning threads (cleanup
+        // joins them), and the signal has a handler until then.
+        unsafe { libc::pthread_kill(broker_thread, wake_signal()) };
+    }))
+}
+
 /// # Safety
 /// `supported_versions` points at `supported_version_count` ints (mosquitto's call).
 #[unsafe(no_mangle)]
@@ -514,6 +555,15 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
                 return MOSQ_ERR_INVAL;
             }
         };
+        match broker_waker() {
+            Ok(wake) => plugin.set_wake_hook(wake),
+            Err(e) => log(
+                LogLevel::Warning,
+                &format!(
+                    "Fleet Provisioning replies wait for the broker's tick: no wake signal ({e})"
+                ),
+            ),
+        }
         flush_logs(&plugin);
         let handle = Box::into_raw(Box::new(Handle { identifier, plugin }));
         for (index, (event, callback)) in CALLBACKS.iter().enumerate() {
@@ -585,6 +635,9 @@ pub unsafe extern "C" fn mosquitto_plugin_cleanup(
         let Handle { plugin, .. } = *handle;
         flush_logs(&plugin);
         plugin.shutdown();
+        // No provisioning thread is left to send it; ignored from now on, so a signal
+        // sent late cannot reach a handler in an unloaded library.
+        let _ = set_wake_action(libc::SIG_IGN);
     }));
     MOSQ_ERR_SUCCESS
 }

@@ -50,6 +50,9 @@ pub struct ArnJson {
 pub struct Allowed {
     /// The thing the connection is for.
     pub thing_name: String,
+    /// The certificate's SHA-256 fingerprint (hex).
+    #[serde(default)]
+    pub fingerprint_sha256: String,
     /// Whether this CONNECT registered the thing (JITP).
     #[serde(default)]
     pub registered: bool,
@@ -94,7 +97,7 @@ pub struct ProvisionRequest {
 }
 
 /// serve's reply to one request: publish `payload` on `topic` to the asking client only.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ProvisionReply {
     /// The request's id.
     pub id: u64,
@@ -102,6 +105,10 @@ pub struct ProvisionReply {
     pub topic: String,
     /// The payload, base64.
     pub payload_b64: String,
+    /// After an accepted RegisterThing: serve's answer to the device's CONNECT with its
+    /// new certificate and client id = thing name, made ahead for the cache.
+    #[serde(default)]
+    pub grant: Option<Allowed>,
 }
 
 #[derive(Deserialize)]

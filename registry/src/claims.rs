@@ -11,7 +11,7 @@
 use crate::common::{
     self, EVENT_CERT_ISSUED, EVENT_THING_CREATED, NewEvent, is_unique_violation, to_json,
 };
-use crate::dialect::{Dialect, Flows, step, write_tx};
+use crate::dialect::{Dialect, Flows, StepError, step, write_tx};
 use crate::{
     ClaimRecord, NewClaim, NewProvisional, ProvisionalOutcome, ProvisionalRecord,
     ProvisionalRegistration, RegistrationOutcome, RegistryError,
@@ -242,60 +242,93 @@ where
     }
 
     pub(crate) async fn record_provisional(&self, p: &NewProvisional) -> Result<(), RegistryError> {
-        let c = &p.certificate;
         let recorded = write_tx!(self, "recording a provisional certificate", |tx| {
-            sqlx::query(
-                "INSERT INTO provisional_certificates (serial, fingerprint_sha256, \
-                    public_key_sha256, claim_name, token_sha256, session, issuer, origin, \
-                    key_algorithm, not_before, not_after, renew_at, created_at, \
-                    token_expires_at, state, der) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                    'pending', $15)",
-            )
-            .bind(c.serial.clone())
-            .bind(c.fingerprint_sha256.clone())
-            .bind(c.public_key_sha256.clone())
-            .bind(p.claim_name.clone())
-            .bind(p.token_sha256.clone())
-            .bind(p.session.clone())
-            .bind(c.issuer.clone())
-            .bind(c.origin.as_str().to_owned())
-            .bind(c.key_algorithm.clone())
-            .bind(c.not_before)
-            .bind(c.not_after)
-            .bind(c.renew_at)
-            .bind(p.at)
-            .bind(p.token_expires_at)
-            .bind(c.der.clone())
-            .execute(&mut *tx)
-            .await
-            .map_err(step("recording a provisional certificate"))?;
-            let detail = serde_json::json!({
-                "claim": p.claim_name, "origin": c.origin.as_str(),
-                "token_expires_at": p.token_expires_at,
-            });
-            R::insert_events(
-                &mut tx,
-                &[event(
-                    p.at,
-                    EVENT_CLAIM_CERT_ISSUED,
-                    None,
-                    &c.serial,
-                    detail.to_string(),
-                )],
-            )
-            .await
-            .map_err(step("appending events"))?;
+            Self::record_provisional_in(&mut tx, p).await
+        });
+        self.provisional_recorded(recorded, std::slice::from_ref(p))
+    }
+
+    /// Several provisional certificates in one transaction (one durable commit).
+    pub(crate) async fn record_provisional_batch(
+        &self,
+        batch: &[NewProvisional],
+    ) -> Result<(), RegistryError> {
+        let recorded = write_tx!(self, "recording provisional certificates", |tx| {
+            for p in batch {
+                Self::record_provisional_in(&mut tx, p).await?;
+            }
             Ok(())
         });
+        self.provisional_recorded(recorded, batch)
+    }
+
+    fn provisional_recorded(
+        &self,
+        recorded: Result<(), StepError>,
+        batch: &[NewProvisional],
+    ) -> Result<(), RegistryError> {
         match recorded {
             Ok(()) => Ok(()),
             Err((_, e)) if is_unique_violation(&e) => Err(RegistryError::DuplicateSerial(format!(
                 "serial {} is recorded already",
-                c.serial
+                batch
+                    .iter()
+                    .map(|p| p.certificate.serial.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
             Err((context, e)) => Err(self.0.err(context, e)),
         }
+    }
+
+    async fn record_provisional_in(
+        tx: &mut sqlx::Transaction<'static, R::Db>,
+        p: &NewProvisional,
+    ) -> Result<(), StepError> {
+        let c = &p.certificate;
+        sqlx::query(
+            "INSERT INTO provisional_certificates (serial, fingerprint_sha256, \
+                public_key_sha256, claim_name, token_sha256, session, issuer, origin, \
+                key_algorithm, not_before, not_after, renew_at, created_at, \
+                token_expires_at, state, der) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                'pending', $15)",
+        )
+        .bind(c.serial.clone())
+        .bind(c.fingerprint_sha256.clone())
+        .bind(c.public_key_sha256.clone())
+        .bind(p.claim_name.clone())
+        .bind(p.token_sha256.clone())
+        .bind(p.session.clone())
+        .bind(c.issuer.clone())
+        .bind(c.origin.as_str().to_owned())
+        .bind(c.key_algorithm.clone())
+        .bind(c.not_before)
+        .bind(c.not_after)
+        .bind(c.renew_at)
+        .bind(p.at)
+        .bind(p.token_expires_at)
+        .bind(c.der.clone())
+        .execute(&mut **tx)
+        .await
+        .map_err(step("recording a provisional certificate"))?;
+        let detail = serde_json::json!({
+            "claim": p.claim_name, "origin": c.origin.as_str(),
+            "token_expires_at": p.token_expires_at,
+        });
+        R::insert_events(
+            tx,
+            &[event(
+                p.at,
+                EVENT_CLAIM_CERT_ISSUED,
+                None,
+                &c.serial,
+                detail.to_string(),
+            )],
+        )
+        .await
+        .map_err(step("appending events"))?;
+        Ok(())
     }
 
     pub(crate) async fn provisional_by_token(
@@ -318,188 +351,216 @@ where
         &self,
         p: &ProvisionalRegistration,
     ) -> Result<ProvisionalOutcome, RegistryError> {
-        let reg = &p.registration;
-        let at = reg.at;
-        let requested = match common::requested_policies(reg) {
+        let requested = match common::requested_policies(&p.registration) {
             Ok(requested) => requested,
             Err(reason) => return Ok(ProvisionalOutcome::Refused { reason }),
         };
         write_tx!(self, "a RegisterThing", |tx| {
-            let sql = format!(
-                "SELECT serial, fingerprint_sha256, public_key_sha256, claim_name, session, \
-                    issuer, origin, key_algorithm, not_before, not_after, renew_at, \
-                    token_expires_at, state, der \
-                 FROM provisional_certificates WHERE token_sha256 = $1{}",
-                R::FOR_UPDATE
-            );
-            let Some(row) = sqlx::query(AssertSqlSafe(sql))
-                .bind(p.token_sha256.clone())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(step("reading the provisional certificate"))?
-            else {
-                return Ok(ProvisionalOutcome::TokenUnknown);
-            };
-            let get = step("reading the provisional certificate");
-            let serial: String = row.try_get(0).map_err(&get)?;
-            let fingerprint: String = row.try_get(1).map_err(&get)?;
-            let public_key: String = row.try_get(2).map_err(&get)?;
-            let claim_name: String = row.try_get(3).map_err(&get)?;
-            let session: String = row.try_get(4).map_err(&get)?;
-            let issuer: String = row.try_get(5).map_err(&get)?;
-            let origin: String = row.try_get(6).map_err(&get)?;
-            let key_algorithm: String = row.try_get(7).map_err(&get)?;
-            let not_before: i64 = row.try_get(8).map_err(&get)?;
-            let not_after: i64 = row.try_get(9).map_err(&get)?;
-            let renew_at: i64 = row.try_get(10).map_err(&get)?;
-            let expires_at: i64 = row.try_get(11).map_err(&get)?;
-            let state: String = row.try_get(12).map_err(&get)?;
-            let der: Vec<u8> = row.try_get(13).map_err(&get)?;
-            if state != "pending" {
-                return Ok(ProvisionalOutcome::TokenUsed);
-            }
-            if expires_at < at {
-                return Ok(ProvisionalOutcome::TokenExpired);
-            }
-            if session != p.session || claim_name != p.claim_name {
-                return Ok(ProvisionalOutcome::TokenNotYours);
-            }
-            let sql = format!(
-                "SELECT status, max_uses, uses FROM claims WHERE name = $1{}",
-                R::FOR_UPDATE
-            );
-            let row = sqlx::query(AssertSqlSafe(sql))
-                .bind(claim_name.clone())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(step("reading the claim"))?;
-            let status: String = row.try_get(0).map_err(step("reading the claim"))?;
-            let max_uses: Option<i64> = row.try_get(1).map_err(step("reading the claim"))?;
-            let uses: i64 = row.try_get(2).map_err(step("reading the claim"))?;
-            if status != "active" {
-                return Ok(ProvisionalOutcome::ClaimRevoked);
-            }
-            if max_uses.is_some_and(|max| uses >= max) {
-                return Ok(ProvisionalOutcome::ClaimExhausted);
-            }
-
-            let mut one = sqlx::Acquire::begin(&mut tx)
-                .await
-                .map_err(step("starting a savepoint"))?;
-            let created = sqlx::query(
-                "INSERT INTO things (name, template, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $3) ON CONFLICT (name) DO NOTHING RETURNING name",
-            )
-            .bind(reg.thing_name.clone())
-            .bind(reg.template.clone())
-            .bind(at)
-            .fetch_optional(&mut *one)
-            .await
-            .map_err(step("recording the thing"))?
-            .is_some();
-            let expected_version = if created {
-                1
-            } else {
-                reg.expected_thing_version
-            };
-            sqlx::query(
-                "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
-                    thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
-                    created_at, delivered_at, renew_at, der) \
-                 VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $10, $10, $11, $12)",
-            )
-            .bind(serial.clone())
-            .bind(fingerprint.clone())
-            .bind(public_key)
-            .bind(reg.thing_name.clone())
-            .bind(issuer)
-            .bind(origin.clone())
-            .bind(key_algorithm)
-            .bind(not_before)
-            .bind(not_after)
-            .bind(at)
-            .bind(renew_at)
-            .bind(der)
-            .execute(&mut *one)
-            .await
-            .map_err(step("recording the certificate"))?;
-            let mut events = Vec::with_capacity(2);
-            if created {
-                events.push(event(
-                    at,
-                    EVENT_THING_CREATED,
-                    Some(&reg.thing_name),
-                    &serial,
-                    to_json(&serde_json::json!({ "template": reg.template, "claim": claim_name })),
-                ));
-            }
-            events.push(event(
-                at,
-                EVENT_CERT_ISSUED,
-                Some(&reg.thing_name),
-                &serial,
-                to_json(&serde_json::json!({ "origin": origin, "claim": claim_name })),
-            ));
-            R::insert_events(&mut one, &events)
-                .await
-                .map_err(step("appending events"))?;
-            let mut registration = reg.clone();
-            registration.serial = serial.clone();
-            registration.expected_thing_version = expected_version;
-            let (outcome, keep) =
-                Self::register_in(&mut one, &registration, &requested, false).await?;
-            let policies = match (outcome, keep) {
-                (RegistrationOutcome::Registered { policies }, true) => policies,
-                (RegistrationOutcome::ThingChanged, _) => {
-                    one.rollback().await.map_err(step("ending a savepoint"))?;
-                    return Ok(ProvisionalOutcome::ThingChanged);
-                }
-                (RegistrationOutcome::Refused { reason }, _) => {
-                    one.rollback().await.map_err(step("ending a savepoint"))?;
-                    return Ok(ProvisionalOutcome::Refused { reason });
-                }
-                (other, _) => {
-                    one.rollback().await.map_err(step("ending a savepoint"))?;
-                    return Ok(ProvisionalOutcome::Refused {
-                        reason: format!("unexpected registration outcome {other:?}"),
-                    });
-                }
-            };
-            sqlx::query(
-                "UPDATE provisional_certificates SET state = 'registered', thing_name = $2, \
-                    finished_at = $3 WHERE serial = $1",
-            )
-            .bind(serial.clone())
-            .bind(reg.thing_name.clone())
-            .bind(at)
-            .execute(&mut *one)
-            .await
-            .map_err(step("spending the token"))?;
-            sqlx::query("UPDATE claims SET uses = uses + 1 WHERE name = $1")
-                .bind(claim_name.clone())
-                .execute(&mut *one)
-                .await
-                .map_err(step("counting the claim's use"))?;
-            R::insert_events(
-                &mut one,
-                &[event(
-                    at,
-                    EVENT_CLAIM_USED,
-                    Some(&reg.thing_name),
-                    &serial,
-                    to_json(&serde_json::json!({ "claim": claim_name, "template": reg.template })),
-                )],
-            )
-            .await
-            .map_err(step("appending events"))?;
-            one.commit().await.map_err(step("ending a savepoint"))?;
-            Ok(ProvisionalOutcome::Registered {
-                serial,
-                policies,
-                thing_created: created,
-            })
+            Self::register_provisional_in(&mut tx, p, &requested).await
         })
         .map_err(|(context, e)| self.0.err(context, e))
+    }
+
+    /// Several RegisterThings in one transaction (one durable commit), each exactly as
+    /// [`Self::register_provisional`] would run it after the ones before it.
+    pub(crate) async fn register_provisional_batch(
+        &self,
+        batch: &[ProvisionalRegistration],
+    ) -> Result<Vec<ProvisionalOutcome>, RegistryError> {
+        write_tx!(self, "a group of RegisterThings", |tx| {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for p in batch {
+                outcomes.push(match common::requested_policies(&p.registration) {
+                    Ok(requested) => Self::register_provisional_in(&mut tx, p, &requested).await?,
+                    Err(reason) => ProvisionalOutcome::Refused { reason },
+                });
+            }
+            Ok(outcomes)
+        })
+        .map_err(|(context, e)| self.0.err(context, e))
+    }
+
+    /// One RegisterThing inside the caller's write transaction; whatever it writes is in
+    /// a savepoint that is kept only when the thing is registered.
+    async fn register_provisional_in(
+        tx: &mut sqlx::Transaction<'static, R::Db>,
+        p: &ProvisionalRegistration,
+        requested: &[common::RequestedPolicy<'_>],
+    ) -> Result<ProvisionalOutcome, StepError> {
+        let reg = &p.registration;
+        let at = reg.at;
+        let sql = format!(
+            "SELECT serial, fingerprint_sha256, public_key_sha256, claim_name, session, \
+                issuer, origin, key_algorithm, not_before, not_after, renew_at, \
+                token_expires_at, state, der \
+             FROM provisional_certificates WHERE token_sha256 = $1{}",
+            R::FOR_UPDATE
+        );
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(p.token_sha256.clone())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(step("reading the provisional certificate"))?
+        else {
+            return Ok(ProvisionalOutcome::TokenUnknown);
+        };
+        let get = step("reading the provisional certificate");
+        let serial: String = row.try_get(0).map_err(&get)?;
+        let fingerprint: String = row.try_get(1).map_err(&get)?;
+        let public_key: String = row.try_get(2).map_err(&get)?;
+        let claim_name: String = row.try_get(3).map_err(&get)?;
+        let session: String = row.try_get(4).map_err(&get)?;
+        let issuer: String = row.try_get(5).map_err(&get)?;
+        let origin: String = row.try_get(6).map_err(&get)?;
+        let key_algorithm: String = row.try_get(7).map_err(&get)?;
+        let not_before: i64 = row.try_get(8).map_err(&get)?;
+        let not_after: i64 = row.try_get(9).map_err(&get)?;
+        let renew_at: i64 = row.try_get(10).map_err(&get)?;
+        let expires_at: i64 = row.try_get(11).map_err(&get)?;
+        let state: String = row.try_get(12).map_err(&get)?;
+        let der: Vec<u8> = row.try_get(13).map_err(&get)?;
+        if state != "pending" {
+            return Ok(ProvisionalOutcome::TokenUsed);
+        }
+        if expires_at < at {
+            return Ok(ProvisionalOutcome::TokenExpired);
+        }
+        if session != p.session || claim_name != p.claim_name {
+            return Ok(ProvisionalOutcome::TokenNotYours);
+        }
+        let sql = format!(
+            "SELECT status, max_uses, uses FROM claims WHERE name = $1{}",
+            R::FOR_UPDATE
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(claim_name.clone())
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(step("reading the claim"))?;
+        let status: String = row.try_get(0).map_err(step("reading the claim"))?;
+        let max_uses: Option<i64> = row.try_get(1).map_err(step("reading the claim"))?;
+        let uses: i64 = row.try_get(2).map_err(step("reading the claim"))?;
+        if status != "active" {
+            return Ok(ProvisionalOutcome::ClaimRevoked);
+        }
+        if max_uses.is_some_and(|max| uses >= max) {
+            return Ok(ProvisionalOutcome::ClaimExhausted);
+        }
+
+        let mut one = sqlx::Acquire::begin(&mut *tx)
+            .await
+            .map_err(step("starting a savepoint"))?;
+        let created = sqlx::query(
+            "INSERT INTO things (name, template, created_at, updated_at) \
+             VALUES ($1, $2, $3, $3) ON CONFLICT (name) DO NOTHING RETURNING name",
+        )
+        .bind(reg.thing_name.clone())
+        .bind(reg.template.clone())
+        .bind(at)
+        .fetch_optional(&mut *one)
+        .await
+        .map_err(step("recording the thing"))?
+        .is_some();
+        let expected_version = if created {
+            1
+        } else {
+            reg.expected_thing_version
+        };
+        sqlx::query(
+            "INSERT INTO certificates (serial, fingerprint_sha256, public_key_sha256, \
+                thing_name, issuer, status, origin, key_algorithm, not_before, not_after, \
+                created_at, delivered_at, renew_at, der) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $10, $10, $11, $12)",
+        )
+        .bind(serial.clone())
+        .bind(fingerprint.clone())
+        .bind(public_key)
+        .bind(reg.thing_name.clone())
+        .bind(issuer)
+        .bind(origin.clone())
+        .bind(key_algorithm)
+        .bind(not_before)
+        .bind(not_after)
+        .bind(at)
+        .bind(renew_at)
+        .bind(der)
+        .execute(&mut *one)
+        .await
+        .map_err(step("recording the certificate"))?;
+        let mut events = Vec::with_capacity(2);
+        if created {
+            events.push(event(
+                at,
+                EVENT_THING_CREATED,
+                Some(&reg.thing_name),
+                &serial,
+                to_json(&serde_json::json!({ "template": reg.template, "claim": claim_name })),
+            ));
+        }
+        events.push(event(
+            at,
+            EVENT_CERT_ISSUED,
+            Some(&reg.thing_name),
+            &serial,
+            to_json(&serde_json::json!({ "origin": origin, "claim": claim_name })),
+        ));
+        R::insert_events(&mut one, &events)
+            .await
+            .map_err(step("appending events"))?;
+        let mut registration = reg.clone();
+        registration.serial = serial.clone();
+        registration.expected_thing_version = expected_version;
+        let (outcome, keep) = Self::register_in(&mut one, &registration, requested, false).await?;
+        let policies = match (outcome, keep) {
+            (RegistrationOutcome::Registered { policies }, true) => policies,
+            (RegistrationOutcome::ThingChanged, _) => {
+                one.rollback().await.map_err(step("ending a savepoint"))?;
+                return Ok(ProvisionalOutcome::ThingChanged);
+            }
+            (RegistrationOutcome::Refused { reason }, _) => {
+                one.rollback().await.map_err(step("ending a savepoint"))?;
+                return Ok(ProvisionalOutcome::Refused { reason });
+            }
+            (other, _) => {
+                one.rollback().await.map_err(step("ending a savepoint"))?;
+                return Ok(ProvisionalOutcome::Refused {
+                    reason: format!("unexpected registration outcome {other:?}"),
+                });
+            }
+        };
+        sqlx::query(
+            "UPDATE provisional_certificates SET state = 'registered', thing_name = $2, \
+                finished_at = $3 WHERE serial = $1",
+        )
+        .bind(serial.clone())
+        .bind(reg.thing_name.clone())
+        .bind(at)
+        .execute(&mut *one)
+        .await
+        .map_err(step("spending the token"))?;
+        sqlx::query("UPDATE claims SET uses = uses + 1 WHERE name = $1")
+            .bind(claim_name.clone())
+            .execute(&mut *one)
+            .await
+            .map_err(step("counting the claim's use"))?;
+        R::insert_events(
+            &mut one,
+            &[event(
+                at,
+                EVENT_CLAIM_USED,
+                Some(&reg.thing_name),
+                &serial,
+                to_json(&serde_json::json!({ "claim": claim_name, "template": reg.template })),
+            )],
+        )
+        .await
+        .map_err(step("appending events"))?;
+        one.commit().await.map_err(step("ending a savepoint"))?;
+        Ok(ProvisionalOutcome::Registered {
+            serial,
+            policies,
+            thing_created: created,
+        })
     }
 
     pub(crate) async fn expire_provisional(&self, now: i64) -> Result<Vec<String>, RegistryError> {

@@ -1496,6 +1496,36 @@ pub trait Claims: Send + Sync {
         registration: &ProvisionalRegistration,
     ) -> Result<ProvisionalOutcome, RegistryError>;
 
+    /// Several [`Claims::record_provisional`]s in one transaction and one durable commit
+    /// (group commit); a database error (a duplicate serial included) records none of
+    /// them, and the caller may then record them one by one. The default records one
+    /// after another.
+    async fn record_provisional_batch(
+        &self,
+        batch: &[NewProvisional],
+    ) -> Result<(), RegistryError> {
+        for provisional in batch {
+            self.record_provisional(provisional).await?;
+        }
+        Ok(())
+    }
+
+    /// Several [`Claims::register_provisional`]s in one transaction and one durable commit
+    /// (group commit), each as it would run after the ones before it, outcomes in order;
+    /// a database error fails the whole group and writes nothing. The default registers
+    /// one after another. Callers group only as many as
+    /// [`Registrations::registration_group_size`] says is worth it.
+    async fn register_provisional_batch(
+        &self,
+        batch: &[ProvisionalRegistration],
+    ) -> Result<Vec<ProvisionalOutcome>, RegistryError> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for registration in batch {
+            outcomes.push(self.register_provisional(registration).await?);
+        }
+        Ok(outcomes)
+    }
+
     /// Revokes the provisional certificates whose token expired before `now` unused
     /// (they drop onto the CRL); returns their serials.
     async fn expire_provisional(&self, now: i64) -> Result<Vec<String>, RegistryError>;

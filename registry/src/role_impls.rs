@@ -377,6 +377,24 @@ macro_rules! impl_roles {
                     .await
             }
 
+            async fn record_provisional_batch(
+                &self,
+                batch: &[NewProvisional],
+            ) -> Result<(), RegistryError> {
+                crate::dialect::Flows(self)
+                    .record_provisional_batch(batch)
+                    .await
+            }
+
+            async fn register_provisional_batch(
+                &self,
+                batch: &[ProvisionalRegistration],
+            ) -> Result<Vec<ProvisionalOutcome>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .register_provisional_batch(batch)
+                    .await
+            }
+
             async fn expire_provisional(&self, now: i64) -> Result<Vec<String>, RegistryError> {
                 crate::dialect::Flows(self).expire_provisional(now).await
             }

@@ -3623,6 +3623,80 @@ async fn claims_register_once_and_revoke(url: &str) {
     assert!(entries.windows(2).all(|w| w[0].serial <= w[1].serial));
 }
 
+/// The group commits of provisioning by claim: a group behaves as its members one after
+/// another (a token spent earlier in the group, the claim's uses counted across it), and
+/// a group with a duplicate serial records nothing.
+async fn claims_group_commits(url: &str) {
+    let reg = open(url).await.unwrap();
+    reg.create_claim(&NewClaim {
+        name: "batch-2".to_owned(),
+        template: "sensors".to_owned(),
+        max_uses: Some(2),
+        certificate: cert(AT + 365 * DAY),
+        at: AT,
+    })
+    .await
+    .unwrap();
+    let group: Vec<_> = (1..=3)
+        .map(|i| provisional("batch-2", &format!("s{i}"), &format!("token-{i}")))
+        .collect();
+    reg.record_provisional_batch(&group).await.unwrap();
+    for p in &group {
+        assert!(
+            reg.provisional_by_token(&p.token_sha256)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    // One already recorded in a group: nothing of the group is.
+    let again = vec![provisional("batch-2", "s9", "token-9"), group[0].clone()];
+    assert!(matches!(
+        reg.record_provisional_batch(&again).await,
+        Err(RegistryError::DuplicateSerial(_))
+    ));
+    assert!(
+        reg.provisional_by_token(&again[0].token_sha256)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let outcomes = reg
+        .register_provisional_batch(&[
+            register_thing("token-1", "s1", "batch-2", "sensor-21", 0, AT + 10),
+            register_thing("token-1", "s1", "batch-2", "sensor-21", 0, AT + 10),
+            register_thing("token-2", "sX", "batch-2", "sensor-22", 0, AT + 10),
+            register_thing("token-2", "s2", "batch-2", "sensor-22", 0, AT + 10),
+            register_thing("token-3", "s3", "batch-2", "sensor-23", 0, AT + 10),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcomes[0],
+            ProvisionalOutcome::Registered {
+                thing_created: true,
+                ..
+            }
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], ProvisionalOutcome::TokenUsed);
+    assert_eq!(outcomes[2], ProvisionalOutcome::TokenNotYours);
+    assert!(
+        matches!(outcomes[3], ProvisionalOutcome::Registered { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[4], ProvisionalOutcome::ClaimExhausted);
+    assert_eq!(reg.get_claim("batch-2").await.unwrap().unwrap().uses, 2);
+    assert!(reg.get_thing("sensor-22").await.unwrap().is_some());
+    assert!(
+        reg.get_thing("sensor-23").await.unwrap().is_none(),
+        "an exhausted claim wrote a thing"
+    );
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -3680,6 +3754,7 @@ stories!(
     mirror_outbox_leases_and_rollback,
     rotation_backlog_and_write_probe,
     claims_register_once_and_revoke,
+    claims_group_commits,
 );
 
 // ---------------------------------------------------------------------------------------

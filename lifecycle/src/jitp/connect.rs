@@ -152,7 +152,7 @@ impl Jitp {
             let registration = self.plan_registration(&state, &identity)?;
             match self
                 .registrations
-                .register(registration)
+                .write(registration)
                 .await
                 .map_err(Refusal::unavailable)?
             {

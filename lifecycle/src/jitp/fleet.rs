@@ -65,6 +65,8 @@ pub struct ProvisionedThing {
     pub serial: String,
     /// The policies attached.
     pub policies: Vec<String>,
+    /// The certificate, DER (a broker front end can authorize its first CONNECT ahead).
+    pub certificate_der: Vec<u8>,
 }
 
 /// Why a Fleet Provisioning request was refused. Each variant has a stable code
@@ -297,8 +299,8 @@ impl Jitp {
         let record =
             crate::issuance::new_certificate(&issued, issuance.ca.subject(), &issuance.renewal);
         let token = random_hex(32)?;
-        self.registry
-            .record_provisional(&NewProvisional {
+        self.provisionals
+            .write(NewProvisional {
                 claim_name: claim.name.clone(),
                 session: session.to_owned(),
                 token_sha256: sha256_hex(token.as_bytes()),
@@ -422,8 +424,8 @@ impl Jitp {
             let registration = crate::templates::TemplateSet::merge(template, &rendered, &current)
                 .map_err(|e| ProvisioningError::TemplateFailed(e.to_string()))?;
             let outcome = self
-                .registry
-                .register_provisional(&ProvisionalRegistration {
+                .register_things
+                .write(ProvisionalRegistration {
                     token_sha256: token_sha256.clone(),
                     session: session.to_owned(),
                     claim_name: claim.name.clone(),
@@ -449,6 +451,7 @@ impl Jitp {
                         device_configuration: rendered.device_configuration.clone(),
                         serial,
                         policies,
+                        certificate_der: provisional.der.clone(),
                     })
                 }
                 ProvisionalOutcome::ThingChanged if attempt < 5 => continue,

@@ -101,7 +101,10 @@ const PROVISIONAL_EXPIRY_CHECK: Duration = Duration::from_secs(60);
 /// The device use cases, shared by every connection.
 pub struct Jitp {
     registry: Arc<dyn Registry>,
-    registrations: crate::group_commit::Registrations,
+    registrations: crate::group_commit::Grouped<crate::group_commit::Register>,
+    /// The Fleet Provisioning API's writes, grouped as first connects are.
+    provisionals: crate::group_commit::Grouped<crate::group_commit::RecordProvisional>,
+    register_things: crate::group_commit::Grouped<crate::group_commit::RegisterProvisional>,
     templates: crate::templates::TemplateSet,
     default_template: String,
     caches: caches::Caches,
@@ -171,7 +174,9 @@ impl Jitp {
         let cacerts_pkcs7 = fleetcert_ca::pkcs7_certs_only(&[&issuing, &root]);
         let jitp = Jitp {
             crl: CrlPublisher::new(registry.clone(), ca, options.clock.clone()),
-            registrations: crate::group_commit::Registrations::new(registry.clone()),
+            registrations: crate::group_commit::Grouped::new(registry.clone()),
+            provisionals: crate::group_commit::Grouped::new(registry.clone()),
+            register_things: crate::group_commit::Grouped::new(registry.clone()),
             registry,
             templates,
             default_template: options.default_template,

@@ -163,6 +163,52 @@ impl Grant {
     }
 }
 
+impl Grant {
+    /// A claim grant for another client id: the same policies, `iot:Connect` evaluated on
+    /// `client/<client_id>`; `None` when the claim policy does not allow it.
+    fn for_client(&self, client_id: &str) -> Option<Grant> {
+        let context = ConnectionContext {
+            client_id: client_id.to_owned(),
+            ..self.context.clone()
+        };
+        evaluate_policies(
+            &self.policies,
+            &self.arn,
+            &context,
+            &Request::connect(client_id),
+        )
+        .is_allowed()
+        .then(|| Grant {
+            thing_name: self.thing_name.clone(),
+            claim_template: self.claim_template.clone(),
+            policies: self.policies.clone(),
+            context,
+            arn: self.arn.clone(),
+            decisions: Mutex::default(),
+        })
+    }
+
+    /// The grant serve's CONNECT answer describes; an error names the policy that cannot
+    /// be compiled (dropping one could drop a Deny, so the whole answer is refused).
+    fn from_answer(allowed: &crate::serve::Allowed) -> Result<Grant, String> {
+        let mut policies = Vec::with_capacity(allowed.policies.len());
+        for text in &allowed.policies {
+            policies.push(
+                Policy::from_json(&text.document)
+                    .map_err(|e| format!("policy {:?} cannot be used: {e}", text.name))?,
+            );
+        }
+        let mut grant = Grant::new(
+            allowed.thing_name.clone(),
+            policies,
+            allowed.context.clone(),
+            ArnContext::new(allowed.arn.region.clone(), allowed.arn.account.clone()),
+        );
+        grant.claim_template = allowed.claim.as_ref().map(|c| c.template.clone());
+        Ok(grant)
+    }
+}
+
 #[derive(Debug)]
 struct Session {
     /// Unique per session (instance id + counter): ownership tokens are bound to it.
@@ -208,8 +254,13 @@ struct CacheEntry {
 #[derive(Debug, Default)]
 struct State {
     sessions: HashMap<ConnectionKey, Session>,
-    /// (fingerprint, client id) → grant, for returning devices.
+    /// (fingerprint, client id) → grant, for returning devices (and for devices just
+    /// registered by RegisterThing, ahead of their first CONNECT).
     cache: HashMap<(String, String), CacheEntry>,
+    /// Claim certificate fingerprint → its grant, whatever the client id: every device of
+    /// a batch connects with the same claim and its own client id, and the claim policy's
+    /// `iot:Connect` is evaluated here for each.
+    claims: HashMap<String, CacheEntry>,
     /// Fingerprints serve retired since the last tick: their sessions are kicked there.
     to_kick: HashSet<String>,
 }
@@ -227,6 +278,16 @@ struct Shared {
     sessions_opened: std::sync::atomic::AtomicU64,
     /// Fleet Provisioning replies waiting for the broker's thread.
     replies: Mutex<Vec<PendingReply>>,
+    /// Called when replies are queued.
+    wake: std::sync::OnceLock<Wake>,
+}
+
+struct Wake(WakeHook);
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wake")
+    }
 }
 
 /// A Fleet Provisioning request taken off the message path, for the provisioning threads.
@@ -347,6 +408,12 @@ impl Shared {
 /// the broker, a SIGHUP to its own process ([`crate::ffi`]); in tests, a counter.
 pub type ReloadHook = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Wakes the broker's event loop so `MOSQ_EVT_TICK` runs soon: mosquitto 2.0 waits up to
+/// 100 ms for socket events between ticks, and Fleet Provisioning replies (made on the
+/// provisioning threads) are published from the tick. In the broker, a signal to its
+/// thread ([`crate::ffi`]); unset in tests (replies then wait for the next tick).
+pub type WakeHook = Box<dyn Fn() + Send + Sync>;
+
 /// Keeps the listener's `crlfile` equal to serve's current CRL (worker thread only).
 struct CrlKeeper {
     file: std::path::PathBuf,
@@ -462,6 +529,7 @@ impl Plugin {
             metrics: Metrics::default(),
             sessions_opened: std::sync::atomic::AtomicU64::new(0),
             replies: Mutex::default(),
+            wake: std::sync::OnceLock::new(),
         });
         let (stop, stopped) = channel();
         let worker_shared = Arc::clone(&shared);
@@ -531,16 +599,40 @@ impl Plugin {
         };
         let fingerprint = fingerprint_sha256(der);
         let key = (fingerprint.clone(), attempt.client_id.to_string());
-        let cached = {
+        let (cached, claim) = {
+            let now = Instant::now();
             let mut state = lock(&shared.state);
-            match state.cache.get(&key) {
-                Some(entry) if entry.expires_at > Instant::now() => Some(Arc::clone(&entry.grant)),
+            let cached = match state.cache.get(&key) {
+                Some(entry) if entry.expires_at > now => Some(Arc::clone(&entry.grant)),
                 Some(_) => {
                     state.cache.remove(&key);
                     None
                 }
                 None => None,
-            }
+            };
+            let claim = match (&cached, state.claims.get(&fingerprint)) {
+                (None, Some(entry)) if entry.expires_at > now => Some(Arc::clone(&entry.grant)),
+                _ => None,
+            };
+            (cached, claim)
+        };
+        let cached = match (cached, claim) {
+            (Some(grant), _) => Some(grant),
+            (None, Some(claim)) => match claim.for_client(attempt.client_id) {
+                Some(grant) => Some(Arc::new(grant)),
+                None => {
+                    shared.metrics.connect(ConnectResult::Refused);
+                    shared.log(
+                        LogLevel::Notice,
+                        format!(
+                            "CONNECT {:?} from {} refused: the claim policy does not allow iot:Connect",
+                            attempt.client_id, attempt.source_address
+                        ),
+                    );
+                    return AuthAnswer::NotAuthorized;
+                }
+            },
+            (None, None) => None,
         };
         if let Some(grant) = cached {
             shared.metrics.connect(ConnectResult::AllowedFromCache);
@@ -605,47 +697,28 @@ impl Plugin {
             );
             return AuthAnswer::Unavailable;
         }
-        let mut policies = Vec::with_capacity(allowed.policies.len());
-        for text in &allowed.policies {
-            match Policy::from_json(&text.document) {
-                Ok(policy) => policies.push(policy),
-                Err(e) => {
-                    // Dropping one policy could drop a Deny: refuse the connection instead.
-                    shared.metrics.connect(ConnectResult::Unavailable);
-                    shared.log(
-                        LogLevel::Error,
-                        format!(
-                            "CONNECT {:?} refused: policy {:?} cannot be used: {e}",
-                            attempt.client_id, text.name
-                        ),
-                    );
-                    return AuthAnswer::Unavailable;
-                }
+        let grant = match Grant::from_answer(&allowed) {
+            Ok(grant) => Arc::new(grant),
+            Err(e) => {
+                shared.metrics.connect(ConnectResult::Unavailable);
+                shared.log(
+                    LogLevel::Error,
+                    format!("CONNECT {:?} refused: {e}", attempt.client_id),
+                );
+                return AuthAnswer::Unavailable;
             }
-        }
-        let grant = Arc::new(Grant::new(
-            allowed.thing_name.clone(),
-            policies,
-            allowed.context,
-            ArnContext::new(allowed.arn.region, allowed.arn.account),
-        ));
-        let grant = match &allowed.claim {
-            Some(claim) => {
-                let mut grant = Arc::into_inner(grant).expect("not shared yet");
-                grant.claim_template = Some(claim.template.clone());
-                Arc::new(grant)
-            }
-            None => grant,
         };
         if allowed.cache_seconds > 0 {
-            let expires_at = Instant::now() + Duration::from_secs(allowed.cache_seconds);
-            lock(&shared.state).cache.insert(
-                key,
-                CacheEntry {
-                    grant: Arc::clone(&grant),
-                    expires_at,
-                },
-            );
+            let entry = CacheEntry {
+                grant: Arc::clone(&grant),
+                expires_at: Instant::now() + Duration::from_secs(allowed.cache_seconds),
+            };
+            let mut state = lock(&shared.state);
+            if grant.claim_template.is_some() {
+                state.claims.insert(key.0, entry);
+            } else {
+                state.cache.insert(key, entry);
+            }
         }
         shared.metrics.connect(ConnectResult::AllowedByServe);
         shared.log(
@@ -844,6 +917,12 @@ impl Plugin {
             .map(|s| s.grant.thing_name.clone())
     }
 
+    /// Sets how the provisioning threads wake the broker's loop when replies are ready
+    /// (once; later calls are ignored).
+    pub fn set_wake_hook(&self, wake: WakeHook) {
+        let _ = self.shared.wake.set(Wake(wake));
+    }
+
     /// Stops the worker (it sends what is queued first, within one timeout per call).
     pub fn shutdown(mut self) {
         self.stop_worker();
@@ -963,6 +1042,9 @@ fn provisioner(shared: &Shared, client: &ServeClient, jobs: &Mutex<Receiver<Prov
                     {
                         continue;
                     }
+                    if let Some(allowed) = &answer.grant {
+                        remember_ahead(shared, allowed);
+                    }
                     replies.push(PendingReply {
                         connection: job.connection,
                         session: job.session.clone(),
@@ -998,6 +1080,41 @@ fn provisioner(shared: &Shared, client: &ServeClient, jobs: &Mutex<Receiver<Prov
             }
         }
         lock(&shared.replies).extend(replies);
+        if let Some(Wake(wake)) = shared.wake.get() {
+            wake();
+        }
+    }
+}
+
+/// Caches the answer serve gave ahead for a device RegisterThing just registered (its
+/// certificate and client id = thing name), so its first CONNECT is answered at once
+/// instead of by a call on the broker's thread.
+fn remember_ahead(shared: &Shared, allowed: &crate::serve::Allowed) {
+    if allowed.cache_seconds == 0
+        || allowed.claim.is_some()
+        || allowed.fingerprint_sha256.is_empty()
+    {
+        return;
+    }
+    match Grant::from_answer(allowed) {
+        Ok(grant) => {
+            let key = (
+                allowed.fingerprint_sha256.to_ascii_lowercase(),
+                allowed.context.client_id.clone(),
+            );
+            let entry = CacheEntry {
+                grant: Arc::new(grant),
+                expires_at: Instant::now() + Duration::from_secs(allowed.cache_seconds),
+            };
+            lock(&shared.state).cache.insert(key, entry);
+        }
+        Err(e) => shared.log(
+            LogLevel::Warning,
+            format!(
+                "a grant made ahead for thing {:?} is not cached: {e}",
+                allowed.thing_name
+            ),
+        ),
     }
 }
 
@@ -1029,9 +1146,15 @@ fn send_disconnects(shared: &Shared) {
 fn poll_sessions(shared: &Shared) -> bool {
     // Cached certificates too: a revoked device must not come back from the cache.
     let (fingerprints, sessions): (Vec<String>, usize) = {
-        let state = lock(&shared.state);
+        let mut state = lock(&shared.state);
+        // Expired entries go here (a lookup only drops its own key): devices that never
+        // come back, and grants made ahead for devices that never connect.
+        let now = Instant::now();
+        state.cache.retain(|_, entry| entry.expires_at > now);
+        state.claims.retain(|_, entry| entry.expires_at > now);
         let mut all: HashSet<&String> = state.sessions.values().map(|s| &s.fingerprint).collect();
         all.extend(state.cache.keys().map(|(fingerprint, _)| fingerprint));
+        all.extend(state.claims.keys());
         (all.into_iter().cloned().collect(), state.sessions.len())
     };
     // Asked even with no sessions: the counters reach serve's /metrics this way.
@@ -1057,6 +1180,7 @@ fn poll_sessions(shared: &Shared) -> bool {
     for entry in retired {
         let fingerprint = entry.fingerprint_sha256.to_ascii_lowercase();
         state.cache.retain(|(cached, _), _| *cached != fingerprint);
+        state.claims.remove(&fingerprint);
         let mut live = false;
         for session in state.sessions.values_mut() {
             if session.fingerprint == fingerprint {

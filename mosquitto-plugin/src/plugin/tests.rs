@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const CERT: &[u8] = b"not really DER, the plugin only hashes and forwards it";
+const DEVICE_CERT: &[u8] = b"another certificate, registered by RegisterThing";
 
 fn policy() -> String {
     json!({
@@ -507,4 +508,115 @@ fn pem_and_fingerprint() {
         fingerprint_sha256(b""),
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     );
+}
+
+/// A fake serve for provisioning by claim: CONNECTs with `CERT` are the claim's (the AWS
+/// claim policy, client ids `boot-*` only); a RegisterThing reply carries the grant of the
+/// device's next CONNECT (certificate `DEVICE_CERT`, client id "sensor-9").
+fn claim_serve() -> FakeServe {
+    FakeServe::start(move |request: &Received| match request.path.as_str() {
+        "/broker/v1/connect" => {
+            let client_id = request.body["client_id"].as_str().unwrap_or_default();
+            let claim_policy = json!({
+                "Version": "2012-10-17",
+                "Statement": [
+                    { "Effect": "Allow", "Action": "iot:Connect",
+                      "Resource": "arn:aws:iot:local:000000000000:client/boot-*" },
+                    { "Effect": "Allow", "Action": "iot:Publish",
+                      "Resource": "arn:aws:iot:local:000000000000:topic/$aws/certificates/create/*" }
+                ]
+            });
+            (
+                200,
+                json!({
+                    "result": "allowed",
+                    "thing_name": "line-7",
+                    "policies": [ { "name": "claim", "document": claim_policy.to_string() } ],
+                    "context": { "client_id": client_id },
+                    "arn": { "region": "local", "account": "000000000000" },
+                    "cache_seconds": 30,
+                    "claim": { "name": "line-7", "template": "sensors" }
+                })
+                .to_string(),
+            )
+        }
+        "/broker/v1/provision" => {
+            let replies: Vec<_> = request.body["requests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let mut grant: serde_json::Value =
+                        serde_json::from_str(&allowed("sensor-9", 30)).unwrap();
+                    grant["fingerprint_sha256"] =
+                        json!(fingerprint_sha256(DEVICE_CERT).to_ascii_uppercase());
+                    json!({
+                        "id": r["id"],
+                        "topic": format!("{}/accepted", r["topic"].as_str().unwrap()),
+                        "payload_b64": "e30=",
+                        "grant": grant,
+                    })
+                })
+                .collect();
+            (200, json!({ "replies": replies }).to_string())
+        }
+        "/broker/v1/sessions" => (200, json!({ "retired": [] }).to_string()),
+        _ => (204, String::new()),
+    })
+}
+
+#[test]
+fn claims_are_cached_by_certificate_and_registered_devices_ahead_of_their_connect() {
+    let fake = claim_serve();
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin_for(&fake.url(), &dir, "60000");
+    // Every device of a batch brings the claim with its own client id: serve is asked once.
+    for (connection, client_id) in [(1, "boot-1"), (2, "boot-2"), (3, "boot-3")] {
+        assert_eq!(
+            plugin.authenticate(&attempt(connection, client_id)),
+            AuthAnswer::Allowed,
+            "{client_id}"
+        );
+    }
+    assert_eq!(fake.requests_to("/broker/v1/connect").len(), 1);
+    // The claim policy is still evaluated for each client id.
+    assert_eq!(
+        plugin.authenticate(&attempt(4, "not-a-boot-id")),
+        AuthAnswer::NotAuthorized
+    );
+    assert_eq!(fake.requests_to("/broker/v1/connect").len(), 1);
+    // ${iot:ClientId} and the claim's topics are per session.
+    assert!(plugin.take_provisioning_request(
+        ConnectionKey(2),
+        "$aws/provisioning-templates/sensors/provision/json",
+        b"{}"
+    ));
+    // The RegisterThing reply brings the new certificate's grant: its CONNECT is answered
+    // from the cache, without serve.
+    wait_until("the reply", || !lock(&plugin.shared.replies).is_empty());
+    let replies = plugin.take_replies();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].client_id, "boot-2");
+    let device = ConnectAttempt {
+        certificate_der: Some(DEVICE_CERT),
+        ..attempt(5, "sensor-9")
+    };
+    assert_eq!(plugin.authenticate(&device), AuthAnswer::Allowed);
+    assert_eq!(
+        fake.requests_to("/broker/v1/connect").len(),
+        1,
+        "the registered device's CONNECT went to serve"
+    );
+    assert!(plugin.authorize(
+        ConnectionKey(5),
+        Access::Publish { retain: false },
+        "devices/sensor-9/t"
+    ));
+    // Only for that client id.
+    let other = ConnectAttempt {
+        certificate_der: Some(DEVICE_CERT),
+        ..attempt(6, "sensor-10")
+    };
+    plugin.authenticate(&other);
+    assert_eq!(fake.requests_to("/broker/v1/connect").len(), 2);
 }
