@@ -19,7 +19,7 @@
 //! The MQTT packets are encoded and decoded by hand ([`codec`]); TLS is rustls with the
 //! ring provider, as for the other tools of this crate.
 pub mod claim;
-pub mod codec;
+pub use fleetcert_mqtt_client::codec;
 
 use crate::certs;
 use crate::jitp::{describe, describe_session, is_tls_error};

@@ -142,6 +142,17 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
     //    first connect registers it, the second is a returning device. 6. With mosquitto
     //    installed, new devices connect over MQTT through the same server's broker API.
     let mqtt_tools = demo_mqtt::find_tools(&args);
+    if mqtt_tools.is_ok() {
+        // The MQTT round provisions a device by claim with this template; serve loads
+        // templates when it starts.
+        let path = data
+            .root()
+            .join("templates")
+            .join(format!("{}.yaml", demo_mqtt::CLAIM_TEMPLATE));
+        std::fs::create_dir_all(path.parent().expect("a templates directory"))
+            .and_then(|()| std::fs::write(&path, demo_mqtt::CLAIM_TEMPLATE_YAML))
+            .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+    }
     let (jitp_figures, mqtt) = jitp_round_trips(
         &data,
         &ca_for_server,
@@ -284,6 +295,17 @@ fn mqtt_lines(out: &Out, mqtt: &MqttFigures) {
             &format!("DELIVERED to {other}"),
             &format!("not delivered to {other} (subscribed there)")
         ),
+    ));
+    out.line(format!(
+        "  mqtt claim    a device holding only claim {:?}: {}",
+        mqtt.claim.as_deref().unwrap_or("-"),
+        match &mqtt.claim_thing {
+            Some(thing) => format!(
+                "CreateKeysAndCertificate + RegisterThing made it {thing}; back as itself, its own topic {}",
+                yes_no(mqtt.claim_device_echo, "echoed its message", "DID NOT ECHO")
+            ),
+            None => "NOT PROVISIONED".to_owned(),
+        }
     ));
     for e in &mqtt.errors {
         out.note(format!("  problem: mqtt: {e}"));

@@ -59,6 +59,14 @@ pub(crate) struct MqttFigures {
     pub foreign_topic_refused: bool,
     /// …and whether `DEVICES[1]`, subscribed to its topics, got it anyway.
     pub foreign_topic_delivered: bool,
+    /// Provisioning by claim: the claim the demo made.
+    pub claim: Option<String>,
+    /// The thing a device holding only the claim got registered as (Fleet Provisioning
+    /// API: CreateKeysAndCertificate, RegisterThing).
+    pub claim_thing: Option<String>,
+    /// That device, reconnected with its own certificate, got its message on its own
+    /// topic back.
+    pub claim_device_echo: bool,
     pub seconds: f64,
     pub errors: Vec<String>,
 }
@@ -78,7 +86,9 @@ impl MqttFigures {
                 && self.registered == DEVICES.len() as u64
                 && self.own_topic_delivered
                 && self.foreign_topic_refused
-                && !self.foreign_topic_delivered)
+                && !self.foreign_topic_delivered
+                && self.claim_thing.is_some()
+                && self.claim_device_echo)
     }
 }
 
@@ -252,6 +262,24 @@ async fn run_inner(round: &Round<'_>, figures: &mut MqttFigures) -> Result<(), S
     )
     .await
     .map_err(|e| format!("mosquitto config: {}", e.message))?;
+    // A claim for the provisioning-by-claim part, bound to CLAIM_TEMPLATE (written into
+    // the data directory before the demo's serve started).
+    let claim = fleetcert_lifecycle::claims::create(
+        round.data,
+        round.registry.as_ref(),
+        round.ca,
+        &fleetcert_lifecycle::claims::ClaimRequest {
+            name: CLAIM.to_owned(),
+            template: CLAIM_TEMPLATE.to_owned(),
+            days: 1,
+            max_uses: Some(1),
+            out_dir: round.dir.clone(),
+        },
+        round.clock.now(),
+    )
+    .await
+    .map_err(|e| format!("claims create: {e}"))?;
+    figures.claim = Some(CLAIM.to_owned());
     let conf = written.dir.join("mosquitto.conf");
     // Two additions for the demo: subscriptions are logged as well (the demo waits for
     // one), and, started as root, mosquitto stays root (it would otherwise switch to its
@@ -275,6 +303,8 @@ async fn run_inner(round: &Round<'_>, figures: &mut MqttFigures) -> Result<(), S
         cafile: written.dir.join("ca.pem"),
         devices: round.settings.out_dir.clone(),
         log: written.dir.join("mosquitto.log"),
+        claim_cert: claim.certificate_path,
+        claim_key: claim.key_path,
     };
     let clients = tokio::task::spawn_blocking(move || session.run(&conf))
         .await
@@ -283,7 +313,26 @@ async fn run_inner(round: &Round<'_>, figures: &mut MqttFigures) -> Result<(), S
     figures.own_topic_delivered = clients.own_topic_delivered;
     figures.foreign_topic_refused = clients.foreign_topic_refused;
     figures.foreign_topic_delivered = clients.foreign_topic_delivered;
+    figures.claim_device_echo = clients.claim_device_echo;
     figures.errors.extend(clients.errors);
+    // The claimed device is in the registry with its certificate registered.
+    if let Some(thing) = clients.claim_thing {
+        let certs = round
+            .registry
+            .list_certificates(&CertificateFilter {
+                thing_name: Some(thing.clone()),
+                ..CertificateFilter::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if certs.iter().any(|c| c.registered_at.is_some()) {
+            figures.claim_thing = Some(thing);
+        } else {
+            figures.errors.push(format!(
+                "{thing} has no registered certificate after RegisterThing"
+            ));
+        }
+    }
 
     for device in DEVICES {
         let certs = round
@@ -309,6 +358,8 @@ struct Session {
     /// Where `<thing>.crt` and `<thing>.key` are.
     devices: PathBuf,
     log: PathBuf,
+    claim_cert: PathBuf,
+    claim_key: PathBuf,
 }
 
 #[derive(Default)]
@@ -317,6 +368,8 @@ struct ClientResults {
     own_topic_delivered: bool,
     foreign_topic_refused: bool,
     foreign_topic_delivered: bool,
+    claim_thing: Option<String>,
+    claim_device_echo: bool,
     errors: Vec<String>,
 }
 
@@ -505,9 +558,162 @@ impl Session {
         }
         drop(listener);
         results.foreign_topic_delivered = heard.iter().any(|l| l.contains(&forged));
+
+        // A device that holds only the claim provisions itself, then comes back as itself.
+        // (On the blocking thread of the broker's session; the client is async.)
+        let claimed = tokio::runtime::Handle::current().block_on(tokio::time::timeout(
+            STEP_TIMEOUT,
+            provision_by_claim(self.port, &self.cafile, &self.claim_cert, &self.claim_key),
+        ));
+        match claimed {
+            Ok(Ok((thing, echo))) => {
+                results.claim_thing = Some(thing);
+                results.claim_device_echo = echo;
+                if !echo {
+                    results.errors.push(
+                        "the claimed device's message on its own topic did not come back".into(),
+                    );
+                }
+            }
+            Ok(Err(e)) => results.errors.push(format!(
+                "provisioning by claim: {e} (broker: {})",
+                self.log_tail()
+            )),
+            Err(_) => results.errors.push(format!(
+                "provisioning by claim took more than {STEP_TIMEOUT:?} (broker: {})",
+                self.log_tail()
+            )),
+        }
         drop(broker);
         Ok(())
     }
+}
+
+/// The claim the demo makes (at most one device), and its template.
+pub(crate) const CLAIM: &str = "demo-claim";
+pub(crate) const CLAIM_TEMPLATE: &str = "demo-claim";
+/// The serial number the claimed device reports; its thing is `demo-claimed-<serial>`.
+const CLAIM_SERIAL: &str = "0001";
+
+/// A Fleet Provisioning template: the thing is named from the device's SerialNumber and
+/// may use only its own topics.
+pub(crate) const CLAIM_TEMPLATE_YAML: &str = r#"# fleetcert demo: devices provisioned by claim.
+Parameters:
+  SerialNumber:
+    Type: String
+  AWS::IoT::Certificate::Id:
+    Type: String
+Resources:
+  thing:
+    Type: AWS::IoT::Thing
+    Properties:
+      ThingName: {"Fn::Join": ["", ["demo-claimed-", {Ref: SerialNumber}]]}
+      AttributePayload:
+        serial: {Ref: SerialNumber}
+  certificate:
+    Type: AWS::IoT::Certificate
+    Properties:
+      CertificateId: {Ref: "AWS::IoT::Certificate::Id"}
+      Status: ACTIVE
+  policy:
+    Type: AWS::IoT::Policy
+    Properties:
+      PolicyName: demo-claimed
+      PolicyDocument:
+        Version: "2012-10-17"
+        Statement:
+          - Effect: Allow
+            Action: iot:Connect
+            Resource: "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"
+          - Effect: Allow
+            Action: [iot:Publish, iot:Receive]
+            Resource: "arn:aws:iot:*:*:topic/devices/${iot:Connection.Thing.ThingName}/*"
+          - Effect: Allow
+            Action: iot:Subscribe
+            Resource: "arn:aws:iot:*:*:topicfilter/devices/${iot:Connection.Thing.ThingName}/*"
+"#;
+
+/// A device holding only the claim: CreateKeysAndCertificate and RegisterThing over the
+/// Fleet Provisioning MQTT API, then a new session with its own certificate and client
+/// id = thing name, which subscribes to its own topic and publishes there. The thing
+/// name, and whether the message came back.
+async fn provision_by_claim(
+    port: u16,
+    cafile: &Path,
+    claim_cert: &Path,
+    claim_key: &Path,
+) -> Result<(String, bool), String> {
+    use fleetcert_mqtt_client::fleet_provisioning::{self as fp, Create};
+    use fleetcert_mqtt_client::{Client, identity};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read(cafile)?) {
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", cafile.display()))?)
+            .map_err(|e| format!("{}: {e}", cafile.display()))?;
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(claim_key)?)
+        .map_err(|e| format!("{}: {e}", claim_key.display()))?;
+    let claim = identity(&roots, &read(claim_cert)?, key).map_err(|e| e.to_string())?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let name = ServerName::try_from("localhost").expect("a valid name");
+    let step =
+        |what: &'static str| move |e: fleetcert_mqtt_client::ClientError| format!("{what}: {e}");
+
+    let mut session = Client::connect(addr, name.clone(), &claim, "demo-claim-boot", 30)
+        .await
+        .map_err(step("CONNECT with the claim"))?;
+    let create = Create::KeysAndCertificate;
+    fp::subscribe_to_replies(&mut session, create, CLAIM_TEMPLATE)
+        .await
+        .map_err(step("SUBSCRIBE"))?;
+    let created = fp::create_certificate(&mut session, create)
+        .await
+        .map_err(step("CreateKeysAndCertificate"))?;
+    let mut parameters = serde_json::Map::new();
+    parameters.insert("SerialNumber".into(), CLAIM_SERIAL.into());
+    let registered = fp::register_thing(
+        &mut session,
+        CLAIM_TEMPLATE,
+        &created.ownership_token,
+        &parameters,
+    )
+    .await
+    .map_err(step("RegisterThing"))?;
+    session.disconnect().await;
+
+    let key_pem = created.private_key_pem.unwrap_or_default();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("the privateKey of CreateKeysAndCertificate: {e}"))?;
+    let own =
+        identity(&roots, created.certificate_pem.as_bytes(), key).map_err(|e| e.to_string())?;
+    let thing = registered.thing_name;
+    let mut device = Client::connect(addr, name, &own, &thing, 30)
+        .await
+        .map_err(step("CONNECT with the new certificate"))?;
+    let topic = format!("devices/{thing}/hello");
+    let granted = device
+        .subscribe(&[(&topic, 1)])
+        .await
+        .map_err(step("SUBSCRIBE to its own topic"))?;
+    if granted.first().is_none_or(|c| *c > 2) {
+        return Err(format!("its own topic was refused (SUBACK {granted:?})"));
+    }
+    let message = format!("hello from {thing}");
+    let mut delivered = device
+        .publish(&topic, message.as_bytes())
+        .await
+        .map_err(step("PUBLISH on its own topic"))?;
+    if delivered.is_empty() {
+        delivered.push(device.next_message().await.map_err(step("the echo"))?);
+    }
+    device.disconnect().await;
+    let echo = delivered
+        .iter()
+        .any(|(t, payload)| *t == topic && payload.as_slice() == message.as_bytes());
+    Ok((thing, echo))
 }
 
 fn spawn_line_reader(stdout: Option<std::process::ChildStdout>) -> mpsc::Receiver<String> {

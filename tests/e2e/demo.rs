@@ -72,11 +72,15 @@ fn demo_runs_an_mqtt_round_when_mosquitto_is_installed() {
     assert_eq!(mqtt["own_topic_delivered"], true, "{mqtt}");
     assert_eq!(mqtt["foreign_topic_refused"], true, "{mqtt}");
     assert_eq!(mqtt["foreign_topic_delivered"], false, "{mqtt}");
+    // A device holding only the claim provisioned itself and came back as itself.
+    assert_eq!(mqtt["claim"], "demo-claim", "{mqtt}");
+    assert_eq!(mqtt["claim_thing"], "demo-claimed-0001", "{mqtt}");
+    assert_eq!(mqtt["claim_device_echo"], true, "{mqtt}");
     assert!(
         mqtt["broker"].as_str().unwrap().contains("mosquitto"),
         "{mqtt}"
     );
     assert_eq!(out["ok"], true, "{out}");
-    // The round's two devices are in the registry beside the pallet.
-    assert_eq!(out["registry"]["things"], 22, "{out}");
+    // The round's two devices and the claimed one are in the registry beside the pallet.
+    assert_eq!(out["registry"]["things"], 23, "{out}");
 }

@@ -12,15 +12,15 @@
 //!
 //! Devices per second are counted from the first claim connect to the last reconnect;
 //! latencies are per device (whole flow) and per step.
-use super::{
-    Broker, Device, Failure, MqttError, Session, add_sample, io_failure, per_second, spawn_progress,
-};
+use super::{Broker, MqttError, add_sample, per_second, spawn_progress};
 use crate::stats::{self, LatencyMs};
 use anyhow::{Context, Result, anyhow, bail};
+use fleetcert_mqtt_client::fleet_provisioning::{self, Create};
+use fleetcert_mqtt_client::{Client, ClientError};
 use hdrhistogram::Histogram;
 use rayon::prelude::*;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -125,133 +125,6 @@ fn device_key(serial: &str) -> Result<DeviceKey> {
     })
 }
 
-/// The MQTT topics of one device's calls.
-struct Topics {
-    create: String,
-    register: String,
-}
-
-impl Topics {
-    fn new(api: ClaimApi, template: &str) -> Topics {
-        let create = match api {
-            ClaimApi::Csr => "$aws/certificates/create-from-csr/json",
-            ClaimApi::Keys => "$aws/certificates/create/json",
-        };
-        Topics {
-            create: create.to_owned(),
-            register: format!("$aws/provisioning-templates/{template}/provision/json"),
-        }
-    }
-}
-
-/// Why one device failed: a connection failure, or a rejected reply.
-enum StepFailure {
-    Mqtt(Failure),
-    Rejected { code: String, message: String },
-}
-
-impl From<Failure> for StepFailure {
-    fn from(f: Failure) -> Self {
-        StepFailure::Mqtt(f)
-    }
-}
-
-/// Sends `payload` (QoS 1) on `topic` and waits for the reply on `topic/accepted` or
-/// `topic/rejected` (acknowledging it: the plugin delivers replies at QoS 1).
-async fn call(
-    session: &mut Session,
-    packet_id: u16,
-    topic: &str,
-    payload: &serde_json::Value,
-) -> std::result::Result<serde_json::Value, StepFailure> {
-    let body = serde_json::to_vec(payload).expect("JSON serialises");
-    session
-        .send(&super::codec::publish(topic, Some(packet_id), &body))
-        .await
-        .map_err(|e| io_failure(&e))?;
-    let accepted = format!("{topic}/accepted");
-    let rejected = format!("{topic}/rejected");
-    loop {
-        match session.next_packet().await? {
-            Some(super::codec::Packet::Publish {
-                qos,
-                packet_id: id,
-                topic: got,
-                payload,
-            }) => {
-                if let (1, Some(id)) = (qos, id) {
-                    session
-                        .send(&super::codec::puback(id))
-                        .await
-                        .map_err(|e| io_failure(&e))?;
-                }
-                let json = || {
-                    serde_json::from_slice::<serde_json::Value>(&payload).map_err(|e| {
-                        StepFailure::Mqtt((
-                            MqttError::Protocol,
-                            format!("the reply on {got} is not JSON: {e}"),
-                        ))
-                    })
-                };
-                if got == accepted {
-                    return json();
-                }
-                if got == rejected {
-                    let reply = json()?;
-                    return Err(StepFailure::Rejected {
-                        code: reply["errorCode"].as_str().unwrap_or("(none)").to_owned(),
-                        message: reply["errorMessage"].as_str().unwrap_or("").to_owned(),
-                    });
-                }
-            }
-            Some(_) => {}
-            None => {
-                return Err(StepFailure::Mqtt((
-                    MqttError::Closed,
-                    format!("the broker closed the session waiting for {accepted}"),
-                )));
-            }
-        }
-    }
-}
-
-fn field<'a>(
-    reply: &'a serde_json::Value,
-    name: &str,
-) -> std::result::Result<&'a str, StepFailure> {
-    reply[name].as_str().ok_or_else(|| {
-        StepFailure::Mqtt((
-            MqttError::Protocol,
-            format!("the accepted reply has no {name}"),
-        ))
-    })
-}
-
-/// The TLS client configuration of a freshly provisioned device.
-fn own_identity(
-    roots: &rustls::RootCertStore,
-    certificate_pem: &str,
-    key: PrivateKeyDer<'static>,
-) -> std::result::Result<tokio_rustls::TlsConnector, StepFailure> {
-    let protocol = |m: String| StepFailure::Mqtt((MqttError::Protocol, m));
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(certificate_pem.as_bytes())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| protocol(format!("certificatePem: {e}")))?;
-    if chain.is_empty() {
-        return Err(protocol("certificatePem holds no certificate".into()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| protocol(e.to_string()))?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| protocol(format!("the new certificate and key do not fit: {e}")))?;
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config).into())
-}
-
 struct Steps {
     claim: Histogram<u64>,
     create: Histogram<u64>,
@@ -259,84 +132,84 @@ struct Steps {
     reconnect: Histogram<u64>,
 }
 
+/// A failure's kind for the report: the connection kinds of [`MqttError`], or
+/// `rejected`.
+fn failure_kind(e: &ClientError) -> &'static str {
+    let kind = match e {
+        ClientError::Connect(_) => MqttError::Connect,
+        ClientError::Tls(_) => MqttError::Tls,
+        ClientError::Refused(_) => MqttError::Refused,
+        ClientError::Closed(_) | ClientError::Io(_) => MqttError::Closed,
+        ClientError::Rejected { .. } => return "rejected",
+        _ => MqttError::Protocol,
+    };
+    kind.as_str()
+}
+
 /// One device's whole flow; the thing name on success.
-#[allow(clippy::too_many_arguments)]
 async fn provision_one(
     broker: &Broker,
     claim: &tokio_rustls::TlsConnector,
     roots: &rustls::RootCertStore,
     opts: &ClaimOptions,
-    topics: &Topics,
     serial: String,
     key: Option<&DeviceKey>,
     steps: &mut Steps,
-) -> std::result::Result<String, StepFailure> {
-    let t0 = Instant::now();
-    let claim_device = Device {
-        name: serial.clone(),
-        tls: claim.clone(),
+) -> Result<String, ClientError> {
+    let create = match key {
+        Some(k) => Create::FromCsr(&k.csr_pem),
+        None => Create::KeysAndCertificate,
     };
-    let mut code = None;
-    let (mut session, _) = Session::open(broker, &claim_device, opts.keep_alive, &mut code).await?;
-    let filters: Vec<String> = [&topics.create, &topics.register]
-        .iter()
-        .flat_map(|t| [format!("{t}/accepted"), format!("{t}/rejected")])
-        .collect();
-    let filters: Vec<(&str, u8)> = filters.iter().map(|f| (f.as_str(), 1)).collect();
-    session
-        .send(&super::codec::subscribe_many(1, &filters))
-        .await
-        .map_err(|e| io_failure(&e))?;
-    match session.next_packet().await? {
-        Some(super::codec::Packet::SubAck { codes, .. }) if codes.iter().all(|c| *c <= 2) => {}
-        other => {
-            return Err(StepFailure::Mqtt((
-                MqttError::Refused,
-                format!("the claim's subscriptions were not granted: {other:?}"),
-            )));
-        }
-    }
+    let t0 = Instant::now();
+    let mut session = Client::connect(
+        broker.addr,
+        broker.server_name.clone(),
+        claim,
+        &serial,
+        opts.keep_alive,
+    )
+    .await?;
+    fleet_provisioning::subscribe_to_replies(&mut session, create, &opts.template).await?;
     let t1 = Instant::now();
     stats::record(&mut steps.claim, t1 - t0);
 
-    let request = match key {
-        Some(k) => serde_json::json!({ "certificateSigningRequest": k.csr_pem }),
-        None => serde_json::json!({}),
-    };
-    let created = call(&mut session, 2, &topics.create, &request).await?;
-    let certificate_pem = field(&created, "certificatePem")?.to_owned();
-    let token = field(&created, "certificateOwnershipToken")?.to_owned();
-    let private_key: PrivateKeyDer<'static> = match key {
-        Some(k) => PrivatePkcs8KeyDer::from(k.pkcs8.clone()).into(),
-        None => PrivateKeyDer::from_pem_slice(field(&created, "privateKey")?.as_bytes())
-            .map_err(|e| StepFailure::Mqtt((MqttError::Protocol, format!("privateKey: {e}"))))?,
+    let created = fleet_provisioning::create_certificate(&mut session, create).await?;
+    let private_key: PrivateKeyDer<'static> = match (key, &created.private_key_pem) {
+        (Some(k), _) => PrivatePkcs8KeyDer::from(k.pkcs8.clone()).into(),
+        (None, Some(pem)) => PrivateKeyDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| ClientError::Protocol(format!("privateKey: {e}")))?,
+        (None, None) => return Err(ClientError::Protocol("no privateKey".into())),
     };
     let t2 = Instant::now();
     stats::record(&mut steps.create, t2 - t1);
 
     let mut parameters = serde_json::Map::new();
     parameters.insert(opts.parameter.clone(), serial.into());
-    let registered = call(
+    let registered = fleet_provisioning::register_thing(
         &mut session,
-        3,
-        &topics.register,
-        &serde_json::json!({ "certificateOwnershipToken": token, "parameters": parameters }),
+        &opts.template,
+        &created.ownership_token,
+        &parameters,
     )
     .await?;
-    let thing = field(&registered, "thingName")?.to_owned();
-    session.close().await;
+    session.disconnect().await;
     let t3 = Instant::now();
     stats::record(&mut steps.register, t3 - t2);
 
-    let device = Device {
-        name: thing.clone(),
-        tls: own_identity(roots, &certificate_pem, private_key)?,
-    };
-    let mut code = None;
-    let (session, _) = Session::open(broker, &device, opts.keep_alive, &mut code).await?;
-    session.close().await;
+    let own =
+        fleetcert_mqtt_client::identity(roots, created.certificate_pem.as_bytes(), private_key)?;
+    Client::connect(
+        broker.addr,
+        broker.server_name.clone(),
+        &own,
+        &registered.thing_name,
+        opts.keep_alive,
+    )
+    .await?
+    .disconnect()
+    .await;
     stats::record(&mut steps.reconnect, t3.elapsed());
-    Ok(thing)
+    Ok(registered.thing_name)
 }
 
 #[derive(Default)]
@@ -399,7 +272,6 @@ pub async fn claim(
     let serials = Arc::new(serials);
     let roots = Arc::new(roots);
     let opts = Arc::new(opts);
-    let topics = Arc::new(Topics::new(opts.api, &opts.template));
     let shared = Arc::new(ClaimShared::default());
     let start = Instant::now();
     let progress = opts.progress.then(|| {
@@ -414,12 +286,11 @@ pub async fn claim(
     });
     let workers: Vec<_> = (0..opts.concurrency.min(opts.devices))
         .map(|_| {
-            let (broker, claim, roots, opts, topics, shared, keys, serials) = (
+            let (broker, claim, roots, opts, shared, keys, serials) = (
                 broker.clone(),
                 claim.clone(),
                 roots.clone(),
                 opts.clone(),
-                topics.clone(),
                 shared.clone(),
                 keys.clone(),
                 serials.clone(),
@@ -444,19 +315,14 @@ pub async fn claim(
                         &claim,
                         &roots,
                         &opts,
-                        &topics,
                         serials[index].clone(),
                         keys.get(index),
                         &mut tally.steps,
                     );
                     let outcome = tokio::time::timeout(opts.timeout, flow)
                         .await
-                        .unwrap_or_else(|_| {
-                            Err(StepFailure::Mqtt((
-                                MqttError::Timeout,
-                                format!("not provisioned within {:?}", opts.timeout),
-                            )))
-                        });
+                        .map_err(|_| None)
+                        .and_then(|done| done.map_err(Some));
                     match outcome {
                         Ok(thing) => {
                             stats::record(&mut tally.latency, begin.elapsed());
@@ -468,10 +334,15 @@ pub async fn claim(
                         Err(failure) => {
                             shared.failed.fetch_add(1, Ordering::Relaxed);
                             let (kind, message) = match failure {
-                                StepFailure::Mqtt((kind, message)) => (kind.as_str(), message),
-                                StepFailure::Rejected { code, message } => {
-                                    *tally.rejected.entry(code.clone()).or_default() += 1;
-                                    ("rejected", format!("{code}: {message}"))
+                                None => (
+                                    MqttError::Timeout.as_str(),
+                                    format!("not provisioned within {:?}", opts.timeout),
+                                ),
+                                Some(e) => {
+                                    if let ClientError::Rejected { code, .. } = &e {
+                                        *tally.rejected.entry(code.clone()).or_default() += 1;
+                                    }
+                                    (failure_kind(&e), e.to_string())
                                 }
                             };
                             *tally.errors.entry(kind).or_default() += 1;
@@ -580,17 +451,5 @@ mod tests {
         assert!(der.windows(13).any(|w| w == b"bench-0000001"), "no CN");
         let pair = rcgen::KeyPair::try_from(k.pkcs8.as_slice()).unwrap();
         assert!(pair.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256));
-    }
-
-    #[test]
-    fn topics_follow_aws() {
-        let t = Topics::new(ClaimApi::Csr, "sensors");
-        assert_eq!(t.create, "$aws/certificates/create-from-csr/json");
-        assert_eq!(
-            t.register,
-            "$aws/provisioning-templates/sensors/provision/json"
-        );
-        let t = Topics::new(ClaimApi::Keys, "sensors");
-        assert_eq!(t.create, "$aws/certificates/create/json");
     }
 }

@@ -1,7 +1,7 @@
-//! The few MQTT 3.1.1 packets the load generator needs, encoded and decoded by hand
-//! (OASIS MQTT 3.1.1, section 2 for the fixed header and remaining length, section 3
-//! for each packet): CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ,
-//! PINGRESP and DISCONNECT. Anything else the broker sends is returned as
+//! The few MQTT 3.1.1 packets a device (and a load generator) needs, encoded and decoded
+//! by hand (OASIS MQTT 3.1.1, section 2 for the fixed header and remaining length,
+//! section 3 for each packet): CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK,
+//! PINGREQ, PINGRESP and DISCONNECT. Anything else the broker sends is returned as
 //! [`Packet::Other`] and skipped.
 
 /// Control packet types (the high nibble of the first byte).
