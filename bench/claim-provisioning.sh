@@ -13,6 +13,8 @@
 #    client id = thing name (CONNACK 0). Then the same with CreateKeysAndCertificate.
 #    Each run CLAIM_RUNS times (the spread is printed), CLAIM_DEVICES devices at
 #    concurrency CLAIM_CONCURRENCY.
+#    Then serve alone, without the broker: the same API calls the plugin makes
+#    (`POST /broker/v1/provision`, batches of 64, 2 connections), CreateKeysAndCertificate.
 # 4. Cross-checks: the registry holds exactly one thing per device provisioned; serve's
 #    /metrics counts the provisioning requests.
 # 5. A markdown report on stdout (and --out FILE); progress on stderr. KEEP_WORK=1 keeps
@@ -152,6 +154,58 @@ for api in csr keys; do
         provisioned_total=$((provisioned_total + ok))
     done
 done
+# serve alone, as the plugin asks it: POST /broker/v1/provision with batches of creates, then
+# of RegisterThings, on 2 keep-alive connections (the plugin's 2 provisioning threads).
+note "serve alone: $devices devices through POST /broker/v1/provision (batches of 64, 2 connections)"
+python3 - "$conf/broker-api.secret" "$port_api" "$work/claim/factory-line.crt" "$devices" >"$work/serve-alone.json" <<'PY'
+import base64, hashlib, http.client, json, re, sys, threading, time
+secret_file, port, claim_pem, devices = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+secret = open(secret_file).read().strip()
+pem = open(claim_pem).read()
+der = base64.b64decode("".join(re.search(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S).group(1).split()))
+fingerprint = hashlib.sha256(der).hexdigest()
+headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+b64 = lambda b: base64.b64encode(b).decode()
+errors, done = [], [0]
+lock = threading.Lock()
+def post(conn, requests):
+    conn.request("POST", "/broker/v1/provision", json.dumps({"requests": requests}), headers)
+    r = conn.getresponse(); body = r.read()
+    if r.status != 200: raise RuntimeError(f"{r.status} {body[:200]!r}")
+    return json.loads(body)["replies"]
+def worker(first, count):
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    for start in range(first, first + count, 64):
+        ids = range(start, min(start + 64, first + count))
+        sessions = {i: f"alone-{i}" for i in ids}
+        created = post(conn, [{"id": i, "session": sessions[i], "fingerprint_sha256": fingerprint,
+                               "topic": "$aws/certificates/create/json", "payload_b64": b64(b"{}")} for i in ids])
+        tokens = {}
+        for reply in created:
+            payload = json.loads(base64.b64decode(reply["payload_b64"]))
+            if reply["topic"].endswith("/accepted"): tokens[reply["id"]] = payload["certificateOwnershipToken"]
+            else: errors.append(payload)
+        registered = post(conn, [{"id": i, "session": sessions[i], "fingerprint_sha256": fingerprint,
+                                  "topic": "$aws/provisioning-templates/sensors/provision/json",
+                                  "payload_b64": b64(json.dumps({"certificateOwnershipToken": t,
+                                                                 "parameters": {"SerialNumber": f"alone-{i:07d}"}}).encode())}
+                                 for i, t in tokens.items()])
+        for reply in registered:
+            if reply["topic"].endswith("/accepted"):
+                with lock: done[0] += 1
+            else: errors.append(json.loads(base64.b64decode(reply["payload_b64"])))
+half = devices // 2
+started = time.perf_counter()
+threads = [threading.Thread(target=worker, args=(0, half)), threading.Thread(target=worker, args=(half, devices - half))]
+for t in threads: t.start()
+for t in threads: t.join()
+seconds = time.perf_counter() - started
+print(json.dumps({"devices": devices, "provisioned": done[0], "errors": len(errors), "error_samples": errors[:3],
+                  "seconds": seconds, "devices_per_second": done[0] / seconds}))
+PY
+alone=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["provisioned"])' "$work/serve-alone.json")
+provisioned_total=$((provisioned_total + alone))
+
 things=$(fc --output json things list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 curl -fsS "http://127.0.0.1:$port_admin/metrics" >"$work/metrics.txt" || echo >"$work/metrics.txt"
 
@@ -179,6 +233,11 @@ for api, label in (("csr", "CreateCertificateFromCsr"), ("keys", "CreateKeysAndC
             print(f"|  | errors | {j['errors']} {j['rejected_codes']} {j['error_samples'][:2]} |||||||")
     summary[api] = {"devices_per_second": rates, "min": min(rates), "max": max(rates)}
     print(f"| {label} | spread | {min(rates):.0f}–{max(rates):.0f} |||||||| |")
+alone = json.load(open(os.path.join(work, "serve-alone.json")))
+print(f"\nserve alone (no broker, no TLS: `POST /broker/v1/provision` as the plugin sends it, batches of 64 "
+      f"creates then 64 RegisterThings on 2 connections, CreateKeysAndCertificate): "
+      f"{alone['devices_per_second']:.0f} devices/s, {alone['provisioned']}/{alone['devices']} provisioned, {alone['errors']} errors.")
+summary["serve_alone"] = alone["devices_per_second"]
 metrics = open(os.path.join(work, "metrics.txt")).read()
 lines = [l for l in metrics.splitlines() if "provision" in l and not l.startswith("#")]
 print(f"\nRegistry after the runs: {things} things; the generator counted {provisioned} devices provisioned.")
