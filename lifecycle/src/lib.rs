@@ -6,6 +6,7 @@
 //! CLI, the JITP server) stay thin and call in here; device authentication is
 //! `fleetcert-device-auth`.
 
+pub mod audit;
 pub mod broker;
 pub mod claims;
 mod datadir;

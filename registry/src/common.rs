@@ -128,6 +128,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "claims",
         sql: include_str!("../../migrations/sqlite/0007_claims.sql"),
     },
+    EmbeddedMigration {
+        version: 8,
+        description: "audit",
+        sql: include_str!("../../migrations/sqlite/0008_audit.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -166,6 +171,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 7,
         description: "claims",
         sql: include_str!("../../migrations/postgres/0007_claims.sql"),
+    },
+    EmbeddedMigration {
+        version: 8,
+        description: "audit",
+        sql: include_str!("../../migrations/postgres/0008_audit.sql"),
     },
 ];
 

@@ -26,6 +26,7 @@
 //! the `testing` module, compiled only with the `testing` cargo feature, which no
 //! release build enables.
 
+mod audits;
 mod claims;
 mod common;
 mod connections;
@@ -1450,6 +1451,128 @@ pub trait Queries: Send + Sync {
     ) -> Result<Vec<PolicyRecord>, RegistryError>;
 }
 
+/// A Device Defender audit task: when it ran and its summary, in the shape of AWS's audit
+/// notification (`taskId`, `taskStatus`, `auditDetails[]`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditTaskRecord {
+    /// Random, 32 lowercase hex digits.
+    pub task_id: String,
+    /// `ON_DEMAND_AUDIT_TASK` or `SCHEDULED_AUDIT_TASK`.
+    pub task_type: String,
+    /// `COMPLETED` or `FAILED`.
+    pub task_status: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// Unix seconds.
+    pub finished_at: i64,
+    /// The notification document.
+    pub summary: serde_json::Value,
+}
+
+/// One non-compliant resource found by one check of an audit task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditFindingRecord {
+    /// Random, 32 lowercase hex digits.
+    pub finding_id: String,
+    /// The task that found it.
+    pub task_id: String,
+    /// The check (`DEVICE_CERT_APPROACHING_EXPIRATION_CHECK`, ...).
+    pub check_name: String,
+    /// `CRITICAL`, `HIGH`, `MEDIUM` or `LOW`.
+    pub severity: String,
+    /// AWS's reason code (`CERTIFICATE_PAST_EXPIRATION`, ...).
+    pub reason_code: String,
+    /// Why, in words.
+    pub reason_description: String,
+    /// `DEVICE_CERTIFICATE`, `CA_CERTIFICATE`, `IOT_POLICY`, `CLIENT_ID`, ...
+    pub resource_type: String,
+    /// The resource: a certificate's serial, a policy's name, a client id.
+    pub resource_id: String,
+    /// What the check saw (client ids and times, days left, ...).
+    pub detail: serde_json::Value,
+    /// A suppression covered it when the task ran: not counted as non-compliant.
+    pub suppressed: bool,
+    /// Unix seconds.
+    pub found_at: i64,
+}
+
+/// Which findings [`Audits::audit_findings`] lists (all conditions must hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFindingFilter {
+    /// Of this task only.
+    pub task_id: Option<String>,
+    /// Of this check only.
+    pub check_name: Option<String>,
+    /// For this resource only.
+    pub resource_id: Option<String>,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// Keeps a check's findings for one resource out of the non-compliant counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSuppression {
+    /// The check.
+    pub check_name: String,
+    /// The resource (as in [`AuditFindingRecord::resource_id`]).
+    pub resource_id: String,
+    /// Until when (Unix seconds); `None`: until deleted.
+    pub expires_at: Option<i64>,
+    /// Why.
+    pub description: String,
+    /// When it was set (Unix seconds).
+    pub created_at: i64,
+}
+
+/// The Device Defender audit: tasks and findings, suppressions, and the MQTT sessions the
+/// connection-based checks read.
+#[async_trait]
+pub trait Audits: Send + Sync {
+    /// Records a task and its findings in one transaction (event `audit.completed`).
+    async fn record_audit(
+        &self,
+        task: &AuditTaskRecord,
+        findings: &[AuditFindingRecord],
+    ) -> Result<(), RegistryError>;
+
+    /// The newest `limit` tasks, newest first.
+    async fn audit_tasks(&self, limit: u32) -> Result<Vec<AuditTaskRecord>, RegistryError>;
+
+    /// Findings matching `filter`, newest first.
+    async fn audit_findings(
+        &self,
+        filter: &AuditFindingFilter,
+    ) -> Result<Vec<AuditFindingRecord>, RegistryError>;
+
+    /// Creates or replaces the suppression of (check, resource) (event
+    /// `audit.suppression_set`).
+    async fn put_audit_suppression(
+        &self,
+        suppression: &AuditSuppression,
+    ) -> Result<(), RegistryError>;
+
+    /// Deletes a suppression; `false` if there was none (event
+    /// `audit.suppression_deleted`).
+    async fn delete_audit_suppression(
+        &self,
+        check_name: &str,
+        resource_id: &str,
+        at: i64,
+    ) -> Result<bool, RegistryError>;
+
+    /// Every suppression, expired ones included (the caller compares with its clock).
+    async fn audit_suppressions(&self) -> Result<Vec<AuditSuppression>, RegistryError>;
+
+    /// The MQTT sessions (connection records with a client id) that began in
+    /// `[since, until)`, oldest first. Records are kept per certificate up to
+    /// [`MAX_CONNECTIONS_PER_CERTIFICATE`].
+    async fn mqtt_sessions(
+        &self,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<ConnectionRecord>, RegistryError>;
+}
+
 /// Provisioning by claim: claim certificates and the certificates the Fleet Provisioning
 /// API issues until RegisterThing (the broker integration, `claims` commands).
 #[async_trait]
@@ -1538,7 +1661,15 @@ pub trait Claims: Send + Sync {
 /// imports them all with `use fleetcert_registry::roles::*`.
 #[async_trait]
 pub trait Registry:
-    Issuance + Registrations + Rotations + Revocations + MirrorOutbox + Queries + Claims + fmt::Debug
+    Issuance
+    + Registrations
+    + Rotations
+    + Revocations
+    + MirrorOutbox
+    + Queries
+    + Claims
+    + Audits
+    + fmt::Debug
 {
     /// Which backend this is: `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
@@ -1558,7 +1689,8 @@ pub trait Registry:
 /// Every role trait, for `use fleetcert_registry::roles::*`.
 pub mod roles {
     pub use crate::{
-        Claims, Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations, Rotations,
+        Audits, Claims, Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations,
+        Rotations,
     };
 }
 

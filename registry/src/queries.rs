@@ -185,7 +185,7 @@ where
     for<'q> Vec<u8>: Decode<'q, R::Db> + Type<R::Db>,
 {
     /// Runs `query` and decodes every row with `decode`.
-    async fn rows<T>(
+    pub(crate) async fn rows<T>(
         &self,
         context: &'static str,
         query: sqlx::query::Query<'_, R::Db, <R::Db as Database>::Arguments>,

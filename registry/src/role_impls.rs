@@ -324,6 +324,64 @@ macro_rules! impl_roles {
         }
 
         #[async_trait::async_trait]
+        impl crate::Audits for $backend {
+            async fn record_audit(
+                &self,
+                task: &AuditTaskRecord,
+                findings: &[AuditFindingRecord],
+            ) -> Result<(), RegistryError> {
+                crate::dialect::Flows(self)
+                    .record_audit(task, findings)
+                    .await
+            }
+
+            async fn audit_tasks(&self, limit: u32) -> Result<Vec<AuditTaskRecord>, RegistryError> {
+                crate::dialect::Flows(self).audit_tasks(limit).await
+            }
+
+            async fn audit_findings(
+                &self,
+                filter: &AuditFindingFilter,
+            ) -> Result<Vec<AuditFindingRecord>, RegistryError> {
+                crate::dialect::Flows(self).audit_findings(filter).await
+            }
+
+            async fn put_audit_suppression(
+                &self,
+                suppression: &AuditSuppression,
+            ) -> Result<(), RegistryError> {
+                crate::dialect::Flows(self)
+                    .put_audit_suppression(suppression)
+                    .await
+            }
+
+            async fn delete_audit_suppression(
+                &self,
+                check_name: &str,
+                resource_id: &str,
+                at: i64,
+            ) -> Result<bool, RegistryError> {
+                crate::dialect::Flows(self)
+                    .delete_audit_suppression(check_name, resource_id, at)
+                    .await
+            }
+
+            async fn audit_suppressions(&self) -> Result<Vec<AuditSuppression>, RegistryError> {
+                crate::dialect::Flows(self).audit_suppressions().await
+            }
+
+            async fn mqtt_sessions(
+                &self,
+                since: i64,
+                until: i64,
+            ) -> Result<Vec<ConnectionRecord>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .mqtt_sessions(since, until)
+                    .await
+            }
+        }
+
+        #[async_trait::async_trait]
         impl crate::Claims for $backend {
             async fn create_claim(&self, claim: &NewClaim) -> Result<(), RegistryError> {
                 crate::dialect::Flows(self).create_claim(claim).await

@@ -4,14 +4,15 @@
 //! a fresh database of its own).
 
 use fleetcert_registry::{
-    CRLS_KEPT, CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, ConnectionTransport,
-    EventFilter, EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE,
-    MirrorBacklog, MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings,
-    NewCertificate, NewClaim, NewMirrorOp, NewProvisional, PolicyWrite, PreparedReplacement,
-    ProvisionalOutcome, ProvisionalRegistration, Registration, RegistrationOutcome, Registry,
-    RegistryError, ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry,
-    RotationBacklog, RotationFilter, RotationRecord, RotationState, StoredCrl, TakenReplacement,
-    ThingDetails, ThingFilter, ThingRecord, open, testing,
+    AuditFindingFilter, AuditFindingRecord, AuditSuppression, AuditTaskRecord, CRLS_KEPT,
+    CertOrigin, CertStatus, CertificateFilter, ConnectionRecord, ConnectionTransport, EventFilter,
+    EventRecord, IssueOutcome, IssueRecord, MAX_CONNECTIONS_PER_CERTIFICATE, MirrorBacklog,
+    MirrorOp, MirrorOpKind, MirrorOutcome, MirrorResult, MirrorSettings, NewCertificate, NewClaim,
+    NewMirrorOp, NewProvisional, PolicyWrite, PreparedReplacement, ProvisionalOutcome,
+    ProvisionalRegistration, Registration, RegistrationOutcome, Registry, RegistryError,
+    ReplaceOutcome, Replacement, Revocation, RevocationTarget, RevokedEntry, RotationBacklog,
+    RotationFilter, RotationRecord, RotationState, StoredCrl, TakenReplacement, ThingDetails,
+    ThingFilter, ThingRecord, open, testing,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -3697,6 +3698,169 @@ async fn claims_group_commits(url: &str) {
     );
 }
 
+/// The audit's storage: a task with its findings in one transaction, findings filtered
+/// by task, check and resource, suppressions set, replaced and deleted, and the MQTT
+/// sessions of a time window.
+async fn audit_tasks_findings_and_suppressions(url: &str) {
+    let reg = open(url).await.unwrap();
+    let finding = |id: &str, task: &str, check: &str, resource: &str, at: i64| AuditFindingRecord {
+        finding_id: id.into(),
+        task_id: task.into(),
+        check_name: check.into(),
+        severity: "MEDIUM".into(),
+        reason_code: "CERTIFICATE_PAST_EXPIRATION".into(),
+        reason_description: "expired".into(),
+        resource_type: "DEVICE_CERTIFICATE".into(),
+        resource_id: resource.into(),
+        detail: json!({ "daysLeft": -1 }),
+        suppressed: resource == "s2",
+        found_at: at,
+    };
+    let task = |id: &str, at: i64| AuditTaskRecord {
+        task_id: id.into(),
+        task_type: "ON_DEMAND_AUDIT_TASK".into(),
+        task_status: "COMPLETED".into(),
+        started_at: at,
+        finished_at: at,
+        summary: json!({ "taskId": id, "nonCompliantChecksCount": 1 }),
+    };
+    reg.record_audit(
+        &task("t1", AT),
+        &[
+            finding("f1", "t1", "A_CHECK", "s1", AT),
+            finding("f2", "t1", "B_CHECK", "s2", AT),
+        ],
+    )
+    .await
+    .unwrap();
+    reg.record_audit(
+        &task("t2", AT + 60),
+        &[finding("f3", "t2", "A_CHECK", "s1", AT + 60)],
+    )
+    .await
+    .unwrap();
+    // A task id used twice: nothing of the second is recorded.
+    assert!(
+        reg.record_audit(
+            &task("t2", AT + 90),
+            &[finding("f4", "t2", "A_CHECK", "s9", AT + 90)]
+        )
+        .await
+        .is_err()
+    );
+    let tasks = reg.audit_tasks(10).await.unwrap();
+    assert_eq!(
+        tasks.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
+        ["t2", "t1"]
+    );
+    assert_eq!(tasks[1].summary["nonCompliantChecksCount"], 1);
+    assert_eq!(reg.audit_tasks(1).await.unwrap().len(), 1);
+    let filter =
+        |task: Option<&str>, check: Option<&str>, resource: Option<&str>| AuditFindingFilter {
+            task_id: task.map(str::to_owned),
+            check_name: check.map(str::to_owned),
+            resource_id: resource.map(str::to_owned),
+            limit: 100,
+        };
+    let ids = |found: Vec<AuditFindingRecord>| {
+        found.into_iter().map(|f| f.finding_id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(reg.audit_findings(&filter(None, None, None)).await.unwrap()),
+        ["f3", "f1", "f2"]
+    );
+    assert_eq!(
+        ids(reg
+            .audit_findings(&filter(Some("t1"), None, None))
+            .await
+            .unwrap()),
+        ["f1", "f2"]
+    );
+    assert_eq!(
+        ids(reg
+            .audit_findings(&filter(None, Some("A_CHECK"), None))
+            .await
+            .unwrap()),
+        ["f3", "f1"]
+    );
+    assert_eq!(
+        ids(reg
+            .audit_findings(&filter(Some("t1"), None, Some("s2")))
+            .await
+            .unwrap()),
+        ["f2"]
+    );
+    assert!(
+        reg.audit_findings(&filter(None, None, Some("s9")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let f2 = reg
+        .audit_findings(&filter(None, None, Some("s2")))
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(f2.suppressed);
+    assert_eq!(f2.detail["daysLeft"], -1);
+
+    let suppression = AuditSuppression {
+        check_name: "A_CHECK".into(),
+        resource_id: "s1".into(),
+        expires_at: Some(AT + DAY),
+        description: "known".into(),
+        created_at: AT,
+    };
+    reg.put_audit_suppression(&suppression).await.unwrap();
+    reg.put_audit_suppression(&AuditSuppression {
+        expires_at: None,
+        ..suppression.clone()
+    })
+    .await
+    .unwrap();
+    let listed = reg.audit_suppressions().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].expires_at, None);
+    assert!(
+        reg.delete_audit_suppression("A_CHECK", "s1", AT + 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !reg.delete_audit_suppression("A_CHECK", "s1", AT + 2)
+            .await
+            .unwrap()
+    );
+    assert!(reg.audit_suppressions().await.unwrap().is_empty());
+
+    // MQTT sessions of a window; HTTPS connections are not sessions.
+    let mqtt = |client: &str, at: i64| ConnectionRecord {
+        fingerprint_sha256: "ab".repeat(32),
+        thing_name: "sensor-1".into(),
+        client_addr: "127.0.0.1".into(),
+        at,
+        transport: ConnectionTransport::Mqtt,
+        client_id: Some(client.into()),
+        disconnected_at: Some(at + 5),
+        disconnect_reason: Some("duplicate_client_id".into()),
+    };
+    reg.record_connections(&[
+        mqtt("early", AT - 10),
+        mqtt("inside", AT + 10),
+        ConnectionRecord::https(&"ab".repeat(32), "sensor-1", "127.0.0.1:4000", AT + 11),
+        mqtt("late", AT + 100),
+    ])
+    .await
+    .unwrap();
+    let sessions = reg.mqtt_sessions(AT, AT + 100).await.unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0].client_id.as_deref(), Some("inside"));
+    assert_eq!(
+        sessions[0].disconnect_reason.as_deref(),
+        Some("duplicate_client_id")
+    );
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -3755,6 +3919,7 @@ stories!(
     rotation_backlog_and_write_probe,
     claims_register_once_and_revoke,
     claims_group_commits,
+    audit_tasks_findings_and_suppressions,
 );
 
 // ---------------------------------------------------------------------------------------
