@@ -93,6 +93,98 @@ pub enum Command {
     /// fleetcert plugin) for each device's own certificate and registration.
     #[command(subcommand)]
     Claims(ClaimsCommand),
+    /// Device Defender audit of the fleet, offline: AWS IoT Device Defender's audit checks
+    /// (expiring and aged certificates, weak keys, overly permissive policies, shared
+    /// certificates and conflicting client ids on MQTT, revoked certificates still in use,
+    /// revoked CAs) over the registry and the CA files, with tasks, findings and
+    /// suppressions stored in the registry.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Run an audit task now and print its summary, in the shape of AWS's audit
+    /// notification (taskId, taskStatus, auditDetails[] with checkName, checkRunStatus,
+    /// nonCompliantResourcesCount, totalResourcesCount). Exit 1 when any check is
+    /// non-compliant, 0 when every check complies (so CI can gate on it).
+    Run(AuditRunArgs),
+    /// List findings, newest first: check, severity, reason code and text, resource.
+    Findings(AuditFindingsArgs),
+    /// List audit tasks, newest first.
+    Tasks {
+        /// At most this many.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+    },
+    /// Keep a check's findings for one resource out of the non-compliant counts (they
+    /// are still recorded, marked suppressed) until the suppression expires. Setting it
+    /// again replaces it.
+    Suppress(AuditSuppressArgs),
+    /// Delete a suppression.
+    Unsuppress {
+        /// The check (its name, or AWS's API name).
+        #[arg(long)]
+        check: String,
+        /// The resource (a certificate serial, policy name, client id, CA serial).
+        #[arg(long)]
+        resource: String,
+    },
+    /// List the suppressions, expired ones marked.
+    Suppressions,
+    /// List the checks: name, AWS's API name, severity, what a finding means.
+    Checks,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditRunArgs {
+    /// Only these checks (comma-separated; the seed's names or AWS's API names). Default:
+    /// every check.
+    #[arg(long, value_delimiter = ',')]
+    pub checks: Vec<String>,
+    /// A certificate expiring within this many days is approaching expiration.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub expiring_within_days: u32,
+    /// A device certificate at least this many days old is past the age threshold
+    /// (DEVICE_CERT_AGE_CHECK; AWS allows 30 to 3652).
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(30..=3652))]
+    pub cert_age_days: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditFindingsArgs {
+    /// Only this task's findings (default: every task's).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Only this check's.
+    #[arg(long)]
+    pub check: Option<String>,
+    /// Only this resource's.
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditSuppressArgs {
+    /// The check (its name, or AWS's API name).
+    #[arg(long)]
+    pub check: String,
+    /// The resource (a certificate serial, policy name, client id, CA serial), as the
+    /// findings name it.
+    #[arg(long)]
+    pub resource: String,
+    /// How long it lasts (`7d`, `12h`, ...). Without it (or --until), until deleted.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "until")]
+    pub expires_in: Option<std::time::Duration>,
+    /// When it ends (RFC 3339, e.g. 2027-01-31T00:00:00Z).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Why (kept with the suppression).
+    #[arg(long, default_value = "")]
+    pub description: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -432,6 +524,16 @@ pub struct ServeArgs {
     /// Do not run the AWS mirror worker in this process (e.g. when cron runs `aws sync`).
     #[arg(long)]
     pub no_mirror_worker: bool,
+    /// How often serve runs a scheduled Device Defender audit (every check; the MQTT
+    /// checks read sessions since the previous task): `fleetcert audit tasks` lists them,
+    /// /metrics has the non-compliant resources per check. The first runs at start if
+    /// the newest task is older than this. `0s` turns it off; else 1m to 31d.
+    #[arg(long, default_value = "1d", value_parser = audit_interval)]
+    pub audit_interval: std::time::Duration,
+    /// POST each scheduled audit's summary (the JSON `audit run --output json` prints)
+    /// to this http:// URL.
+    #[arg(long, value_name = "URL")]
+    pub audit_webhook: Option<String>,
     /// A device whose certificate expired at most this long ago (e.g. 30d) may still
     /// re-enroll with it (EST or replacement fetch, nothing else). Default: no window;
     /// at most 3650d.
@@ -584,6 +686,14 @@ const DAY: Duration = Duration::from_secs(86_400);
 
 fn handshake_timeout(text: &str) -> Result<Duration, String> {
     duration_within(text, SECOND, 10 * MINUTE)
+}
+
+fn audit_interval(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Ok(d);
+    }
+    duration_within(text, MINUTE, 31 * DAY)
 }
 
 fn rotation_interval(text: &str) -> Result<Duration, String> {

@@ -65,6 +65,7 @@ pub async fn run(cli: Cli) -> CmdResult {
             crate::mosquitto_cmd::config(&ctx, args).await
         }
         Command::Claims(cmd) => crate::claims_cmd::run(&ctx, cmd).await,
+        Command::Audit(cmd) => crate::audit_cmd::run(&ctx, cmd).await,
         Command::Demo(args) => crate::commands::demo(&ctx, args).await,
     }
 }

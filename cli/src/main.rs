@@ -2,6 +2,7 @@
 //! is in `fleetcert-lifecycle`.
 
 mod args;
+mod audit_cmd;
 mod aws_cmd;
 mod claims_cmd;
 mod commands;

@@ -22,6 +22,14 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
             fleetcert_jitp::BrokerApiError::NotLoopback(addr).to_string(),
         ));
     }
+    if let Some(url) = &args.audit_webhook {
+        fleetcert_lifecycle::audit::check_webhook_url(url)?;
+        if args.audit_interval.is_zero() {
+            return Err(bad_input(
+                "--audit-webhook needs scheduled audits (--audit-interval is 0s)",
+            ));
+        }
+    }
     // The broker API's secret must exist before anything starts.
     let broker_secret = match args.broker_api {
         Some(_) => Some(ctx.data().read_broker_secret()?),
@@ -111,6 +119,8 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         server = server.with_broker_api(api);
     }
     let broker_addr = server.broker_api_addr();
+    let metrics = server.metrics();
+    let (audit_registry, audit_clock) = (registry.clone(), clock.clone());
     let (device_addr, admin_addr) = server.local_addrs().map_err(|e| failed(e.to_string()))?;
     let out = ctx.out();
     if out.is_json() {
@@ -148,11 +158,24 @@ pub async fn run(ctx: &Ctx, args: ServeArgs) -> Result<ExitCode, CliError> {
         ));
         tokio::spawn(rotator.run(args.rotation_interval))
     });
+    let audits = (!args.audit_interval.is_zero()).then(|| {
+        tokio::spawn(scheduled_audits(ScheduledAudits {
+            data: ctx.data().clone(),
+            registry: audit_registry.clone(),
+            clock: audit_clock.clone(),
+            interval: args.audit_interval,
+            webhook: args.audit_webhook.clone(),
+            metrics: metrics.clone(),
+        }))
+    });
     let (stop_mirror, mirror_stopped) = tokio::sync::watch::channel(false);
     let mirror_task = mirror.map(|m| tokio::spawn(m.run(args.mirror_interval, mirror_stopped)));
     server.run(shutdown_signal()).await;
     if let Some(worker) = worker {
         worker.abort();
+    }
+    if let Some(audits) = audits {
+        audits.abort();
     }
     let _ = stop_mirror.send(true);
     if let Some(task) = mirror_task {
@@ -170,5 +193,68 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// What the scheduled audit loop needs.
+struct ScheduledAudits {
+    data: fleetcert_lifecycle::DataDir,
+    registry: Arc<dyn fleetcert_registry::Registry>,
+    clock: Arc<dyn fleetcert_lifecycle::renewal::Clock>,
+    interval: std::time::Duration,
+    webhook: Option<String>,
+    metrics: Arc<fleetcert_jitp::Metrics>,
+}
+
+/// Runs a SCHEDULED_AUDIT_TASK every `interval` (the first when the newest task is that
+/// old), sets the audit gauges and posts the summary to the webhook. Failures are logged
+/// and retried at the next interval.
+async fn scheduled_audits(s: ScheduledAudits) {
+    use fleetcert_lifecycle::audit;
+    let options = audit::AuditOptions {
+        checks: audit::CHECKS.iter().collect(),
+        task_type: audit::SCHEDULED,
+        settings: audit::AuditSettings::default(),
+    };
+    loop {
+        let now = s.clock.now();
+        let due = match audit::next_scheduled(s.registry.as_ref(), s.interval, now).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!("cannot read the last audit task: {e}");
+                now.saturating_add(60)
+            }
+        };
+        let wait = u64::try_from(due.saturating_sub(now)).unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        match audit::run(&s.data, s.registry.as_ref(), &options, s.clock.now()).await {
+            Ok(report) => {
+                let counts: Vec<(&str, u64)> = report
+                    .details
+                    .iter()
+                    .map(|d| (d.check_name, d.non_compliant_resources_count))
+                    .collect();
+                s.metrics.audit_report(&counts, report.task.started_at);
+                tracing::info!(
+                    task = %report.task.task_id,
+                    non_compliant_checks = %report.task.summary["nonCompliantChecksCount"],
+                    "scheduled audit finished"
+                );
+                if let Some(url) = s.webhook.clone() {
+                    let summary = report.task.summary.clone();
+                    let sent =
+                        tokio::task::spawn_blocking(move || audit::notify(&url, &summary)).await;
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("audit notification not delivered: {e}"),
+                        Err(e) => tracing::warn!("audit notification not delivered: {e}"),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("scheduled audit failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+        }
     }
 }

@@ -13,6 +13,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabel {
+    check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
 }
@@ -59,6 +64,8 @@ pub struct Metrics {
     mirror_operations: Family<ResultLabel, Counter>,
     mirror_backlog: Family<StateLabel, Gauge>,
     mirror_oldest_pending_seconds: Gauge,
+    audit_non_compliant: Family<CheckLabel, Gauge>,
+    audit_last_task_timestamp: Gauge,
     open_connections: Gauge,
     broker: BrokerMetrics,
     /// When a device request last got `registry_unavailable` with no registry write
@@ -168,6 +175,18 @@ impl Metrics {
             "Age of the oldest pending AWS IoT mirror operation (0 when none)",
             mirror_oldest_pending_seconds.clone(),
         );
+        let audit_non_compliant = Family::<CheckLabel, Gauge>::default();
+        registry.register(
+            "audit_non_compliant_resources",
+            "Device Defender audit: unsuppressed non-compliant resources per check, as of the last audit task serve ran",
+            audit_non_compliant.clone(),
+        );
+        let audit_last_task_timestamp = Gauge::default();
+        registry.register(
+            "audit_last_task_timestamp_seconds",
+            "Unix time of the last audit task serve ran (0: none yet)",
+            audit_last_task_timestamp.clone(),
+        );
         let broker = BrokerMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -182,9 +201,24 @@ impl Metrics {
             mirror_operations,
             mirror_backlog,
             mirror_oldest_pending_seconds,
+            audit_non_compliant,
+            audit_last_task_timestamp,
             open_connections,
             registry_failing_since: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Sets the audit gauges from a finished task: (check, unsuppressed non-compliant
+    /// resources) for every check it ran, and when it ran.
+    pub fn audit_report(&self, checks: &[(&str, u64)], at: i64) {
+        for (check, non_compliant) in checks {
+            self.audit_non_compliant
+                .get_or_create(&CheckLabel {
+                    check: (*check).to_owned(),
+                })
+                .set(i64::try_from(*non_compliant).unwrap_or(i64::MAX));
+        }
+        self.audit_last_task_timestamp.set(at);
     }
 
     fn registry_write_ok(&self) {

@@ -952,6 +952,62 @@ pub fn assess(
     })
 }
 
+/// How long a notification webhook may take to answer.
+pub const WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Checks a notification webhook URL (plain `http://`: the request carries no secret,
+/// only the summary; put a local relay in front of anything farther).
+pub fn check_webhook_url(url: &str) -> Result<(), LifecycleError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        LifecycleError::BadInput(format!(
+            "audit webhook {url:?}: only http:// URLs are supported"
+        ))
+    })?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(LifecycleError::BadInput(format!(
+            "audit webhook {url:?}: no host"
+        )));
+    }
+    Ok(())
+}
+
+/// POSTs a task's summary (the notification JSON) to `url`; a non-2xx answer is an error.
+/// Blocking: call it off the async runtime's threads.
+pub fn notify(url: &str, summary: &serde_json::Value) -> Result<(), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(WEBHOOK_TIMEOUT))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let body = serde_json::to_vec(summary).map_err(|e| e.to_string())?;
+    let response = agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .send(&body[..])
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("{url} answered HTTP {status}"))
+    }
+}
+
+/// When the next scheduled task is due: `interval` after the newest task of either kind,
+/// or `now` if there is none (or it is overdue).
+pub async fn next_scheduled(
+    registry: &dyn Registry,
+    interval: std::time::Duration,
+    now: i64,
+) -> Result<i64, LifecycleError> {
+    let interval = i64::try_from(interval.as_secs()).unwrap_or(i64::MAX);
+    Ok(match registry.audit_tasks(1).await?.first() {
+        Some(last) => last.started_at.saturating_add(interval).max(now),
+        None => now,
+    })
+}
+
 /// Runs an audit task at `now` and records it with its findings.
 pub async fn run(
     data_dir: &DataDir,
