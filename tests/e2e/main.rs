@@ -7,6 +7,7 @@
 //! services, and they fail loudly if a service they need is not configured.
 mod util;
 
+mod audit;
 mod aws;
 mod bad_input;
 mod batch;
