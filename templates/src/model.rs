@@ -22,6 +22,10 @@ pub struct Template {
     pub resources: Vec<Resource>,
     /// Fleet provisioning's `DeviceConfiguration` (key -> value, intrinsics allowed).
     pub device_configuration: BTreeMap<String, Expr>,
+    /// Admitted although its policies fail the least-privilege lint (an operator's
+    /// `--allow-overly-permissive`): rendering does not refuse its policies either.
+    /// `false` from [`Template::parse`].
+    pub allow_overly_permissive: bool,
 }
 
 /// Map name -> top-level key -> second-level key -> value.
@@ -943,6 +947,7 @@ impl Template {
             mappings,
             resources,
             device_configuration,
+            allow_overly_permissive: false,
         };
         // The lint view of each policy: evaluated with parameters as placeholders.
         let views = template

@@ -421,7 +421,7 @@ pub fn render(
             document,
         });
     }
-    if !findings.is_empty() {
+    if !findings.is_empty() && !template.allow_overly_permissive {
         return Err(TemplateError::OverlyPermissive {
             name: template.name.clone(),
             findings,

@@ -334,6 +334,21 @@ fn overly_permissive_templates_are_refused_when_loaded() {
     let findings = lint_template(&t);
     assert_eq!(findings.len(), 1);
     assert_eq!(findings[0].resource, "policy");
+    // Rendering it refuses the rendered policy too, unless the operator admitted it
+    // (`--allow-overly-permissive`): then a device with it can register.
+    let params: std::collections::BTreeMap<String, String> = [(
+        "AWS::IoT::Certificate::CommonName".to_owned(),
+        "d1".to_owned(),
+    )]
+    .into();
+    assert!(matches!(
+        fleetcert_templates::render(&t, &params),
+        Err(TemplateError::OverlyPermissive { .. })
+    ));
+    let mut admitted = t.clone();
+    admitted.allow_overly_permissive = true;
+    let rendered = fleetcert_templates::render(&admitted, &params).unwrap();
+    assert_eq!(rendered.thing.name, "d1");
     // Loading (and so check_syntax, which callers run on load) refuses it.
     let err = check_syntax("wide", text).unwrap_err();
     assert!(matches!(err, TemplateError::OverlyPermissive { .. }));

@@ -6,6 +6,8 @@
 //! `#[ignore]`d: they need mosquitto and paho-mqtt, which `scripts/with-mosquitto.sh`
 //! (through the README's test command) installs and names in `FLEETCERT_TEST_MOSQUITTO`,
 //! `FLEETCERT_TEST_MOSQUITTO_PUB` and `FLEETCERT_TEST_MQTT_PYTHON`.
+#[path = "mqtt_audit.rs"]
+mod audit;
 #[path = "mqtt_fleet_provisioning.rs"]
 mod fleet_provisioning;
 #[path = "mqtt_sessions.rs"]
@@ -288,6 +290,8 @@ struct FleetOptions {
     plugin_timeout_ms: Option<u32>,
     /// The plugin reaches serve through a [`Gate`] the test can make hang.
     gate: bool,
+    /// serve registers devices whose templates fail the least-privilege lint.
+    allow_overly_permissive: bool,
 }
 
 impl Fleet {
@@ -326,7 +330,11 @@ impl Fleet {
         // read the test's private files.
         text.push_str("\nuser root\n");
         std::fs::write(&conf, text).unwrap();
-        let api = ["--broker-api", &format!("127.0.0.1:{api_port}")];
+        let api_addr = format!("127.0.0.1:{api_port}");
+        let mut api = vec!["--broker-api", api_addr.as_str()];
+        if options.allow_overly_permissive {
+            api.push("--allow-overly-permissive");
+        }
         let served = match options.serve_time_offset {
             Some(offset) => Served::start_at(env, offset, &api),
             None => Served::start(env, &api),
