@@ -54,7 +54,7 @@ pub enum Command {
     /// Run the JITP server: mutual-TLS device listener and plain-HTTP admin listener;
     /// with --broker-api, also the broker API the mosquitto plugin asks about every
     /// CONNECT (set up with `fleetcert mosquitto config`).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Provisioning templates: lint files, list the data directory's templates.
     #[command(subcommand)]
     Templates(TemplatesCommand),

@@ -48,7 +48,7 @@ pub async fn run(cli: Cli) -> CmdResult {
         Command::Policies(PoliciesCommand::Show { name, thing }) => {
             policies_show(&ctx, &name, thing.as_deref()).await
         }
-        Command::Serve(args) => crate::serve::run(&ctx, args).await,
+        Command::Serve(args) => crate::serve::run(&ctx, *args).await,
         Command::Things(ThingsCommand::List { limit }) => things_list(&ctx, limit).await,
         Command::Things(ThingsCommand::Show { name }) => things_show(&ctx, &name).await,
         Command::Certs(CertsCommand::List {

@@ -126,12 +126,7 @@ fn shared_certificates_conflicting_client_ids_and_revoked_certificates_in_use_ar
     let out = env
         .cmd()
         .env("FLEETCERT_TIME_OFFSET", "-3600")
-        .args([
-            "revoke",
-            &stolen_serial,
-            "--reason",
-            "keyCompromise",
-        ])
+        .args(["revoke", &stolen_serial, "--reason", "keyCompromise"])
         .output()
         .unwrap();
     assert!(
