@@ -134,6 +134,39 @@ pub enum AuditCommand {
     Suppressions,
     /// List the checks: name, AWS's API name, severity, what a finding means.
     Checks,
+    /// Apply a mitigation action to a task's findings (unsuppressed ones only):
+    /// `revoke` is AWS's UPDATE_DEVICE_CERTIFICATE — the device certificate of each
+    /// finding is revoked (an event each; the CRL follows, and live MQTT sessions are
+    /// dropped by a running serve). --dry-run lists what it would do and changes nothing.
+    Mitigate(AuditMitigateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MitigationAction {
+    /// Revoke the findings' device certificates (UPDATE_DEVICE_CERTIFICATE).
+    Revoke,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditMitigateArgs {
+    /// The task whose findings are acted on (`fleetcert audit tasks`).
+    #[arg(long)]
+    pub task: String,
+    /// What to do.
+    #[arg(long, value_enum)]
+    pub action: MitigationAction,
+    /// Only this check's findings (its name, or AWS's API name).
+    #[arg(long)]
+    pub check: Option<String>,
+    /// Only this resource's findings.
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// The revocation reason (RFC 5280 name).
+    #[arg(long, default_value = "keyCompromise")]
+    pub reason: String,
+    /// Say what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -298,6 +298,60 @@ pub async fn run(ctx: &Ctx, cmd: AuditCommand) -> CmdResult {
             }
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Mitigate(args) => {
+            let check = args.check.as_deref().map(check_name).transpose()?;
+            let reason: fleetcert_ca::RevocationReason = args
+                .reason
+                .parse()
+                .map_err(|e: fleetcert_ca::CaError| bad_input(e.to_string()))?;
+            let crate::args::MitigationAction::Revoke = args.action;
+            let clock = clock_from_env()?;
+            let registry = ctx.registry(false).await?;
+            let actions = audit::revoke_finding_certificates(
+                registry.as_ref(),
+                &audit::MitigationTarget {
+                    task_id: args.task,
+                    check_name: check.map(str::to_owned),
+                    resource_id: args.resource,
+                },
+                reason,
+                args.dry_run,
+                clock.now(),
+            )
+            .await?;
+            let applied = actions.iter().filter(|a| a.status == "applied").count();
+            // Revocations are committed; the CRL follows (a running serve publishes it
+            // within seconds anyway).
+            if applied > 0
+                && let Ok(ca) = ctx
+                    .data()
+                    .load_issuing_ca(crate::context::passphrase().as_deref())
+            {
+                let _ = fleetcert_lifecycle::revocation::CrlPublisher::new(
+                    registry.clone(),
+                    std::sync::Arc::new(ca),
+                    clock.clone(),
+                )
+                .refresh()
+                .await;
+            }
+            if out.is_json() {
+                out.json(
+                    &json!({ "dryRun": args.dry_run, "applied": applied, "actions": actions }),
+                );
+            } else {
+                if actions.is_empty() {
+                    out.note("no findings to act on");
+                }
+                for a in &actions {
+                    out.line(format!(
+                        "{}\t{}\t{}\t{}",
+                        a.status, a.check_name, a.resource_identifier, a.message
+                    ));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Checks => {
             if out.is_json() {
                 out.json(

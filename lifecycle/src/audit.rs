@@ -1008,6 +1008,119 @@ pub async fn next_scheduled(
     })
 }
 
+/// One mitigation action on one finding's resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mitigation {
+    /// The finding acted on.
+    pub finding_id: String,
+    /// Its check.
+    pub check_name: String,
+    /// The resource (a device certificate's serial).
+    pub resource_identifier: String,
+    /// AWS's action type (`UPDATE_DEVICE_CERTIFICATE`).
+    pub action_type: &'static str,
+    /// `applied`, `would_apply` (dry run), `already_done` or `skipped`.
+    pub status: &'static str,
+    /// What happened, in words.
+    pub message: String,
+}
+
+/// Which findings a mitigation acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MitigationTarget {
+    /// The task whose findings are acted on.
+    pub task_id: String,
+    /// Only this check's findings.
+    pub check_name: Option<String>,
+    /// Only this resource's.
+    pub resource_id: Option<String>,
+}
+
+/// Most findings one mitigation call acts on.
+pub const MAX_MITIGATED_FINDINGS: u32 = 100_000;
+
+/// AWS's UPDATE_DEVICE_CERTIFICATE, as fleetcert does it: revokes the device certificate
+/// of each unsuppressed `DEVICE_CERTIFICATE` finding of the target (once per certificate;
+/// each revocation is a `certificate.revoked` event, and the CRL follows). With `dry_run`,
+/// says what it would revoke and changes nothing. An unknown task is an error.
+pub async fn revoke_finding_certificates(
+    registry: &dyn Registry,
+    target: &MitigationTarget,
+    reason: fleetcert_ca::RevocationReason,
+    dry_run: bool,
+    now: i64,
+) -> Result<Vec<Mitigation>, LifecycleError> {
+    let found = registry
+        .audit_findings(&fleetcert_registry::AuditFindingFilter {
+            task_id: Some(target.task_id.clone()),
+            check_name: target.check_name.clone(),
+            resource_id: target.resource_id.clone(),
+            limit: MAX_MITIGATED_FINDINGS,
+        })
+        .await?;
+    if found.is_empty()
+        && !registry
+            .audit_tasks(u32::MAX)
+            .await?
+            .iter()
+            .any(|t| t.task_id == target.task_id)
+    {
+        return Err(LifecycleError::BadInput(format!(
+            "no audit task {:?} (`fleetcert audit tasks` lists them)",
+            target.task_id
+        )));
+    }
+    let mut done = BTreeSet::new();
+    let mut actions = Vec::new();
+    for f in found {
+        let mut action = Mitigation {
+            finding_id: f.finding_id.clone(),
+            check_name: f.check_name.clone(),
+            resource_identifier: f.resource_id.clone(),
+            action_type: "UPDATE_DEVICE_CERTIFICATE",
+            status: "skipped",
+            message: String::new(),
+        };
+        if f.resource_type != "DEVICE_CERTIFICATE" {
+            action.message = format!("a {} is not a device certificate", f.resource_type);
+        } else if f.suppressed {
+            action.message = "the finding is suppressed".into();
+        } else if !done.insert(f.resource_id.clone()) {
+            action.status = "already_done";
+            action.message = "handled for another finding of this call".into();
+        } else if dry_run {
+            action.status = "would_apply";
+            action.message = format!(
+                "would revoke certificate {} ({})",
+                f.resource_id,
+                reason.as_str()
+            );
+        } else {
+            let revoked = crate::revocation::revoke(
+                registry,
+                fleetcert_registry::RevocationTarget::Serial(f.resource_id.clone()),
+                reason,
+                now,
+            )
+            .await?;
+            if revoked.is_empty() {
+                action.status = "already_done";
+                action.message = format!("certificate {} was revoked already", f.resource_id);
+            } else {
+                action.status = "applied";
+                action.message = format!(
+                    "revoked certificate {} ({})",
+                    f.resource_id,
+                    reason.as_str()
+                );
+            }
+        }
+        actions.push(action);
+    }
+    Ok(actions)
+}
+
 /// Runs an audit task at `now` and records it with its findings.
 pub async fn run(
     data_dir: &DataDir,

@@ -191,6 +191,50 @@ fn shared_certificates_conflicting_client_ids_and_revoked_certificates_in_use_ar
     );
     assert!(info["connections"][0]["connectedAt"].is_string(), "{info}");
     assert_eq!(shared[0]["severity"], "CRITICAL");
+    // Mitigation: revoke the shared certificate. A dry run changes nothing; the real
+    // run revokes exactly that certificate.
+    let status_of = |thing: &str| -> String {
+        env.certs()
+            .iter()
+            .find(|c| c["thing_name"] == thing)
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let mitigate = |dry: bool| {
+        let mut args = vec![
+            "audit",
+            "mitigate",
+            "--task",
+            task,
+            "--action",
+            "revoke",
+            "--check",
+            "DEVICE_CERTIFICATE_SHARED_CHECK",
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        env.json(&args)
+    };
+    let dry = mitigate(true);
+    assert_eq!(dry["actions"][0]["status"], "would_apply", "{dry}");
+    assert_eq!(dry["actions"].as_array().unwrap().len(), 1, "{dry}");
+    assert_eq!(status_of("cloned"), "active");
+    let applied = mitigate(false);
+    assert_eq!(applied["applied"], 1, "{applied}");
+    assert_eq!(
+        applied["actions"][0]["actionType"],
+        "UPDATE_DEVICE_CERTIFICATE"
+    );
+    assert_eq!(status_of("cloned"), "revoked");
+    for thing in ["twin", "honest"] {
+        assert_eq!(status_of(thing), "active", "{thing} was touched");
+    }
+    let again = mitigate(false);
+    assert_eq!(again["actions"][0]["status"], "already_done", "{again}");
+
     // The honest device is a resource of every device check and never a finding.
     assert_eq!(
         detail(&summary, "DEVICE_CERTIFICATE_SHARED_CHECK")["totalResourcesCount"],
