@@ -162,6 +162,18 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
         mqtt_tools,
     )
     .await?;
+    // 7. The Device Defender audit of the demo fleet, as `fleetcert audit run` does it.
+    let audit = fleetcert_lifecycle::audit::run(
+        &data,
+        registry.as_ref(),
+        &fleetcert_lifecycle::audit::AuditOptions {
+            checks: fleetcert_lifecycle::audit::CHECKS.iter().collect(),
+            task_type: fleetcert_lifecycle::audit::ON_DEMAND,
+            settings: fleetcert_lifecycle::audit::AuditSettings::default(),
+        },
+        fleetcert_lifecycle::renewal::clock_from_env()?.now(),
+    )
+    .await?;
     let counts = registry.counts().await?;
 
     let rotation = &jitp_figures.rotation;
@@ -191,6 +203,7 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             "rerun": second,
             "jitp": jitp_figures,
             "mqtt": mqtt,
+            "audit": audit.task.summary,
             "registry": counts,
         }));
     } else {
@@ -232,6 +245,28 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
             rotation.crl_number, rotation.crl_entries, rotation.crl_bytes
         ));
         mqtt_lines(&out, &mqtt);
+        let flagged: Vec<String> = audit
+            .details
+            .iter()
+            .filter(|d| d.non_compliant_resources_count > 0)
+            .map(|d| format!("{} ({})", d.check_name, d.non_compliant_resources_count))
+            .collect();
+        out.line(format!(
+            "  audit         {} of {} Device Defender checks non-compliant{}{} (`fleetcert audit findings --task {}`)",
+            flagged.len(),
+            audit.details.len(),
+            if flagged.is_empty() { "" } else { ": " },
+            flagged.join(", "),
+            audit.task.task_id
+        ));
+        if audit.details.iter().any(|d| {
+            d.check_name == fleetcert_lifecycle::audit::DEVICE_CERT_APPROACHING_EXPIRATION
+                && d.non_compliant_resources_count > 0
+        }) {
+            out.line(format!(
+                "                (the demo's device certificates live {DEMO_VALIDITY_DAYS} days, so they are all within the 30-day expiry threshold)"
+            ));
+        }
         out.line(format!(
             "  registry      {} things, certificates {:?}, {} events",
             counts.things, counts.certificates_by_status, counts.events

@@ -17,6 +17,19 @@ fn demo_runs_the_factory_line_end_to_end() {
     assert_eq!(out["jitp"]["returning"]["ok"], 200, "{out}");
     assert_eq!(out["mqtt"]["ran"], false, "{out}");
     assert_eq!(out["mqtt"]["skipped"], "--no-mqtt", "{out}");
+    // It ends with an audit of the demo fleet: every check ran; the 2-day certificates of
+    // the 200 devices (their rotated ones) are all within the 30-day expiry threshold.
+    let audit = &out["audit"];
+    assert_eq!(audit["taskStatus"], "COMPLETED", "{audit}");
+    assert_eq!(audit["totalChecksCount"], 14, "{audit}");
+    let expiring = audit["auditDetails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["checkName"] == "DEVICE_CERT_APPROACHING_EXPIRATION_CHECK")
+        .unwrap();
+    assert_eq!(expiring["nonCompliantResourcesCount"], 200, "{audit}");
+    assert_eq!(audit["nonCompliantChecksCount"], 1, "{audit}");
     // The temporary data directory is gone afterwards.
     assert!(!std::path::Path::new(out["data_dir"].as_str().unwrap()).exists());
 }
