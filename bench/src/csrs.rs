@@ -53,6 +53,11 @@ pub fn device_name(prefix: &str, index: usize) -> String {
 
 /// One fresh P-256 key and a PEM PKCS#10 request for `name`, signed by that key.
 pub fn csr_pem(name: &str) -> Result<String> {
+    key_and_csr(name).map(|(_, csr)| csr)
+}
+
+/// One fresh P-256 key (PKCS#8 DER) and a PEM PKCS#10 request for `name` signed by it.
+pub fn key_and_csr(name: &str) -> Result<(Vec<u8>, String)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .context("cannot generate a P-256 key")?;
     let mut params = rcgen::CertificateParams::default();
@@ -63,9 +68,10 @@ pub fn csr_pem(name: &str) -> Result<String> {
     let request = params
         .serialize_request(&key)
         .with_context(|| format!("cannot build the CSR for {name}"))?;
-    request
+    let pem = request
         .pem()
-        .with_context(|| format!("cannot encode the CSR for {name}"))
+        .with_context(|| format!("cannot encode the CSR for {name}"))?;
+    Ok((key.serialize_der(), pem))
 }
 
 /// A CSV field as the csv crate reads it back (fields are trimmed on reading, so

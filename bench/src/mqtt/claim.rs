@@ -108,21 +108,8 @@ struct DeviceKey {
 }
 
 fn device_key(serial: &str) -> Result<DeviceKey> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .context("cannot generate a P-256 key")?;
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, serial);
-    let csr_pem = params
-        .serialize_request(&key)
-        .and_then(|r| r.pem())
-        .with_context(|| format!("cannot build the CSR for {serial}"))?;
-    Ok(DeviceKey {
-        csr_pem,
-        pkcs8: key.serialize_der(),
-    })
+    let (pkcs8, csr_pem) = crate::csrs::key_and_csr(serial)?;
+    Ok(DeviceKey { csr_pem, pkcs8 })
 }
 
 struct Steps {
