@@ -134,10 +134,12 @@ pub enum AuditCommand {
     Suppressions,
     /// List the checks: name, AWS's API name, severity, what a finding means.
     Checks,
-    /// Apply a mitigation action to a task's findings (unsuppressed ones only):
-    /// `revoke` is AWS's UPDATE_DEVICE_CERTIFICATE — the device certificate of each
-    /// finding is revoked (an event each; the CRL follows, and live MQTT sessions are
-    /// dropped by a running serve). --dry-run lists what it would do and changes nothing.
+    /// Apply a mitigation action to the device certificates of a task's findings
+    /// (unsuppressed ones only): `revoke` is AWS's UPDATE_DEVICE_CERTIFICATE — each is
+    /// revoked (an event each; the CRL follows, and a running serve drops its live MQTT
+    /// sessions); `rotate` opens a rotation of each now (`rotation.due` events), which the
+    /// rotation worker (`serve`, or `fleetcert rotate`) carries out. --dry-run lists what
+    /// it would do and changes nothing.
     Mitigate(AuditMitigateArgs),
 }
 
@@ -145,6 +147,8 @@ pub enum AuditCommand {
 pub enum MitigationAction {
     /// Revoke the findings' device certificates (UPDATE_DEVICE_CERTIFICATE).
     Revoke,
+    /// Rotate them now: replacement issued, old one revoked once the device uses it.
+    Rotate,
 }
 
 #[derive(Debug, Args)]
@@ -161,7 +165,7 @@ pub struct AuditMitigateArgs {
     /// Only this resource's findings.
     #[arg(long)]
     pub resource: Option<String>,
-    /// The revocation reason (RFC 5280 name).
+    /// The revocation reason (RFC 5280 name), for `revoke`.
     #[arg(long, default_value = "keyCompromise")]
     pub reason: String,
     /// Say what would be done; change nothing.

@@ -304,17 +304,20 @@ pub async fn run(ctx: &Ctx, cmd: AuditCommand) -> CmdResult {
                 .reason
                 .parse()
                 .map_err(|e: fleetcert_ca::CaError| bad_input(e.to_string()))?;
-            let crate::args::MitigationAction::Revoke = args.action;
+            let action = match args.action {
+                crate::args::MitigationAction::Revoke => audit::MitigationAction::Revoke(reason),
+                crate::args::MitigationAction::Rotate => audit::MitigationAction::Rotate,
+            };
             let clock = clock_from_env()?;
             let registry = ctx.registry(false).await?;
-            let actions = audit::revoke_finding_certificates(
+            let actions = audit::mitigate(
                 registry.as_ref(),
                 &audit::MitigationTarget {
                     task_id: args.task,
                     check_name: check.map(str::to_owned),
                     resource_id: args.resource,
                 },
-                reason,
+                action,
                 args.dry_run,
                 clock.now(),
             )
@@ -323,6 +326,7 @@ pub async fn run(ctx: &Ctx, cmd: AuditCommand) -> CmdResult {
             // Revocations are committed; the CRL follows (a running serve publishes it
             // within seconds anyway).
             if applied > 0
+                && matches!(action, audit::MitigationAction::Revoke(_))
                 && let Ok(ca) = ctx
                     .data()
                     .load_issuing_ca(crate::context::passphrase().as_deref())

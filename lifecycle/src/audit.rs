@@ -1040,14 +1040,35 @@ pub struct MitigationTarget {
 /// Most findings one mitigation call acts on.
 pub const MAX_MITIGATED_FINDINGS: u32 = 100_000;
 
-/// AWS's UPDATE_DEVICE_CERTIFICATE, as fleetcert does it: revokes the device certificate
-/// of each unsuppressed `DEVICE_CERTIFICATE` finding of the target (once per certificate;
-/// each revocation is a `certificate.revoked` event, and the CRL follows). With `dry_run`,
-/// says what it would revoke and changes nothing. An unknown task is an error.
-pub async fn revoke_finding_certificates(
+/// What a mitigation does to each finding's device certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MitigationAction {
+    /// AWS's UPDATE_DEVICE_CERTIFICATE, as fleetcert does it: revoke it (an event each;
+    /// the CRL follows).
+    Revoke(fleetcert_ca::RevocationReason),
+    /// Open a rotation for it now, whatever its renewal point (`rotation.due` events):
+    /// the rotation worker issues the replacement and revokes it once the device uses
+    /// the new one.
+    Rotate,
+}
+
+impl MitigationAction {
+    /// The action type in reports.
+    pub fn action_type(self) -> &'static str {
+        match self {
+            MitigationAction::Revoke(_) => "UPDATE_DEVICE_CERTIFICATE",
+            MitigationAction::Rotate => "ROTATE_DEVICE_CERTIFICATE",
+        }
+    }
+}
+
+/// Applies `action` to the device certificate of each unsuppressed `DEVICE_CERTIFICATE`
+/// finding of the target (once per certificate). With `dry_run`, says what it would do
+/// and changes nothing. An unknown task is an error.
+pub async fn mitigate(
     registry: &dyn Registry,
     target: &MitigationTarget,
-    reason: fleetcert_ca::RevocationReason,
+    action: MitigationAction,
     dry_run: bool,
     now: i64,
 ) -> Result<Vec<Mitigation>, LifecycleError> {
@@ -1071,52 +1092,91 @@ pub async fn revoke_finding_certificates(
             target.task_id
         )));
     }
-    let mut done = BTreeSet::new();
+    let mut chosen = BTreeSet::new();
     let mut actions = Vec::new();
     for f in found {
-        let mut action = Mitigation {
+        let mut entry = Mitigation {
             finding_id: f.finding_id.clone(),
             check_name: f.check_name.clone(),
             resource_identifier: f.resource_id.clone(),
-            action_type: "UPDATE_DEVICE_CERTIFICATE",
+            action_type: action.action_type(),
             status: "skipped",
             message: String::new(),
         };
         if f.resource_type != "DEVICE_CERTIFICATE" {
-            action.message = format!("a {} is not a device certificate", f.resource_type);
+            entry.message = format!("a {} is not a device certificate", f.resource_type);
         } else if f.suppressed {
-            action.message = "the finding is suppressed".into();
-        } else if !done.insert(f.resource_id.clone()) {
-            action.status = "already_done";
-            action.message = "handled for another finding of this call".into();
-        } else if dry_run {
-            action.status = "would_apply";
-            action.message = format!(
-                "would revoke certificate {} ({})",
-                f.resource_id,
-                reason.as_str()
-            );
+            entry.message = "the finding is suppressed".into();
+        } else if !chosen.insert(f.resource_id.clone()) {
+            entry.status = "already_done";
+            entry.message = "handled for another finding of this call".into();
         } else {
-            let revoked = crate::revocation::revoke(
-                registry,
-                fleetcert_registry::RevocationTarget::Serial(f.resource_id.clone()),
-                reason,
-                now,
-            )
-            .await?;
-            if revoked.is_empty() {
-                action.status = "already_done";
-                action.message = format!("certificate {} was revoked already", f.resource_id);
-            } else {
-                action.status = "applied";
-                action.message = format!(
-                    "revoked certificate {} ({})",
-                    f.resource_id,
-                    reason.as_str()
-                );
-            }
+            entry.status = "chosen";
         }
-        actions.push(action);
+        actions.push(entry);
+    }
+    let serials: Vec<String> = chosen.into_iter().collect();
+    let applied: BTreeSet<String> = if dry_run {
+        BTreeSet::new()
+    } else {
+        match action {
+            MitigationAction::Revoke(reason) => {
+                let mut revoked = BTreeSet::new();
+                for serial in &serials {
+                    let entries = crate::revocation::revoke(
+                        registry,
+                        fleetcert_registry::RevocationTarget::Serial(serial.clone()),
+                        reason,
+                        now,
+                    )
+                    .await?;
+                    if !entries.is_empty() {
+                        revoked.insert(serial.clone());
+                    }
+                }
+                revoked
+            }
+            MitigationAction::Rotate => registry
+                .open_rotations_for(&serials, now)
+                .await?
+                .into_iter()
+                .collect(),
+        }
+    };
+    for entry in actions.iter_mut().filter(|a| a.status == "chosen") {
+        let serial = &entry.resource_identifier;
+        let (status, message) = match (dry_run, applied.contains(serial), action) {
+            (true, _, MitigationAction::Revoke(reason)) => (
+                "would_apply",
+                format!("would revoke certificate {serial} ({})", reason.as_str()),
+            ),
+            (true, _, MitigationAction::Rotate) => (
+                "would_apply",
+                format!("would open a rotation of certificate {serial}"),
+            ),
+            (false, true, MitigationAction::Revoke(reason)) => (
+                "applied",
+                format!("revoked certificate {serial} ({})", reason.as_str()),
+            ),
+            (false, true, MitigationAction::Rotate) => (
+                "applied",
+                format!(
+                    "opened a rotation of certificate {serial}; the rotation worker replaces it"
+                ),
+            ),
+            (false, false, MitigationAction::Revoke(_)) => (
+                "already_done",
+                format!("certificate {serial} was revoked already"),
+            ),
+            (false, false, MitigationAction::Rotate) => (
+                "already_done",
+                format!(
+                    "certificate {serial} is rotating already, or is not active and handed over"
+                ),
+            ),
+        };
+        entry.status = status;
+        entry.message = message;
     }
     Ok(actions)
 }

@@ -1186,6 +1186,16 @@ pub trait Rotations: Send + Sync {
         expiring_before: Option<i64>,
     ) -> Result<u64, RegistryError>;
 
+    /// Opens a rotation (state `due`, event `rotation.due`) for each of `serials` that a
+    /// sweep could rotate (`active`, delivered, no rotation row yet), whatever its
+    /// renewal point: an operator's decision (the audit's mitigation). Returns the
+    /// serials it opened, sorted; the others are left as they are.
+    async fn open_rotations_for(
+        &self,
+        serials: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, RegistryError>;
+
     /// Claims up to `limit` rotations in state `due` whose old certificate has origin
     /// `generated` and whose lease is free or expired (`lease_until < now`): sets
     /// `lease_owner = owner`, `lease_until = now + lease_secs`. Two concurrent callers

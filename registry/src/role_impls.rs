@@ -111,6 +111,16 @@ macro_rules! impl_roles {
                     .await
             }
 
+            async fn open_rotations_for(
+                &self,
+                serials: &[String],
+                now: i64,
+            ) -> Result<Vec<String>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .open_rotations_for(serials, now)
+                    .await
+            }
+
             async fn claim_rotations(
                 &self,
                 owner: &str,

@@ -527,6 +527,56 @@ where
         Ok(opened)
     }
 
+    pub(crate) async fn open_rotations_for(
+        &self,
+        serials: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, RegistryError> {
+        if serials.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The certificates a sweep could rotate (active, handed over); those with a
+        // rotation row already are left as they are (ON CONFLICT).
+        let eligible_sql = format!(
+            "SELECT c.serial FROM ({}) AS j CROSS JOIN certificates c \
+             WHERE c.serial = j.value AND c.status = 'active' AND c.delivered_at IS NOT NULL",
+            R::json_values(1)
+        );
+        let open_sql = sql_open_rotations::<R>(DueBy::Expiry);
+        let events_sql = sql_rotation_due_events::<R>(DueBy::Expiry);
+        let asked = json(serials.iter().map(String::as_str));
+        write_tx!(self, "opening rotations", |tx| {
+            let eligible: Vec<String> = sqlx::query_scalar(AssertSqlSafe(&*eligible_sql))
+                .bind(asked.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(step("reading the certificates to rotate"))?;
+            if eligible.is_empty() {
+                return Ok(Vec::new());
+            }
+            let list = json(eligible.iter().map(String::as_str));
+            let mut opened: Vec<String> = sqlx::query_scalar(AssertSqlSafe(&*open_sql))
+                .bind(list.as_str())
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(step("opening rotations"))?;
+            if !opened.is_empty() {
+                let logged = json(opened.iter().map(String::as_str));
+                sqlx::query(AssertSqlSafe(&*events_sql))
+                    .bind(logged.as_str())
+                    .bind(now)
+                    .bind(EVENT_ROTATION_DUE)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(step("appending events"))?;
+            }
+            opened.sort();
+            Ok(opened)
+        })
+        .map_err(|(context, e)| self.0.err(context, e))
+    }
+
     pub(crate) async fn claim_rotations(
         &self,
         owner: &str,

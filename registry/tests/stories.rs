@@ -3861,6 +3861,50 @@ async fn audit_tasks_findings_and_suppressions(url: &str) {
     );
 }
 
+/// Rotations opened by an operator for chosen certificates (the audit's mitigation):
+/// only active, delivered certificates without a rotation get one, with its event.
+async fn rotations_opened_for_chosen_certificates(url: &str) {
+    let reg = open(url).await.unwrap();
+    // Far from their renewal point: a sweep would open nothing.
+    let fleet = due_fleet(&reg, "op", 4, AT + 300 * DAY, CertOrigin::Generated).await;
+    let serials: Vec<String> = fleet.iter().map(|r| serial(r).to_owned()).collect();
+    assert_eq!(reg.open_due_rotations(NOW, None).await.unwrap(), 0);
+    // One revoked, one never delivered.
+    reg.revoke(&Revocation {
+        target: RevocationTarget::Serial(serials[3].clone()),
+        reason: "keyCompromise".into(),
+        at: NOW,
+    })
+    .await
+    .unwrap();
+    let undelivered = record("op-undelivered", AT);
+    reg.record_issued(std::slice::from_ref(&undelivered))
+        .await
+        .unwrap();
+    let asked = vec![
+        serials[0].clone(),
+        serials[1].clone(),
+        serials[3].clone(),
+        serial(&undelivered).to_owned(),
+        "ffff".to_owned(),
+    ];
+    let mut expected = vec![serials[0].clone(), serials[1].clone()];
+    expected.sort();
+    assert_eq!(reg.open_rotations_for(&asked, NOW).await.unwrap(), expected);
+    // Once only.
+    assert!(
+        reg.open_rotations_for(&asked, NOW + 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(reg.open_rotations_for(&[], NOW).await.unwrap().is_empty());
+    assert_eq!(rotation(&reg, &serials[0]).await.state, RotationState::Due);
+    assert!(reg.get_rotation(&serials[2]).await.unwrap().is_none());
+    let kinds = kinds_of(&reg, &serials[1]).await;
+    assert!(kinds.iter().any(|k| k == "rotation.due"), "{kinds:?}");
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -3920,6 +3964,7 @@ stories!(
     claims_register_once_and_revoke,
     claims_group_commits,
     audit_tasks_findings_and_suppressions,
+    rotations_opened_for_chosen_certificates,
 );
 
 // ---------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ fn expiring_aged_certificates_and_cas_are_found_and_suppressions_expire() {
     assert_eq!(expiring["totalResourcesCount"], 3);
     assert_eq!(summary["nonCompliantChecksCount"], 1, "{summary}");
     let task = summary["taskId"].as_str().unwrap().to_owned();
+    let first_task = task.clone();
     let mut expected: Vec<(String, String, bool)> = short
         .iter()
         .map(|s| {
@@ -282,6 +283,54 @@ fn expiring_aged_certificates_and_cas_are_found_and_suppressions_expire() {
             .len(),
         1
     );
+
+    // Mitigation: rotate the certificates the first task found expiring. A dry run
+    // changes nothing; the real run opens exactly their rotations, and a sweep replaces
+    // exactly them.
+    let mitigate = |dry: bool| {
+        let mut args = vec![
+            "audit",
+            "mitigate",
+            "--task",
+            &first_task,
+            "--action",
+            "rotate",
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        env.json(&args)
+    };
+    let statuses = |v: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> = v["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["status"].as_str().unwrap().to_owned())
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(statuses(&mitigate(true)), ["would_apply", "would_apply"]);
+    assert_eq!(env.certs().len(), 3, "a dry run changed something");
+    let applied = mitigate(false);
+    assert_eq!(applied["applied"], 2, "{applied}");
+    assert_eq!(
+        applied["actions"][0]["actionType"],
+        "ROTATE_DEVICE_CERTIFICATE"
+    );
+    assert_eq!(statuses(&mitigate(false)), ["already_done", "already_done"]);
+    env.ok(&["rotate"]);
+    let certs = env.certs();
+    assert_eq!(certs.len(), 5, "two replacements: {certs:#?}");
+    let long_certs = certs
+        .iter()
+        .filter(|c| c["thing_name"].as_str().unwrap().starts_with("long"))
+        .count();
+    assert_eq!(long_certs, 1, "the long-lived device was rotated too");
+    let mut unknown = env.cmd();
+    unknown.args(["audit", "mitigate", "--task", "nope", "--action", "rotate"]);
+    assert_eq!(unknown.output().unwrap().status.code(), Some(2));
 }
 
 #[test]
