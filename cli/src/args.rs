@@ -107,7 +107,8 @@ pub enum AuditCommand {
     /// Run an audit task now and print its summary, in the shape of AWS's audit
     /// notification (taskId, taskStatus, auditDetails[] with checkName, checkRunStatus,
     /// nonCompliantResourcesCount, totalResourcesCount). Exit 1 when any check is
-    /// non-compliant, 0 when every check complies (so CI can gate on it).
+    /// non-compliant or FAILED (e.g. the mirrored AWS account could not be read), 0 when
+    /// every check complies (so CI can gate on it).
     Run(AuditRunArgs),
     /// List findings, newest first: check, severity, reason code and text, resource.
     Findings(AuditFindingsArgs),

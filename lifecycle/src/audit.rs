@@ -10,7 +10,10 @@
 //! - policies: every stored policy, through the templates' least-privilege lint;
 //! - MQTT sessions: the broker plugin's connection records (client id, connect and
 //!   disconnect times, why it ended) within the task's window: the 31 days before an
-//!   on-demand task, or since the previous task for a scheduled one (as AWS does).
+//!   on-demand task, or since the previous task for a scheduled one (as AWS does);
+//! - the mirrored AWS account, when the mirror is enabled: its certificates' statuses
+//!   (`REVOKED_DEVICE_CERT_CHECK`: revoked here, still ACTIVE there). If AWS cannot be
+//!   read, that check is FAILED.
 use crate::LifecycleError;
 use crate::datadir::DataDir;
 use fleetcert_registry::{
@@ -305,11 +308,12 @@ pub struct AuditReport {
 }
 
 impl AuditReport {
-    /// Whether any check found an unsuppressed non-compliant resource.
+    /// Whether any check found an unsuppressed non-compliant resource, or could not run
+    /// (compliance is then not shown).
     pub fn non_compliant(&self) -> bool {
-        self.details
-            .iter()
-            .any(|d| d.check_run_status == "COMPLETED_NON_COMPLIANT")
+        self.details.iter().any(|d| {
+            d.check_run_status == "COMPLETED_NON_COMPLIANT" || d.check_run_status == "FAILED"
+        })
     }
 }
 
@@ -345,8 +349,20 @@ pub struct AuditData {
     pub revoked: Vec<RevokedEntry>,
     /// MQTT sessions in the window, oldest first.
     pub sessions: Vec<ConnectionRecord>,
-    /// The AWS mirror is enabled (its account is not read by this version).
+    /// The AWS mirror is enabled.
     pub mirror_enabled: bool,
+    /// The mirrored AWS account, read when the mirror is enabled.
+    pub aws: Option<AwsView>,
+}
+
+/// What the audit read from the mirrored AWS account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AwsView {
+    /// The status in AWS (`ACTIVE`, `INACTIVE`, `REVOKED`, `PENDING_TRANSFER`, ...) of
+    /// each mirrored certificate, by its serial in the registry.
+    pub certificate_status: HashMap<String, String>,
+    /// Why the account could not be read; the checks that need it fail.
+    pub error: Option<String>,
 }
 
 /// One finding before suppressions and ids.
@@ -373,6 +389,8 @@ pub struct CheckResult {
     pub findings: Vec<RawFinding>,
     /// A note for the summary.
     pub message: Option<String>,
+    /// The check could not run (what it needed could not be read): `FAILED`.
+    pub failed: Option<String>,
 }
 
 const DAY: i64 = 86_400;
@@ -677,7 +695,7 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
             }
         }
         REVOKED_DEVICE_CERT => {
-            let fingerprint_of: HashMap<&str, &CertificateRecord> = data
+            let cert_of: HashMap<&str, &CertificateRecord> = data
                 .certificates
                 .iter()
                 .map(|c| (c.serial.as_str(), c))
@@ -689,8 +707,9 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
                     .or_default()
                     .push(s);
             }
+            let aws = data.aws.as_ref().filter(|a| a.error.is_none());
             for entry in &data.revoked {
-                let Some(cert) = fingerprint_of.get(entry.serial.as_str()) else {
+                let Some(cert) = cert_of.get(entry.serial.as_str()) else {
                     // A claim or an unregistered provisional certificate: not a device's.
                     continue;
                 };
@@ -704,29 +723,48 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
                             .collect()
                     })
                     .unwrap_or_default();
-                if after.is_empty() {
+                let aws_status = aws
+                    .and_then(|a| a.certificate_status.get(&entry.serial))
+                    .filter(|status| matches!(status.as_str(), "ACTIVE" | "PENDING_TRANSFER"));
+                if after.is_empty() && aws_status.is_none() {
                     continue;
+                }
+                let mut why = Vec::new();
+                if !after.is_empty() {
+                    why.push(format!("connected {} time(s) since", after.len()));
+                }
+                if let Some(status) = aws_status {
+                    why.push(format!("still {status} in the mirrored AWS account"));
                 }
                 result.findings.push(finding(
                     "CERTIFICATE_REVOKED_BY_ISSUER",
                     format!(
-                        "revoked on {} but connected {} time(s) since",
+                        "revoked on {}, but {}",
                         rfc3339(entry.revoked_at),
-                        after.len()
+                        why.join(" and ")
                     ),
                     "DEVICE_CERTIFICATE",
                     entry.serial.clone(),
                     serde_json::json!({
                         "thingName": cert.thing_name,
                         "revokedAt": rfc3339(entry.revoked_at),
+                        "awsStatus": aws_status,
                         "connections": after.iter().map(|s| session_json(s)).collect::<Vec<_>>(),
                     }),
                 ));
             }
-            if data.mirror_enabled {
-                result.message = Some(
-                    "checked against connections seen by fleetcert; certificate states in the mirrored AWS account are not read by this version".into(),
-                );
+            match &data.aws {
+                Some(AwsView { error: Some(e), .. }) => {
+                    result.failed =
+                        Some(format!("the mirrored AWS account could not be read: {e}"));
+                }
+                Some(view) => {
+                    result.message = Some(format!(
+                        "checked against connections seen by fleetcert and the mirrored AWS account ({} certificates there)",
+                        view.certificate_status.len()
+                    ));
+                }
+                None => {}
             }
         }
         LOGGING_DISABLED => {
@@ -848,6 +886,7 @@ pub async fn gather(
     } else {
         now - ON_DEMAND_LOOKBACK_SECONDS
     };
+    let mirror = registry.mirror_settings().await?.filter(|m| m.enabled);
     Ok(AuditData {
         now,
         window_start,
@@ -858,7 +897,49 @@ pub async fn gather(
         policies: registry.list_policies().await?,
         revoked: registry.revoked_entries(now).await?,
         sessions: registry.mqtt_sessions(window_start, now + 1).await?,
-        mirror_enabled: registry.mirror_settings().await?.is_some_and(|m| m.enabled),
+        mirror_enabled: mirror.is_some(),
+        aws: match mirror {
+            Some(settings) => Some(read_aws(registry, &settings).await?),
+            None => None,
+        },
+    })
+}
+
+/// The mirrored certificates' statuses in AWS; an AWS failure is kept in the view (the
+/// checks that need it fail), a registry failure is an error.
+async fn read_aws(
+    registry: &dyn Registry,
+    settings: &fleetcert_registry::MirrorSettings,
+) -> Result<AwsView, LifecycleError> {
+    let mirrored = registry.mirrored_certificates().await?;
+    let listed = async {
+        let api =
+            crate::mirror::connect(&settings.region, settings.endpoint_url.as_deref()).await?;
+        Ok::<_, LifecycleError>(api.list_certificates().await?)
+    }
+    .await;
+    Ok(match listed {
+        Ok(remote) => {
+            let status_of: HashMap<&str, &str> = remote
+                .iter()
+                .map(|c| (c.id.as_str(), c.status.as_str()))
+                .collect();
+            AwsView {
+                certificate_status: mirrored
+                    .iter()
+                    .filter_map(|m| {
+                        status_of
+                            .get(m.certificate_id.as_str())
+                            .map(|status| (m.serial.clone(), (*status).to_owned()))
+                    })
+                    .collect(),
+                error: None,
+            }
+        }
+        Err(e) => AwsView {
+            certificate_status: HashMap::new(),
+            error: Some(e.to_string()),
+        },
     })
 }
 
@@ -905,7 +986,9 @@ pub fn assess(
         }
         details.push(CheckDetail {
             check_name: check.name,
-            check_run_status: if open.is_empty() {
+            check_run_status: if result.failed.is_some() {
+                "FAILED"
+            } else if open.is_empty() {
                 "COMPLETED_COMPLIANT"
             } else {
                 "COMPLETED_NON_COMPLIANT"
@@ -914,7 +997,8 @@ pub fn assess(
             suppressed_non_compliant_resources_count: suppressed.len() as u64,
             total_resources_count: result.total,
             message: result
-                .message
+                .failed
+                .or(result.message)
                 .or_else(|| (!check.applicable).then(|| "not applicable to this fleet".to_owned())),
         });
     }

@@ -750,3 +750,97 @@ fn the_mirror_uses_the_ids_aws_returns_against_moto_defaults() {
     let drift = env.json(&["aws", "reconcile", "--dry-run"]);
     assert_eq!(drift["drift"], serde_json::json!([]), "{drift}");
 }
+
+/// The audit reads the mirrored account: a certificate revoked here whose revocation has
+/// not reached AWS yet is still ACTIVE there (REVOKED_DEVICE_CERT_CHECK, as AWS's own
+/// check would see it); once the mirror syncs, it complies; with AWS unreachable the
+/// check FAILS rather than claiming compliance.
+#[test]
+#[ignore = "needs moto: run through scripts/test.sh"]
+fn the_audit_finds_a_certificate_revoked_here_but_still_active_in_aws() {
+    let mut moto = Moto::start();
+    let env = Env::new();
+    env.init_ca();
+    enable(&env, &moto);
+    let (cert, key) = generated_device(&env, "audited", 30);
+    let served = Served::start(
+        &env,
+        &[
+            "--no-rotation-worker",
+            "--mirror-interval",
+            "200ms",
+            "--audit-interval",
+            "0s",
+        ],
+    );
+    let (status, body) = curl_connect(&env, &served, &cert, &key);
+    assert_eq!(status, 201, "{body}");
+    eventually("the serve worker empties the outbox", || pending(&env) == 0);
+    served.stop();
+    let id = aws_id(&cert);
+    assert_eq!(moto.state()["certificates"][&id]["status"], "ACTIVE");
+
+    // Revoked here, not synced: still ACTIVE in AWS.
+    let serial = serial_of(&cert);
+    env.ok(&["revoke", &serial]);
+    let check = ["--checks", "REVOKED_DEVICE_CERT_CHECK"];
+    let (code, summary) = crate::audit::audit_at(&env, 0, &check);
+    assert_eq!(code, 1, "{summary}");
+    let task = summary["taskId"].as_str().unwrap();
+    let found = env.json(&["audit", "findings", "--task", task]);
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(
+        found[0]["nonCompliantResource"]["resourceIdentifier"],
+        serial.as_str()
+    );
+    assert_eq!(
+        found[0]["reasonForNonComplianceCode"],
+        "CERTIFICATE_REVOKED_BY_ISSUER"
+    );
+    assert_eq!(
+        found[0]["nonCompliantResource"]["additionalInfo"]["awsStatus"], "ACTIVE",
+        "{found}"
+    );
+
+    // The mirror catches up: compliant.
+    let synced = env.json(&["aws", "sync"]);
+    assert_eq!(synced["pending_after"], 0, "{synced}");
+    assert_eq!(moto.state()["certificates"][&id]["status"], "REVOKED");
+    let (code, summary) = crate::audit::audit_at(&env, 0, &check);
+    assert_eq!(code, 0, "{summary}");
+    let detail = crate::audit::detail(&summary, "REVOKED_DEVICE_CERT_CHECK");
+    assert_eq!(detail["totalResourcesCount"], 1);
+    assert!(
+        detail["message"]
+            .as_str()
+            .unwrap()
+            .contains("mirrored AWS account"),
+        "{detail}"
+    );
+
+    // AWS unreachable: the check fails; the others still run.
+    moto.stop();
+    let (code, summary) = crate::audit::audit_at(
+        &env,
+        0,
+        &[
+            "--checks",
+            "REVOKED_DEVICE_CERT_CHECK,LOGGING_DISABLED_CHECK",
+        ],
+    );
+    assert_eq!(code, 1, "{summary}");
+    let detail = crate::audit::detail(&summary, "REVOKED_DEVICE_CERT_CHECK");
+    assert_eq!(detail["checkRunStatus"], "FAILED", "{summary}");
+    assert!(
+        detail["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{detail}"
+    );
+    assert_eq!(summary["failedChecksCount"], 1);
+    assert_eq!(
+        crate::audit::detail(&summary, "LOGGING_DISABLED_CHECK")["checkRunStatus"],
+        "COMPLETED_COMPLIANT"
+    );
+}
