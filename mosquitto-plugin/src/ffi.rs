@@ -281,7 +281,14 @@ unsafe extern "C" fn on_basic_auth(
             username,
             protocol_version,
         };
-        match plugin.authenticate(&attempt) {
+        // A call to serve may run here: the wake signal waits until it is done, so it
+        // cannot cut the call's socket reads short (they carry a timeout, which makes the
+        // kernel return EINTR instead of restarting them).
+        let answer = {
+            let _deferred = WakeDeferred::new();
+            plugin.authenticate(&attempt)
+        };
+        match answer {
             AuthAnswer::Allowed => MOSQ_ERR_SUCCESS,
             AuthAnswer::NotAuthorized => MOSQ_ERR_AUTH,
             // 2.0 sends no CONNACK for anything but MOSQ_ERR_AUTH: it closes the connection,
@@ -475,6 +482,37 @@ fn set_wake_action(handler: libc::sighandler_t) -> Result<(), String> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+/// Blocks the wake signal on this (the broker's) thread until dropped; one sent meanwhile
+/// is delivered then, and still ends the next `epoll_wait`.
+struct WakeDeferred(Option<libc::sigset_t>);
+
+impl WakeDeferred {
+    fn new() -> WakeDeferred {
+        // SAFETY: sigset_t values are initialised by sigemptyset before use; the pointers
+        // are to locals; pthread_sigmask only changes this thread's mask.
+        unsafe {
+            let mut block: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut block);
+            libc::sigaddset(&mut block, wake_signal());
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut previous) == 0 {
+                WakeDeferred(Some(previous))
+            } else {
+                WakeDeferred(None)
+            }
+        }
+    }
+}
+
+impl Drop for WakeDeferred {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.0 {
+            // SAFETY: restores the mask saved by `new` on the same thread.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, previous, std::ptr::null_mut()) };
+        }
     }
 }
 
