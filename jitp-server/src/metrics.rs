@@ -421,6 +421,13 @@ pub(crate) struct BrokerAclCounts {
     pub denied: u64,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub(crate) struct BrokerProvisioningCounts {
+    pub requests: u64,
+    pub replies: u64,
+    pub dropped: u64,
+}
+
 /// A broker plugin's counters, as it sends them with each sessions poll
 /// (docs/broker-api.md). Cumulative since the plugin started, except `serve_micros_max`
 /// (the longest call since its previous report).
@@ -428,6 +435,9 @@ pub(crate) struct BrokerAclCounts {
 #[serde(default)]
 pub(crate) struct BrokerCounters {
     pub connects: BrokerConnectCounts,
+    /// Absent from plugins older than provisioning by claim.
+    #[serde(default)]
+    pub provisioning: BrokerProvisioningCounts,
     pub subscribe: BrokerAclCounts,
     pub publish: BrokerAclCounts,
     pub receive: BrokerAclCounts,
@@ -455,6 +465,7 @@ struct BrokerMetrics {
     connects: Family<ResultLabel, Counter>,
     acl: Family<ActionResultLabel, Counter>,
     kicks: Counter,
+    provisioning: Family<ResultLabel, Counter>,
     api_calls: Family<ResultLabel, Counter>,
     api_call_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     api_call_max_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -469,6 +480,7 @@ impl BrokerMetrics {
             connects: Family::default(),
             acl: Family::default(),
             kicks: Counter::default(),
+            provisioning: Family::default(),
             api_calls: Family::default(),
             api_call_seconds: Counter::default(),
             api_call_max_seconds: Gauge::default(),
@@ -490,6 +502,11 @@ impl BrokerMetrics {
             "broker_kicks",
             "MQTT clients dropped by the plugin because their certificate was revoked or retired by a rotation",
             metrics.kicks.clone(),
+        );
+        registry.register(
+            "broker_provisioning_messages",
+            "Fleet Provisioning messages handled by the mosquitto plugin, by result: request (taken off the message path for serve), reply (published to the asking client), dropped (too many waiting, or the asking session gone)",
+            metrics.provisioning.clone(),
         );
         registry.register(
             "broker_api_calls",
@@ -579,6 +596,20 @@ impl BrokerMetrics {
             }
         }
         add(&self.kicks, report.kicks, previous.kicks);
+        let (v, w) = (&report.provisioning, &previous.provisioning);
+        for (result, now, before) in [
+            ("request", v.requests, w.requests),
+            ("reply", v.replies, w.replies),
+            ("dropped", v.dropped, w.dropped),
+        ] {
+            add(
+                &self.provisioning.get_or_create(&ResultLabel {
+                    result: result.into(),
+                }),
+                now,
+                before,
+            );
+        }
         let failures = delta(report.serve_failures, previous.serve_failures);
         let calls = delta(report.serve_calls, previous.serve_calls);
         add(

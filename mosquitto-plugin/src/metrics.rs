@@ -30,10 +30,22 @@ pub enum AclKind {
     Receive,
 }
 
+/// What happened to a Fleet Provisioning message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvisioningEvent {
+    /// A claim session's request, taken off the message path for serve.
+    Request,
+    /// A reply published to the client that asked.
+    Reply,
+    /// A request or reply dropped: too many waiting, or the asking session is gone.
+    Dropped,
+}
+
 /// The counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
     connects: [AtomicU64; 4],
+    provisioning: [AtomicU64; 3],
     acl: [[AtomicU64; 2]; 3],
     kicks: AtomicU64,
     serve_calls: AtomicU64,
@@ -51,6 +63,16 @@ impl Metrics {
     /// Counts an ACL decision.
     pub fn acl(&self, kind: AclKind, allowed: bool) {
         self.acl[kind as usize][usize::from(allowed)].fetch_add(1, Relaxed);
+    }
+
+    /// Counts Fleet Provisioning messages.
+    pub fn provisioning(&self, event: ProvisioningEvent, count: usize) {
+        self.provisioning[event as usize].fetch_add(count as u64, Relaxed);
+    }
+
+    /// Fleet Provisioning messages of this kind so far.
+    pub fn provisioning_count(&self, event: ProvisioningEvent) -> u64 {
+        self.provisioning[event as usize].load(Relaxed)
     }
 
     /// Counts kicked clients.
@@ -97,6 +119,11 @@ impl Metrics {
             publish: a(AclKind::Publish),
             receive: a(AclKind::Receive),
             kicks: self.kicks.load(Relaxed),
+            provisioning: ProvisioningCounts {
+                requests: self.provisioning_count(ProvisioningEvent::Request),
+                replies: self.provisioning_count(ProvisioningEvent::Reply),
+                dropped: self.provisioning_count(ProvisioningEvent::Dropped),
+            },
             serve_calls: self.serve_calls.load(Relaxed),
             serve_failures: self.serve_failures.load(Relaxed),
             serve_micros_total: self.serve_micros_total.load(Relaxed),
@@ -150,6 +177,17 @@ pub struct ConnectCounts {
     pub unavailable: u64,
 }
 
+/// Fleet Provisioning messages, cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProvisioningCounts {
+    /// Requests taken off the message path for serve.
+    pub requests: u64,
+    /// Replies published to the asking client.
+    pub replies: u64,
+    /// Requests or replies dropped (too many waiting, or the asking session gone).
+    pub dropped: u64,
+}
+
 /// ACL decisions of one kind, cumulative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct AclCounts {
@@ -172,6 +210,8 @@ pub struct MetricsSnapshot {
     pub receive: AclCounts,
     /// Clients kicked (retired certificates).
     pub kicks: u64,
+    /// Fleet Provisioning messages.
+    pub provisioning: ProvisioningCounts,
     /// Calls to serve (connect, disconnect, sessions).
     pub serve_calls: u64,
     /// Calls to serve that failed (unreachable, timeout, bad answer).

@@ -358,6 +358,28 @@ fn the_aws_device_sdk_provisions_by_claim_and_nobody_else_sees_the_replies() {
     );
     assert_eq!(thing_count(&env), 3, "a revoked claim left a thing behind");
 
+    // The plugin's provisioning counters reach serve's /metrics with its sessions polls.
+    let served = fleet.served.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = crate::jitp::metrics(served);
+        let count = |result: &str| {
+            crate::jitp::metric(
+                &text,
+                &format!("fleetcert_broker_provisioning_messages_total{{result=\"{result}\"}}"),
+            )
+        };
+        if count("reply") >= 10.0 {
+            assert!(count("request") >= count("reply"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the plugin's provisioning counters never reached /metrics: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     // An expired token: RegisterThing more than an hour after CreateKeysAndCertificate
     // (serve restarted with its clock 61 minutes ahead; mosquitto and the plugin stay up).
     let late = claim(&env, "late-line", &[]);

@@ -7,7 +7,7 @@
 //! on the worker; what it finds for the broker (kicks, log lines) waits in queues the
 //! broker's thread drains.
 
-use crate::metrics::{AclKind, ConnectResult, Metrics};
+use crate::metrics::{AclKind, ConnectResult, Metrics, ProvisioningEvent};
 use crate::options::{OptionError, PluginOptions};
 use crate::serve::{BrokerReport, ConnectAnswer, ConnectRequest, DisconnectRecord, ServeClient};
 use crate::topic::check_topic;
@@ -870,6 +870,14 @@ impl Plugin {
             .provisions
             .as_ref()
             .is_some_and(|tx| tx.try_send(job).is_ok());
+        self.shared.metrics.provisioning(
+            if queued {
+                ProvisioningEvent::Request
+            } else {
+                ProvisioningEvent::Dropped
+            },
+            1,
+        );
         if !queued {
             self.shared.log(
                 LogLevel::Warning,
@@ -889,7 +897,8 @@ impl Plugin {
             return Vec::new();
         }
         let state = lock(&self.shared.state);
-        pending
+        let waiting = pending.len();
+        let live: Vec<OutgoingReply> = pending
             .into_iter()
             .filter(|reply| {
                 state.sessions.get(&reply.connection).is_some_and(|s| {
@@ -901,7 +910,11 @@ impl Plugin {
                 topic: reply.topic,
                 payload: reply.payload,
             })
-            .collect()
+            .collect();
+        let metrics = &self.shared.metrics;
+        metrics.provisioning(ProvisioningEvent::Reply, live.len());
+        metrics.provisioning(ProvisioningEvent::Dropped, waiting - live.len());
+        live
     }
 
     /// The log lines waiting for the broker's log.

@@ -597,6 +597,16 @@ fn claims_are_cached_by_certificate_and_registered_devices_ahead_of_their_connec
     let replies = plugin.take_replies();
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].client_id, "boot-2");
+    let count = |e| plugin.metrics().provisioning_count(e);
+    use crate::metrics::ProvisioningEvent::{Dropped, Reply, Request};
+    assert_eq!((count(Request), count(Reply), count(Dropped)), (1, 1, 0));
+    // A request from a session that is not a claim's is not taken (not counted either).
+    assert!(!plugin.take_provisioning_request(
+        ConnectionKey(99),
+        "$aws/certificates/create/json",
+        b"{}"
+    ));
+    assert_eq!(count(Request), 1);
     let device = ConnectAttempt {
         certificate_der: Some(DEVICE_CERT),
         ..attempt(5, "sensor-9")
