@@ -269,8 +269,10 @@ pub enum MosquittoCommand {
     /// broker-api.secret (the shared secret, mode 0600; the same secret is kept at
     /// <data-dir>/broker/broker-api.secret for `serve --broker-api`). An existing secret
     /// is reused, never replaced. Then start `fleetcert serve --broker-api ADDR` and
-    /// `mosquitto -c DIR/mosquitto.conf`. Re-run before the CRL's nextUpdate (24 h) and
-    /// restart mosquitto: the broker refuses every client once its CRL file is stale.
+    /// `mosquitto -c DIR/mosquitto.conf`. The plugin keeps crl.pem current (it fetches
+    /// serve's CRL every minute and right after a revocation, replaces the file and makes
+    /// mosquitto reload it), so DIR must stay writable by mosquitto: a broker whose CRL
+    /// file is past its nextUpdate refuses every client.
     Config(MosquittoConfigArgs),
 }
 
