@@ -87,43 +87,7 @@ data=$work/data
 fc() { "$fleetcert" --data-dir "$data" "$@"; }
 fc ca init >/dev/null
 mkdir -p "$data/templates"
-cat >"$data/templates/sensors.yaml" <<'EOF'
-Parameters:
-  SerialNumber:
-    Type: String
-  AWS::IoT::Certificate::Id:
-    Type: String
-Resources:
-  thing:
-    Type: AWS::IoT::Thing
-    Properties:
-      ThingName: {"Fn::Join": ["", ["sensor-", {Ref: SerialNumber}]]}
-      AttributePayload:
-        serial: {Ref: SerialNumber}
-  certificate:
-    Type: AWS::IoT::Certificate
-    Properties:
-      CertificateId: {Ref: "AWS::IoT::Certificate::Id"}
-      Status: ACTIVE
-  policy:
-    Type: AWS::IoT::Policy
-    Properties:
-      PolicyName: sensors-by-claim
-      PolicyDocument:
-        Version: "2012-10-17"
-        Statement:
-          - Effect: Allow
-            Action: iot:Connect
-            Resource: "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"
-          - Effect: Allow
-            Action: [iot:Publish, iot:Receive]
-            Resource: "arn:aws:iot:*:*:topic/devices/${iot:Connection.Thing.ThingName}/*"
-          - Effect: Allow
-            Action: iot:Subscribe
-            Resource: "arn:aws:iot:*:*:topicfilter/devices/${iot:Connection.Thing.ThingName}/*"
-DeviceConfiguration:
-  telemetryTopic: {"Fn::Join": ["", ["devices/sensor-", {Ref: SerialNumber}, "/telemetry"]]}
-EOF
+cp docs/examples/fleet-provisioning-template.yaml "$data/templates/sensors.yaml"
 mkdir -p "$work/claim"
 fc claims create factory-line --template sensors --out "$work/claim" >/dev/null
 conf=$work/mosquitto

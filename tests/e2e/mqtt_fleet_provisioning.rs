@@ -4,43 +4,7 @@
 use super::*;
 
 /// A Fleet Provisioning template: the thing is named from the device's SerialNumber.
-const TEMPLATE: &str = r#"
-Parameters:
-  SerialNumber:
-    Type: String
-  AWS::IoT::Certificate::Id:
-    Type: String
-Resources:
-  thing:
-    Type: AWS::IoT::Thing
-    Properties:
-      ThingName: {"Fn::Join": ["", ["sensor-", {Ref: SerialNumber}]]}
-      AttributePayload:
-        serial: {Ref: SerialNumber}
-  certificate:
-    Type: AWS::IoT::Certificate
-    Properties:
-      CertificateId: {Ref: "AWS::IoT::Certificate::Id"}
-      Status: ACTIVE
-  policy:
-    Type: AWS::IoT::Policy
-    Properties:
-      PolicyName: sensors-by-claim
-      PolicyDocument:
-        Version: "2012-10-17"
-        Statement:
-          - Effect: Allow
-            Action: iot:Connect
-            Resource: "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"
-          - Effect: Allow
-            Action: [iot:Publish, iot:Receive]
-            Resource: "arn:aws:iot:*:*:topic/devices/${iot:Connection.Thing.ThingName}/*"
-          - Effect: Allow
-            Action: iot:Subscribe
-            Resource: "arn:aws:iot:*:*:topicfilter/devices/${iot:Connection.Thing.ThingName}/*"
-DeviceConfiguration:
-  telemetryTopic: {"Fn::Join": ["", ["devices/sensor-", {Ref: SerialNumber}, "/telemetry"]]}
-"#;
+const TEMPLATE: &str = include_str!("../../docs/examples/fleet-provisioning-template.yaml");
 
 /// What the device script printed and how it exited.
 struct DeviceRun {
