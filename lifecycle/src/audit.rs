@@ -17,8 +17,8 @@
 use crate::LifecycleError;
 use crate::datadir::DataDir;
 use fleetcert_registry::{
-    AuditFindingRecord, AuditSuppression, AuditTaskRecord, CertStatus, CertificateFilter,
-    CertificateRecord, ConnectionRecord, PolicyRecord, Registry, RevokedEntry,
+    AuditFindingRecord, AuditSuppression, AuditTaskRecord, AuditedCertificate, CertStatus,
+    ConnectionRecord, PolicyRecord, Registry, RevokedEntry,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -342,7 +342,7 @@ pub struct AuditData {
     /// Root first, then the issuing CA.
     pub cas: Vec<CaCertificate>,
     /// Every certificate in the registry.
-    pub certificates: Vec<CertificateRecord>,
+    pub certificates: Vec<AuditedCertificate>,
     /// Every stored policy.
     pub policies: Vec<PolicyRecord>,
     /// The revoked set (the CRL's entries).
@@ -441,7 +441,7 @@ fn overlap(a: &ConnectionRecord, b: &ConnectionRecord, now: i64) -> bool {
     a.at < session_end(b, now) && b.at < session_end(a, now)
 }
 
-fn active_devices(data: &AuditData) -> impl Iterator<Item = &CertificateRecord> {
+fn active_devices(data: &AuditData) -> impl Iterator<Item = &AuditedCertificate> {
     data.certificates
         .iter()
         .filter(|c| c.status == CertStatus::Active)
@@ -523,7 +523,7 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
                 .into_iter()
                 .filter(|ca| ca.role == "issuing")
                 .collect();
-            let active: Vec<&CertificateRecord> = active_devices(data).collect();
+            let active: Vec<&AuditedCertificate> = active_devices(data).collect();
             result.total = active.len() as u64;
             if let Some(ca) = revoked.first() {
                 for cert in active {
@@ -695,7 +695,7 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
             }
         }
         REVOKED_DEVICE_CERT => {
-            let cert_of: HashMap<&str, &CertificateRecord> = data
+            let cert_of: HashMap<&str, &AuditedCertificate> = data
                 .certificates
                 .iter()
                 .map(|c| (c.serial.as_str(), c))
@@ -891,9 +891,7 @@ pub async fn gather(
         now,
         window_start,
         cas: ca_certificates(data_dir)?,
-        certificates: registry
-            .list_certificates(&CertificateFilter::default())
-            .await?,
+        certificates: registry.audited_certificates().await?,
         policies: registry.list_policies().await?,
         revoked: registry.revoked_entries(now).await?,
         sessions: registry.mqtt_sessions(window_start, now + 1).await?,
@@ -1286,7 +1284,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcert_registry::{CertOrigin, ConnectionTransport};
+    use fleetcert_registry::ConnectionTransport;
 
     const NOW: i64 = 1_800_000_000;
 
@@ -1296,26 +1294,15 @@ mod tests {
         not_before: i64,
         not_after: i64,
         key: &str,
-    ) -> CertificateRecord {
-        CertificateRecord {
+    ) -> AuditedCertificate {
+        AuditedCertificate {
             serial: serial.into(),
             fingerprint_sha256: format!("fp-{serial}"),
-            public_key_sha256: format!("pk-{serial}"),
             thing_name: thing.into(),
-            issuer: "CN=issuing".into(),
             status: CertStatus::Active,
-            origin: CertOrigin::Generated,
             key_algorithm: key.into(),
             not_before,
             not_after,
-            created_at: not_before,
-            delivered_at: Some(not_before),
-            registered_at: Some(not_before),
-            renew_at: not_after,
-            revoked_at: None,
-            revocation_reason: None,
-            replaces: None,
-            der: Vec::new(),
         }
     }
 

@@ -5,8 +5,8 @@
 use crate::common::{self, NewEvent, connection_columns, to_json};
 use crate::dialect::{Dialect, Flows, step, write_tx};
 use crate::{
-    AuditFindingFilter, AuditFindingRecord, AuditSuppression, AuditTaskRecord, ConnectionRecord,
-    RegistryError,
+    AuditFindingFilter, AuditFindingRecord, AuditSuppression, AuditTaskRecord, AuditedCertificate,
+    CertStatus, ConnectionRecord, RegistryError,
 };
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, Row, Type};
 
@@ -286,6 +286,28 @@ where
             sqlx::query(AssertSqlSafe(sql)),
             |r| suppression_from_row(r),
         )
+        .await
+    }
+
+    pub(crate) async fn audited_certificates(
+        &self,
+    ) -> Result<Vec<AuditedCertificate>, RegistryError> {
+        let q = sqlx::query(
+            "SELECT serial, fingerprint_sha256, thing_name, status, key_algorithm, not_before, \
+                not_after FROM certificates ORDER BY serial",
+        );
+        self.rows("reading certificates", q, |row| {
+            let status: String = row.try_get(3)?;
+            Ok(AuditedCertificate {
+                serial: row.try_get(0)?,
+                fingerprint_sha256: row.try_get(1)?,
+                thing_name: row.try_get(2)?,
+                status: status.parse::<CertStatus>().map_err(common::decode_error)?,
+                key_algorithm: row.try_get(4)?,
+                not_before: row.try_get(5)?,
+                not_after: row.try_get(6)?,
+            })
+        })
         .await
     }
 

@@ -602,7 +602,7 @@ where
     })
 }
 
-fn decode_error(e: RegistryError) -> sqlx::Error {
+pub(crate) fn decode_error(e: RegistryError) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(e))
 }
 

@@ -1506,6 +1506,25 @@ pub struct AuditFindingRecord {
     pub found_at: i64,
 }
 
+/// What the audit reads of a certificate (no DER: a fleet's worth fits in memory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditedCertificate {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint_sha256: String,
+    /// Its thing.
+    pub thing_name: String,
+    /// `active`, `superseded` or `revoked`.
+    pub status: CertStatus,
+    /// fleetcert's spelling (`p256`, `rsa2048`, ...).
+    pub key_algorithm: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
 /// Which findings [`Audits::audit_findings`] lists (all conditions must hold).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditFindingFilter {
@@ -1572,6 +1591,9 @@ pub trait Audits: Send + Sync {
 
     /// Every suppression, expired ones included (the caller compares with its clock).
     async fn audit_suppressions(&self) -> Result<Vec<AuditSuppression>, RegistryError>;
+
+    /// Every certificate in the registry, as the audit reads it, by serial.
+    async fn audited_certificates(&self) -> Result<Vec<AuditedCertificate>, RegistryError>;
 
     /// The MQTT sessions (connection records with a client id) that began in
     /// `[since, until)`, oldest first. Records are kept per certificate up to

@@ -380,6 +380,10 @@ macro_rules! impl_roles {
                 crate::dialect::Flows(self).audit_suppressions().await
             }
 
+            async fn audited_certificates(&self) -> Result<Vec<AuditedCertificate>, RegistryError> {
+                crate::dialect::Flows(self).audited_certificates().await
+            }
+
             async fn mqtt_sessions(
                 &self,
                 since: i64,

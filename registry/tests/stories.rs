@@ -3833,6 +3833,18 @@ async fn audit_tasks_findings_and_suppressions(url: &str) {
     );
     assert!(reg.audit_suppressions().await.unwrap().is_empty());
 
+    // What the audit reads of certificates: every one, slim.
+    let issued = record("audited-1", AT);
+    reg.record_issued(std::slice::from_ref(&issued))
+        .await
+        .unwrap();
+    let audited = reg.audited_certificates().await.unwrap();
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0].serial, serial(&issued));
+    assert_eq!(audited[0].thing_name, "audited-1");
+    assert_eq!(audited[0].status, CertStatus::Active);
+    assert_eq!(audited[0].not_after, issued.certificate.not_after);
+
     // MQTT sessions of a window; HTTPS connections are not sessions.
     let mqtt = |client: &str, at: i64| ConnectionRecord {
         fingerprint_sha256: "ab".repeat(32),
