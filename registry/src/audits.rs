@@ -292,23 +292,39 @@ where
     pub(crate) async fn audited_certificates(
         &self,
     ) -> Result<Vec<AuditedCertificate>, RegistryError> {
-        let q = sqlx::query(
-            "SELECT serial, fingerprint_sha256, thing_name, status, key_algorithm, not_before, \
-                not_after FROM certificates ORDER BY serial",
-        );
-        self.rows("reading certificates", q, |row| {
-            let status: String = row.try_get(3)?;
-            Ok(AuditedCertificate {
-                serial: row.try_get(0)?,
-                fingerprint_sha256: row.try_get(1)?,
-                thing_name: row.try_get(2)?,
-                status: status.parse::<CertStatus>().map_err(common::decode_error)?,
-                key_algorithm: row.try_get(4)?,
-                not_before: row.try_get(5)?,
-                not_after: row.try_get(6)?,
-            })
-        })
-        .await
+        // In pages by serial, each decoded before the next is read: a fleet's worth of
+        // database rows is never held at once.
+        const PAGE: i64 = 10_000;
+        let mut all: Vec<AuditedCertificate> = Vec::new();
+        loop {
+            let after = all.last().map(|c| c.serial.clone()).unwrap_or_default();
+            let q = sqlx::query(
+                "SELECT serial, fingerprint_sha256, thing_name, status, key_algorithm, \
+                    not_before, not_after FROM certificates WHERE serial > $1 \
+                 ORDER BY serial LIMIT $2",
+            )
+            .bind(after)
+            .bind(PAGE);
+            let page = self
+                .rows("reading certificates", q, |row| {
+                    let status: String = row.try_get(3)?;
+                    Ok(AuditedCertificate {
+                        serial: row.try_get(0)?,
+                        fingerprint_sha256: row.try_get(1)?,
+                        thing_name: row.try_get(2)?,
+                        status: status.parse::<CertStatus>().map_err(common::decode_error)?,
+                        key_algorithm: row.try_get(4)?,
+                        not_before: row.try_get(5)?,
+                        not_after: row.try_get(6)?,
+                    })
+                })
+                .await?;
+            let full = page.len() as i64 == PAGE;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
     }
 
     pub(crate) async fn mqtt_sessions(
