@@ -133,6 +133,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "audit",
         sql: include_str!("../../migrations/sqlite/0008_audit.sql"),
     },
+    EmbeddedMigration {
+        version: 9,
+        description: "rotations_new_serial_unused",
+        sql: include_str!("../../migrations/sqlite/0009_rotations_new_serial_unused.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -176,6 +181,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 8,
         description: "audit",
         sql: include_str!("../../migrations/postgres/0008_audit.sql"),
+    },
+    EmbeddedMigration {
+        version: 9,
+        description: "rotations_new_serial_unused",
+        sql: include_str!("../../migrations/postgres/0009_rotations_new_serial_unused.sql"),
     },
 ];
 
