@@ -264,7 +264,7 @@ pub async fn run(out: Out, args: DemoArgs) -> Result<ExitCode, CliError> {
                 && d.non_compliant_resources_count > 0
         }) {
             out.line(format!(
-                "                (the demo's device certificates live {DEMO_VALIDITY_DAYS} days, so they are all within the 30-day expiry threshold)"
+                "                (the demo issues its pallet {DEMO_VALIDITY_DAYS}-day certificates, inside the 30-day expiry threshold)"
             ));
         }
         out.line(format!(
