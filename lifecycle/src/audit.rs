@@ -832,10 +832,8 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
 }
 
 fn random_hex(bytes: usize) -> Result<String, LifecycleError> {
-    let mut buf = vec![0u8; bytes];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf)
-        .map_err(|_| LifecycleError::write("the registry", "the system random generator failed"))?;
-    Ok(hex::encode(buf))
+    crate::random_hex(bytes)
+        .ok_or_else(|| LifecycleError::write("the registry", "the system random generator failed"))
 }
 
 /// Reads the CA certificates of the data directory (root, then issuing).

@@ -32,6 +32,14 @@ pub use issuance::Issuance;
 pub use revocation_view::RevocationView;
 pub use templates::{read_template_file, read_template_path};
 
+/// `bytes` random bytes from the OS CSPRNG, as lowercase hex (ids, ownership tokens);
+/// `None` if the generator fails.
+pub(crate) fn random_hex(bytes: usize) -> Option<String> {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf).ok()?;
+    Some(hex::encode(buf))
+}
+
 /// Current time as Unix seconds; one place so every record uses the same clock.
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()

@@ -196,10 +196,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn random_hex(len: usize) -> Result<String, ProvisioningError> {
-    let mut bytes = vec![0u8; len];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| ProvisioningError::Internal("the system random generator failed".into()))?;
-    Ok(hex::encode(bytes))
+    crate::random_hex(len)
+        .ok_or_else(|| ProvisioningError::Internal("the system random generator failed".into()))
 }
 
 impl Jitp {
