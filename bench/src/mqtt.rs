@@ -611,6 +611,8 @@ pub struct PublishOptions {
     pub keep_alive: u16,
     /// One progress line per second on stderr.
     pub progress: bool,
+    /// The broker's process, whose CPU time over the measurement is reported.
+    pub broker_pid: Option<u32>,
 }
 
 /// The JSON document of `fleetcert-bench mqtt publish`.
@@ -658,6 +660,11 @@ pub struct PublishReport {
     pub lost_sessions: u64,
     /// Background onboarding during the measurement, if asked for.
     pub onboarding: Option<ConnectReport>,
+    /// CPU seconds the broker process (`--broker-pid`, all its threads) used during the
+    /// measurement: what each message costs the broker, whoever limits the rate.
+    pub broker_cpu_seconds: Option<f64>,
+    /// `broker_cpu_seconds` per acknowledged message, microseconds.
+    pub broker_cpu_us_per_message: Option<f64>,
     /// A few distinct error messages.
     pub error_samples: Vec<String>,
 }
@@ -921,6 +928,15 @@ pub async fn publish(
             ))
         })
         .collect();
+    let broker_cpu = opts.broker_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_start.into()).await;
+            let before = process_cpu_ns(pid)?;
+            tokio::time::sleep_until(deadline.into()).await;
+            let after = process_cpu_ns(pid)?;
+            Ok::<f64, std::io::Error>(after.saturating_sub(before) as f64 / 1e9)
+        })
+    });
     let onboarding = opts.onboard.map(|(devices, rate)| {
         let load = ConnectLoad {
             concurrency: opts.onboard_concurrency.max(1),
@@ -962,6 +978,19 @@ pub async fn publish(
     };
     let acked = shared.acked.load(Ordering::Relaxed);
     let measure_seconds = opts.duration.as_secs_f64();
+    let broker_cpu_seconds = match broker_cpu {
+        Some(task) => Some(
+            task.await
+                .context("the broker CPU reader panicked")?
+                .with_context(|| {
+                    format!(
+                        "reading the CPU time of --broker-pid {}",
+                        opts.broker_pid.unwrap_or_default()
+                    )
+                })?,
+        ),
+        None => None,
+    };
     Ok(PublishReport {
         mode: "publish",
         broker: broker.addr.to_string(),
@@ -990,8 +1019,34 @@ pub async fn publish(
         unacked_at_end,
         lost_sessions,
         onboarding,
+        broker_cpu_seconds,
+        broker_cpu_us_per_message: broker_cpu_seconds
+            .filter(|_| acked > 0)
+            .map(|cpu| cpu * 1e6 / acked as f64),
         error_samples,
     })
+}
+
+/// CPU time of a process so far, all threads, nanoseconds (the first field of each
+/// thread's `/proc/PID/task/TID/schedstat`).
+fn process_cpu_ns(pid: u32) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread that ended since the listing has no file any more: it counts no longer.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let ns = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(|| {
+                std::io::Error::other(format!("unexpected {}: {text:?}", path.display()))
+            })?;
+        total += ns;
+    }
+    Ok(total)
 }
 
 // --- hold ------------------------------------------------------------------------------
@@ -1307,6 +1362,10 @@ struct PublishArgs {
     /// First connects per second from --onboard-certs, evenly spaced.
     #[arg(long, default_value_t = 100.0)]
     onboard_rate: f64,
+    /// The broker's process id: its CPU time during the measurement (all threads, from
+    /// /proc) is reported, and per acknowledged message.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Onboarding connects in flight at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     onboard_concurrency: u32,
@@ -1475,6 +1534,7 @@ pub fn run_cli(args: MqttArgs) -> std::result::Result<String, String> {
                     timeout: opts_base.3,
                     keep_alive: c.keep_alive,
                     progress: !c.quiet,
+                    broker_pid: a.broker_pid,
                 };
                 publish(broker, devices, opts).await
             })

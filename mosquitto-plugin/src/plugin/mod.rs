@@ -114,7 +114,45 @@ struct Grant {
     arn: ArnContext,
     /// (access, topic) → allowed: a decision depends only on the grant, the access and
     /// the topic, so each is evaluated once; the message path then costs a lookup.
-    decisions: Mutex<HashMap<(Access, String), bool>>,
+    decisions: Mutex<Decisions>,
+}
+
+/// A grant's remembered decisions: one map per access (retained publishes apart), keyed
+/// by topic, so the message path looks a topic up without allocating a key.
+#[derive(Debug, Default)]
+struct Decisions {
+    by_access: [HashMap<Box<str>, bool>; 4],
+    len: usize,
+}
+
+impl Decisions {
+    /// The map an access is remembered in; `None` for UNSUBSCRIBE, never decided here.
+    fn slot(access: Access) -> Option<usize> {
+        match access {
+            Access::Subscribe => Some(0),
+            Access::Publish { retain: false } => Some(1),
+            Access::Publish { retain: true } => Some(2),
+            Access::Receive => Some(3),
+            Access::Unsubscribe => None,
+        }
+    }
+
+    fn get(&self, access: Access, topic: &str) -> Option<bool> {
+        self.by_access[Self::slot(access)?].get(topic).copied()
+    }
+
+    fn remember(&mut self, access: Access, topic: &str, allowed: bool) {
+        let Some(slot) = Self::slot(access) else {
+            return;
+        };
+        if self.len >= MAX_REMEMBERED_DECISIONS {
+            self.by_access.iter_mut().for_each(HashMap::clear);
+            self.len = 0;
+        }
+        if self.by_access[slot].insert(topic.into(), allowed).is_none() {
+            self.len += 1;
+        }
+    }
 }
 
 impl Grant {
@@ -136,8 +174,7 @@ impl Grant {
 
     /// Whether the policies allow `access` on `topic` (topic limits checked first).
     fn allows(&self, access: Access, topic: &str) -> bool {
-        let key = (access, topic.to_owned());
-        if let Some(&allowed) = lock(&self.decisions).get(&key) {
+        if let Some(allowed) = lock(&self.decisions).get(access, topic) {
             return allowed;
         }
         let allowed = check_topic(topic).is_ok() && {
@@ -154,11 +191,7 @@ impl Grant {
                 Access::Unsubscribe => false,
             }
         };
-        let mut decisions = lock(&self.decisions);
-        if decisions.len() >= MAX_REMEMBERED_DECISIONS {
-            decisions.clear();
-        }
-        decisions.insert(key, allowed);
+        lock(&self.decisions).remember(access, topic, allowed);
         allowed
     }
 }
@@ -273,6 +306,9 @@ struct Shared {
     state: Mutex<State>,
     disconnects: Mutex<Vec<DisconnectRecord>>,
     logs: Mutex<Vec<LogLine>>,
+    /// Whether `logs` may hold lines: every callback ends by draining them, and most have
+    /// none, so the broker's thread checks this instead of taking the lock.
+    logs_pending: std::sync::atomic::AtomicBool,
     metrics: Metrics,
     /// Sessions opened since start (for session ids).
     sessions_opened: std::sync::atomic::AtomicU64,
@@ -401,6 +437,8 @@ impl Shared {
             level,
             message: message.into(),
         });
+        self.logs_pending
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -526,6 +564,7 @@ impl Plugin {
             state: Mutex::default(),
             disconnects: Mutex::default(),
             logs: Mutex::default(),
+            logs_pending: std::sync::atomic::AtomicBool::new(false),
             metrics: Metrics::default(),
             sessions_opened: std::sync::atomic::AtomicU64::new(0),
             replies: Mutex::default(),
@@ -919,7 +958,14 @@ impl Plugin {
 
     /// The log lines waiting for the broker's log.
     pub fn drain_logs(&self) -> Vec<LogLine> {
-        std::mem::take(&mut *lock(&self.shared.logs))
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        if !self.shared.logs_pending.load(Acquire) {
+            return Vec::new();
+        }
+        let mut logs = lock(&self.shared.logs);
+        // Cleared under the lock: a line pushed after this sets it again.
+        self.shared.logs_pending.store(false, Release);
+        std::mem::take(&mut *logs)
     }
 
     /// The thing of a live session (for tests and diagnostics).
