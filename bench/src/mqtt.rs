@@ -930,9 +930,9 @@ pub async fn publish(
         .collect();
     let broker_cpu = opts.broker_pid.map(|pid| {
         tokio::spawn(async move {
-            tokio::time::sleep_until(measure_start.into()).await;
+            tokio::time::sleep_until(measure_start).await;
             let before = process_cpu_ns(pid)?;
-            tokio::time::sleep_until(deadline.into()).await;
+            tokio::time::sleep_until(deadline).await;
             let after = process_cpu_ns(pid)?;
             Ok::<f64, std::io::Error>(after.saturating_sub(before) as f64 / 1e9)
         })

@@ -150,6 +150,11 @@ pub enum MitigationAction {
     Revoke,
     /// Rotate them now: replacement issued, old one revoked once the device uses it.
     Rotate,
+    /// Add the certificates' things to --thing-group (ADD_THINGS_TO_THING_GROUP). A group
+    /// with no policy gets `fleetcert-quarantine` (deny publish, subscribe and receive)
+    /// first; the group's policies apply from the devices' next CONNECT, and the broker
+    /// drops their live sessions within seconds.
+    AddToThingGroup,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +174,9 @@ pub struct AuditMitigateArgs {
     /// The revocation reason (RFC 5280 name), for `revoke`.
     #[arg(long, default_value = "keyCompromise")]
     pub reason: String,
+    /// The thing group, for `add-to-thing-group`.
+    #[arg(long, default_value = "quarantine")]
+    pub thing_group: String,
     /// Say what would be done; change nothing.
     #[arg(long)]
     pub dry_run: bool,

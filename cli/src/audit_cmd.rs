@@ -307,7 +307,12 @@ pub async fn run(ctx: &Ctx, cmd: AuditCommand) -> CmdResult {
             let action = match args.action {
                 crate::args::MitigationAction::Revoke => audit::MitigationAction::Revoke(reason),
                 crate::args::MitigationAction::Rotate => audit::MitigationAction::Rotate,
+                crate::args::MitigationAction::AddToThingGroup => {
+                    audit::check_group_name(&args.thing_group)?;
+                    audit::MitigationAction::AddToThingGroup(args.thing_group.clone())
+                }
             };
+            let revokes = matches!(action, audit::MitigationAction::Revoke(_));
             let clock = clock_from_env()?;
             let registry = ctx.registry(false).await?;
             let actions = audit::mitigate(
@@ -326,7 +331,7 @@ pub async fn run(ctx: &Ctx, cmd: AuditCommand) -> CmdResult {
             // Revocations are committed; the CRL follows (a running serve publishes it
             // within seconds anyway).
             if applied > 0
-                && matches!(action, audit::MitigationAction::Revoke(_))
+                && revokes
                 && let Ok(ca) = ctx
                     .data()
                     .load_issuing_ca(crate::context::passphrase().as_deref())

@@ -1120,8 +1120,26 @@ pub struct MitigationTarget {
 /// Most findings one mitigation call acts on.
 pub const MAX_MITIGATED_FINDINGS: u32 = 100_000;
 
+/// The policy `ADD_THINGS_TO_THING_GROUP` attaches to a thing group that has none, so that
+/// the group quarantines: its things' devices may still connect (their sessions stay
+/// visible in the connection records), but neither publish, subscribe nor receive. An
+/// explicit Deny wins over every Allow of their own policies.
+pub const QUARANTINE_POLICY_NAME: &str = "fleetcert-quarantine";
+
+/// The document of [`QUARANTINE_POLICY_NAME`].
+pub fn quarantine_policy() -> serde_json::Value {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Deny",
+            "Action": ["iot:Publish", "iot:Subscribe", "iot:Receive", "iot:RetainPublish"],
+            "Resource": "*"
+        }]
+    })
+}
+
 /// What a mitigation does to each finding's device certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MitigationAction {
     /// AWS's UPDATE_DEVICE_CERTIFICATE, as fleetcert does it: revoke it (an event each;
     /// the CRL follows).
@@ -1130,14 +1148,20 @@ pub enum MitigationAction {
     /// the rotation worker issues the replacement and revokes it once the device uses
     /// the new one.
     Rotate,
+    /// AWS's ADD_THINGS_TO_THING_GROUP: add the certificate's thing to this group (a
+    /// group with no policy gets [`QUARANTINE_POLICY_NAME`] first). Policies attached to
+    /// the group apply to the thing's certificates from their next CONNECT; the broker
+    /// drops live sessions granted before (within its session poll, ~2 s).
+    AddToThingGroup(String),
 }
 
 impl MitigationAction {
     /// The action type in reports.
-    pub fn action_type(self) -> &'static str {
+    pub fn action_type(&self) -> &'static str {
         match self {
             MitigationAction::Revoke(_) => "UPDATE_DEVICE_CERTIFICATE",
             MitigationAction::Rotate => "ROTATE_DEVICE_CERTIFICATE",
+            MitigationAction::AddToThingGroup(_) => "ADD_THINGS_TO_THING_GROUP",
         }
     }
 }
@@ -1196,17 +1220,29 @@ pub async fn mitigate(
         actions.push(entry);
     }
     let serials: Vec<String> = chosen.into_iter().collect();
+    // A thing group acts on things: each certificate's thing (unknown certificates are
+    // skipped; a thing reached through several certificates is added once).
+    let mut thing_of = std::collections::BTreeMap::new();
+    if let MitigationAction::AddToThingGroup(group) = &action {
+        check_group_name(group)?;
+        for serial in &serials {
+            if let Some(cert) = registry.get_certificate(serial).await? {
+                thing_of.insert(serial.clone(), cert.thing_name);
+            }
+        }
+    }
+    let mut group_note = String::new();
     let applied: BTreeSet<String> = if dry_run {
         BTreeSet::new()
     } else {
-        match action {
+        match &action {
             MitigationAction::Revoke(reason) => {
                 let mut revoked = BTreeSet::new();
                 for serial in &serials {
                     let entries = crate::revocation::revoke(
                         registry,
                         fleetcert_registry::RevocationTarget::Serial(serial.clone()),
-                        reason,
+                        *reason,
                         now,
                     )
                     .await?;
@@ -1221,11 +1257,60 @@ pub async fn mitigate(
                 .await?
                 .into_iter()
                 .collect(),
+            MitigationAction::AddToThingGroup(group) => {
+                if registry.group_policies(group).await?.is_empty() {
+                    registry
+                        .attach_group_policy(
+                            group,
+                            QUARANTINE_POLICY_NAME,
+                            &quarantine_policy(),
+                            now,
+                        )
+                        .await?;
+                    group_note = format!(
+                        "; the group had no policy, so {QUARANTINE_POLICY_NAME} (deny publish, \
+                         subscribe, receive) was attached to it"
+                    );
+                }
+                let things: BTreeSet<String> = thing_of.values().cloned().collect();
+                let things: Vec<String> = things.into_iter().collect();
+                // Things, not serials: what was added.
+                registry
+                    .add_things_to_group(group, &things, now)
+                    .await?
+                    .into_iter()
+                    .collect()
+            }
         }
     };
+    let mut reported_things = BTreeSet::new();
     for entry in actions.iter_mut().filter(|a| a.status == "chosen") {
         let serial = &entry.resource_identifier;
-        let (status, message) = match (dry_run, applied.contains(serial), action) {
+        if let MitigationAction::AddToThingGroup(group) = &action {
+            // `applied` holds the things added; each is reported applied once.
+            let (status, message) = match thing_of.get(serial) {
+                None => (
+                    "skipped",
+                    format!("certificate {serial} is not in the registry"),
+                ),
+                Some(thing) if dry_run => (
+                    "would_apply",
+                    format!("would add thing {thing} to thing group {group}"),
+                ),
+                Some(thing) if applied.contains(thing) && reported_things.insert(thing) => (
+                    "applied",
+                    format!("added thing {thing} to thing group {group}{group_note}"),
+                ),
+                Some(thing) => (
+                    "already_done",
+                    format!("thing {thing} is in thing group {group} already"),
+                ),
+            };
+            entry.status = status;
+            entry.message = message;
+            continue;
+        }
+        let (status, message) = match (dry_run, applied.contains(serial), action.clone()) {
             (true, _, MitigationAction::Revoke(reason)) => (
                 "would_apply",
                 format!("would revoke certificate {serial} ({})", reason.as_str()),
@@ -1254,11 +1339,27 @@ pub async fn mitigate(
                     "certificate {serial} is rotating already, or is not active and handed over"
                 ),
             ),
+            (_, _, MitigationAction::AddToThingGroup(_)) => unreachable!("handled above"),
         };
         entry.status = status;
         entry.message = message;
     }
     Ok(actions)
+}
+
+/// A thing group name as AWS allows it: 1 to 128 of `[a-zA-Z0-9:_-]`.
+pub fn check_group_name(name: &str) -> Result<(), LifecycleError> {
+    let ok = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LifecycleError::BadInput(format!(
+            "thing group name {name:?}: 1 to 128 letters, digits, ':', '_' or '-'"
+        )))
+    }
 }
 
 /// Runs an audit task at `now` and records it with its findings.

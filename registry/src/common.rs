@@ -138,6 +138,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "rotations_new_serial_unused",
         sql: include_str!("../../migrations/sqlite/0009_rotations_new_serial_unused.sql"),
     },
+    EmbeddedMigration {
+        version: 10,
+        description: "thing_group_policies",
+        sql: include_str!("../../migrations/sqlite/0010_thing_group_policies.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -186,6 +191,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 9,
         description: "rotations_new_serial_unused",
         sql: include_str!("../../migrations/postgres/0009_rotations_new_serial_unused.sql"),
+    },
+    EmbeddedMigration {
+        version: 10,
+        description: "thing_group_policies",
+        sql: include_str!("../../migrations/postgres/0010_thing_group_policies.sql"),
     },
 ];
 

@@ -23,15 +23,16 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, Type};
 /// [`MAX_CONNECTIONS_PER_CERTIFICATE`] is exact ("fleetcon").
 const CONNECTIONS_LOCK: i64 = 0x666c_6565_7463_6f6e;
 
-/// A certificate, its thing, its attached policies (`$policies`: an aggregate over
-/// `policy_attachments a` yielding a JSON array of `a.policy_name`, in any order), whether
+/// A certificate, its thing, its policies — attached to it or to one of its thing's
+/// groups (`$policies`: an aggregate over rows `attached` yielding a JSON array of
+/// `a.policy_name`, in any order; `$groups`: the names in `t.groups`) — whether
 /// its first use confirms a rotation (it replaces a certificate not revoked yet), and its
 /// own rotation (as the old certificate) if any, by fingerprint (`$1`): the hot path of
 /// every returning connection. Columns: [`common::cert_columns!`], the thing's (as
 /// [`common::thing_from_row_at`] reads them), the policies, the flag,
 /// [`common::rotation_columns!`].
 macro_rules! device_state_sql {
-    ($policies:literal) => {
+    ($policies:literal, $groups:literal) => {
         concat!(
             "SELECT ",
             $crate::common::cert_columns!(c),
@@ -39,7 +40,10 @@ macro_rules! device_state_sql {
                CAST(t.attributes AS TEXT), CAST(t.groups AS TEXT), t.billing_group, t.version, \
                (SELECT ",
             $policies,
-            " FROM policy_attachments a WHERE a.serial = c.serial), \
+            " FROM (SELECT p.policy_name FROM policy_attachments p WHERE p.serial = c.serial \
+               UNION SELECT g.policy_name FROM thing_group_policies g WHERE g.group_name IN (",
+            $groups,
+            ")) AS attached), \
                EXISTS (SELECT 1 FROM certificates o \
                 WHERE o.serial = c.replaces AND o.status <> 'revoked'), ",
             $crate::common::rotation_columns!(r),

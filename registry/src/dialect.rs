@@ -85,6 +85,10 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Lists travel as one JSON text bind on both backends.
     fn json_values(n: u8) -> String;
 
+    /// [`Self::json_values`] over a JSON array column (`things.groups`) of the row in
+    /// scope instead of a bind.
+    fn json_values_of(column: &str) -> String;
+
     /// [`Self::json_values`] with each element's position: one `(key, value)` row per
     /// element, `key` counting from 0, for lists whose order matters (SQLite
     /// `json_each`, PostgreSQL `jsonb_array_elements_text … WITH ORDINALITY`).

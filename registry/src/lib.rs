@@ -43,6 +43,7 @@ mod rotations;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod thing_groups;
 
 pub use error::RegistryError;
 
@@ -1450,7 +1451,8 @@ pub trait Queries: Send + Sync {
     /// All policies, by name.
     async fn list_policies(&self) -> Result<Vec<PolicyRecord>, RegistryError>;
 
-    /// Policies attached to any of the thing's active certificates, distinct, by name.
+    /// Policies attached to any of the thing's active certificates or to one of its
+    /// thing groups, distinct, by name.
     async fn policies_of_thing(&self, thing_name: &str)
     -> Result<Vec<PolicyRecord>, RegistryError>;
 
@@ -1605,6 +1607,45 @@ pub trait Audits: Send + Sync {
     ) -> Result<Vec<ConnectionRecord>, RegistryError>;
 }
 
+/// Thing groups' policies: a policy attached to a group applies to every certificate of
+/// every thing in the group, beside the certificate's own (the device state's `policies`
+/// are both). The audit's ADD_THINGS_TO_THING_GROUP mitigation uses this to quarantine.
+#[async_trait]
+pub trait ThingGroups: Send + Sync {
+    /// Attaches `policy` to `group`, creating the policy with `document` if it does not
+    /// exist; a policy of that name with another document is
+    /// [`RegistryError::InvalidValue`] (policies are immutable). `false` if it was
+    /// attached already. Things in the group get `policies_changed_at` = `at` (event
+    /// `thing_group.policy_attached`).
+    async fn attach_group_policy(
+        &self,
+        group: &str,
+        policy: &str,
+        document: &serde_json::Value,
+        at: i64,
+    ) -> Result<bool, RegistryError>;
+
+    /// Adds each of `things` to `group` (its `groups`, version + 1, `policies_changed_at`
+    /// = `at`; event `thing.added_to_group`), in one transaction; returns those that were
+    /// not in it. An unknown thing is [`RegistryError::NotFound`] and adds none.
+    async fn add_things_to_group(
+        &self,
+        group: &str,
+        things: &[String],
+        at: i64,
+    ) -> Result<Vec<String>, RegistryError>;
+
+    /// The policies attached to `group`, by name.
+    async fn group_policies(&self, group: &str) -> Result<Vec<String>, RegistryError>;
+
+    /// Things whose policies through groups changed at or after `since` (name, when),
+    /// oldest change first.
+    async fn things_policies_changed_since(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, i64)>, RegistryError>;
+}
+
 /// Provisioning by claim: claim certificates and the certificates the Fleet Provisioning
 /// API issues until RegisterThing (the broker integration, `claims` commands).
 #[async_trait]
@@ -1701,6 +1742,7 @@ pub trait Registry:
     + Queries
     + Claims
     + Audits
+    + ThingGroups
     + fmt::Debug
 {
     /// Which backend this is: `sqlite` or `postgres`.
@@ -1722,7 +1764,7 @@ pub trait Registry:
 pub mod roles {
     pub use crate::{
         Audits, Claims, Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations,
-        Rotations,
+        Rotations, ThingGroups,
     };
 }
 

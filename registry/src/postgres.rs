@@ -130,12 +130,17 @@ impl Dialect for PgRegistry {
     const FOR_KEY_SHARE: &'static str = " FOR KEY SHARE";
     const FOR_NO_KEY_UPDATE: &'static str = " FOR NO KEY UPDATE";
     const SQL_DEVICE_STATE: &'static str = crate::connections::device_state_sql!(
-        "COALESCE(CAST(json_agg(a.policy_name ORDER BY a.policy_name) AS TEXT), '[]')"
+        "COALESCE(CAST(json_agg(attached.policy_name ORDER BY attached.policy_name) AS TEXT), '[]')",
+        "SELECT jsonb_array_elements_text(t.groups)"
     );
     const NOT_INDEXED: &'static str = "";
 
     fn json_values(n: u8) -> String {
         format!("SELECT jsonb_array_elements_text(${n}::jsonb) AS value")
+    }
+
+    fn json_values_of(column: &str) -> String {
+        format!("SELECT jsonb_array_elements_text({column}) AS value")
     }
 
     fn json_entries(n: u8) -> String {

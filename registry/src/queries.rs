@@ -10,7 +10,7 @@ use crate::{
     MAX_CONNECTIONS_PER_CERTIFICATE, PolicyRecord, RegistryCounts, RegistryError, RevokedEntry,
     RotationFilter, RotationRecord, StoredCrl, ThingFilter, ThingRecord,
 };
-use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, QueryBuilder, Type};
+use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, QueryBuilder, Type};
 
 /// The thing columns, in the order [`common::thing_from_row`] reads them.
 macro_rules! thing_columns {
@@ -26,12 +26,22 @@ pub(crate) const SQL_POLICY: &str = "SELECT name, CAST(document AS TEXT), create
      FROM policies WHERE name = $1";
 const SQL_POLICIES: &str = "SELECT name, CAST(document AS TEXT), created_at, updated_at \
      FROM policies ORDER BY name";
-pub(crate) const SQL_POLICIES_OF_THING: &str = "SELECT name, CAST(document AS TEXT), created_at, updated_at \
-     FROM policies WHERE name IN ( \
-        SELECT a.policy_name FROM certificates c \
-        JOIN policy_attachments a ON a.serial = c.serial \
-        WHERE c.thing_name = $1 AND c.status = 'active') \
-     ORDER BY name";
+/// The policies of a thing: attached to any of its active certificates, or to one of its
+/// thing groups.
+pub(crate) fn sql_policies_of_thing<R: Dialect>() -> String {
+    format!(
+        "SELECT name, CAST(document AS TEXT), created_at, updated_at \
+         FROM policies WHERE name IN ( \
+            SELECT a.policy_name FROM certificates c \
+            JOIN policy_attachments a ON a.serial = c.serial \
+            WHERE c.thing_name = $1 AND c.status = 'active' \
+            UNION SELECT g.policy_name FROM things t \
+            JOIN thing_group_policies g ON g.group_name IN ({}) \
+            WHERE t.name = $1) \
+         ORDER BY name",
+        R::json_values_of("t.groups")
+    )
+}
 pub(crate) const SQL_RECENT_CONNECTIONS: &str = concat!(
     "SELECT ",
     connection_columns!(),
@@ -313,7 +323,8 @@ where
         &self,
         thing_name: &str,
     ) -> Result<Vec<PolicyRecord>, RegistryError> {
-        let q = sqlx::query(SQL_POLICIES_OF_THING).bind(thing_name.to_owned());
+        let sql = sql_policies_of_thing::<R>();
+        let q = sqlx::query(AssertSqlSafe(sql.as_str())).bind(thing_name.to_owned());
         self.rows("listing the policies of a thing", q, |r| {
             common::policy_from_row(r)
         })

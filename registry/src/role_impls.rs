@@ -334,6 +334,45 @@ macro_rules! impl_roles {
         }
 
         #[async_trait::async_trait]
+        impl crate::ThingGroups for $backend {
+            async fn attach_group_policy(
+                &self,
+                group: &str,
+                policy: &str,
+                document: &serde_json::Value,
+                at: i64,
+            ) -> Result<bool, RegistryError> {
+                crate::dialect::Flows(self)
+                    .attach_group_policy(group, policy, document, at)
+                    .await
+            }
+
+            async fn add_things_to_group(
+                &self,
+                group: &str,
+                things: &[String],
+                at: i64,
+            ) -> Result<Vec<String>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .add_things_to_group(group, things, at)
+                    .await
+            }
+
+            async fn group_policies(&self, group: &str) -> Result<Vec<String>, RegistryError> {
+                crate::dialect::Flows(self).group_policies(group).await
+            }
+
+            async fn things_policies_changed_since(
+                &self,
+                since: i64,
+            ) -> Result<Vec<(String, i64)>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .things_policies_changed_since(since)
+                    .await
+            }
+        }
+
+        #[async_trait::async_trait]
         impl crate::Audits for $backend {
             async fn record_audit(
                 &self,

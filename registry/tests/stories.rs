@@ -3917,6 +3917,131 @@ async fn rotations_opened_for_chosen_certificates(url: &str) {
     assert!(kinds.iter().any(|k| k == "rotation.due"), "{kinds:?}");
 }
 
+/// Thing group policies: attached to a group, they join its things' device state; a
+/// document that differs from a stored policy of the same name is refused; adding things
+/// is all-or-nothing and says which were new; the change times are readable.
+async fn thing_group_policies_apply_to_their_things(url: &str) {
+    let reg = open(url).await.unwrap();
+    let r1 = provisioned(&reg, "g1").await;
+    let r2 = provisioned(&reg, "g2").await;
+    let state = reg
+        .device_state(&r1.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = reg
+        .register(&registration(
+            &r1,
+            state.thing.version,
+            vec![policy("telemetry", Some(document("topic/g1")))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(outcome, registered(&["telemetry"]));
+    let deny = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Action": "iot:Publish", "Resource": "*"}]});
+    assert!(reg.group_policies("quarantine").await.unwrap().is_empty());
+    assert!(
+        reg.attach_group_policy("quarantine", "deny", &deny, AT + 10)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !reg.attach_group_policy("quarantine", "deny", &deny, AT + 11)
+            .await
+            .unwrap()
+    );
+    // Policies are immutable: the same name with another document is refused.
+    let err = reg
+        .attach_group_policy("other", "deny", &document("topic/x"), AT + 12)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::InvalidValue(_)), "{err:?}");
+    assert!(reg.group_policies("other").await.unwrap().is_empty());
+    assert_eq!(
+        reg.group_policies("quarantine").await.unwrap(),
+        vec!["deny".to_owned()]
+    );
+    // Not in the group yet: only the certificate's own policy.
+    let state = reg
+        .device_state(&r1.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.policies, vec!["telemetry".to_owned()]);
+    assert!(
+        reg.things_policies_changed_since(0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // An unknown thing adds none.
+    let err = reg
+        .add_things_to_group("quarantine", &["g1".to_owned(), "nope".to_owned()], AT + 20)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
+    let version = reg.get_thing("g1").await.unwrap().unwrap().version;
+    let added = reg
+        .add_things_to_group("quarantine", &["g1".to_owned(), "g2".to_owned()], AT + 30)
+        .await
+        .unwrap();
+    assert_eq!(added, vec!["g1".to_owned(), "g2".to_owned()]);
+    let again = reg
+        .add_things_to_group("quarantine", &["g1".to_owned()], AT + 31)
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    let thing = reg.get_thing("g1").await.unwrap().unwrap();
+    assert_eq!(thing.version, version + 1);
+    assert!(thing.details.groups.contains(&"quarantine".to_owned()));
+    assert!(
+        thing.details.groups.contains(&"fleet-a".to_owned()),
+        "{thing:?}"
+    );
+    let state = reg
+        .device_state(&r1.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        state.policies,
+        vec!["deny".to_owned(), "telemetry".to_owned()]
+    );
+    let state = reg
+        .device_state(&r2.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.policies, vec!["deny".to_owned()]);
+    assert_eq!(
+        reg.things_policies_changed_since(AT + 30).await.unwrap(),
+        vec![("g1".to_owned(), AT + 30), ("g2".to_owned(), AT + 30)]
+    );
+    assert!(
+        reg.things_policies_changed_since(AT + 31)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(count_kind(&reg, "thing.added_to_group").await, 2);
+    assert_eq!(count_kind(&reg, "thing_group.policy_attached").await, 1);
+
+    // A policy attached later to a group marks its things again.
+    let second = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Action": "iot:Subscribe", "Resource": "*"}]});
+    assert!(
+        reg.attach_group_policy("quarantine", "deny-sub", &second, AT + 40)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        reg.things_policies_changed_since(AT + 35).await.unwrap(),
+        vec![("g1".to_owned(), AT + 40), ("g2".to_owned(), AT + 40)]
+    );
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -3977,6 +4102,7 @@ stories!(
     claims_group_commits,
     audit_tasks_findings_and_suppressions,
     rotations_opened_for_chosen_certificates,
+    thing_group_policies_apply_to_their_things,
 );
 
 // ---------------------------------------------------------------------------------------

@@ -331,6 +331,32 @@ fn expiring_aged_certificates_and_cas_are_found_and_suppressions_expire() {
     let mut unknown = env.cmd();
     unknown.args(["audit", "mitigate", "--task", "nope", "--action", "rotate"]);
     assert_eq!(unknown.output().unwrap().status.code(), Some(2));
+    // A thing group name AWS would refuse is bad input, and adds nothing anywhere.
+    let mut bad_group = env.cmd();
+    bad_group.args([
+        "audit",
+        "mitigate",
+        "--task",
+        &first_task,
+        "--action",
+        "add-to-thing-group",
+        "--thing-group",
+        "no spaces/here",
+    ]);
+    let out = bad_group.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("thing group name"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        env.json(&["policies", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "fleetcert-quarantine")
+    );
 }
 
 #[test]

@@ -242,3 +242,124 @@ fn shared_certificates_conflicting_client_ids_and_revoked_certificates_in_use_ar
         "cloned, twin, stolen, honest: {summary:#}"
     );
 }
+
+/// ADD_THINGS_TO_THING_GROUP as a quarantine, with real MQTT clients: the expiring
+/// certificate's thing goes into a thing group that had no policy (so it gets
+/// `fleetcert-quarantine`); its live session is dropped within seconds; it may connect
+/// again but neither publish nor subscribe, while a device outside the group is untouched.
+#[test]
+#[ignore = "needs mosquitto and paho-mqtt (scripts/with-mosquitto.sh)"]
+fn a_quarantine_thing_group_drops_the_session_and_denies_its_messages() {
+    let env = Env::new();
+    env.init_ca();
+    env.ok(&["provision", "suspect", "--days", "10", "--out", "out"]);
+    let suspect = Device {
+        name: "suspect".into(),
+        cert: env.out_dir().join("suspect.crt"),
+        key: env.out_dir().join("suspect.key"),
+    };
+    let bystander = device(&env, "bystander");
+    let fleet = Fleet::start(&env);
+
+    // Both work before; the suspect's session stays up, waiting for a message.
+    let before = probe(
+        &fleet,
+        &bystander,
+        "bystander",
+        &[],
+        &["devices/bystander/telemetry"],
+        0.2,
+    );
+    // PUBACK below 0x80 is success (0x10: accepted, no subscriber matched).
+    let accepted = |reason: &serde_json::Value| reason.as_i64().is_some_and(|c| c < 0x80);
+    assert!(accepted(&before["publish"][0]["reason"]), "{before}");
+    let session = LiveSession::start(&fleet, &suspect, &["devices/suspect/#"], &[], 1);
+    assert_eq!(session.ready["connack"], SUCCESS, "{}", session.ready);
+
+    let (code, summary) = audit_at(
+        &env,
+        0,
+        &["--checks", "DEVICE_CERT_APPROACHING_EXPIRATION_CHECK"],
+    );
+    assert_eq!(code, 1, "{summary:#}");
+    let task = summary["taskId"].as_str().unwrap().to_owned();
+    let mitigate = |dry: bool| {
+        let mut args = vec![
+            "audit",
+            "mitigate",
+            "--task",
+            &task,
+            "--action",
+            "add-to-thing-group",
+            "--thing-group",
+            "quarantine",
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        env.json(&args)
+    };
+    let groups_of =
+        |thing: &str| env.json(&["things", "show", thing])["thing"]["details"]["groups"].clone();
+    let dry = mitigate(true);
+    assert_eq!(dry["actions"][0]["status"], "would_apply", "{dry}");
+    assert_eq!(groups_of("suspect"), serde_json::json!([]));
+
+    let quarantined_at = Instant::now();
+    let applied = mitigate(false);
+    assert_eq!(applied["applied"], 1, "{applied}");
+    assert_eq!(
+        applied["actions"][0]["actionType"],
+        "ADD_THINGS_TO_THING_GROUP"
+    );
+    assert!(
+        applied["actions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fleetcert-quarantine"),
+        "{applied}"
+    );
+    assert_eq!(groups_of("suspect"), serde_json::json!(["quarantine"]));
+    assert_eq!(groups_of("bystander"), serde_json::json!([]));
+    let session = session.go();
+    assert!(
+        session["disconnected_after"].is_f64(),
+        "the quarantined session was not dropped within 10 s: {session}\n{}",
+        fleet.broker_log()
+    );
+    assert!(quarantined_at.elapsed() < Duration::from_secs(11));
+
+    // Connects again, under the group's Deny: nothing goes in or out.
+    let after = probe(
+        &fleet,
+        &suspect,
+        "suspect",
+        &["devices/suspect/#"],
+        &["devices/suspect/telemetry"],
+        0.2,
+    );
+    assert_eq!(after["connack"], SUCCESS, "{after}");
+    assert_eq!(after["subscribe"][0]["reason"], NOT_AUTHORIZED, "{after}");
+    assert_eq!(after["publish"][0]["reason"], NOT_AUTHORIZED, "{after}");
+    let still = probe(
+        &fleet,
+        &bystander,
+        "bystander",
+        &[],
+        &["devices/bystander/telemetry"],
+        0.2,
+    );
+    assert!(accepted(&still["publish"][0]["reason"]), "{still}");
+    // `things show` lists the group's policy with the certificate's own.
+    let shown = env.json(&["things", "show", "suspect"]);
+    assert!(
+        shown["policies"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("fleetcert-quarantine")),
+        "{shown}"
+    );
+    // Applying again changes nothing.
+    let again = mitigate(false);
+    assert_eq!(again["actions"][0]["status"], "already_done", "{again}");
+}

@@ -74,17 +74,26 @@ pub enum RetiredReason {
     Revoked,
     /// Revoked because the device was seen using its replacement (a confirmed rotation).
     Rotated,
+    /// Still valid, but the policies its thing gets through its groups changed after the
+    /// session was granted (e.g. the audit's ADD_THINGS_TO_THING_GROUP quarantine): the
+    /// device must reconnect under the new set.
+    PoliciesChanged,
 }
 
 impl RetiredReason {
-    /// The stable name (`revoked`, `rotated`).
+    /// The stable name (`revoked`, `rotated`, `policies_changed`).
     pub fn as_str(self) -> &'static str {
         match self {
             RetiredReason::Revoked => "revoked",
             RetiredReason::Rotated => "rotated",
+            RetiredReason::PoliciesChanged => "policies_changed",
         }
     }
 }
+
+/// How far back the first session poll after a start looks for policy changes, seconds
+/// (later polls look back to the previous one, less this margin for clock steps).
+const POLICY_CHANGE_LOOKBACK_SECONDS: i64 = 10;
 
 /// A certificate of a live session that must be dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +113,11 @@ pub(super) struct BrokerMemo {
     /// Policy name → (document text, compiled). Stored policies never change under a
     /// name, so a compiled policy stays valid; the text is compared anyway.
     policies: RwLock<HashMap<String, (String, Arc<Policy>)>>,
+    /// fingerprint → when serve last granted it a CONNECT (Unix seconds), or first saw
+    /// it in a session poll: a policy change after that retires its sessions.
+    granted_at: RwLock<HashMap<String, i64>>,
+    /// When the previous session poll asked for policy changes.
+    policy_poll: std::sync::Mutex<Option<i64>>,
 }
 
 const MEMO_CAPACITY: usize = 200_000;
@@ -115,6 +129,36 @@ impl BrokerMemo {
             .expect("broker memo poisoned")
             .get(fingerprint)
             .cloned()
+    }
+
+    /// Notes when a certificate's CONNECT was granted (or, with `only_if_unknown`, when
+    /// a session of it was first seen).
+    fn granted(&self, fingerprint: &str, at: i64, only_if_unknown: bool) {
+        let mut granted = self.granted_at.write().expect("broker memo poisoned");
+        if granted.len() >= MEMO_CAPACITY {
+            granted.clear();
+        }
+        if only_if_unknown {
+            granted.entry(fingerprint.to_owned()).or_insert(at);
+        } else {
+            granted.insert(fingerprint.to_owned(), at);
+        }
+    }
+
+    fn granted_at(&self, fingerprint: &str) -> Option<i64> {
+        self.granted_at
+            .read()
+            .expect("broker memo poisoned")
+            .get(fingerprint)
+            .copied()
+    }
+
+    /// Since when this poll looks for policy changes (and records `now` for the next).
+    fn policy_poll_since(&self, now: i64) -> i64 {
+        let mut previous = self.policy_poll.lock().expect("broker memo poisoned");
+        let since = previous.map_or(now - POLICY_CHANGE_LOOKBACK_SECONDS, |p| p.min(now) - 2);
+        *previous = Some(now);
+        since
     }
 
     fn remember(&self, fingerprint: &str, serial: &str, thing: &str) {
@@ -246,12 +290,31 @@ impl Jitp {
             &certificate.serial,
             &state.thing.name,
         );
+        self.broker
+            .granted(&certificate.fingerprint_sha256, self.clock.now(), false);
         let attached = certificate.registered_at.is_some();
-        let records = self
+        let mut records = self
             .registry
             .policies_of_certificate(&certificate.serial)
             .await
             .map_err(Refusal::unavailable)?;
+        // The thing's groups' policies (the device state lists them with the
+        // certificate's own) apply, as in AWS IoT, when the client id is the thing's name.
+        if attached && client_id == state.thing.name {
+            for name in &state.policies {
+                if records.iter().any(|r| &r.name == name) {
+                    continue;
+                }
+                if let Some(record) = self
+                    .registry
+                    .get_policy(name)
+                    .await
+                    .map_err(Refusal::unavailable)?
+                {
+                    records.push(record);
+                }
+            }
+        }
         let mut policies = Vec::with_capacity(records.len());
         let mut compiled = Vec::with_capacity(records.len());
         for record in records {
@@ -378,12 +441,26 @@ impl Jitp {
         &self,
         fingerprints: &[String],
     ) -> Result<Vec<RetiredCertificate>, Refusal> {
+        let now = self.clock.now();
+        let since = self.broker.policy_poll_since(now);
+        // Things whose policies through groups changed lately, with the latest change.
+        let mut changed: HashMap<String, i64> = HashMap::new();
+        for (thing, at) in self
+            .registry
+            .things_policies_changed_since(since)
+            .await
+            .map_err(Refusal::unavailable)?
+        {
+            let latest = changed.entry(thing).or_insert(at);
+            *latest = (*latest).max(at);
+        }
         let mut retired = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for fingerprint in fingerprints {
             if !seen.insert(fingerprint.as_str()) {
                 continue;
             }
+            self.broker.granted(fingerprint, now, true);
             let reason = if let Some((serial, _)) = self.broker.certificate(fingerprint) {
                 self.revocation
                     .is_serial_revoked(&serial)
@@ -427,6 +504,26 @@ impl Jitp {
                     } else {
                         RetiredReason::Revoked
                     },
+                });
+                continue;
+            }
+            // Granted in the same second as the change: it may predate it, so it goes
+            // too (the reconnect is granted after, and stays).
+            let policies_changed = !changed.is_empty()
+                && self
+                    .broker
+                    .certificate(fingerprint)
+                    .is_some_and(|(_, thing)| {
+                        changed.get(&thing).is_some_and(|&at| {
+                            self.broker
+                                .granted_at(fingerprint)
+                                .is_none_or(|granted| granted <= at)
+                        })
+                    });
+            if policies_changed {
+                retired.push(RetiredCertificate {
+                    fingerprint_sha256: fingerprint.clone(),
+                    reason: RetiredReason::PoliciesChanged,
                 });
             }
         }
