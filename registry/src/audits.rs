@@ -11,6 +11,8 @@ use crate::{
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, Row, Type};
 
 const EVENT_AUDIT_COMPLETED: &str = "audit.completed";
+/// Findings inserted by one statement.
+const FINDINGS_PER_STATEMENT: usize = 1000;
 const EVENT_SUPPRESSION_SET: &str = "audit.suppression_set";
 const EVENT_SUPPRESSION_DELETED: &str = "audit.suppression_deleted";
 
@@ -126,27 +128,42 @@ where
             .execute(&mut *tx)
             .await
             .map_err(step("recording the audit task"))?;
-            for f in findings {
-                sqlx::query(
-                    "INSERT INTO audit_findings (finding_id, task_id, check_name, severity, \
-                        reason_code, reason_description, resource_type, resource_id, detail, \
-                        suppressed, found_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                )
-                .bind(f.finding_id.clone())
-                .bind(task.task_id.clone())
-                .bind(f.check_name.clone())
-                .bind(f.severity.clone())
-                .bind(f.reason_code.clone())
-                .bind(f.reason_description.clone())
-                .bind(f.resource_type.clone())
-                .bind(f.resource_id.clone())
-                .bind(to_json(&f.detail))
-                .bind(i64::from(f.suppressed))
-                .bind(f.found_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(step("recording an audit finding"))?;
+            // Many rows per statement: a fleet's audit can find thousands of resources,
+            // and each statement is a round trip to the database.
+            let insert = format!(
+                "INSERT INTO audit_findings (finding_id, task_id, check_name, severity, \
+                    reason_code, reason_description, resource_type, resource_id, detail, \
+                    suppressed, found_at) \
+                 SELECT value ->> 0, $2, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+                    value ->> 5, value ->> 6, {}, CAST(value ->> 8 AS BIGINT), \
+                    CAST(value ->> 9 AS BIGINT) FROM {}",
+                R::json_column("value ->> 7"),
+                R::json_rows(1)
+            );
+            for chunk in findings.chunks(FINDINGS_PER_STATEMENT) {
+                let rows: Vec<serde_json::Value> = chunk
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!([
+                            f.finding_id,
+                            f.check_name,
+                            f.severity,
+                            f.reason_code,
+                            f.reason_description,
+                            f.resource_type,
+                            f.resource_id,
+                            to_json(&f.detail),
+                            i64::from(f.suppressed),
+                            f.found_at,
+                        ])
+                    })
+                    .collect();
+                sqlx::query(AssertSqlSafe(insert.as_str()))
+                    .bind(to_json(&rows))
+                    .bind(task.task_id.clone())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(step("recording audit findings"))?;
             }
             R::insert_events(
                 &mut tx,
@@ -292,39 +309,39 @@ where
     pub(crate) async fn audited_certificates(
         &self,
     ) -> Result<Vec<AuditedCertificate>, RegistryError> {
-        // In pages by serial, each decoded before the next is read: a fleet's worth of
-        // database rows is never held at once.
-        const PAGE: i64 = 10_000;
-        let mut all: Vec<AuditedCertificate> = Vec::new();
-        loop {
-            let after = all.last().map(|c| c.serial.clone()).unwrap_or_default();
-            let q = sqlx::query(
+        // One pass in the table's own order (SQLite: by rowid, sequential; ordering by
+        // serial walks the table at random), each row decoded as it streams in, so a
+        // fleet's worth of database rows is never held at once; sorted by serial here.
+        use futures_util::TryStreamExt;
+        let decode = |row: &<R::Db as Database>::Row| -> sqlx::Result<AuditedCertificate> {
+            let status: String = row.try_get(3)?;
+            Ok(AuditedCertificate {
+                serial: row.try_get(0)?,
+                fingerprint_sha256: row.try_get(1)?,
+                thing_name: row.try_get(2)?,
+                status: status.parse::<CertStatus>().map_err(common::decode_error)?,
+                key_algorithm: row.try_get(4)?,
+                not_before: row.try_get(5)?,
+                not_after: row.try_get(6)?,
+            })
+        };
+        let read = async {
+            let mut all = Vec::new();
+            let mut rows = sqlx::query(
                 "SELECT serial, fingerprint_sha256, thing_name, status, key_algorithm, \
-                    not_before, not_after FROM certificates WHERE serial > $1 \
-                 ORDER BY serial LIMIT $2",
+                    not_before, not_after FROM certificates",
             )
-            .bind(after)
-            .bind(PAGE);
-            let page = self
-                .rows("reading certificates", q, |row| {
-                    let status: String = row.try_get(3)?;
-                    Ok(AuditedCertificate {
-                        serial: row.try_get(0)?,
-                        fingerprint_sha256: row.try_get(1)?,
-                        thing_name: row.try_get(2)?,
-                        status: status.parse::<CertStatus>().map_err(common::decode_error)?,
-                        key_algorithm: row.try_get(4)?,
-                        not_before: row.try_get(5)?,
-                        not_after: row.try_get(6)?,
-                    })
-                })
-                .await?;
-            let full = page.len() as i64 == PAGE;
-            all.extend(page);
-            if !full {
-                return Ok(all);
+            .fetch(self.0.pool());
+            while let Some(row) = rows.try_next().await? {
+                all.push(decode(&row)?);
             }
-        }
+            Ok::<_, sqlx::Error>(all)
+        };
+        let mut all = read
+            .await
+            .map_err(|e| self.0.err("reading certificates", e))?;
+        all.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+        Ok(all)
     }
 
     pub(crate) async fn mqtt_sessions(
