@@ -155,6 +155,10 @@ pub enum MitigationAction {
     /// first; the group's policies apply from the devices' next CONNECT, and the broker
     /// drops their live sessions within seconds.
     AddToThingGroup,
+    /// Give each overly permissive policy a new default version that grants only
+    /// iot:Connect as the device's own thing (REPLACE_DEFAULT_POLICY_VERSION, BLANK_POLICY);
+    /// earlier versions are kept, and devices get the new one from their next CONNECT.
+    ReplaceDefaultPolicyVersion,
 }
 
 #[derive(Debug, Args)]

@@ -307,6 +307,9 @@ pub async fn run(ctx: &Ctx, cmd: AuditCommand) -> CmdResult {
             let action = match args.action {
                 crate::args::MitigationAction::Revoke => audit::MitigationAction::Revoke(reason),
                 crate::args::MitigationAction::Rotate => audit::MitigationAction::Rotate,
+                crate::args::MitigationAction::ReplaceDefaultPolicyVersion => {
+                    audit::MitigationAction::ReplaceDefaultPolicyVersion
+                }
                 crate::args::MitigationAction::AddToThingGroup => {
                     audit::check_group_name(&args.thing_group)?;
                     audit::MitigationAction::AddToThingGroup(args.thing_group.clone())

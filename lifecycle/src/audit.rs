@@ -1166,6 +1166,30 @@ pub enum MitigationAction {
     /// the group apply to the thing's certificates from their next CONNECT; the broker
     /// drops live sessions granted before (within its session poll, ~2 s).
     AddToThingGroup(String),
+    /// AWS's REPLACE_DEFAULT_POLICY_VERSION with its BLANK_POLICY template, on each
+    /// overly permissive policy's finding: the policy's new default version is
+    /// [`blank_policy`] (earlier versions kept, so the template still registers devices);
+    /// devices holding it keep only `iot:Connect` as their own thing, from their next
+    /// CONNECT (the broker drops live sessions within seconds).
+    ReplaceDefaultPolicyVersion,
+}
+
+/// The template name of [`blank_policy`], as AWS names the mitigation's only template.
+pub const BLANK_POLICY: &str = "BLANK_POLICY";
+
+/// The version REPLACE_DEFAULT_POLICY_VERSION installs: it grants nothing but
+/// `iot:Connect` for the certificate's own attached thing (a policy needs a statement;
+/// this one keeps the device reachable by its identity and allows no data-plane action).
+pub fn blank_policy() -> serde_json::Value {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Action": "iot:Connect",
+            "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}",
+            "Condition": { "Bool": { "iot:Connection.Thing.IsAttached": "true" } }
+        }]
+    })
 }
 
 impl MitigationAction {
@@ -1175,6 +1199,7 @@ impl MitigationAction {
             MitigationAction::Revoke(_) => "UPDATE_DEVICE_CERTIFICATE",
             MitigationAction::Rotate => "ROTATE_DEVICE_CERTIFICATE",
             MitigationAction::AddToThingGroup(_) => "ADD_THINGS_TO_THING_GROUP",
+            MitigationAction::ReplaceDefaultPolicyVersion => "REPLACE_DEFAULT_POLICY_VERSION",
         }
     }
 }
@@ -1211,6 +1236,11 @@ pub async fn mitigate(
     }
     let mut chosen = BTreeSet::new();
     let mut actions = Vec::new();
+    // What the action acts on: a policy's findings, or a device certificate's.
+    let (resource_type, resource_words) = match action {
+        MitigationAction::ReplaceDefaultPolicyVersion => ("IOT_POLICY", "a policy"),
+        _ => ("DEVICE_CERTIFICATE", "a device certificate"),
+    };
     for f in found {
         let mut entry = Mitigation {
             finding_id: f.finding_id.clone(),
@@ -1220,8 +1250,8 @@ pub async fn mitigate(
             status: "skipped",
             message: String::new(),
         };
-        if f.resource_type != "DEVICE_CERTIFICATE" {
-            entry.message = format!("a {} is not a device certificate", f.resource_type);
+        if f.resource_type != resource_type {
+            entry.message = format!("a {} is not {resource_words}", f.resource_type);
         } else if f.suppressed {
             entry.message = "the finding is suppressed".into();
         } else if !chosen.insert(f.resource_id.clone()) {
@@ -1231,6 +1261,41 @@ pub async fn mitigate(
             entry.status = "chosen";
         }
         actions.push(entry);
+    }
+    if action == MitigationAction::ReplaceDefaultPolicyVersion {
+        for entry in actions.iter_mut().filter(|a| a.status == "chosen") {
+            let policy = entry.resource_identifier.clone();
+            let (status, message) = if dry_run {
+                (
+                    "would_apply",
+                    format!("would make {BLANK_POLICY} the default version of policy {policy}"),
+                )
+            } else {
+                match registry
+                    .replace_default_policy_version(&policy, &blank_policy(), now)
+                    .await
+                {
+                    Ok(Some(version)) => (
+                        "applied",
+                        format!(
+                            "policy {policy}'s default version is now {version}, the \
+                             {BLANK_POLICY} (earlier versions kept)"
+                        ),
+                    ),
+                    Ok(None) => (
+                        "already_done",
+                        format!("policy {policy}'s default version is {BLANK_POLICY} already"),
+                    ),
+                    Err(fleetcert_registry::RegistryError::NotFound(_)) => {
+                        ("skipped", format!("policy {policy} is not in the registry"))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            entry.status = status;
+            entry.message = message;
+        }
+        return Ok(actions);
     }
     let serials: Vec<String> = chosen.into_iter().collect();
     // A thing group acts on things: each certificate's thing (unknown certificates are
@@ -1294,6 +1359,7 @@ pub async fn mitigate(
                     .into_iter()
                     .collect()
             }
+            MitigationAction::ReplaceDefaultPolicyVersion => unreachable!("handled above"),
         }
     };
     let mut reported_things = BTreeSet::new();
@@ -1352,7 +1418,12 @@ pub async fn mitigate(
                     "certificate {serial} is rotating already, or is not active and handed over"
                 ),
             ),
-            (_, _, MitigationAction::AddToThingGroup(_)) => unreachable!("handled above"),
+            (
+                _,
+                _,
+                MitigationAction::AddToThingGroup(_)
+                | MitigationAction::ReplaceDefaultPolicyVersion,
+            ) => unreachable!("handled above"),
         };
         entry.status = status;
         entry.message = message;

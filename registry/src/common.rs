@@ -143,6 +143,11 @@ pub(crate) const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "thing_group_policies",
         sql: include_str!("../../migrations/sqlite/0010_thing_group_policies.sql"),
     },
+    EmbeddedMigration {
+        version: 11,
+        description: "policy_versions",
+        sql: include_str!("../../migrations/sqlite/0011_policy_versions.sql"),
+    },
 ];
 
 /// `migrations/postgres/NNNN_description.sql`, in order (same check as above).
@@ -196,6 +201,11 @@ pub(crate) const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 10,
         description: "thing_group_policies",
         sql: include_str!("../../migrations/postgres/0010_thing_group_policies.sql"),
+    },
+    EmbeddedMigration {
+        version: 11,
+        description: "policy_versions",
+        sql: include_str!("../../migrations/postgres/0011_policy_versions.sql"),
     },
 ];
 

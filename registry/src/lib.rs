@@ -34,6 +34,7 @@ mod dialect;
 mod error;
 mod issuance;
 mod mirror;
+mod policy_versions;
 mod postgres;
 mod queries;
 mod registrations;
@@ -1646,6 +1647,31 @@ pub trait ThingGroups: Send + Sync {
     ) -> Result<Vec<(String, i64)>, RegistryError>;
 }
 
+/// Policy versions: `policies.document` is the default version's; replacing it keeps the
+/// earlier versions (the audit's REPLACE_DEFAULT_POLICY_VERSION mitigation).
+#[async_trait]
+pub trait PolicyVersions: Send + Sync {
+    /// Makes `document` the policy's new default version (its number returned); `None`
+    /// when it is the default document already. The replaced versions are kept; a
+    /// registration whose template renders any stored version of the policy still
+    /// attaches it by name. Things the policy applies to get `policies_changed_at` = `at`
+    /// (event `policy.default_version_replaced`). Unknown policy:
+    /// [`RegistryError::NotFound`].
+    async fn replace_default_policy_version(
+        &self,
+        policy: &str,
+        document: &serde_json::Value,
+        at: i64,
+    ) -> Result<Option<i64>, RegistryError>;
+
+    /// The policy's versions (number, document), oldest first; empty for a policy whose
+    /// default version was never replaced (its one version is `policies.document`).
+    async fn policy_versions(
+        &self,
+        policy: &str,
+    ) -> Result<Vec<(i64, serde_json::Value)>, RegistryError>;
+}
+
 /// Provisioning by claim: claim certificates and the certificates the Fleet Provisioning
 /// API issues until RegisterThing (the broker integration, `claims` commands).
 #[async_trait]
@@ -1743,6 +1769,7 @@ pub trait Registry:
     + Claims
     + Audits
     + ThingGroups
+    + PolicyVersions
     + fmt::Debug
 {
     /// Which backend this is: `sqlite` or `postgres`.
@@ -1763,8 +1790,8 @@ pub trait Registry:
 /// Every role trait, for `use fleetcert_registry::roles::*`.
 pub mod roles {
     pub use crate::{
-        Audits, Claims, Issuance, MirrorOutbox, Queries, Registrations, Registry, Revocations,
-        Rotations, ThingGroups,
+        Audits, Claims, Issuance, MirrorOutbox, PolicyVersions, Queries, Registrations, Registry,
+        Revocations, Rotations, ThingGroups,
     };
 }
 

@@ -243,6 +243,33 @@ where
             let stored = common::parse_json(&document).map_err(step("reading policies"))?;
             found.insert(name.clone(), FoundPolicy::new(stored, requested, &name));
         }
+        // A template may still render a version the policy had before its default was
+        // replaced (the audit's mitigation): that is the same policy, attached by name.
+        for (name, f) in found.iter_mut() {
+            let Some(candidate) = &f.candidate else {
+                continue;
+            };
+            if *candidate == f.stored {
+                continue;
+            }
+            let earlier = sqlx::query(
+                "SELECT CAST(document AS TEXT) FROM policy_versions \
+                 WHERE policy_name = $1",
+            )
+            .bind(name.clone())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(step("reading policy versions"))?;
+            for row in earlier {
+                let text: String = row.try_get(0).map_err(step("reading policy versions"))?;
+                let version: serde_json::Value =
+                    common::parse_json(&text).map_err(step("reading policy versions"))?;
+                if version == *candidate {
+                    f.candidate = Some(f.stored.clone());
+                    break;
+                }
+            }
+        }
         let plan = match common::plan_registration(reg, &thing, requested, &created, &found) {
             Ok(plan) => plan,
             Err(reason) => {

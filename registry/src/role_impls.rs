@@ -334,6 +334,27 @@ macro_rules! impl_roles {
         }
 
         #[async_trait::async_trait]
+        impl crate::PolicyVersions for $backend {
+            async fn replace_default_policy_version(
+                &self,
+                policy: &str,
+                document: &serde_json::Value,
+                at: i64,
+            ) -> Result<Option<i64>, RegistryError> {
+                crate::dialect::Flows(self)
+                    .replace_default_policy_version(policy, document, at)
+                    .await
+            }
+
+            async fn policy_versions(
+                &self,
+                policy: &str,
+            ) -> Result<Vec<(i64, serde_json::Value)>, RegistryError> {
+                crate::dialect::Flows(self).policy_versions(policy).await
+            }
+        }
+
+        #[async_trait::async_trait]
         impl crate::ThingGroups for $backend {
             async fn attach_group_policy(
                 &self,

@@ -4042,6 +4042,102 @@ async fn thing_group_policies_apply_to_their_things(url: &str) {
     );
 }
 
+/// Replacing a policy's default version: the document readers see changes, the earlier
+/// versions are kept, a template still rendering the first version registers (attaching
+/// the policy by name), and the things it applies to are marked.
+async fn policy_default_version_replaced(url: &str) {
+    let reg = open(url).await.unwrap();
+    let r1 = provisioned(&reg, "pv1").await;
+    let state = reg
+        .device_state(&r1.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    let first = document("topic/pv");
+    let outcome = reg
+        .register(&registration(
+            &r1,
+            state.thing.version,
+            vec![policy("wide", Some(first.clone()))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(outcome, registered(&["wide"]));
+    let blank = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
+    let err = reg
+        .replace_default_policy_version("nope", &blank, AT + 50)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
+    assert!(reg.policy_versions("wide").await.unwrap().is_empty());
+    assert_eq!(
+        reg.replace_default_policy_version("wide", &first, AT + 50)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        reg.replace_default_policy_version("wide", &blank, AT + 60)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        reg.get_policy("wide").await.unwrap().unwrap().document,
+        blank
+    );
+    assert_eq!(
+        reg.policy_versions("wide").await.unwrap(),
+        vec![(1, first.clone()), (2, blank.clone())]
+    );
+    assert_eq!(
+        reg.things_policies_changed_since(AT + 60).await.unwrap(),
+        vec![("pv1".to_owned(), AT + 60)]
+    );
+    assert_eq!(count_kind(&reg, "policy.default_version_replaced").await, 1);
+    assert_eq!(
+        reg.replace_default_policy_version("wide", &blank, AT + 70)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A new device of the same template still renders the first version: registered,
+    // with the policy attached by name (its default version applies).
+    let r2 = provisioned(&reg, "pv2").await;
+    let state = reg
+        .device_state(&r2.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = reg
+        .register(&registration(
+            &r2,
+            state.thing.version,
+            vec![policy("wide", Some(first.clone()))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(outcome, registered(&["wide"]));
+    // A document that was never a version of it is still refused.
+    let r3 = provisioned(&reg, "pv3").await;
+    let state = reg
+        .device_state(&r3.certificate.fingerprint_sha256)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = reg
+        .register(&registration(
+            &r3,
+            state.thing.version,
+            vec![policy("wide", Some(document("topic/other")))],
+        ))
+        .await
+        .unwrap();
+    refused_because(&outcome, &["wide", "differs"]);
+}
+
 macro_rules! stories {
     ($($story:ident),* $(,)?) => {
         mod sqlite {
@@ -4103,6 +4199,7 @@ stories!(
     audit_tasks_findings_and_suppressions,
     rotations_opened_for_chosen_certificates,
     thing_group_policies_apply_to_their_things,
+    policy_default_version_replaced,
 );
 
 // ---------------------------------------------------------------------------------------

@@ -235,11 +235,86 @@ fn shared_certificates_conflicting_client_ids_and_revoked_certificates_in_use_ar
     let again = mitigate(false);
     assert_eq!(again["actions"][0]["status"], "already_done", "{again}");
 
+    // Mitigation: the wide-open policy gets a blank default version. Devices of its
+    // template still register (the template renders the earlier version) but may do
+    // nothing beyond connecting as themselves.
+    let replace = |dry: bool| {
+        let mut args = vec![
+            "audit",
+            "mitigate",
+            "--task",
+            task,
+            "--action",
+            "replace-default-policy-version",
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        env.json(&args)
+    };
+    let dry = replace(true);
+    let policy_actions: Vec<&serde_json::Value> = dry["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["checkName"] == "IOT_POLICY_OVERLY_PERMISSIVE_CHECK")
+        .collect();
+    assert_eq!(policy_actions.len(), 1, "{dry}");
+    assert_eq!(policy_actions[0]["status"], "would_apply", "{dry}");
+    assert_eq!(
+        policy_actions[0]["actionType"],
+        "REPLACE_DEFAULT_POLICY_VERSION"
+    );
+    let wide_doc = || env.json(&["policies", "show", "wide-open"]);
+    assert!(
+        wide_doc().to_string().contains("iot:Publish"),
+        "a dry run changed it"
+    );
+    let replaced = replace(false);
+    assert_eq!(replaced["applied"], 1, "{replaced}");
+    let shown = wide_doc().to_string();
+    assert!(!shown.contains("iot:Publish"), "{shown}");
+    assert!(shown.contains("IsAttached"), "{shown}");
+    let again = replace(false);
+    assert!(
+        again["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["status"] == "already_done"),
+        "{again}"
+    );
+    env.ok(&[
+        "provision",
+        "late",
+        "--template",
+        "wide",
+        "--allow-overly-permissive",
+        "--out",
+        "out",
+    ]);
+    let late = Device {
+        name: "late".into(),
+        cert: env.out_dir().join("late.crt"),
+        key: env.out_dir().join("late.key"),
+    };
+    let first = probe(&fleet, &late, "late", &[], &["devices/late/telemetry"], 0.2);
+    assert_eq!(first["connack"], SUCCESS, "{first}\n{}", fleet.broker_log());
+    assert_eq!(first["publish"][0]["reason"], NOT_AUTHORIZED, "{first}");
+    let other_id = probe(&fleet, &late, "not-late", &[], &[], 0.2);
+    assert_eq!(other_id["connack"], NOT_AUTHORIZED, "{other_id}");
+    let (_, after) = audit_at(&env, 0, &["--checks", "IOT_POLICY_OVERLY_PERMISSIVE_CHECK"]);
+    assert_eq!(
+        non_compliant(&after, "IOT_POLICY_OVERLY_PERMISSIVE_CHECK"),
+        0,
+        "{after:#}"
+    );
+
     // The honest device is a resource of every device check and never a finding.
     assert_eq!(
         detail(&summary, "DEVICE_CERTIFICATE_SHARED_CHECK")["totalResourcesCount"],
         4,
-        "cloned, twin, stolen, honest: {summary:#}"
+        "cloned, twin, stolen, honest (before late joined): {summary:#}"
     );
 }
 

@@ -110,8 +110,9 @@ pub struct RetiredCertificate {
 pub(super) struct BrokerMemo {
     /// fingerprint → (serial, thing name).
     certificates: RwLock<HashMap<String, (String, String)>>,
-    /// Policy name → (document text, compiled). Stored policies never change under a
-    /// name, so a compiled policy stays valid; the text is compared anyway.
+    /// Policy name → (document text, compiled). A policy's document changes only when
+    /// its default version is replaced, so the text is compared and a changed one
+    /// compiled again.
     policies: RwLock<HashMap<String, (String, Arc<Policy>)>>,
     /// fingerprint → when serve last granted it a CONNECT (Unix seconds), or first saw
     /// it in a session poll: a policy change after that retires its sessions.
