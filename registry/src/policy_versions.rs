@@ -31,7 +31,7 @@ where
         document: &serde_json::Value,
         at: i64,
     ) -> Result<Option<i64>, RegistryError> {
-        let outcome = write_tx!(self, "replacing a policy's default version", |tx| {
+        write_tx!(self, "replacing a policy's default version", |tx| {
             let row = sqlx::query(AssertSqlSafe(format!(
                 "SELECT CAST(document AS TEXT), default_version, updated_at FROM policies \
                  WHERE name = $1{}",
@@ -120,8 +120,7 @@ where
             .map_err(step("appending events"))?;
             Ok(Ok(Some(version + 1)))
         })
-        .map_err(|(context, e)| self.0.err(context, e))?;
-        outcome
+        .map_err(|(context, e)| self.0.err(context, e))?
     }
 
     pub(crate) async fn policy_versions(
