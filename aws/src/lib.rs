@@ -294,6 +294,29 @@ pub trait IotApi: Send + Sync {
 
     /// GetPolicy: `Some(default version's document text)` or `None` if the policy is missing.
     async fn policy_document(&self, name: &str) -> Result<Option<String>, AwsError>;
+
+    /// GetV2LoggingOptions: the account's AWS IoT logging (never configured, answered by
+    /// AWS with NotConfiguredException, is logging off).
+    async fn logging_options(&self) -> Result<LoggingOptions, AwsError>;
+}
+
+/// The account's AWS IoT logging options (GetV2LoggingOptions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggingOptions {
+    /// Whether logging options were ever set in the account.
+    pub configured: bool,
+    /// `disableAllLogs`, or true when never configured.
+    pub disabled: bool,
+    /// `defaultLogLevel` (`DEBUG`, `INFO`, `ERROR`, `WARN`, `DISABLED`), if set.
+    pub default_log_level: Option<String>,
+}
+
+impl LoggingOptions {
+    /// Whether AWS IoT writes logs at all: configured, not disabled, and a level other
+    /// than `DISABLED`.
+    pub fn enabled(&self) -> bool {
+        self.configured && !self.disabled && self.default_log_level.as_deref() != Some("DISABLED")
+    }
 }
 
 /// Where and how to reach AWS IoT.

@@ -21,7 +21,7 @@ use tracing::debug;
 use crate::error::classify;
 use crate::pem::{first_certificate_der, sha256_hex};
 use crate::{
-    AwsError, CaMode, CertStatus, ClientSettings, IotApi, PolicyChange, Registered,
+    AwsError, CaMode, CertStatus, ClientSettings, IotApi, LoggingOptions, PolicyChange, Registered,
     RemoteCertificate, RemoteThing, ThingSpec, async_trait,
 };
 
@@ -767,6 +767,27 @@ impl IotApi for SdkIot {
             if token.is_none() {
                 return Ok(things);
             }
+        }
+    }
+
+    async fn logging_options(&self) -> Result<LoggingOptions, AwsError> {
+        const OP: &str = "GetV2LoggingOptions";
+        match self.client.get_v2_logging_options().send().await {
+            Ok(out) => Ok(LoggingOptions {
+                configured: true,
+                disabled: out.disable_all_logs(),
+                default_log_level: out.default_log_level().map(|l| l.as_str().to_owned()),
+            }),
+            Err(err) => match classify(OP, err) {
+                AwsError::Permanent { code, .. } if code == "NotConfiguredException" => {
+                    Ok(LoggingOptions {
+                        configured: false,
+                        disabled: true,
+                        default_log_level: None,
+                    })
+                }
+                other => Err(other),
+            },
         }
     }
 

@@ -356,13 +356,18 @@ pub struct AuditData {
 }
 
 /// What the audit read from the mirrored AWS account.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwsView {
     /// The status in AWS (`ACTIVE`, `INACTIVE`, `REVOKED`, `PENDING_TRANSFER`, ...) of
     /// each mirrored certificate, by its serial in the registry.
     pub certificate_status: HashMap<String, String>,
     /// Why the account could not be read; the checks that need it fail.
     pub error: Option<String>,
+    /// The account's AWS IoT logging (GetV2LoggingOptions), read apart: `Err` says why it
+    /// could not be (LOGGING_DISABLED_CHECK then fails).
+    pub logging: Result<fleetcert_aws::LoggingOptions, String>,
+    /// The region read.
+    pub region: String,
 }
 
 /// One finding before suppressions and ids.
@@ -769,11 +774,50 @@ pub fn evaluate(check: &Check, data: &AuditData, settings: &AuditSettings) -> Ch
         }
         LOGGING_DISABLED => {
             result.total = 1;
-            result.message = Some(if data.mirror_enabled {
-                "the registry's event log is always on; the mirrored AWS account's logging options are not read by this version".into()
-            } else {
-                "the registry's event log is always on (every issuance, registration, revocation and audit is an event)".into()
-            });
+            match &data.aws {
+                None => {
+                    result.message = Some(
+                        "the registry's event log is always on (every issuance, registration, revocation and audit is an event)".into(),
+                    );
+                }
+                Some(AwsView {
+                    logging: Err(e), ..
+                }) => {
+                    result.failed = Some(format!(
+                        "the mirrored AWS account's logging options could not be read: {e}"
+                    ));
+                }
+                Some(AwsView {
+                    logging: Ok(options),
+                    region,
+                    ..
+                }) => {
+                    result.message = Some(
+                        "the registry's event log is always on; the mirrored AWS account's logging options were read (GetV2LoggingOptions)".into(),
+                    );
+                    if !options.enabled() {
+                        result.findings.push(finding(
+                            "LOGGING_DISABLED",
+                            if options.configured {
+                                format!(
+                                    "AWS IoT logging is off in {region} (disableAllLogs {}, defaultLogLevel {})",
+                                    options.disabled,
+                                    options.default_log_level.as_deref().unwrap_or("unset")
+                                )
+                            } else {
+                                format!("AWS IoT logging was never configured in {region}")
+                            },
+                            "ACCOUNT_SETTINGS",
+                            region.clone(),
+                            serde_json::json!({
+                                "configured": options.configured,
+                                "disableAllLogs": options.disabled,
+                                "defaultLogLevel": options.default_log_level,
+                            }),
+                        ));
+                    }
+                }
+            }
         }
         UNAUTHENTICATED_COGNITO | AUTHENTICATED_COGNITO => {
             result.message = Some(
@@ -910,12 +954,19 @@ async fn read_aws(
     settings: &fleetcert_registry::MirrorSettings,
 ) -> Result<AwsView, LifecycleError> {
     let mirrored = registry.mirrored_certificates().await?;
-    let listed = async {
-        let api =
-            crate::mirror::connect(&settings.region, settings.endpoint_url.as_deref()).await?;
-        Ok::<_, LifecycleError>(api.list_certificates().await?)
-    }
-    .await;
+    let api = crate::mirror::connect(&settings.region, settings.endpoint_url.as_deref()).await;
+    let (listed, logging) = match &api {
+        Ok(api) => (
+            api.list_certificates()
+                .await
+                .map_err(|e| LifecycleError::from(e).to_string()),
+            api.logging_options()
+                .await
+                .map_err(|e| LifecycleError::from(e).to_string()),
+        ),
+        Err(e) => (Err(e.to_string()), Err(e.to_string())),
+    };
+    let region = settings.region.clone();
     Ok(match listed {
         Ok(remote) => {
             let status_of: HashMap<&str, &str> = remote
@@ -932,11 +983,15 @@ async fn read_aws(
                     })
                     .collect(),
                 error: None,
+                logging,
+                region,
             }
         }
         Err(e) => AwsView {
             certificate_status: HashMap::new(),
-            error: Some(e.to_string()),
+            error: Some(e),
+            logging,
+            region,
         },
     })
 }

@@ -5,8 +5,8 @@
 // `DeviceReport` is the batch API's error row; it is large by design.
 #![allow(clippy::result_large_err)]
 use fleetcert_aws::{
-    AwsError, CaMode, CertStatus as AwsStatus, IotApi, PolicyChange, Registered, RemoteCertificate,
-    RemoteThing, ThingSpec, async_trait,
+    AwsError, CaMode, CertStatus as AwsStatus, IotApi, LoggingOptions, PolicyChange, Registered,
+    RemoteCertificate, RemoteThing, ThingSpec, async_trait,
 };
 use fleetcert_lifecycle::mirror::{Mirror, MirrorOptions};
 use fleetcert_lifecycle::provision::{self, DeviceRequest, ProvisionSettings};
@@ -371,6 +371,15 @@ impl IotApi for FakeIot {
     async fn policy_document(&self, name: &str) -> Result<Option<String>, AwsError> {
         self.enter("GetPolicy")?;
         Ok(self.account.lock().unwrap().policies.get(name).cloned())
+    }
+
+    async fn logging_options(&self) -> Result<LoggingOptions, AwsError> {
+        self.enter("GetV2LoggingOptions")?;
+        Ok(LoggingOptions {
+            configured: false,
+            disabled: true,
+            default_log_level: None,
+        })
     }
 }
 

@@ -818,7 +818,33 @@ fn the_audit_finds_a_certificate_revoked_here_but_still_active_in_aws() {
         "{detail}"
     );
 
-    // AWS unreachable: the check fails; the others still run.
+    // The account's logging options: moto's account never configured them (or moto
+    // lacks GetV2LoggingOptions, which it answers with HTTP 500): either way the check
+    // must not read as compliant.
+    let (code, summary) = crate::audit::audit_at(&env, 0, &["--checks", "LOGGING_DISABLED_CHECK"]);
+    assert_eq!(code, 1, "{summary}");
+    let logging = crate::audit::detail(&summary, "LOGGING_DISABLED_CHECK");
+    match logging["checkRunStatus"].as_str().unwrap() {
+        "FAILED" => assert!(
+            logging["message"]
+                .as_str()
+                .unwrap()
+                .contains("GetV2LoggingOptions"),
+            "{logging}"
+        ),
+        "COMPLETED_NON_COMPLIANT" => {
+            let task = summary["taskId"].as_str().unwrap();
+            let found = env.json(&["audit", "findings", "--task", task]);
+            assert_eq!(found[0]["reasonForNonComplianceCode"], "LOGGING_DISABLED");
+            assert_eq!(
+                found[0]["nonCompliantResource"]["resourceType"],
+                "ACCOUNT_SETTINGS"
+            );
+        }
+        other => panic!("LOGGING_DISABLED_CHECK {other}: {summary}"),
+    }
+
+    // AWS unreachable: the checks that read it fail; the others still run.
     moto.stop();
     let (code, summary) = crate::audit::audit_at(
         &env,
@@ -838,9 +864,15 @@ fn the_audit_finds_a_certificate_revoked_here_but_still_active_in_aws() {
             .contains("could not be read"),
         "{detail}"
     );
-    assert_eq!(summary["failedChecksCount"], 1);
+    assert_eq!(summary["failedChecksCount"], 2, "{summary}");
     assert_eq!(
         crate::audit::detail(&summary, "LOGGING_DISABLED_CHECK")["checkRunStatus"],
-        "COMPLETED_COMPLIANT"
+        "FAILED"
+    );
+    let (_, summary) = crate::audit::audit_at(&env, 0, &["--checks", "DEVICE_CERT_AGE_CHECK"]);
+    assert_eq!(
+        crate::audit::detail(&summary, "DEVICE_CERT_AGE_CHECK")["checkRunStatus"],
+        "COMPLETED_COMPLIANT",
+        "{summary}"
     );
 }
