@@ -1277,13 +1277,7 @@ pub async fn mitigate(
             limit: MAX_MITIGATED_FINDINGS,
         })
         .await?;
-    if found.is_empty()
-        && !registry
-            .audit_tasks(u32::MAX)
-            .await?
-            .iter()
-            .any(|t| t.task_id == target.task_id)
-    {
+    if found.is_empty() && registry.audit_task(&target.task_id).await?.is_none() {
         return Err(LifecycleError::BadInput(format!(
             "no audit task {:?} (`fleetcert audit tasks` lists them)",
             target.task_id

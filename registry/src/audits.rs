@@ -195,6 +195,18 @@ where
             .await
     }
 
+    pub(crate) async fn audit_task(
+        &self,
+        task_id: &str,
+    ) -> Result<Option<AuditTaskRecord>, RegistryError> {
+        let sql = format!("{TASK_COLUMNS} WHERE task_id = $1");
+        let q = sqlx::query(AssertSqlSafe(sql)).bind(task_id.to_owned());
+        Ok(self
+            .rows("reading an audit task", q, |r| task_from_row(r))
+            .await?
+            .pop())
+    }
+
     pub(crate) async fn audit_findings(
         &self,
         filter: &AuditFindingFilter,

@@ -1570,6 +1570,9 @@ pub trait Audits: Send + Sync {
     /// The newest `limit` tasks, newest first.
     async fn audit_tasks(&self, limit: u32) -> Result<Vec<AuditTaskRecord>, RegistryError>;
 
+    /// The task with this id, if any.
+    async fn audit_task(&self, task_id: &str) -> Result<Option<AuditTaskRecord>, RegistryError>;
+
     /// Findings matching `filter`, newest first.
     async fn audit_findings(
         &self,

@@ -409,6 +409,13 @@ macro_rules! impl_roles {
                 crate::dialect::Flows(self).audit_tasks(limit).await
             }
 
+            async fn audit_task(
+                &self,
+                task_id: &str,
+            ) -> Result<Option<AuditTaskRecord>, RegistryError> {
+                crate::dialect::Flows(self).audit_task(task_id).await
+            }
+
             async fn audit_findings(
                 &self,
                 filter: &AuditFindingFilter,

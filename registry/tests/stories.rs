@@ -3755,6 +3755,11 @@ async fn audit_tasks_findings_and_suppressions(url: &str) {
     );
     assert_eq!(tasks[1].summary["nonCompliantChecksCount"], 1);
     assert_eq!(reg.audit_tasks(1).await.unwrap().len(), 1);
+    assert_eq!(
+        reg.audit_task("t1").await.unwrap().as_ref(),
+        Some(&tasks[1])
+    );
+    assert_eq!(reg.audit_task("nope").await.unwrap(), None);
     let filter =
         |task: Option<&str>, check: Option<&str>, resource: Option<&str>| AuditFindingFilter {
             task_id: task.map(str::to_owned),
