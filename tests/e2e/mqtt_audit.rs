@@ -49,6 +49,16 @@ fn audit_until(env: &Env, ready: impl Fn(&serde_json::Value) -> bool) -> serde_j
     }
 }
 
+/// `audit mitigate --task TASK --action ACTION...` (with `--dry-run` if `dry`), its JSON.
+fn mitigate_json(env: &Env, task: &str, action: &[&str], dry: bool) -> serde_json::Value {
+    let mut args = vec!["audit", "mitigate", "--task", task, "--action"];
+    args.extend_from_slice(action);
+    if dry {
+        args.push("--dry-run");
+    }
+    env.json(&args)
+}
+
 fn non_compliant(summary: &serde_json::Value, check: &str) -> u64 {
     detail(summary, check)["nonCompliantResourcesCount"]
         .as_u64()
@@ -203,20 +213,12 @@ fn shared_certificates_conflicting_client_ids_and_revoked_certificates_in_use_ar
             .to_owned()
     };
     let mitigate = |dry: bool| {
-        let mut args = vec![
-            "audit",
-            "mitigate",
-            "--task",
+        mitigate_json(
+            &env,
             task,
-            "--action",
-            "revoke",
-            "--check",
-            "DEVICE_CERTIFICATE_SHARED_CHECK",
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        env.json(&args)
+            &["revoke", "--check", "DEVICE_CERTIFICATE_SHARED_CHECK"],
+            dry,
+        )
     };
     let dry = mitigate(true);
     assert_eq!(dry["actions"][0]["status"], "would_apply", "{dry}");
@@ -238,20 +240,7 @@ fn shared_certificates_conflicting_client_ids_and_revoked_certificates_in_use_ar
     // Mitigation: the wide-open policy gets a blank default version. Devices of its
     // template still register (the template renders the earlier version) but may do
     // nothing beyond connecting as themselves.
-    let replace = |dry: bool| {
-        let mut args = vec![
-            "audit",
-            "mitigate",
-            "--task",
-            task,
-            "--action",
-            "replace-default-policy-version",
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        env.json(&args)
-    };
+    let replace = |dry: bool| mitigate_json(&env, task, &["replace-default-policy-version"], dry);
     let dry = replace(true);
     let policy_actions: Vec<&serde_json::Value> = dry["actions"]
         .as_array()
@@ -359,20 +348,12 @@ fn a_quarantine_thing_group_drops_the_session_and_denies_its_messages() {
     assert_eq!(code, 1, "{summary:#}");
     let task = summary["taskId"].as_str().unwrap().to_owned();
     let mitigate = |dry: bool| {
-        let mut args = vec![
-            "audit",
-            "mitigate",
-            "--task",
+        mitigate_json(
+            &env,
             &task,
-            "--action",
-            "add-to-thing-group",
-            "--thing-group",
-            "quarantine",
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        env.json(&args)
+            &["add-to-thing-group", "--thing-group", "quarantine"],
+            dry,
+        )
     };
     let groups_of =
         |thing: &str| env.json(&["things", "show", thing])["thing"]["details"]["groups"].clone();
