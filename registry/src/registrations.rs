@@ -202,17 +202,32 @@ where
             return Ok((RegistrationOutcome::ThingChanged, false));
         }
 
-        // Create the missing policies first (in name order, so concurrent registrations
-        // creating several policies cannot dead-lock): ON CONFLICT waits for a concurrent
-        // creator, so the lookup below sees its committed document.
+        // The requested policies as stored. Those missing are created (in name order, so
+        // concurrent registrations creating several policies cannot dead-lock; ON
+        // CONFLICT waits for a concurrent creator) and read again, so the lookup sees a
+        // concurrent creator's committed document. Usually they all exist already: one
+        // statement.
+        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
+        let find = sql_find_policies::<R>();
+        let mut rows = sqlx::query(AssertSqlSafe(find.as_str()))
+            .bind(to_json(&names))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(step("reading policies"))?;
+        let existing: HashSet<String> = rows
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<sqlx::Result<_>>()
+            .map_err(step("reading policies"))?;
         let documents: Vec<(&str, String)> = requested
             .iter()
+            .filter(|p| !existing.contains(p.name))
             .filter_map(|p| p.document.map(|d| (p.name, to_json(d))))
             .collect();
         let created: HashSet<String> = if documents.is_empty() {
             HashSet::new()
         } else {
-            sqlx::query(AssertSqlSafe(sql_create_policies::<R>()))
+            let created = sqlx::query(AssertSqlSafe(sql_create_policies::<R>()))
                 .bind(to_json(&documents))
                 .bind(reg.at)
                 .fetch_all(&mut *conn)
@@ -221,14 +236,14 @@ where
                 .iter()
                 .map(|row| row.try_get(0))
                 .collect::<sqlx::Result<_>>()
-                .map_err(step("creating policies"))?
+                .map_err(step("creating policies"))?;
+            rows = sqlx::query(AssertSqlSafe(find.as_str()))
+                .bind(to_json(&names))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(step("reading policies"))?;
+            created
         };
-        let names: Vec<&str> = requested.iter().map(|p| p.name).collect();
-        let rows = sqlx::query(AssertSqlSafe(sql_find_policies::<R>()))
-            .bind(to_json(&names))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(step("reading policies"))?;
         let mut found = HashMap::with_capacity(rows.len());
         for row in rows {
             let name: String = row.try_get(0).map_err(step("reading policies"))?;
