@@ -510,7 +510,8 @@ where
         let mut registration = reg.clone();
         registration.serial = serial.clone();
         registration.expected_thing_version = expected_version;
-        let (outcome, keep) = Self::register_in(&mut one, &registration, requested, false).await?;
+        let (outcome, keep) =
+            Self::register_in(&mut one, &registration, requested, false, None).await?;
         let policies = match (outcome, keep) {
             (RegistrationOutcome::Registered { policies }, true) => policies,
             (RegistrationOutcome::ThingChanged, _) => {

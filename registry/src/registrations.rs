@@ -17,10 +17,10 @@
 //! group) leaves no trace and the others stay. PostgreSQL runs registrations in parallel, one transaction
 //! each (the trait's default `register_batch`).
 
-use crate::common::{self, CertCheck, CertState, FoundPolicy, RequestedPolicy, to_json};
+use crate::common::{self, CertCheck, CertState, FoundPolicy, NewEvent, RequestedPolicy, to_json};
 use crate::dialect::{Dialect, Flows, StepError, step, write_tx};
 use crate::queries::SQL_THING;
-use crate::{Registration, RegistrationOutcome, RegistryError};
+use crate::{Registration, RegistrationOutcome, RegistryError, ThingRecord};
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, Row, Type};
 use std::collections::{HashMap, HashSet};
 
@@ -87,6 +87,19 @@ pub(crate) fn sql_attach<R: Dialect>() -> String {
     )
 }
 
+/// Columns of [`crate::queries::thing_columns!`].
+const THING_COLUMN_COUNT: usize = 9;
+
+/// The thing (`$1`) and the certificate (`$2`) in one row, each part NULL when missing:
+/// the thing's columns as [`common::thing_from_row`] reads them, then the certificate's
+/// thing, status and registration time. For a single writer, which needs no row locks.
+pub(crate) const SQL_REGISTRATION_STATE: &str = "SELECT t.name, t.template, t.created_at, \
+     t.updated_at, t.thing_type, CAST(t.attributes AS TEXT), CAST(t.groups AS TEXT), \
+     t.billing_group, t.version, c.thing_name, c.status, c.registered_at \
+     FROM (SELECT 1) AS one \
+     LEFT JOIN things t ON t.name = $1 \
+     LEFT JOIN certificates c ON c.serial = $2";
+
 pub(crate) const SQL_MARK_REGISTERED: &str = "UPDATE certificates SET registered_at = $2 \
      WHERE serial = $1 AND registered_at IS NULL";
 
@@ -110,7 +123,8 @@ where
         write_tx!(self, "a registration", |tx| {
             // Only a registration that writes everything writes anything: whatever
             // else it read or locked, committing it leaves the database as it was.
-            let (outcome, _) = Self::register_in(&mut tx, registration, &requested, true).await?;
+            let (outcome, _) =
+                Self::register_in(&mut tx, registration, &requested, true, None).await?;
             Ok(outcome)
         })
         .map_err(|(context, e)| self.0.err(context, e))
@@ -122,6 +136,8 @@ where
     ) -> Result<Vec<RegistrationOutcome>, RegistryError> {
         write_tx!(self, "a group of registrations", |tx| {
             let mut outcomes = Vec::with_capacity(registrations.len());
+            // The group's events go in together at the end: one statement.
+            let mut events = Vec::new();
             for registration in registrations {
                 let requested = match common::requested_policies(registration) {
                     Ok(requested) => requested,
@@ -135,25 +151,55 @@ where
                 // of its thing earlier in the group, leaves no trace and the others stay,
                 // without a savepoint each: two statements fewer per first connect.
                 let (outcome, _) =
-                    Self::register_in(&mut tx, registration, &requested, true).await?;
+                    Self::register_in(&mut tx, registration, &requested, true, Some(&mut events))
+                        .await?;
                 outcomes.push(outcome);
             }
+            R::insert_events(&mut tx, &events)
+                .await
+                .map_err(step("appending events"))?;
             Ok(outcomes)
         })
         .map_err(|(context, e)| self.0.err(context, e))
     }
 
-    /// One registration, inside the caller's write transaction. Returns the outcome and
-    /// whether it wrote (only `Registered` does). A registration refused after it created
-    /// policies deletes them again if `undo` (else the caller rolls back to a savepoint).
-    pub(crate) async fn register_in(
+    /// The thing and the certificate a registration checks, inside its transaction. With
+    /// row locks (PostgreSQL) they are locked in the order every writer follows, the
+    /// thing then the certificate, in two statements; a single writer (SQLite) holds the
+    /// whole database already and reads both in one.
+    async fn registration_state(
         conn: &mut <R::Db as Database>::Connection,
         reg: &Registration,
-        requested: &[RequestedPolicy<'_>],
-        undo: bool,
-    ) -> Result<(RegistrationOutcome, bool), StepError> {
-        let refused = |reason: String| Ok((RegistrationOutcome::Refused { reason }, false));
-        // Lock order: the thing, then the certificate.
+    ) -> Result<(Option<ThingRecord>, Option<CertState>), StepError> {
+        let cert_at = |row: &<R::Db as Database>::Row, at: usize| {
+            Ok::<_, sqlx::Error>(CertState {
+                thing_name: row.try_get(at)?,
+                status: row.try_get(at + 1)?,
+                registered_at: row.try_get(at + 2)?,
+            })
+        };
+        if R::FOR_NO_KEY_UPDATE.is_empty() {
+            let row = sqlx::query(SQL_REGISTRATION_STATE)
+                .bind(&reg.thing_name)
+                .bind(&reg.serial)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(step("reading the thing and the certificate"))?;
+            let read = || {
+                let thing_found: Option<String> = row.try_get(0)?;
+                let cert_found: Option<String> = row.try_get(THING_COLUMN_COUNT)?;
+                let thing = thing_found
+                    .is_some()
+                    .then(|| common::thing_from_row(&row))
+                    .transpose()?;
+                let cert = cert_found
+                    .is_some()
+                    .then(|| cert_at(&row, THING_COLUMN_COUNT))
+                    .transpose()?;
+                Ok::<_, sqlx::Error>((thing, cert))
+            };
+            return read().map_err(step("reading the thing and the certificate"));
+        }
         let row = sqlx::query(AssertSqlSafe(sql_thing::<R>()))
             .bind(&reg.thing_name)
             .fetch_optional(&mut *conn)
@@ -170,15 +216,24 @@ where
             .await
             .map_err(step("locking the certificate"))?;
         let cert = row
-            .map(|row| {
-                Ok::<_, sqlx::Error>(CertState {
-                    thing_name: row.try_get(0)?,
-                    status: row.try_get(1)?,
-                    registered_at: row.try_get(2)?,
-                })
-            })
+            .map(|row| cert_at(&row, 0))
             .transpose()
             .map_err(step("reading the certificate"))?;
+        Ok((thing, cert))
+    }
+
+    /// One registration, inside the caller's write transaction. Returns the outcome and
+    /// whether it wrote (only `Registered` does). A registration refused after it created
+    /// policies deletes them again if `undo` (else the caller rolls back to a savepoint).
+    pub(crate) async fn register_in(
+        conn: &mut <R::Db as Database>::Connection,
+        reg: &Registration,
+        requested: &[RequestedPolicy<'_>],
+        undo: bool,
+        deferred_events: Option<&mut Vec<NewEvent>>,
+    ) -> Result<(RegistrationOutcome, bool), StepError> {
+        let refused = |reason: String| Ok((RegistrationOutcome::Refused { reason }, false));
+        let (thing, cert) = Self::registration_state(conn, reg).await?;
         match common::check_certificate(reg, cert.as_ref()) {
             CertCheck::Proceed => {}
             CertCheck::Refused(reason) => return refused(reason),
@@ -321,9 +376,12 @@ where
             .execute(&mut *conn)
             .await
             .map_err(step("marking the certificate registered"))?;
-        R::insert_events(conn, &plan.events)
-            .await
-            .map_err(step("appending events"))?;
+        match deferred_events {
+            Some(deferred) => deferred.extend(plan.events),
+            None => R::insert_events(conn, &plan.events)
+                .await
+                .map_err(step("appending events"))?,
+        }
         Ok((
             RegistrationOutcome::Registered {
                 policies: plan.attach,
