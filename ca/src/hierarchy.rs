@@ -17,28 +17,6 @@ pub(crate) const MAX_DAYS: u32 = 36_500;
 /// CA certificates are backdated like device certificates.
 const CA_BACKDATE: Duration = Duration::minutes(5);
 
-/// A device certificate's serial: 16 octets, a positive INTEGER that encodes in exactly
-/// 16 octets (RFC 5280 allows up to 20). `0x40`, the issue time in seconds (5 octets,
-/// big-endian), then 10 octets (80 bits) from the operating system's CSPRNG: unique and
-/// unpredictable (the CA/Browser Forum asks for at least 64 random bits, non-sequential),
-/// and increasing with time, so the registry's serial-keyed indexes take each batch of
-/// new certificates near their end instead of at random places across them.
-pub(crate) fn time_ordered_serial(
-    rng: &SystemRandom,
-    now: time::OffsetDateTime,
-) -> Result<[u8; 16], CaError> {
-    let mut serial = [0u8; 16];
-    rng.fill(&mut serial[6..]).map_err(|_| {
-        CaError::Signing("the operating system's random number generator failed".into())
-    })?;
-    let seconds = u64::try_from(now.unix_timestamp())
-        .unwrap_or(0)
-        .min((1 << 40) - 1);
-    serial[0] = 0x40;
-    serial[1..6].copy_from_slice(&seconds.to_be_bytes()[3..]);
-    Ok(serial)
-}
-
 /// 16 random octets, first in 0x01..=0x7f: a positive INTEGER that encodes in exactly
 /// 16 octets (RFC 5280 allows up to 20).
 pub(crate) fn random_serial(rng: &SystemRandom) -> Result<[u8; 16], CaError> {
@@ -170,25 +148,4 @@ pub(crate) fn create(
         issuing_cert_pem: issuing_cert.pem(),
         issuing_key: issuing.private,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_serials_are_time_ordered_positive_and_random() {
-        let rng = SystemRandom::new();
-        let at = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let a = time_ordered_serial(&rng, at).unwrap();
-        let b = time_ordered_serial(&rng, at).unwrap();
-        // Positive, minimal DER: first octet non-zero, high bit clear.
-        assert_eq!(a[0], 0x40);
-        assert_eq!(&a[1..6], &1_800_000_000u64.to_be_bytes()[3..]);
-        assert_eq!(a[..6], b[..6]);
-        // 80 random bits each: two serials of the same second differ.
-        assert_ne!(a[6..], b[6..]);
-        let later = time_ordered_serial(&rng, at + time::Duration::seconds(1)).unwrap();
-        assert!(later > a && later > b, "a later second sorts after");
-    }
 }

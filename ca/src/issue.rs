@@ -1,6 +1,6 @@
 //! Loading the issuing CA and issuing device certificates.
 
-use crate::hierarchy::{MAX_DAYS, common_name, time_ordered_serial, validity};
+use crate::hierarchy::{MAX_DAYS, common_name, random_serial, validity};
 use crate::signer::{RcgenSigner, signing_error};
 use crate::x509::{cert_der, parse_cert, rfc4514, sha256_hex};
 use crate::{
@@ -174,7 +174,7 @@ pub(crate) fn issue(
         DeviceKey::Csr(csr) => (&csr.public, csr.key_algorithm, None),
     };
 
-    let serial = time_ordered_serial(&ca.inner.rng, now)?;
+    let serial = random_serial(&ca.inner.rng)?;
     let mut params = CertificateParams::default();
     params.not_before = not_before;
     params.not_after = not_after;
@@ -227,7 +227,7 @@ pub(crate) fn issue_server(
         .ok_or_else(|| CaError::InvalidProfile("a server certificate needs a name".into()))?;
     let (not_before, not_after) = validity(now, time::Duration::minutes(5), validity_days)?;
     let g = keys::generate(KeyAlgorithm::P256)?;
-    let serial = time_ordered_serial(&ca.inner.rng, now)?;
+    let serial = random_serial(&ca.inner.rng)?;
     let mut params = CertificateParams::default();
     params.not_before = not_before;
     params.not_after = not_after;
@@ -282,7 +282,7 @@ pub(crate) fn issue_verification(
     }
     let (not_before, not_after) = validity(now, time::Duration::minutes(5), 1)?;
     let g = keys::generate(KeyAlgorithm::P256)?;
-    let serial = time_ordered_serial(&ca.inner.rng, now)?;
+    let serial = random_serial(&ca.inner.rng)?;
     let mut params = CertificateParams::default();
     params.not_before = not_before;
     params.not_after = not_after;
