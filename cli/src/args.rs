@@ -135,12 +135,14 @@ pub enum AuditCommand {
     Suppressions,
     /// List the checks: name, AWS's API name, severity, what a finding means.
     Checks,
-    /// Apply a mitigation action to the device certificates of a task's findings
-    /// (unsuppressed ones only): `revoke` is AWS's UPDATE_DEVICE_CERTIFICATE — each is
-    /// revoked (an event each; the CRL follows, and a running serve drops its live MQTT
-    /// sessions); `rotate` opens a rotation of each now (`rotation.due` events), which the
-    /// rotation worker (`serve`, or `fleetcert rotate`) carries out. --dry-run lists what
-    /// it would do and changes nothing.
+    /// Apply a mitigation action to a task's findings (unsuppressed ones only). On device
+    /// certificates: `revoke` is AWS's UPDATE_DEVICE_CERTIFICATE — each is revoked (an
+    /// event each; the CRL follows, and a running serve drops its live MQTT sessions);
+    /// `rotate` opens a rotation of each now (`rotation.due` events), which the rotation
+    /// worker (`serve`, or `fleetcert rotate`) carries out; `add-to-thing-group` is
+    /// ADD_THINGS_TO_THING_GROUP, the quarantine. On overly permissive policies:
+    /// `replace-default-policy-version` (BLANK_POLICY). Each applied action writes an
+    /// event. --dry-run lists what it would do and changes nothing.
     Mitigate(AuditMitigateArgs),
 }
 
