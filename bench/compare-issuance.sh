@@ -7,7 +7,8 @@
 # 1. Release builds of fleetcert and fleetcert-bench.
 # 2. fleetcert, generated keys: a fresh data directory (`ca init`, P-256), then
 #    `provision --batch` of DEVICES new things (durable SQLite, key + certificate files).
-# 3. cfssl 1.2.0 (`cfssl serve`, no database) with fleetcert's issuing CA certificate and
+# 3. cfssl 1.2.0 (`cfssl serve`, no database; and again with its SQLite certdb,
+#    `-db-config`, step 5b: the same work as fleetcert's registry) with fleetcert's issuing CA certificate and
 #    key: `/api/v1/cfssl/newcert` (cfssl generates a P-256 key and signs) driven by wrk
 #    for SECONDS (bench/wrk/newcert.lua), after one request checked with curl + openssl.
 # 4. A naive factory script: per device `openssl ecparam -genkey`, `openssl req -new`,
@@ -298,6 +299,43 @@ check_cfssl_answer sign sign "$work/sign-check.json" csr-device-0000001 "$work/c
 note "cfssl: /api/v1/cfssl/sign ($sign_csrs CSRs in turn), wrk -t$wrk_threads -c$wrk_connections, ${seconds}s"
 wrk_timed sign "$wrkdir/sign.lua" "$cfssl_url/sign" -- "$work/sign-bodies.jsonl"
 
+# --- (d2) cfssl newcert with its certificate database: the same work --------------------
+# cfssl's `serve` without a database keeps nothing; a cfssl user who needs a registry (or
+# CRLs, OCSP) gives it `-db-config`, and every certificate it issues is then inserted in
+# its certdb before the answer. SQLite, as fleetcert's default: the `certificates` and
+# `ocsp_responses` tables of cfssl's certdb (as its certdb/sqlite migration creates them;
+# Debian ships no migration files, so they are created here with python3's sqlite3).
+cfssl_rss=$(awk '/VmHWM/ {print $2}' "/proc/$cfssl_pid/status" 2>/dev/null || echo 0)
+kill "$cfssl_pid" 2>/dev/null || true
+wait "$cfssl_pid" 2>/dev/null || true
+certdb=$work/cfssl-certdb.sqlite
+python3 - "$certdb" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.executescript("""
+CREATE TABLE certificates (
+  serial_number blob NOT NULL, authority_key_identifier blob NOT NULL, ca_label blob,
+  status blob NOT NULL, reason int, expiry timestamp, revoked_at timestamp, pem blob NOT NULL,
+  PRIMARY KEY (serial_number, authority_key_identifier));
+CREATE TABLE ocsp_responses (
+  serial_number blob NOT NULL, authority_key_identifier blob NOT NULL, body blob NOT NULL,
+  expiry timestamp, PRIMARY KEY (serial_number, authority_key_identifier));
+""")
+db.close()
+PY
+printf '{"driver": "sqlite3", "data_source": "%s"}\n' "$certdb" >"$work/cfssl-db.json"
+cfssl serve -address 127.0.0.1 -port "$port_cfssl" -ca "$ca/issuing.crt" -ca-key "$ca_key" \
+    -config "$work/cfssl-config.json" -db-config "$work/cfssl-db.json" -loglevel 2 \
+    >"$work/cfssl-certdb.log" 2>&1 &
+cfssl_pid=$!
+pids+=("$cfssl_pid")
+wait_for_port "$port_cfssl" "cfssl serve (certdb)" "$cfssl_pid" || { cat "$work/cfssl-certdb.log" >&2; exit 1; }
+check_cfssl_answer newcert-certdb newcert "$work/newcert-check.json" device-check
+note "cfssl with its SQLite certdb: /api/v1/cfssl/newcert, wrk -t$wrk_threads -c$wrk_connections, ${seconds}s"
+wrk_timed newcert_certdb "$wrkdir/newcert.lua" "$cfssl_url/newcert"
+certdb_rows=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from certificates").fetchone()[0])' "$certdb")
+echo "$certdb_rows" >"$work/certdb-rows.txt"
+
 # --- (e) where fleetcert's time goes -------------------------------------------------------
 # The same generated-keys run with the device files on tmpfs (the registry stays durable on
 # disk): the difference to (a) is the disk file system's cost of creating, syncing and
@@ -316,7 +354,6 @@ fi
 note "fleetcert-bench issuance: signing alone, in process ($devices of each kind, best of 3)"
 run "$bench" issuance --devices "$devices" --rounds 3 --quiet >"$work/inprocess.json"
 
-cfssl_rss=$(awk '/VmHWM/ {print $2}' "/proc/$cfssl_pid/status" 2>/dev/null || echo 0)
 cfssl_version=$(cfssl version 2>/dev/null | awk -F': ' '/^Version/ {v=$2} /^Runtime/ {r=$2} END {print v " (" r ")"}')
 openssl_version=$(openssl version | awk '{print $1 " " $2}')
 wrk_version=$( (wrk -v 2>&1 || true) | awk 'NR == 1 {print $2}') # wrk -v exits 1
@@ -332,6 +369,8 @@ devices, seconds, openssl_devices, sign_csrs = int(devices), int(seconds), int(o
 openssl_seconds = float(openssl_seconds)
 load = lambda name: json.load(open(os.path.join(work, name + ".json")))
 gen, csr, newcert, sign = load("gen"), load("csr"), load("newcert"), load("sign")
+newcert_db = load("newcert_certdb")
+certdb_rows = int(open(os.path.join(work, "certdb-rows.txt")).read())
 tmpfs, inprocess = load("tmpfs"), load("inprocess")
 openssl_rate = openssl_devices / openssl_seconds
 
@@ -346,9 +385,11 @@ def wrk_problems(w):
     return p
 
 ref_newcert, ref_sign = newcert["ok_per_second"], sign["ok_per_second"]
+ref_newcert_db = newcert_db["ok_per_second"]
 ratio = lambda a, b: a / b if b else None  # None: the reference row had no successes
 x = lambda v, digits=2: "—" if v is None else f"{v:.{digits}f}×"
 r_gen = ratio(gen["per_second"], ref_newcert)
+r_gen_db = ratio(gen["per_second"], ref_newcert_db)
 r_csr = ratio(csr["per_second"], ref_sign)
 r_sign = ratio(ref_sign, ref_newcert)
 r_openssl = ratio(openssl_rate, ref_newcert)
@@ -360,7 +401,7 @@ print(f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.re
       "Everything on the same cores, 127.0.0.1.")
 print()
 print(f"{devices:,} devices per fleetcert run (P-256, durable SQLite, files written); cfssl: "
-      f"wrk -t{wrk_t} -c{wrk_c} for {seconds} s per endpoint, no database; openssl: {openssl_devices} devices "
+      f"wrk -t{wrk_t} -c{wrk_c} for {seconds} s per endpoint, without and with its SQLite certdb; openssl: {openssl_devices} devices "
       "in a sequential shell loop. All sign with the same kind of P-256 issuing CA "
       "(cfssl and openssl with the very key of the generated-keys run).")
 print()
@@ -377,7 +418,10 @@ def wrk_counted(w):
     return (f'{w["ok"]:,} answers 2xx + "success":true in {w["duration_s"]:.2f} s; '
             f'p50 {l["p50"]:.1f} ms, p99 {l["p99"]:.1f} ms{flag}')
 print(f'| fleetcert `provision --batch`, generated keys | {gen["per_second"]:,.0f} | {x(r_gen)} cfssl newcert | {fc_counted(gen)} |')
-print(f'| cfssl `/api/v1/cfssl/newcert` (cfssl generates the key) | {ref_newcert:,.0f} | — | {wrk_counted(newcert)} |')
+print(f'| cfssl `/api/v1/cfssl/newcert` (cfssl generates the key), no database | {ref_newcert:,.0f} | — | {wrk_counted(newcert)} |')
+print(f'| cfssl `/api/v1/cfssl/newcert` with its SQLite certdb (the same work: every certificate recorded) '
+      f'| {ref_newcert_db:,.0f} | fleetcert {x(r_gen_db)} | {wrk_counted(newcert_db)}; {certdb_rows:,} rows in the certdb '
+      f'(the check answer included) |')
 print(f'| openssl ecparam + req + x509 -req, sequential script | {openssl_rate:,.1f} | {x(r_openssl, 3)} cfssl newcert | '
       f'{openssl_devices} devices in {openssl_seconds:.2f} s, all verified, serials distinct |')
 print(f'| fleetcert `provision --batch`, device CSRs | {csr["per_second"]:,.0f} | {x(r_csr)} cfssl sign | {fc_counted(csr)} |')
@@ -398,10 +442,15 @@ print(f'| signing alone, in process: CSR parse + verify + certificate | {ic:,.0f
       f'| ring floor {inprocess["floor_verify_sign"]["per_second"]:,.0f}/s ({inprocess["ratio_csr_to_floor"]:.2f}×) |')
 print()
 goals = [("batch_provisioning_vs_cfssl_newcert", "batch provisioning ≥ 8× cfssl newcert", r_gen, 8.0),
+         ("batch_provisioning_vs_cfssl_newcert_certdb", "batch provisioning ≥ 8× cfssl newcert with its certdb (same work)", r_gen_db, 8.0),
          ("csr_issuance_vs_cfssl_sign", "CSR issuance ≥ 5× cfssl sign", r_csr, 5.0)]
 for _, name, value, want in goals:
     print(f'- {name}: {x(value)} — {"met" if value is not None and value >= want else "not met"}')
-bad = [f"cfssl {n}: " + "; ".join(wrk_problems(w)) for n, w in [("newcert", newcert), ("sign", sign)] if wrk_problems(w)]
+bad = [f"cfssl {n}: " + "; ".join(wrk_problems(w)) for n, w in [("newcert", newcert), ("newcert with certdb", newcert_db), ("sign", sign)] if wrk_problems(w)]
+# Every answered certificate is in the certdb (plus the check answer; a request cut off at
+# the end of the run may have been recorded without being counted).
+if not newcert_db["ok"] + 1 <= certdb_rows <= newcert_db["requests"] + 1 + int(wrk_c):
+    bad.append(f'cfssl certdb holds {certdb_rows:,} rows for {newcert_db["ok"]:,} answers')
 for b in bad:
     print(f"- WARNING: {b} — that row's figure is not a clean success rate")
 print(f"- cfssl serve peak RSS (VmHWM): {int(cfssl_rss) / 1024:.0f} MiB")
@@ -415,17 +464,19 @@ if summary_path:
         "fleetcert_generated": gen,
         "fleetcert_csr": csr,
         "cfssl_newcert": newcert,
+        "cfssl_newcert_certdb": dict(newcert_db, certdb_rows=certdb_rows),
         "cfssl_sign": dict(sign, csrs_cycled=sign_csrs),
         "openssl_script": {"devices": openssl_devices, "seconds": openssl_seconds, "per_second": openssl_rate},
         "fleetcert_generated_files_on_tmpfs": tmpfs,
         "in_process_signing": inprocess,
         "rates": {"fleetcert_generated": gen["per_second"], "fleetcert_csr": csr["per_second"],
                   "cfssl_newcert": ref_newcert, "cfssl_sign": ref_sign, "openssl_script": openssl_rate},
-        "ratios": {"fleetcert_generated_vs_cfssl_newcert": r_gen, "fleetcert_csr_vs_cfssl_sign": r_csr,
+        "ratios": {"fleetcert_generated_vs_cfssl_newcert": r_gen,
+                   "fleetcert_generated_vs_cfssl_newcert_certdb": r_gen_db, "fleetcert_csr_vs_cfssl_sign": r_csr,
                    "cfssl_sign_vs_cfssl_newcert": r_sign, "openssl_script_vs_cfssl_newcert": r_openssl},
         "goals": {key: {"label": name, "value": value, "want": want, "met": value is not None and value >= want}
                   for key, name, value, want in goals},
-        "wrk_non_2xx": {"newcert": newcert["non_2xx"], "sign": sign["non_2xx"]},
+        "wrk_non_2xx": {"newcert": newcert["non_2xx"], "newcert_certdb": newcert_db["non_2xx"], "sign": sign["non_2xx"]},
         "warnings": bad,
         "cfssl_peak_rss_kib": int(cfssl_rss),
     }
