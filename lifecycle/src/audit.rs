@@ -1311,173 +1311,219 @@ pub async fn mitigate(
         }
         actions.push(entry);
     }
-    if action == MitigationAction::ReplaceDefaultPolicyVersion {
-        for entry in actions.iter_mut().filter(|a| a.status == "chosen") {
-            let policy = entry.resource_identifier.clone();
-            let (status, message) = if dry_run {
-                (
-                    "would_apply",
-                    format!("would make {BLANK_POLICY} the default version of policy {policy}"),
-                )
-            } else {
-                match registry
-                    .replace_default_policy_version(&policy, &blank_policy(), now)
-                    .await
-                {
-                    Ok(Some(version)) => (
-                        "applied",
-                        format!(
-                            "policy {policy}'s default version is now {version}, the \
-                             {BLANK_POLICY} (earlier versions kept)"
-                        ),
-                    ),
-                    Ok(None) => (
-                        "already_done",
-                        format!("policy {policy}'s default version is {BLANK_POLICY} already"),
-                    ),
-                    Err(fleetcert_registry::RegistryError::NotFound(_)) => {
-                        ("skipped", format!("policy {policy} is not in the registry"))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            entry.status = status;
-            entry.message = message;
+    let chosen: Vec<&mut Mitigation> = actions
+        .iter_mut()
+        .filter(|a| a.status == "chosen")
+        .collect();
+    match &action {
+        MitigationAction::ReplaceDefaultPolicyVersion => {
+            replace_policy_versions(registry, chosen, dry_run, now).await?
         }
-        return Ok(actions);
+        MitigationAction::AddToThingGroup(group) => {
+            add_to_thing_group(registry, group, chosen, dry_run, now).await?
+        }
+        MitigationAction::Revoke(reason) => {
+            revoke_certificates(registry, *reason, chosen, dry_run, now).await?
+        }
+        MitigationAction::Rotate => rotate_certificates(registry, chosen, dry_run, now).await?,
     }
-    let serials: Vec<String> = chosen.into_iter().collect();
-    // A thing group acts on things: each certificate's thing (unknown certificates are
-    // skipped; a thing reached through several certificates is added once).
-    let mut thing_of = std::collections::BTreeMap::new();
-    if let MitigationAction::AddToThingGroup(group) = &action {
-        check_group_name(group)?;
-        for serial in &serials {
-            if let Some(cert) = registry.get_certificate(serial).await? {
-                thing_of.insert(serial.clone(), cert.thing_name);
-            }
-        }
-    }
-    let mut group_note = String::new();
-    let applied: BTreeSet<String> = if dry_run {
-        BTreeSet::new()
-    } else {
-        match &action {
-            MitigationAction::Revoke(reason) => {
-                let mut revoked = BTreeSet::new();
-                for serial in &serials {
-                    let entries = crate::revocation::revoke(
-                        registry,
-                        fleetcert_registry::RevocationTarget::Serial(serial.clone()),
-                        *reason,
-                        now,
-                    )
-                    .await?;
-                    if !entries.is_empty() {
-                        revoked.insert(serial.clone());
-                    }
-                }
-                revoked
-            }
-            MitigationAction::Rotate => registry
-                .open_rotations_for(&serials, now)
-                .await?
-                .into_iter()
-                .collect(),
-            MitigationAction::AddToThingGroup(group) => {
-                if registry.group_policies(group).await?.is_empty() {
-                    registry
-                        .attach_group_policy(
-                            group,
-                            QUARANTINE_POLICY_NAME,
-                            &quarantine_policy(),
-                            now,
-                        )
-                        .await?;
-                    group_note = format!(
-                        "; the group had no policy, so {QUARANTINE_POLICY_NAME} (deny publish, \
-                         subscribe, receive) was attached to it"
-                    );
-                }
-                let things: BTreeSet<String> = thing_of.values().cloned().collect();
-                let things: Vec<String> = things.into_iter().collect();
-                // Things, not serials: what was added.
-                registry
-                    .add_things_to_group(group, &things, now)
-                    .await?
-                    .into_iter()
-                    .collect()
-            }
-            MitigationAction::ReplaceDefaultPolicyVersion => unreachable!("handled above"),
-        }
-    };
-    let mut reported_things = BTreeSet::new();
-    for entry in actions.iter_mut().filter(|a| a.status == "chosen") {
-        let serial = &entry.resource_identifier;
-        if let MitigationAction::AddToThingGroup(group) = &action {
-            // `applied` holds the things added; each is reported applied once.
-            let (status, message) = match thing_of.get(serial) {
-                None => (
-                    "skipped",
-                    format!("certificate {serial} is not in the registry"),
-                ),
-                Some(thing) if dry_run => (
-                    "would_apply",
-                    format!("would add thing {thing} to thing group {group}"),
-                ),
-                Some(thing) if applied.contains(thing) && reported_things.insert(thing) => (
-                    "applied",
-                    format!("added thing {thing} to thing group {group}{group_note}"),
-                ),
-                Some(thing) => (
-                    "already_done",
-                    format!("thing {thing} is in thing group {group} already"),
-                ),
-            };
-            entry.status = status;
-            entry.message = message;
-            continue;
-        }
-        let (status, message) = match (dry_run, applied.contains(serial), action.clone()) {
-            (true, _, MitigationAction::Revoke(reason)) => (
-                "would_apply",
-                format!("would revoke certificate {serial} ({})", reason.as_str()),
-            ),
-            (true, _, MitigationAction::Rotate) => (
-                "would_apply",
-                format!("would open a rotation of certificate {serial}"),
-            ),
-            (false, true, MitigationAction::Revoke(reason)) => (
-                "applied",
-                format!("revoked certificate {serial} ({})", reason.as_str()),
-            ),
-            (false, true, MitigationAction::Rotate) => (
-                "applied",
-                format!(
-                    "opened a rotation of certificate {serial}; the rotation worker replaces it"
-                ),
-            ),
-            (false, false, MitigationAction::Revoke(_)) => (
-                "already_done",
-                format!("certificate {serial} was revoked already"),
-            ),
-            (false, false, MitigationAction::Rotate) => (
-                "already_done",
-                format!(
-                    "certificate {serial} is rotating already, or is not active and handed over"
-                ),
-            ),
+    Ok(actions)
+}
+
+/// REPLACE_DEFAULT_POLICY_VERSION on each chosen policy.
+async fn replace_policy_versions(
+    registry: &dyn Registry,
+    chosen: Vec<&mut Mitigation>,
+    dry_run: bool,
+    now: i64,
+) -> Result<(), LifecycleError> {
+    for entry in chosen {
+        let policy = entry.resource_identifier.clone();
+        let (status, message) = if dry_run {
             (
-                _,
-                _,
-                MitigationAction::AddToThingGroup(_)
-                | MitigationAction::ReplaceDefaultPolicyVersion,
-            ) => unreachable!("handled above"),
+                "would_apply",
+                format!("would make {BLANK_POLICY} the default version of policy {policy}"),
+            )
+        } else {
+            match registry
+                .replace_default_policy_version(&policy, &blank_policy(), now)
+                .await
+            {
+                Ok(Some(version)) => (
+                    "applied",
+                    format!(
+                        "policy {policy}'s default version is now {version}, the \
+                         {BLANK_POLICY} (earlier versions kept)"
+                    ),
+                ),
+                Ok(None) => (
+                    "already_done",
+                    format!("policy {policy}'s default version is {BLANK_POLICY} already"),
+                ),
+                Err(fleetcert_registry::RegistryError::NotFound(_)) => {
+                    ("skipped", format!("policy {policy} is not in the registry"))
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         entry.status = status;
         entry.message = message;
     }
-    Ok(actions)
+    Ok(())
+}
+
+/// ADD_THINGS_TO_THING_GROUP: each chosen certificate's thing joins `group` (unknown
+/// certificates are skipped; a thing reached through several certificates is added and
+/// reported applied once).
+async fn add_to_thing_group(
+    registry: &dyn Registry,
+    group: &str,
+    chosen: Vec<&mut Mitigation>,
+    dry_run: bool,
+    now: i64,
+) -> Result<(), LifecycleError> {
+    check_group_name(group)?;
+    let mut thing_of = std::collections::BTreeMap::new();
+    for entry in &chosen {
+        let serial = &entry.resource_identifier;
+        if let Some(cert) = registry.get_certificate(serial).await? {
+            thing_of.insert(serial.clone(), cert.thing_name);
+        }
+    }
+    let mut group_note = String::new();
+    let added: BTreeSet<String> = if dry_run {
+        BTreeSet::new()
+    } else {
+        if registry.group_policies(group).await?.is_empty() {
+            registry
+                .attach_group_policy(group, QUARANTINE_POLICY_NAME, &quarantine_policy(), now)
+                .await?;
+            group_note = format!(
+                "; the group had no policy, so {QUARANTINE_POLICY_NAME} (deny publish, \
+                 subscribe, receive) was attached to it"
+            );
+        }
+        let things: BTreeSet<String> = thing_of.values().cloned().collect();
+        let things: Vec<String> = things.into_iter().collect();
+        registry
+            .add_things_to_group(group, &things, now)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let mut reported = BTreeSet::new();
+    for entry in chosen {
+        let serial = &entry.resource_identifier;
+        let (status, message) = match thing_of.get(serial) {
+            None => (
+                "skipped",
+                format!("certificate {serial} is not in the registry"),
+            ),
+            Some(thing) if dry_run => (
+                "would_apply",
+                format!("would add thing {thing} to thing group {group}"),
+            ),
+            Some(thing) if added.contains(thing) && reported.insert(thing) => (
+                "applied",
+                format!("added thing {thing} to thing group {group}{group_note}"),
+            ),
+            Some(thing) => (
+                "already_done",
+                format!("thing {thing} is in thing group {group} already"),
+            ),
+        };
+        entry.status = status;
+        entry.message = message;
+    }
+    Ok(())
+}
+
+/// UPDATE_DEVICE_CERTIFICATE as fleetcert does it: each chosen certificate revoked.
+async fn revoke_certificates(
+    registry: &dyn Registry,
+    reason: fleetcert_ca::RevocationReason,
+    chosen: Vec<&mut Mitigation>,
+    dry_run: bool,
+    now: i64,
+) -> Result<(), LifecycleError> {
+    for entry in chosen {
+        let serial = entry.resource_identifier.clone();
+        let (status, message) = if dry_run {
+            (
+                "would_apply",
+                format!("would revoke certificate {serial} ({})", reason.as_str()),
+            )
+        } else if crate::revocation::revoke(
+            registry,
+            fleetcert_registry::RevocationTarget::Serial(serial.clone()),
+            reason,
+            now,
+        )
+        .await?
+        .is_empty()
+        {
+            (
+                "already_done",
+                format!("certificate {serial} was revoked already"),
+            )
+        } else {
+            (
+                "applied",
+                format!("revoked certificate {serial} ({})", reason.as_str()),
+            )
+        };
+        entry.status = status;
+        entry.message = message;
+    }
+    Ok(())
+}
+
+/// A rotation opened now for each chosen certificate, whatever its renewal point.
+async fn rotate_certificates(
+    registry: &dyn Registry,
+    chosen: Vec<&mut Mitigation>,
+    dry_run: bool,
+    now: i64,
+) -> Result<(), LifecycleError> {
+    let serials: Vec<String> = chosen
+        .iter()
+        .map(|e| e.resource_identifier.clone())
+        .collect();
+    let opened: BTreeSet<String> = if dry_run {
+        BTreeSet::new()
+    } else {
+        registry
+            .open_rotations_for(&serials, now)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    for entry in chosen {
+        let serial = &entry.resource_identifier;
+        let (status, message) = if dry_run {
+            (
+                "would_apply",
+                format!("would open a rotation of certificate {serial}"),
+            )
+        } else if opened.contains(serial) {
+            (
+                "applied",
+                format!(
+                    "opened a rotation of certificate {serial}; the rotation worker replaces it"
+                ),
+            )
+        } else {
+            (
+                "already_done",
+                format!(
+                    "certificate {serial} is rotating already, or is not active and handed over"
+                ),
+            )
+        };
+        entry.status = status;
+        entry.message = message;
+    }
+    Ok(())
 }
 
 /// A thing group name as AWS allows it: 1 to 128 of `[a-zA-Z0-9:_-]`.
