@@ -502,6 +502,15 @@ pub struct ProvisionArgs {
     /// Output directory for <thing>.crt, <thing>.key and chain.pem.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
+    /// Write one pallet file instead of two files per device (for a batch, or one device):
+    /// JSON lines,
+    /// first the chain ({"fleetcert_pallet":1,"issuer":…,"chain":PEM}), then one line per
+    /// device (thing_name, serial, not_after, origin, certificate, private_key for a
+    /// generated key). Mode 0600. It appears under this name only when the whole batch is
+    /// done; an interrupted run leaves .<name>.fleetcert-tmp beside it, and re-running the
+    /// same command completes it. An existing pallet is never overwritten.
+    #[arg(long, value_name = "FILE", conflicts_with = "out")]
+    pub pallet: Option<PathBuf>,
     /// Issue a new certificate even if the thing already has an active one (the old one
     /// becomes superseded).
     #[arg(long)]

@@ -265,7 +265,15 @@ fn report_text(report: &DeviceReport) -> String {
 fn settings_for(ctx: &Ctx, args: &ProvisionArgs) -> Result<ProvisionSettings, CliError> {
     let mut profile = ctx.data.device_profile()?;
     profile.validity_days = args.days;
-    let mut settings = ProvisionSettings::new(&args.out, profile);
+    let out_dir = match &args.pallet {
+        Some(pallet) => match pallet.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        },
+        None => args.out.clone(),
+    };
+    let mut settings = ProvisionSettings::new(out_dir, profile);
+    settings.pallet = args.pallet.clone();
     settings.template = args.template.clone();
     settings.reissue = args.reissue;
     settings.fail_fast = args.fail_fast;
@@ -277,6 +285,15 @@ async fn provision_cmd(ctx: &Ctx, args: ProvisionArgs) -> CmdResult {
     if let Some(template) = &args.template {
         ctx.data
             .load_template(template, args.allow_overly_permissive)?;
+    }
+    if let Some(pallet) = &args.pallet {
+        // Checked again when the run opens it; here so that nothing runs first.
+        if std::fs::symlink_metadata(pallet).is_ok() {
+            return Err(bad_input(format!(
+                "{} already exists: a finished pallet is never overwritten (choose another name, or move it away)",
+                pallet.display()
+            )));
+        }
     }
     if let Some(path) = &args.batch {
         return provision_batch_cmd(ctx, &args, path).await;
@@ -391,6 +408,12 @@ async fn provision_batch_cmd(ctx: &Ctx, args: &ProvisionArgs, path: &std::path::
 }
 
 fn print_batch_summary(ctx: &Ctx, summary: &ProvisionSummary) {
+    if summary.resumed_from_pallet > 0 {
+        ctx.out.note(format!(
+            "{} devices of the interrupted run were already in the pallet and are kept",
+            summary.resumed_from_pallet
+        ));
+    }
     if ctx.out.is_json() {
         let mut value = serde_json::to_value(summary).expect("summary serialises");
         value["result"] = json!("summary");
@@ -404,7 +427,14 @@ fn print_batch_summary(ctx: &Ctx, summary: &ProvisionSummary) {
             summary.failed,
             summary.elapsed_seconds,
             summary.issued_per_second,
-            summary.out_dir.display(),
+            match &summary.pallet {
+                Some(pallet) if summary.stopped_early || summary.error.is_some() => format!(
+                    "{} (unfinished: re-run the same command to complete it)",
+                    pallet.display()
+                ),
+                Some(pallet) => pallet.display().to_string(),
+                None => summary.out_dir.display().to_string(),
+            },
             if summary.stopped_early {
                 " (stopped at the first failure: --fail-fast)"
             } else {

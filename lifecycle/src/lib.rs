@@ -16,6 +16,7 @@ mod group_commit;
 mod issuance;
 pub mod jitp;
 pub mod mirror;
+pub mod pallet;
 pub mod provision;
 pub mod renewal;
 pub mod revocation;

@@ -26,6 +26,7 @@
 use crate::fsio::{
     GroupWriter, InputDir, InputFileError, PUBLIC_MODE, SECRET_MODE, Staged, write_file_atomic,
 };
+use crate::pallet::{PalletEntry, PalletHeader, PalletWriter};
 use crate::{LifecycleError, unix_now};
 use fleetcert_ca::{DeviceCsr, DeviceKey, DeviceProfile, IssuedCertificate, IssuingCa, ThingName};
 use fleetcert_registry::{CertOrigin, CertificateRecord, IssueOutcome, IssueRecord, Registry};
@@ -80,9 +81,10 @@ pub enum DeviceReport {
         not_after: String,
         /// Whether the key came from the device's CSR or fleetcert generated it.
         origin: CertOrigin,
-        /// The certificate file written, `<out-dir>/<thing>.crt`.
+        /// The certificate file written, `<out-dir>/<thing>.crt`, or the pallet file.
         certificate: PathBuf,
-        /// The private key file written (`<thing>.key`, mode 0600), for a generated key.
+        /// The private key file written (`<thing>.key`, mode 0600), or the pallet file,
+        /// for a generated key.
         #[serde(skip_serializing_if = "Option::is_none")]
         private_key: Option<PathBuf>,
         /// Certificates this one replaced (superseded on `--reissue`, or revoked because
@@ -114,7 +116,7 @@ pub enum DeviceReport {
         serial: String,
         /// End of its validity, RFC 3339.
         not_after: String,
-        /// The certificate file written.
+        /// The certificate file written, or the pallet file.
         certificate: PathBuf,
     },
     /// Nothing issued for this device: its request was invalid, signing failed, or another
@@ -174,6 +176,14 @@ pub struct ProvisionSummary {
     pub issued_per_second: f64,
     /// Where the certificates, keys and `chain.pem` were written.
     pub out_dir: PathBuf,
+    /// The pallet file, when the run wrote one instead of device files: finished (under
+    /// this name) unless the run stopped early, when its lines wait in the temporary file
+    /// for the re-run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pallet: Option<PathBuf>,
+    /// Devices already in the pallet from an interrupted run (kept; reported skipped).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resumed_from_pallet: u64,
     /// True if `--fail-fast` stopped the run early.
     pub stopped_early: bool,
     /// Set when `--days` would have outlived the issuing CA.
@@ -195,6 +205,10 @@ impl ProvisionSummary {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// How a run provisions.
 #[derive(Debug, Clone)]
 pub struct ProvisionSettings {
@@ -214,6 +228,9 @@ pub struct ProvisionSettings {
     pub fail_fast: bool,
     /// Devices per transaction and per file sync.
     pub group_size: usize,
+    /// Write one pallet file (JSON lines, see [`crate::pallet`]) here instead of device
+    /// files and [`CHAIN_FILE`] in `out_dir`.
+    pub pallet: Option<PathBuf>,
 }
 
 impl ProvisionSettings {
@@ -227,6 +244,7 @@ impl ProvisionSettings {
             reissue: false,
             fail_fast: false,
             group_size: 1024,
+            pallet: None,
         }
     }
 }
@@ -826,68 +844,124 @@ fn issue_record(
     }
 }
 
+/// Where a run's certificates and keys go.
+enum Output {
+    /// `<thing>.crt`, `<thing>.key` and `chain.pem` in a directory.
+    Files(GroupWriter),
+    /// One JSON-lines pallet file.
+    Pallet(PalletWriter),
+}
+
+impl Output {
+    fn certificate_path(&self, thing: &str) -> PathBuf {
+        match self {
+            Output::Files(writer) => writer.path_of(&format!("{thing}.crt")),
+            Output::Pallet(pallet) => pallet.target().to_path_buf(),
+        }
+    }
+
+    fn key_path(&self, thing: &str) -> PathBuf {
+        match self {
+            Output::Files(writer) => writer.path_of(&format!("{thing}.key")),
+            Output::Pallet(pallet) => pallet.target().to_path_buf(),
+        }
+    }
+
+    fn location(&self) -> &Path {
+        match self {
+            Output::Files(writer) => writer.dir(),
+            Output::Pallet(pallet) => pallet.target(),
+        }
+    }
+
+    /// Makes a committed group's certificates and keys durable and visible.
+    fn write(&self, items: &[PalletEntry]) -> std::io::Result<()> {
+        match self {
+            Output::Files(writer) => {
+                // Sequential on purpose: creations in one directory serialise on its
+                // inode lock, and parallel creators only spin on it.
+                let staging = writer.staging()?;
+                let mut staged: Vec<Staged> = Vec::with_capacity(items.len() * 2);
+                for item in items {
+                    let thing = &item.thing_name;
+                    if let Some(key) = &item.private_key {
+                        staged.push(staging.stage(
+                            &format!("{thing}.key"),
+                            key.as_bytes(),
+                            SECRET_MODE,
+                        )?);
+                    }
+                    staged.push(staging.stage(
+                        &format!("{thing}.crt"),
+                        item.certificate.as_bytes(),
+                        PUBLIC_MODE,
+                    )?);
+                }
+                writer.publish(staging, staged)
+            }
+            Output::Pallet(pallet) => pallet.append(&crate::pallet::render(items)),
+        }
+    }
+}
+
 /// One committed group on its way to disk.
 #[derive(Default)]
 struct Delivery {
     staged_reports: Vec<DeviceReport>,
-    serials: Vec<String>,
-    files: Vec<(String, Vec<u8>, u32)>,
+    items: Vec<PalletEntry>,
 }
 
 impl Delivery {
     /// A certificate committed by an interrupted run, to be written out again.
     fn add_redelivery(
         &mut self,
-        writer: &GroupWriter,
+        output: &Output,
         device: &PreparedDevice,
         record: &CertificateRecord,
     ) {
-        let file = format!("{}.crt", device.thing);
-        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", record.der.clone()));
-        self.files
-            .push((file.clone(), pem.into_bytes(), PUBLIC_MODE));
-        self.serials.push(record.serial.clone());
+        let thing = device.thing.to_string();
+        let not_after = unix_to_rfc3339(record.not_after);
+        self.items.push(PalletEntry {
+            thing_name: thing.clone(),
+            serial: record.serial.clone(),
+            not_after: not_after.clone(),
+            origin: CertOrigin::Csr,
+            certificate: pem::encode(&pem::Pem::new("CERTIFICATE", record.der.clone())),
+            private_key: None,
+        });
         self.staged_reports.push(DeviceReport::Redelivered {
             line: device.line,
-            thing_name: device.thing.to_string(),
+            certificate: output.certificate_path(&thing),
+            thing_name: thing,
             serial: record.serial.clone(),
-            not_after: unix_to_rfc3339(record.not_after),
-            certificate: writer.path_of(&file),
+            not_after,
         });
     }
 }
 
 async fn deliver(
-    writer: Arc<GroupWriter>,
+    output: Arc<Output>,
     registry: Arc<dyn Registry>,
     delivery: Delivery,
 ) -> Result<Vec<DeviceReport>, LifecycleError> {
     let Delivery {
         staged_reports,
-        serials,
-        files,
+        items,
     } = delivery;
-    let dir = writer.dir().to_path_buf();
+    let serials: Vec<String> = items.iter().map(|i| i.serial.clone()).collect();
+    let location = output.location().to_path_buf();
     let started = Instant::now();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        // Sequential on purpose: creations in one directory serialise on its inode lock,
-        // and parallel creators only spin on it.
-        let staging = writer.staging()?;
-        let staged: Vec<Staged> = files
-            .iter()
-            .map(|(name, contents, mode)| staging.stage(name, contents, *mode))
-            .collect::<Result<_, _>>()?;
-        let staged_at = started.elapsed();
-        writer.publish(staging, staged)?;
-        tracing::debug!(files = files.len(), ?staged_at, published_at = ?started.elapsed(), "group files written");
+        output.write(&items)?;
+        tracing::debug!(certificates = items.len(), took = ?started.elapsed(), "group written");
         Ok(())
     })
     .await
     .expect("file writer panicked")
     .map_err(|e| LifecycleError::Write {
-        path: dir,
+        path: location,
         reason: format!(
-            "{e}; the certificates are recorded but their files were not written: re-run the same command to deliver them"
+            "{e}; the certificates are recorded but were not written: re-run the same command to deliver them"
         ),
     })?;
     let marking = Instant::now();
@@ -1085,14 +1159,15 @@ async fn run<S: DeviceSource>(
         Ok(cap) => summary.validity_capped = cap,
         Err(e) => return done(summary, Some(e)),
     }
-    let writer = match GroupWriter::open(&settings.out_dir) {
-        Ok(w) => Arc::new(w),
-        Err(e) => return done(summary, Some(LifecycleError::write(&settings.out_dir, e))),
+    let (output, resumed) = match open_output(&ca, &registry, settings).await {
+        Ok(opened) => opened,
+        Err(e) => return done(summary, Some(e)),
     };
-    let chain_path = writer.path_of(CHAIN_FILE);
-    if let Err(e) = write_file_atomic(&chain_path, ca.chain_pem().as_bytes(), PUBLIC_MODE) {
-        return done(summary, Some(LifecycleError::write(&chain_path, e)));
+    if let Output::Pallet(pallet) = &output {
+        summary.pallet = Some(pallet.target().to_path_buf());
+        summary.resumed_from_pallet = resumed.len() as u64;
     }
+    let output = Arc::new(output);
     let mut emit = |summary: &mut ProvisionSummary, r: DeviceReport| {
         summary.count(&r);
         report(&r);
@@ -1101,7 +1176,8 @@ async fn run<S: DeviceSource>(
         ca,
         ca_not_after,
         registry,
-        writer,
+        output.clone(),
+        resumed,
         source,
         settings,
         &mut summary,
@@ -1109,7 +1185,84 @@ async fn run<S: DeviceSource>(
     )
     .await
     .err();
-    done(summary, error)
+    if error.is_some() || summary.stopped_early {
+        if let Some(pallet) = &summary.pallet {
+            tracing::info!(pallet = %pallet.display(), "the pallet is not finished: re-run the same command to complete it");
+        }
+        return done(summary, error);
+    }
+    // Every delivery has finished, so this is the only reference left.
+    let finished = match Arc::try_unwrap(output) {
+        Ok(Output::Pallet(pallet)) => pallet.finish().map(|_| ()).map_err(|e| {
+            LifecycleError::write(
+                summary.pallet.clone().unwrap_or_default(),
+                format!("{e}; its devices are recorded as delivered and their lines are in the temporary file next to it"),
+            )
+        }),
+        _ => Ok(()),
+    };
+    done(summary, finished.err())
+}
+
+/// Opens the run's output: the device-file directory (with [`CHAIN_FILE`]), or the pallet,
+/// keeping the lines of an interrupted run whose certificates were delivered. Returns the
+/// serials kept.
+async fn open_output(
+    ca: &IssuingCa,
+    registry: &Arc<dyn Registry>,
+    settings: &ProvisionSettings,
+) -> Result<(Output, HashSet<String>), LifecycleError> {
+    let Some(target) = &settings.pallet else {
+        let writer = GroupWriter::open(&settings.out_dir)
+            .map_err(|e| LifecycleError::write(&settings.out_dir, e))?;
+        let chain_path = writer.path_of(CHAIN_FILE);
+        write_file_atomic(&chain_path, ca.chain_pem().as_bytes(), PUBLIC_MODE)
+            .map_err(|e| LifecycleError::write(&chain_path, e))?;
+        return Ok((Output::Files(writer), HashSet::new()));
+    };
+    let header = PalletHeader {
+        fleetcert_pallet: crate::pallet::PALLET_FORMAT,
+        issuer: ca.subject().to_owned(),
+        chain: ca.chain_pem().to_owned(),
+    };
+    let (pallet, resumed) = PalletWriter::open(target, &header).map_err(|e| match e {
+        crate::pallet::OpenError::Refused(reason) => LifecycleError::BadInput(reason),
+        crate::pallet::OpenError::Io(e) => LifecycleError::write(target, e),
+    })?;
+    if resumed.entries.is_empty() {
+        return Ok((Output::Pallet(pallet), HashSet::new()));
+    }
+    if settings.reissue {
+        return Err(LifecycleError::BadInput(format!(
+            "{} holds {} devices of an interrupted run: finish it by re-running without --reissue, then reissue into a new pallet",
+            target.display(),
+            resumed.entries.len()
+        )));
+    }
+    // Keep a line only if its certificate is active and recorded as delivered; the
+    // others are delivered again or replaced by this run, as device files would be.
+    let mut delivered = HashSet::new();
+    for chunk in resumed.entries.chunks(1000) {
+        let names: Vec<String> = chunk.iter().map(|(thing, _)| thing.clone()).collect();
+        let active = registry.active_certificates(&names).await?;
+        for certs in active.values() {
+            for cert in certs.iter().filter(|c| c.delivered_at.is_some()) {
+                delivered.insert(cert.serial.clone());
+            }
+        }
+    }
+    let keep: HashSet<String> = resumed
+        .entries
+        .into_iter()
+        .map(|(_, serial)| serial)
+        .filter(|serial| delivered.contains(serial))
+        .collect();
+    // Once per resumed run, before any signing: not worth a blocking task.
+    let dropped = pallet
+        .retain(&|serial| keep.contains(serial))
+        .map_err(|e| LifecycleError::write(target, e))?;
+    tracing::info!(kept = keep.len(), dropped, pallet = %target.display(), "resuming an interrupted pallet");
+    Ok((Output::Pallet(pallet), keep))
 }
 
 /// Reads, plans and redelivers a group at a time (a task), hands the plans to the signer
@@ -1119,7 +1272,8 @@ async fn pipeline<S: DeviceSource>(
     ca: Arc<IssuingCa>,
     ca_not_after: time::OffsetDateTime,
     registry: Arc<dyn Registry>,
-    writer: Arc<GroupWriter>,
+    output: Arc<Output>,
+    in_pallet: HashSet<String>,
     source: S,
     settings: &ProvisionSettings,
     summary: &mut ProvisionSummary,
@@ -1135,7 +1289,7 @@ async fn pipeline<S: DeviceSource>(
     let planner = {
         let tx = tx.clone();
         let registry = registry.clone();
-        let writer = writer.clone();
+        let output = output.clone();
         let reissue = settings.reissue;
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -1179,9 +1333,20 @@ async fn pipeline<S: DeviceSource>(
                 for device in devices {
                     let current = active.remove(device.thing.as_str());
                     match plan(device, current.as_ref(), reissue) {
+                        Plan::Skip(DeviceReport::Skipped {
+                            line,
+                            thing_name,
+                            serial,
+                            ..
+                        }) if in_pallet.contains(&serial) => reports.push(DeviceReport::Skipped {
+                            line,
+                            thing_name,
+                            serial,
+                            reason: "already in the pallet (written by the interrupted run)".into(),
+                        }),
                         Plan::Skip(skip) => reports.push(skip),
                         Plan::Redeliver(device, record) => {
-                            redelivery.add_redelivery(&writer, &device, &record)
+                            redelivery.add_redelivery(&output, &device, &record)
                         }
                         Plan::Issue(p) => plans.push(p),
                     }
@@ -1189,7 +1354,7 @@ async fn pipeline<S: DeviceSource>(
                 if !reports.is_empty() && tx.send(Step::Reports(reports)).await.is_err() {
                     break;
                 }
-                if !redelivery.serials.is_empty()
+                if !redelivery.items.is_empty()
                     && tx.send(Step::Redeliver(redelivery)).await.is_err()
                 {
                     break;
@@ -1254,7 +1419,7 @@ async fn pipeline<S: DeviceSource>(
             }
             Step::Redeliver(delivery) => Some(delivery),
             Step::Signed(group) => {
-                match commit_group(group, &registry, &writer, &issuer, settings, summary, emit)
+                match commit_group(group, &registry, &output, &issuer, settings, summary, emit)
                     .await
                 {
                     Ok(delivery) => Some(delivery),
@@ -1277,7 +1442,7 @@ async fn pipeline<S: DeviceSource>(
                 }
             }
             in_flight.push_back(tokio::spawn(deliver(
-                writer.clone(),
+                output.clone(),
                 registry.clone(),
                 delivery,
             )));
@@ -1308,7 +1473,7 @@ async fn pipeline<S: DeviceSource>(
 async fn commit_group(
     group: Vec<Signed>,
     registry: &Arc<dyn Registry>,
-    writer: &GroupWriter,
+    output: &Output,
     issuer: &str,
     settings: &ProvisionSettings,
     summary: &mut ProvisionSummary,
@@ -1341,40 +1506,35 @@ async fn commit_group(
     drop(records);
     let mut delivery = Delivery {
         staged_reports: Vec::with_capacity(signed_ok.len()),
-        serials: Vec::with_capacity(signed_ok.len()),
-        files: Vec::with_capacity(signed_ok.len() * 2),
+        items: Vec::with_capacity(signed_ok.len()),
     };
     for ((plan, cert), result) in signed_ok.into_iter().zip(outcomes) {
         let thing = plan.device.thing.as_str();
         match result {
             IssueOutcome::Committed { .. } => {
-                let crt = format!("{thing}.crt");
-                let key_file = cert.private_key.as_ref().map(|key| {
-                    let name = format!("{thing}.key");
-                    delivery.files.push((
-                        name.clone(),
-                        key.to_pem().as_bytes().to_vec(),
-                        SECRET_MODE,
-                    ));
-                    writer.path_of(&name)
-                });
-                delivery
-                    .files
-                    .push((crt.clone(), cert.pem.clone().into_bytes(), PUBLIC_MODE));
-                delivery.serials.push(cert.serial_hex.clone());
+                let origin = if cert.private_key.is_some() {
+                    CertOrigin::Generated
+                } else {
+                    CertOrigin::Csr
+                };
+                let not_after = rfc3339(cert.not_after);
                 delivery.staged_reports.push(DeviceReport::Issued {
                     line: plan.device.line,
                     thing_name: thing.to_owned(),
                     serial: cert.serial_hex.clone(),
-                    not_after: rfc3339(cert.not_after),
-                    origin: if key_file.is_some() {
-                        CertOrigin::Generated
-                    } else {
-                        CertOrigin::Csr
-                    },
-                    certificate: writer.path_of(&crt),
-                    private_key: key_file,
+                    not_after: not_after.clone(),
+                    origin,
+                    certificate: output.certificate_path(thing),
+                    private_key: cert.private_key.as_ref().map(|_| output.key_path(thing)),
                     replaced: plan.expected_active.clone(),
+                });
+                delivery.items.push(PalletEntry {
+                    thing_name: thing.to_owned(),
+                    serial: cert.serial_hex.clone(),
+                    not_after,
+                    origin,
+                    private_key: cert.private_key.as_ref().map(|key| key.to_pem()),
+                    certificate: cert.pem,
                 });
             }
             IssueOutcome::Conflict { current_active } => emit(

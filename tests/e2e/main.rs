@@ -22,6 +22,7 @@ mod harden_secrets;
 mod harden_server;
 mod jitp;
 mod mqtt;
+mod pallet;
 mod provision;
 mod rotation;
 mod services;
