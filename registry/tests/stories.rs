@@ -1453,6 +1453,96 @@ async fn register_batch_isolates_each(url: &str) {
     assert_eq!(count_kind(&reg, "policy.created").await, 1);
 }
 
+/// A group of first connects of different devices (on SQLite, read and written a group at
+/// a time): each decided as if alone, in order, and written in full.
+async fn register_batch_of_distinct_devices(url: &str) {
+    let reg = open(url).await.unwrap();
+    let p = || policy("p", Some(document("p")));
+    let first = provisioned(&reg, "d0").await;
+    assert_eq!(
+        reg.register(&registration(&first, 1, vec![p()]))
+            .await
+            .unwrap(),
+        registered(&["p"])
+    );
+    let a = provisioned(&reg, "d1").await;
+    let b = provisioned(&reg, "d2").await;
+    let c = provisioned(&reg, "d3").await;
+    let d = provisioned(&reg, "d4").await;
+    let e = provisioned(&reg, "d5").await;
+    let mut unknown = registration(&e, 1, vec![p()]);
+    unknown.thing_name = "d-nowhere".to_owned();
+    let group = [
+        registration(&a, 1, vec![p(), policy("p", None)]),
+        registration(&b, 7, vec![p()]),
+        registration(&c, 1, vec![policy("missing", None)]),
+        registration(&d, 1, vec![policy("p", None)]),
+        unknown,
+    ];
+    let outcomes = reg.register_batch(&group).await.unwrap();
+    assert_eq!(outcomes.len(), group.len());
+    assert_eq!(outcomes[0], registered(&["p"]));
+    assert_eq!(outcomes[1], RegistrationOutcome::ThingChanged);
+    refused_because(&outcomes[2], &["\"missing\""]);
+    assert_eq!(outcomes[3], registered(&["p"]));
+    refused_because(&outcomes[4], &["d-nowhere"]);
+
+    for (r, is_registered) in [(&a, true), (&b, false), (&c, false), (&d, true)] {
+        let cert = reg.get_certificate(serial(r)).await.unwrap().unwrap();
+        assert_eq!(
+            cert.registered_at,
+            is_registered.then_some(AT + 1_000),
+            "{}",
+            r.thing_name
+        );
+        let thing = reg.get_thing(&r.thing_name).await.unwrap().unwrap();
+        let attached: Vec<String> = reg
+            .policies_of_certificate(serial(r))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        if is_registered {
+            assert_eq!(thing.version, 2);
+            assert_eq!(thing.template.as_deref(), Some("sensor"));
+            assert_eq!(thing.details, sensor_details().normalised());
+            assert_eq!(thing.updated_at, AT + 1_000);
+            assert_eq!(attached, vec!["p".to_owned()]);
+            assert_eq!(
+                kinds_of(&reg, serial(r))
+                    .await
+                    .iter()
+                    .filter(|k| k.starts_with("certificate.registered")
+                        || k.starts_with("policy.attached"))
+                    .count(),
+                2,
+                "{}",
+                r.thing_name
+            );
+        } else {
+            assert_eq!(thing.version, 1);
+            assert!(attached.is_empty());
+        }
+    }
+    assert_eq!(reg.get_policy("missing").await.unwrap(), None);
+    assert_eq!(count_kind(&reg, "certificate.registered").await, 3);
+    assert_eq!(count_kind(&reg, "thing.updated").await, 3);
+    // The same device again: already registered, nothing written.
+    let before = snapshot(&reg).await;
+    assert_eq!(
+        reg.register_batch(&[
+            registration(&a, 2, vec![p()]),
+            registration(&b, 1, vec![p()])
+        ])
+        .await
+        .unwrap(),
+        vec![already(&["p"]), registered(&["p"])]
+    );
+    assert_ne!(snapshot(&reg).await, before);
+    assert_eq!(count_kind(&reg, "certificate.registered").await, 4);
+}
+
 /// Ten concurrent first connects of one device (through ten registries, as ten server
 /// processes would): exactly one registration.
 async fn concurrent_registration_once(url: &str) {
@@ -4186,6 +4276,7 @@ stories!(
     registration_refusals,
     concurrent_registration_once,
     register_batch_isolates_each,
+    register_batch_of_distinct_devices,
     connections_are_pruned,
     revoked_serials_exclude_expired,
     due_selection_and_idempotent_open,
