@@ -286,6 +286,13 @@ async fn provision_cmd(ctx: &Ctx, args: ProvisionArgs) -> CmdResult {
         ctx.data
             .load_template(template, args.allow_overly_permissive)?;
     }
+    // clap's `requires = "batch"` does not hold this flag (it goes unchecked with
+    // THING_NAME); a flag that would be silently ignored is refused instead.
+    if args.allow_absolute_csr_paths && args.batch.is_none() {
+        return Err(bad_input(
+            "--allow-absolute-csr-paths applies to --batch (the CSV's csr column); for one device, --csr takes any path",
+        ));
+    }
     if let Some(pallet) = &args.pallet {
         // Checked again when the run opens it; here so that nothing runs first.
         if std::fs::symlink_metadata(pallet).is_ok() {
