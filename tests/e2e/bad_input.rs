@@ -203,7 +203,10 @@ fn usage_errors_exit_2() {
     // A batch-only flag given for one device is refused, not ignored.
     env.init_ca();
     let err = env.fails(&["provision", "a", "--allow-absolute-csr-paths"], 2);
-    assert!(err.contains("--allow-absolute-csr-paths") && err.contains("--batch"), "{err}");
+    assert!(
+        err.contains("--allow-absolute-csr-paths") && err.contains("--batch"),
+        "{err}"
+    );
     assert_nothing_happened(&env);
     env.fails(&["--output", "yaml", "things", "list"], 2);
 }
