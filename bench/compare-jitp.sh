@@ -88,48 +88,7 @@ generate "$work/fc-returning.json" "$fc_url" --duration "$seconds" --metrics-url
 if ! command -v nginx >/dev/null 2>&1; then
     install_debian_packages nginx-light
 fi
-ngx=$work/nginx
-mkdir -p "$ngx/tmp"
-# The server certificate fleetcert issued on first start, with its issuing CA.
-cat "$data/server/server.crt" >"$ngx/server-chain.pem"
-python3 - "$work/chain.pem" >>"$ngx/server-chain.pem" <<'EOF'
-import sys
-pem = open(sys.argv[1]).read()
-end = "-----END CERTIFICATE-----"
-print(pem[: pem.index(end) + len(end)])
-EOF
-temp_paths=""
-for module in proxy fastcgi uwsgi scgi; do
-    if ! nginx -V 2>&1 | grep -q -- "--without-http_${module}_module"; then
-        temp_paths+="    ${module}_temp_path $ngx/tmp/$module;"$'\n'
-    fi
-done
-# OpenSSL wants a chain that ends at a self-signed root: the client CA file holds the
-# issuing CA and the root (`ca export --chain`), and the depth allows leaf -> issuing -> root.
-cat >"$ngx/nginx.conf" <<EOF
-worker_processes 2;
-daemon off;
-pid $ngx/nginx.pid;
-error_log $ngx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $ngx/tmp/body;
-$temp_paths
-    server {
-        listen 127.0.0.1:$port_nginx ssl;
-        ssl_certificate $ngx/server-chain.pem;
-        ssl_certificate_key $data/server/server.key;
-        ssl_client_certificate $work/chain.pem;
-        ssl_verify_client on;
-        ssl_verify_depth 2;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / { return 200 "ok"; }
-    }
-}
-EOF
-nginx -p "$ngx" -c "$ngx/nginx.conf" -e "$ngx/error.log" >"$ngx/stdout.log" 2>&1 &
-nginx_pid=$!
+start_nginx_mtls "$work/nginx" "$port_nginx" "$data/server/server.crt" "$data/server/server.key" "$work/chain.pem"
 pids+=("$nginx_pid")
 wait_for_port "$port_nginx" nginx "$nginx_pid"
 

@@ -67,40 +67,7 @@ serve_pid=$!
 pids+=("$serve_pid")
 wait_for_port "$port_tls" "fleetcert serve" "$serve_pid"
 
-# nginx with fleetcert's server certificate (+ issuing CA) and the fleet chain as client CA.
-ngx=$work/nginx
-mkdir -p "$ngx/tmp"
-{ cat "$data/server/server.crt"; sed -n '1,/-----END CERTIFICATE-----/p' "$work/chain.pem"; } >"$ngx/server-chain.pem"
-temp_paths=""
-for module in proxy fastcgi uwsgi scgi; do
-    if ! nginx -V 2>&1 | grep -q -- "--without-http_${module}_module"; then
-        temp_paths+="    ${module}_temp_path $ngx/tmp/$module;"$'\n'
-    fi
-done
-cat >"$ngx/nginx.conf" <<EOF
-worker_processes 2;
-daemon off;
-pid $ngx/nginx.pid;
-error_log $ngx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $ngx/tmp/body;
-$temp_paths
-    server {
-        listen 127.0.0.1:$port_nginx ssl;
-        ssl_certificate $ngx/server-chain.pem;
-        ssl_certificate_key $data/server/server.key;
-        ssl_client_certificate $work/chain.pem;
-        ssl_verify_client on;
-        ssl_verify_depth 2;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / { return 200 "ok"; }
-    }
-}
-EOF
-nginx -p "$ngx" -c "$ngx/nginx.conf" -e "$ngx/error.log" >"$ngx/stdout.log" 2>&1 &
-nginx_pid=$!
+start_nginx_mtls "$work/nginx" "$port_nginx" "$data/server/server.crt" "$data/server/server.key" "$work/chain.pem"
 pids+=("$nginx_pid")
 wait_for_port "$port_nginx" nginx "$nginx_pid"
 
