@@ -10,6 +10,8 @@
 //! connection the server closes before the hold ends is counted (`closed_early`, with how
 //! long it had been idle), and so is the largest number of connections open at the same
 //! moment (`max_open`), kept with an atomic.
+// The argument structs' `///` comments are `--help` text (placeholders like <name>).
+#![allow(rustdoc::invalid_html_tags)]
 use crate::certs;
 use crate::jitp::{ErrorKind, Failure, Target, after_handshake, describe, resolve};
 use crate::metrics;

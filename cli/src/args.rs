@@ -1,5 +1,9 @@
 //! The command-line contract (see PRODUCT.md): names and flags here are what factory
 //! scripts and operators script against.
+//!
+//! The `///` comments below are `--help` text, which clap prints as written: placeholders
+//! such as `<data-dir>` stay as they are, not as rustdoc markup.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
