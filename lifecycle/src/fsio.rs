@@ -17,7 +17,9 @@ pub(crate) const PUBLIC_MODE: u32 = 0o644;
 
 const TEMP_SUFFIX: &str = ".fleetcert-tmp";
 
-fn temp_path_for(target: &Path) -> PathBuf {
+/// Where a file is written before it is renamed (or linked) to `target`: a hidden name
+/// beside it that a later run recognises as garbage.
+pub(crate) fn temp_path_for(target: &Path) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -47,7 +49,13 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<File> {
     Ok(file)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// Makes a rename or link in `path`'s directory durable (a bare file name means the
+/// current directory).
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     File::open(dir)?.sync_all()
 }
 
@@ -62,7 +70,7 @@ pub(crate) fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::
         let _ = fs::remove_file(&temp);
         return Err(e);
     }
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_parent(path)
 }
 
 /// A file staged by [`GroupWriter::stage`], not yet visible under its final name.

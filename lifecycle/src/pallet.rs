@@ -27,12 +27,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::fsio::SECRET_MODE;
+use crate::fsio::{SECRET_MODE, sync_parent, temp_path_for};
 
 /// The first line's format marker; a reader checks it before reading devices.
 pub const PALLET_FORMAT: u32 = 1;
-
-const TEMP_SUFFIX: &str = ".fleetcert-tmp";
 
 /// The pallet's first line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,14 +74,6 @@ pub(crate) struct PalletWriter {
     temp: PathBuf,
     /// The temporary file, locked (`flock`) for this run; appends are serialised here.
     file: Mutex<File>,
-}
-
-fn temp_path_for(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    target.with_file_name(format!(".{name}{TEMP_SUFFIX}"))
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {
@@ -142,10 +132,7 @@ impl PalletWriter {
             )));
         }
         let resumed = if file.metadata()?.len() == 0 {
-            let mut line = serde_json::to_vec(header).map_err(io::Error::other)?;
-            line.push(b'\n');
-            file.write_all(&line)?;
-            file.sync_all()?;
+            write_header(&mut file, header)?;
             sync_parent(&temp)?;
             Resumed::default()
         } else {
@@ -235,12 +222,12 @@ impl PalletWriter {
     }
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+/// Writes the header as the (empty) file's first line and makes it durable.
+fn write_header(file: &mut File, header: &PalletHeader) -> io::Result<()> {
+    let mut line = serde_json::to_vec(header).map_err(io::Error::other)?;
+    line.push(b'\n');
+    file.write_all(&line)?;
+    file.sync_all()
 }
 
 /// Reads what an interrupted run left: checks the header, cuts a torn last line, and
@@ -290,10 +277,7 @@ fn read_resumed(file: &mut File, temp: &Path, header: &PalletHeader) -> Result<R
         // Not even the header was complete: start the file again.
         file.set_len(0)?;
         file.seek(SeekFrom::Start(0))?;
-        let mut line = serde_json::to_vec(header).map_err(io::Error::other)?;
-        line.push(b'\n');
-        file.write_all(&line)?;
-        file.sync_all()?;
+        write_header(file, header)?;
         return Ok(Resumed::default());
     }
     if file.metadata()?.len() != complete_len {

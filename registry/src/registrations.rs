@@ -297,26 +297,8 @@ where
                     continue;
                 }
             };
-            let read = || {
-                let thing_found: Option<String> = row.try_get(0)?;
-                let cert_found: Option<String> = row.try_get(THING_COLUMN_COUNT)?;
-                let thing = thing_found
-                    .is_some()
-                    .then(|| common::thing_from_row(row))
-                    .transpose()?;
-                let cert = cert_found
-                    .is_some()
-                    .then(|| {
-                        Ok::<_, sqlx::Error>(CertState {
-                            thing_name: row.try_get(THING_COLUMN_COUNT)?,
-                            status: row.try_get(THING_COLUMN_COUNT + 1)?,
-                            registered_at: row.try_get(THING_COLUMN_COUNT + 2)?,
-                        })
-                    })
-                    .transpose()?;
-                Ok::<_, sqlx::Error>((thing, cert))
-            };
-            let (thing, cert) = read().map_err(step("reading the things and the certificates"))?;
+            let (thing, cert) = Self::state_from_row(row)
+                .map_err(step("reading the things and the certificates"))?;
             match common::check_certificate(reg, cert.as_ref()) {
                 CertCheck::Proceed => {}
                 CertCheck::Refused(reason) => {
@@ -393,6 +375,33 @@ where
         Ok(Some((outcomes, events)))
     }
 
+    /// A row of [`SQL_REGISTRATION_STATE`] or [`SQL_GROUP_STATES`]: the thing and the
+    /// certificate, each `None` when missing.
+    fn state_from_row(
+        row: &<R::Db as Database>::Row,
+    ) -> sqlx::Result<(Option<ThingRecord>, Option<CertState>)> {
+        let thing_found: Option<String> = row.try_get(0)?;
+        let cert_found: Option<String> = row.try_get(THING_COLUMN_COUNT)?;
+        let thing = thing_found
+            .is_some()
+            .then(|| common::thing_from_row(row))
+            .transpose()?;
+        let cert = cert_found
+            .is_some()
+            .then(|| Self::cert_at(row, THING_COLUMN_COUNT))
+            .transpose()?;
+        Ok((thing, cert))
+    }
+
+    /// The certificate's thing, status and registration time, from column `at` on.
+    fn cert_at(row: &<R::Db as Database>::Row, at: usize) -> sqlx::Result<CertState> {
+        Ok(CertState {
+            thing_name: row.try_get(at)?,
+            status: row.try_get(at + 1)?,
+            registered_at: row.try_get(at + 2)?,
+        })
+    }
+
     /// The thing and the certificate a registration checks, inside its transaction. With
     /// row locks (PostgreSQL) they are locked in the order every writer follows, the
     /// thing then the certificate, in two statements; a single writer (SQLite) holds the
@@ -401,13 +410,6 @@ where
         conn: &mut <R::Db as Database>::Connection,
         reg: &Registration,
     ) -> Result<(Option<ThingRecord>, Option<CertState>), StepError> {
-        let cert_at = |row: &<R::Db as Database>::Row, at: usize| {
-            Ok::<_, sqlx::Error>(CertState {
-                thing_name: row.try_get(at)?,
-                status: row.try_get(at + 1)?,
-                registered_at: row.try_get(at + 2)?,
-            })
-        };
         if R::FOR_NO_KEY_UPDATE.is_empty() {
             let row = sqlx::query(SQL_REGISTRATION_STATE)
                 .bind(&reg.thing_name)
@@ -415,20 +417,8 @@ where
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(step("reading the thing and the certificate"))?;
-            let read = || {
-                let thing_found: Option<String> = row.try_get(0)?;
-                let cert_found: Option<String> = row.try_get(THING_COLUMN_COUNT)?;
-                let thing = thing_found
-                    .is_some()
-                    .then(|| common::thing_from_row(&row))
-                    .transpose()?;
-                let cert = cert_found
-                    .is_some()
-                    .then(|| cert_at(&row, THING_COLUMN_COUNT))
-                    .transpose()?;
-                Ok::<_, sqlx::Error>((thing, cert))
-            };
-            return read().map_err(step("reading the thing and the certificate"));
+            return Self::state_from_row(&row)
+                .map_err(step("reading the thing and the certificate"));
         }
         let row = sqlx::query(AssertSqlSafe(sql_thing::<R>()))
             .bind(&reg.thing_name)
@@ -446,7 +436,7 @@ where
             .await
             .map_err(step("locking the certificate"))?;
         let cert = row
-            .map(|row| cert_at(&row, 0))
+            .map(|row| Self::cert_at(&row, 0))
             .transpose()
             .map_err(step("reading the certificate"))?;
         Ok((thing, cert))
